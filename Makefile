@@ -1,0 +1,34 @@
+# `make test` and `make demo` each build .venv on first use. torch is pinned first: that exact
+# version is the CPU wheel these machines and CI have; an unpinned torch pulls GBs of CUDA packages.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+
+.PHONY: test demo lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.dev: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+test: $(VENV)/.dev
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+demo: $(VENV)/.dev
+	$(BIN)/latentattn kv-cache --model deepseek-v3 --context 131072
+	$(BIN)/latentattn info --model tiny-mla
+	$(BIN)/latentattn generate --model tiny-mla --prompt "Latent attention" --max-new-tokens 24 --seed 0
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,149 @@
+"""Multi-head latent attention (DeepSeek-V2 section 2.1; DeepSeek-V3 ``inference/model.py``).
+
+Parameter names are DeepSeek's/Hugging Face's. Shapes: x (B, T, dim); H heads; d_c latent;
+d_n/d_r the nope/rope parts of a query/key head; d_v value head.
+
+Two inference forms, equal in exact arithmetic (facts file section 3):
+* naive ("MHA mode"): k_nope, v = W_UK c, W_UV c per head; attention over H heads of
+  d_qk-dim keys. Compute-friendly: prefill and training.
+* absorb ("MQA mode"): q_lat[h] = W_UK[h]^T q_nope[h]; one shared (d_c + d_r)-dim key
+  [c | k_rope] and d_c-dim value c; o[h] = W_UV[h] o_lat[h]. Only the latent is cached and read
+  once for all heads: bandwidth-friendly decode.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from latentattn.attention.norm import RMSNorm
+from latentattn.cache.kv import DenseKV, LatentKV, LayerCache, Step
+from latentattn.config import MLAConfig, ModelConfig
+from latentattn.kernels import attention
+from latentattn.rope import apply_rope, softmax_scale
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        a = cfg.attention
+        assert isinstance(a, MLAConfig)
+        self.cfg = a
+        self.interleaved = cfg.rope.interleaved
+        self.scale = softmax_scale(a.qk_head_dim, cfg.rope)
+        h, dqk = a.n_heads, a.qk_head_dim
+        if a.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.dim, h * dqk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.dim, a.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(a.q_lora_rank)  # eps 1e-6 as DeepSeek, not norm_eps
+            self.q_b_proj = nn.Linear(a.q_lora_rank, h * dqk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, a.kv_lora_rank + a.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(a.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(a.kv_lora_rank, h * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * a.v_head_dim, cfg.dim, bias=False)
+
+    # ----------------------------------------------------------------- projections
+    def project_query(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, dim) -> q (B, T, H, d_qk), nope first, rope last (not yet rotated)."""
+        a = self.cfg
+        if a.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.view(*x.shape[:2], a.n_heads, a.qk_head_dim)
+
+    def project_latent(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, dim) -> c (B, T, d_c) normalised, k_rope (B, T, d_r) rotated: what is cached."""
+        a = self.cfg
+        c, k_rope = self.kv_a_proj_with_mqa(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        k_rope = apply_rope(k_rope.unsqueeze(2), *rope, self.interleaved).squeeze(2)
+        return self.kv_a_layernorm(c), k_rope
+
+    def up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK (H, d_n, d_c) and W_UV (H, d_v, d_c): kv_b_proj viewed per head."""
+        a = self.cfg
+        w = self.kv_b_proj.weight.view(a.n_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
+        return w[:, : a.qk_nope_head_dim], w[:, a.qk_nope_head_dim :]
+
+    # ----------------------------------------------------------------- the two forms
+    def decompress(self, c: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """c (B, S, d_c), k_rope (B, S, d_r) -> k (B, S, H, d_qk), v (B, S, H, d_v)."""
+        a = self.cfg
+        b, s, _ = c.shape
+        kv = self.kv_b_proj(c).view(b, s, a.n_heads, a.qk_nope_head_dim + a.v_head_dim)
+        k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+        k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(b, s, a.n_heads, a.qk_rope_head_dim)), -1)
+        return k, v
+
+    def naive(
+        self, q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, step: Step
+    ) -> torch.Tensor:
+        """Decompress c (B, S, d_c) into per-head K/V and attend. q (B, T, H, d_qk) rotated."""
+        return self._attend_heads(q, *self.decompress(c, k_rope), step)
+
+    def absorbed(self, q: torch.Tensor, kv: torch.Tensor, step: Step) -> torch.Tensor:
+        """MQA over the latent: q (B, T, H, d_qk) rotated, kv (B, S, d_c + d_r) -> (B, T, H*d_v)."""
+        a = self.cfg
+        b, t = q.shape[:2]
+        w_uk, w_uv = self.up_weights()
+        q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        q_lat = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk)  # (B, H, T, d_c)
+        q_abs = torch.cat((q_lat, q_rope.transpose(1, 2)), dim=-1)  # (B, H, T, d_c + d_r)
+        key = kv.unsqueeze(1)  # (B, 1, S, d_c + d_r): one key shared by all heads
+        o_lat = attention(q_abs, key, key[..., : a.kv_lora_rank], self.scale,
+                          mask=step.mask, causal=step.causal)  # (B, H, T, d_c)
+        o = torch.einsum("bhtc,hvc->bthv", o_lat, w_uv)
+        return o.reshape(b, t, a.n_heads * a.v_head_dim)
+
+    def _attend_heads(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step
+    ) -> torch.Tensor:
+        """Per-head attention: q (B, T, H, d_qk), k (B, S, H, d_qk), v (B, S, H, d_v)."""
+        b, t, h, _ = q.shape
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale,
+                      mask=step.mask, causal=step.causal)
+        return o.transpose(1, 2).reshape(b, t, h * v.shape[-1])
+
+    # ----------------------------------------------------------------- forward
+    def make_cache(self, batch: int, capacity: int, dtype: torch.dtype,
+                   device: torch.device | str | None) -> LayerCache:
+        a = self.cfg
+        if a.impl == "naive":
+            return DenseKV(batch, capacity, a.n_heads, a.qk_head_dim, a.v_head_dim, dtype, device)
+        return LatentKV(batch, capacity, a.kv_lora_rank, a.qk_rope_head_dim, dtype, device)
+
+    def use_absorbed(self, seq_len: int) -> bool:
+        """auto: naive for prefill/training (T > 1), absorbed for decode (T == 1)."""
+        impl = self.cfg.impl
+        return impl == "absorb" or (impl == "auto" and seq_len == 1)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, dim) -> (B, T, dim)."""
+        a = self.cfg
+        q = self.project_query(x)
+        q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        q = torch.cat((q_nope, apply_rope(q_rope, *rope, self.interleaved)), dim=-1)
+        c, k_rope = self.project_latent(x, rope)
+
+        if isinstance(cache, DenseKV):  # naive form with a decompressed cache
+            k, v = self.decompress(c, k_rope)
+            cache.write(step, k, v)
+            if not step.causal:
+                k, v = cache.read(step)
+            return self.o_proj(self._attend_heads(q, k, v, step))
+
+        latent = torch.cat((c, k_rope), dim=-1)  # (B, T, d_c + d_r)
+        if cache is not None:
+            cache.write(step, latent)
+            if not step.causal:
+                (latent,) = cache.read(step)
+        if self.use_absorbed(x.shape[1]):
+            return self.o_proj(self.absorbed(q, latent, step))
+        c_all, k_rope_all = latent.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        return self.o_proj(self.naive(q, c_all, k_rope_all, step))

@@ -1,0 +1,231 @@
+"""Typed configs for every attention variant, RoPE/YaRN, the FFN/MoE and the whole model.
+
+Field names follow DeepSeek's and Hugging Face's (``kv_lora_rank``, ``qk_rope_head_dim``, ...) so
+that a config.json maps onto these dataclasses without a dictionary of renames. Every dataclass
+validates itself in ``__post_init__`` and raises :class:`ConfigError` naming the field and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from latentattn.errors import ConfigError
+
+MLAImpl = Literal["naive", "absorb", "auto"]
+ScoringFunc = Literal["softmax", "sigmoid"]
+TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
+
+
+def _positive(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
+
+
+def _positive_float(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GQAConfig:
+    """Grouped-query attention: MHA when ``n_kv_heads == n_heads``, MQA when ``n_kv_heads == 1``."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    kind: Literal["gqa"] = "gqa"
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_heads", "n_kv_heads", "head_dim")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"GQAConfig.n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"GQAConfig.head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def name(self) -> str:
+        if self.n_kv_heads == self.n_heads:
+            return "mha"
+        return "mqa" if self.n_kv_heads == 1 else f"gqa-{self.n_kv_heads}"
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2 section 2.1; DeepSeek-V3 ``inference/model.py``).
+
+    ``impl`` picks the inference form: ``naive`` decompresses per-head K/V (and caches them),
+    ``absorb`` folds W_UK into the query and caches only the latent, ``auto`` caches the latent,
+    prefills in the naive form and decodes in the absorbed form.
+    """
+
+    n_heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    impl: MLAImpl = "auto"
+    kind: Literal["mla"] = "mla"
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        if self.q_lora_rank is not None:
+            _positive(self, "q_lora_rank")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(
+                f"MLAConfig.qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}"
+            )
+        if self.impl not in ("naive", "absorb", "auto"):
+            raise ConfigError(f"MLAConfig.impl must be naive, absorb or auto, got {self.impl!r}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def name(self) -> str:
+        return "mla"
+
+
+AttentionConfig = GQAConfig | MLAConfig
+
+
+@dataclass(frozen=True)
+class YarnConfig:
+    """YaRN context extension (arXiv 2309.00071) as Hugging Face's ``_compute_yarn_parameters``."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive_float(self, "factor", "beta_fast", "beta_slow")
+        _positive(self, "original_max_position_embeddings")
+        if self.mscale < 0 or self.mscale_all_dim < 0:
+            raise ConfigError("YarnConfig.mscale and mscale_all_dim must be >= 0")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding. ``interleaved`` rotates pairs (x[2i], x[2i+1]) as DeepSeek's MLA does;
+    otherwise pairs are (x[i], x[i + d/2]) (half-split, NeoX/Llama)."""
+
+    theta: float = 10000.0
+    interleaved: bool = False
+    yarn: YarnConfig | None = None
+
+    def __post_init__(self) -> None:
+        _positive_float(self, "theta")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """DeepSeekMoE (DeepSeek-V2 section 2.2, V3 section 2.1.2): shared + routed fine-grained experts.
+
+    V2 routes with a softmax over experts (``greedy`` or ``group_limited_greedy``: top groups by
+    their best expert); V3 with sigmoid scores plus a correction bias used only for choosing, and
+    group-limited top-k scored by the sum of each group's two best experts (``noaux_tc``).
+    """
+
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    first_k_dense_replace: int = 0
+    scoring_func: ScoringFunc = "softmax"
+    topk_method: TopkMethod = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
+        _positive(self, "n_group", "topk_group")
+        if self.n_shared_experts < 0 or self.first_k_dense_replace < 0:
+            raise ConfigError("MoEConfig.n_shared_experts and first_k_dense_replace must be >= 0")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ConfigError(
+                f"MoEConfig.num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
+                f"n_routed_experts ({self.n_routed_experts})"
+            )
+        if self.n_routed_experts % self.n_group:
+            raise ConfigError(
+                f"MoEConfig.n_group ({self.n_group}) must divide n_routed_experts ({self.n_routed_experts})"
+            )
+        if self.topk_group > self.n_group:
+            raise ConfigError(f"MoEConfig.topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
+        if self.scoring_func not in ("softmax", "sigmoid"):
+            raise ConfigError(f"MoEConfig.scoring_func must be softmax or sigmoid, got {self.scoring_func!r}")
+        valid = {"softmax": ("greedy", "group_limited_greedy"), "sigmoid": ("noaux_tc",)}
+        if self.topk_method not in valid[self.scoring_func]:
+            raise ConfigError(
+                f"MoEConfig.topk_method {self.topk_method!r} does not go with scoring_func "
+                f"{self.scoring_func!r} (allowed: {', '.join(valid[self.scoring_func])})"
+            )
+        if self.topk_method != "greedy":
+            experts_in_groups = self.topk_group * (self.n_routed_experts // self.n_group)
+            if experts_in_groups < self.num_experts_per_tok:
+                raise ConfigError(
+                    f"MoEConfig: topk_group={self.topk_group} groups hold {experts_in_groups} experts, "
+                    f"fewer than num_experts_per_tok={self.num_experts_per_tok}"
+                )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer over any attention variant."""
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    attention: AttentionConfig
+    intermediate_size: int
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    moe: MoEConfig | None = None
+    norm_eps: float = 1e-6
+    max_seq_len: int = 4096
+    tie_word_embeddings: bool = False
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "dim", "n_layers", "intermediate_size", "max_seq_len")
+        _positive_float(self, "norm_eps")
+        if not isinstance(self.attention, (GQAConfig, MLAConfig)):
+            raise ConfigError("ModelConfig.attention must be a GQAConfig or an MLAConfig")
+        if self.moe is not None and self.moe.first_k_dense_replace > self.n_layers:
+            raise ConfigError(
+                f"MoEConfig.first_k_dense_replace ({self.moe.first_k_dense_replace}) exceeds "
+                f"ModelConfig.n_layers ({self.n_layers})"
+            )
+
+    @property
+    def rope_dim(self) -> int:
+        """How many dims of each query/key head RoPE rotates."""
+        if isinstance(self.attention, MLAConfig):
+            return self.attention.qk_rope_head_dim
+        return self.attention.head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer >= self.moe.first_k_dense_replace
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with top-level fields changed; ``mla_impl=...`` changes ``attention.impl``."""
+        impl = changes.pop("mla_impl", None)
+        cfg = dataclasses.replace(self, **changes)
+        if impl is not None:
+            if not isinstance(cfg.attention, MLAConfig):
+                raise ConfigError("mla_impl applies only to MLA models")
+            cfg = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, impl=impl))
+        return cfg

@@ -1,0 +1,101 @@
+"""Feed-forward blocks: dense SwiGLU and DeepSeekMoE (shared + routed experts)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentattn.config import MoEConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Chooses num_experts_per_tok experts per token and their weights (routing in fp32).
+
+    softmax (DeepSeek-V2): greedy top-k, or group_limited_greedy -- keep the topk_group groups
+    whose best expert scores highest. sigmoid (DeepSeek-V3 ``noaux_tc``): a correction bias is
+    added for choosing only; groups are ranked by the sum of their two best biased scores; the
+    weights are the unbiased sigmoid scores, optionally renormalised. Both scale the weights by
+    routed_scaling_factor. Same arithmetic as transformers' DeepseekV2/V3TopkRouter.
+    """
+
+    e_score_correction_bias: torch.Tensor
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, dim))
+        if cfg.scoring_func == "sigmoid":
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+
+    def _group_mask(self, scores: torch.Tensor, group_scores: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        top_groups = group_scores.topk(c.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+        return keep.repeat_interleave(c.n_routed_experts // c.n_group, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, dim) -> weights (N, k) fp32, indices (N, k)."""
+        c = self.cfg
+        logits = F.linear(x.float(), self.weight.float())
+        per_group = (-1, c.n_group, c.n_routed_experts // c.n_group)
+        if c.scoring_func == "softmax":
+            scores = logits.softmax(dim=-1)
+            if c.topk_method == "group_limited_greedy":
+                keep = self._group_mask(scores, scores.view(per_group).amax(dim=-1))
+                scores = scores.masked_fill(~keep, 0.0)
+            weights, idx = scores.topk(c.num_experts_per_tok, dim=-1, sorted=False)
+        else:
+            scores = logits.sigmoid()
+            choice = scores + self.e_score_correction_bias.float()
+            group_scores = choice.view(per_group).topk(2, dim=-1).values.sum(dim=-1)
+            choice = choice.masked_fill(~self._group_mask(choice, group_scores), float("-inf"))
+            idx = choice.topk(c.num_experts_per_tok, dim=-1, sorted=False).indices
+            weights = scores.gather(1, idx)
+            if c.norm_topk_prob:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * c.routed_scaling_factor, idx
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts see every token; each token also visits its k routed experts."""
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(dim, cfg)
+        self.experts = nn.ModuleList(
+            MLP(dim, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
+        )
+        self.shared_experts = (
+            MLP(dim, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            if cfg.n_shared_experts > 0 else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, dim)
+        weights, idx = self.gate(flat)
+        out = torch.zeros_like(flat)
+        # Loop over the experts that received tokens: sparse work, no (N, E) dense product.
+        for e in idx.unique().tolist():
+            token, slot = (idx == e).nonzero(as_tuple=True)
+            y = self.experts[e](flat[token]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        out = out.view(shape)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

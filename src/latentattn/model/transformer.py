@@ -1,0 +1,120 @@
+"""A decoder-only transformer over any attention variant (DeepSeek-V3 ``inference/model.py`` order:
+pre-norm attention, pre-norm FFN or MoE, residuals, final norm, untied LM head)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from latentattn.attention import GroupedQueryAttention, MultiHeadLatentAttention, RMSNorm
+from latentattn.cache.kv import KVCache, fresh_step
+from latentattn.config import MLAConfig, ModelConfig
+from latentattn.errors import ConfigError
+from latentattn.model.ffn import MLP, MoE
+from latentattn.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn: GroupedQueryAttention | MultiHeadLatentAttention = (
+            MultiHeadLatentAttention(cfg) if isinstance(cfg.attention, MLAConfig)
+            else GroupedQueryAttention(cfg)
+        )
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp: MLP | MoE = (
+            MoE(cfg.dim, cfg.moe) if cfg.moe is not None and cfg.is_moe_layer(layer)
+            else MLP(cfg.dim, cfg.intermediate_size)
+        )
+
+
+class Transformer(nn.Module):
+    """``forward(input_ids (B, T), cache=None, lengths=None) -> logits (B, T, vocab)``.
+
+    With a cache, the T tokens of each row are appended after the row's cached tokens;
+    ``lengths`` (B,) marks how many of them are real in a right-padded ragged batch.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope, cfg.max_seq_len)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
+            if module.weight.dim() == 2:  # the MoE router
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def make_cache(
+        self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """Preallocate every layer's cache: the form follows the attention (and ``mla.impl``)."""
+        capacity = capacity or self.config.max_seq_len
+        if capacity > self.config.max_seq_len:
+            raise ConfigError(
+                f"cache capacity {capacity} exceeds the model's max_seq_len {self.config.max_seq_len}"
+            )
+        dtype, device = dtype or self.dtype, device or self.device
+        layers = [blk.self_attn.make_cache(batch, capacity, dtype, device) for blk in self.layers]
+        return KVCache(layers, batch, capacity, device)
+
+    def forward(
+        self, input_ids: torch.Tensor, cache: KVCache | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b, t = input_ids.shape
+        if cache is None:
+            if t > self.config.max_seq_len:
+                raise ConfigError(
+                    f"input of {t} tokens exceeds the model's max_seq_len {self.config.max_seq_len}"
+                )
+            step = fresh_step(b, t, input_ids.device)
+        else:
+            step = cache.step(t, lengths)
+        rope = self.rotary(step.positions)
+        h = self.embed_tokens(input_ids)
+        for i, blk in enumerate(self.layers):
+            h = h + blk.self_attn(blk.input_layernorm(h), rope, step,
+                                  None if cache is None else cache[i])
+            h = h + blk.mlp(blk.post_attention_layernorm(h))
+        if cache is not None:
+            cache.advance(t, lengths)
+        return self.lm_head(self.norm(h))
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: object) -> torch.Tensor:
+        """See :func:`latentattn.model.generate.generate`."""
+        from latentattn.model.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)  # type: ignore[arg-type]
+
+    def save_pretrained(self, path: str) -> None:
+        """Write a Hugging Face DeepSeek-V2/V3 checkpoint directory (config.json + safetensors)."""
+        from latentattn.interop.hf import save_pretrained
+
+        save_pretrained(self, path)
