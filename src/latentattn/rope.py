@@ -56,7 +56,7 @@ def inv_frequencies(dim: int, rope: RopeConfig) -> torch.Tensor:
         )
 
     low = max(math.floor(correction_dim(y.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(y.beta_slow)), dim - 1)
+    high: float = min(math.ceil(correction_dim(y.beta_slow)), dim - 1)
     if low == high:
         high += 0.001  # transformers' guard against a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)

@@ -48,9 +48,8 @@ class MultiHeadLatentAttention(nn.Module):
         """x (B, T, dim) -> q (B, T, H, d_qk), nope first, rope last (not yet rotated)."""
         a = self.cfg
         if a.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            return self.q_proj(x).view(*x.shape[:2], a.n_heads, a.qk_head_dim)
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         return q.view(*x.shape[:2], a.n_heads, a.qk_head_dim)
 
     def project_latent(

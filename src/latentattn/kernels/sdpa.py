@@ -29,10 +29,11 @@ def attention_sdpa(
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
             causal = False
         if mask is None:
-            if group > 1 and not _HAS_GQA:
+            if group > 1 and _HAS_GQA:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+            if group > 1:
                 k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-            kwargs = {"enable_gqa": True} if group > 1 and _HAS_GQA else {}
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **kwargs)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     mask = mask.expand(b, 1, t, s)
     # (B, Hq, T, D) -> (B, Hkv, G*T, D); head h = kv * G + g, query row g * T + t.
     qf = q.reshape(b, hkv, group * t, q.shape[-1])

@@ -3,6 +3,8 @@ pre-norm attention, pre-norm FFN or MoE, residuals, final norm, untied LM head).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -10,7 +12,7 @@ from latentattn.attention import GroupedQueryAttention, MultiHeadLatentAttention
 from latentattn.cache.kv import KVCache, fresh_step
 from latentattn.config import MLAConfig, ModelConfig
 from latentattn.errors import ConfigError
-from latentattn.model.ffn import MLP, MoE
+from latentattn.model.ffn import MLP, MoE, Router
 from latentattn.rope import RotaryEmbedding
 
 
@@ -50,11 +52,12 @@ class Transformer(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, nn.Embedding, Router)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
-            if module.weight.dim() == 2:  # the MoE router
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def blocks(self) -> list[Block]:
+        return [cast(Block, blk) for blk in self.layers]
 
     @property
     def device(self) -> torch.device:
@@ -75,7 +78,7 @@ class Transformer(nn.Module):
                 f"cache capacity {capacity} exceeds the model's max_seq_len {self.config.max_seq_len}"
             )
         dtype, device = dtype or self.dtype, device or self.device
-        layers = [blk.self_attn.make_cache(batch, capacity, dtype, device) for blk in self.layers]
+        layers = [blk.self_attn.make_cache(batch, capacity, dtype, device) for blk in self.blocks]
         return KVCache(layers, batch, capacity, device)
 
     def forward(
@@ -93,7 +96,7 @@ class Transformer(nn.Module):
             step = cache.step(t, lengths)
         rope = self.rotary(step.positions)
         h = self.embed_tokens(input_ids)
-        for i, blk in enumerate(self.layers):
+        for i, blk in enumerate(self.blocks):
             h = h + blk.self_attn(blk.input_layernorm(h), rope, step,
                                   None if cache is None else cache[i])
             h = h + blk.mlp(blk.post_attention_layernorm(h))
