@@ -81,7 +81,7 @@ def mla_reference(m: MultiHeadLatentAttention, cfg: ModelConfig, x: torch.Tensor
     a = cfg.attention
     assert isinstance(a, MLAConfig)
     b, t, _ = x.shape
-    q = m.project_query(x)
+    q, _ = m.project_query(x)
     q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], -1)
     kv = m.kv_a_proj_with_mqa(x)
     c, k_pe = kv.split([a.kv_lora_rank, a.qk_rope_head_dim], -1)

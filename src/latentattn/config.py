@@ -58,6 +58,34 @@ class GQAConfig:
 
 
 @dataclass(frozen=True)
+class IndexerConfig:
+    """DeepSeek Sparse Attention's lightning indexer and top-k selector (DeepSeek-V3.2).
+
+    ``key_cache``: how cached indexer keys are stored. ``model`` keeps the model's dtype (bf16 for
+    a bf16 model: 2 * d_I bytes per token); ``fp8`` stores e4m3 values with one fp32 scale per
+    128 values (d_I + 4 * d_I / 128 bytes: 132 at d_I = 128), as DeepSeek deploys it.
+    """
+
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
+    key_cache: Literal["model", "fp8"] = "model"
+
+    def __post_init__(self) -> None:
+        for name in ("index_n_heads", "index_head_dim", "index_topk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"IndexerConfig.{name} must be a positive integer, got {value!r}")
+        if self.key_cache not in ("model", "fp8"):
+            raise ConfigError(f"IndexerConfig.key_cache must be model or fp8, got {self.key_cache!r}")
+        if self.key_cache == "fp8" and self.index_head_dim % min(128, self.index_head_dim):
+            raise ConfigError(
+                f"IndexerConfig.index_head_dim ({self.index_head_dim}) must be a multiple of 128 "
+                "for the fp8 key cache (one scale per 128 values)"
+            )
+
+
+@dataclass(frozen=True)
 class MLAConfig:
     """Multi-head latent attention (DeepSeek-V2 section 2.1; DeepSeek-V3 ``inference/model.py``).
 
@@ -73,6 +101,7 @@ class MLAConfig:
     v_head_dim: int
     q_lora_rank: int | None = None
     impl: MLAImpl = "auto"
+    indexer: IndexerConfig | None = None
     kind: Literal["mla"] = "mla"
 
     def __post_init__(self) -> None:
@@ -85,6 +114,17 @@ class MLAConfig:
             )
         if self.impl not in ("naive", "absorb", "auto"):
             raise ConfigError(f"MLAConfig.impl must be naive, absorb or auto, got {self.impl!r}")
+        if self.indexer is not None:
+            if self.indexer.index_head_dim < self.qk_rope_head_dim:
+                raise ConfigError(
+                    f"IndexerConfig.index_head_dim ({self.indexer.index_head_dim}) must be at least "
+                    f"qk_rope_head_dim ({self.qk_rope_head_dim}): RoPE rotates its first d_r dims"
+                )
+            if self.q_lora_rank is None:
+                raise ConfigError(
+                    "MLAConfig.q_lora_rank must be set when indexer is: the indexer's queries are "
+                    "projected from MLA's normalised query latent"
+                )
 
     @property
     def qk_head_dim(self) -> int:
@@ -92,7 +132,7 @@ class MLAConfig:
 
     @property
     def name(self) -> str:
-        return "mla"
+        return "mla" if self.indexer is None else "dsa"
 
 
 AttentionConfig = GQAConfig | MLAConfig

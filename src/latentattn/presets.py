@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from latentattn.config import GQAConfig, MLAConfig, ModelConfig, MoEConfig, RopeConfig, YarnConfig
+from latentattn.config import (
+    GQAConfig,
+    IndexerConfig,
+    MLAConfig,
+    ModelConfig,
+    MoEConfig,
+    RopeConfig,
+    YarnConfig,
+)
 from latentattn.errors import ConfigError
 
 # Fields of a preset that are not published and were filled in by us.
@@ -158,14 +166,15 @@ def _tiny_gqa(name: str, n_kv_heads: int) -> Callable[[], ModelConfig]:
     return make
 
 
-def _tiny_mla(moe: bool, q_lora: bool) -> Callable[[], ModelConfig]:
+def _tiny_mla(moe: bool, q_lora: bool, dsa: bool = False) -> Callable[[], ModelConfig]:
     def make() -> ModelConfig:
         return ModelConfig(
-            name="tiny-mla" + ("-moe" if moe else ""),
+            name="tiny-dsa" if dsa else "tiny-mla" + ("-moe" if moe else ""),
             vocab_size=256, dim=64, n_layers=2, intermediate_size=128,
             attention=MLAConfig(
                 n_heads=4, q_lora_rank=32 if q_lora else None, kv_lora_rank=32,
                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                indexer=IndexerConfig(index_n_heads=4, index_head_dim=16, index_topk=8) if dsa else None,
             ),
             rope=RopeConfig(interleaved=True),
             moe=MoEConfig(
@@ -192,6 +201,7 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny-mqa": _tiny_gqa("tiny-mqa", 1),
     "tiny-mla": _tiny_mla(moe=False, q_lora=True),
     "tiny-mla-moe": _tiny_mla(moe=True, q_lora=True),
+    "tiny-dsa": _tiny_mla(moe=False, q_lora=True, dsa=True),
 }
 
 

@@ -44,13 +44,23 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(h * a.v_head_dim, cfg.dim, bias=False)
 
     # ----------------------------------------------------------------- projections
-    def project_query(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, dim) -> q (B, T, H, d_qk), nope first, rope last (not yet rotated)."""
+    def project_query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, dim) -> q (B, T, H, d_qk) (nope first, rope last, not yet rotated) and the
+        normalised query latent c_q (B, T, d_q), or None without query compression."""
         a = self.cfg
         if a.q_lora_rank is None:
-            return self.q_proj(x).view(*x.shape[:2], a.n_heads, a.qk_head_dim)
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return q.view(*x.shape[:2], a.n_heads, a.qk_head_dim)
+            return self.q_proj(x).view(*x.shape[:2], a.n_heads, a.qk_head_dim), None
+        c_q = self.q_a_layernorm(self.q_a_proj(x))
+        return self.q_b_proj(c_q).view(*x.shape[:2], a.n_heads, a.qk_head_dim), c_q
+
+    def rotated_query(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """project_query with the rope part rotated."""
+        a = self.cfg
+        q, c_q = self.project_query(x)
+        q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        return torch.cat((q_nope, apply_rope(q_rope, *rope, self.interleaved)), dim=-1), c_q
 
     def project_latent(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
@@ -83,19 +93,26 @@ class MultiHeadLatentAttention(nn.Module):
         """Decompress c (B, S, d_c) into per-head K/V and attend. q (B, T, H, d_qk) rotated."""
         return self._attend_heads(q, *self.decompress(c, k_rope), step)
 
-    def absorbed(self, q: torch.Tensor, kv: torch.Tensor, step: Step) -> torch.Tensor:
-        """MQA over the latent: q (B, T, H, d_qk) rotated, kv (B, S, d_c + d_r) -> (B, T, H*d_v)."""
+    def absorb_query(self, q: torch.Tensor) -> torch.Tensor:
+        """q (B, T, H, d_qk) rotated -> (B, H, T, d_c + d_r): [W_UK[h]^T q_nope[h] | q_rope[h]]."""
         a = self.cfg
-        b, t = q.shape[:2]
-        w_uk, w_uv = self.up_weights()
+        w_uk, _ = self.up_weights()
         q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         q_lat = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk)  # (B, H, T, d_c)
-        q_abs = torch.cat((q_lat, q_rope.transpose(1, 2)), dim=-1)  # (B, H, T, d_c + d_r)
-        key = kv.unsqueeze(1)  # (B, 1, S, d_c + d_r): one key shared by all heads
-        o_lat = attention(q_abs, key, key[..., : a.kv_lora_rank], self.scale,
-                          mask=step.mask, causal=step.causal)  # (B, H, T, d_c)
+        return torch.cat((q_lat, q_rope.transpose(1, 2)), dim=-1)
+
+    def unabsorb(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """o_lat (B, H, T, d_c) -> (B, T, H * d_v): o[h] = W_UV[h] o_lat[h]."""
+        _, w_uv = self.up_weights()
         o = torch.einsum("bhtc,hvc->bthv", o_lat, w_uv)
-        return o.reshape(b, t, a.n_heads * a.v_head_dim)
+        return o.flatten(2)
+
+    def absorbed(self, q: torch.Tensor, kv: torch.Tensor, step: Step) -> torch.Tensor:
+        """MQA over the latent: q (B, T, H, d_qk) rotated, kv (B, S, d_c + d_r) -> (B, T, H*d_v)."""
+        key = kv.unsqueeze(1)  # (B, 1, S, d_c + d_r): one key shared by all heads
+        o_lat = attention(self.absorb_query(q), key, key[..., : self.cfg.kv_lora_rank], self.scale,
+                          mask=step.mask, causal=step.causal)  # (B, H, T, d_c)
+        return self.unabsorb(o_lat)
 
     def _attend_heads(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step
@@ -125,9 +142,7 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, dim) -> (B, T, dim)."""
         a = self.cfg
-        q = self.project_query(x)
-        q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
-        q = torch.cat((q_nope, apply_rope(q_rope, *rope, self.interleaved)), dim=-1)
+        q, _ = self.rotated_query(x, rope)
         c, k_rope = self.project_latent(x, rope)
 
         if isinstance(cache, DenseKV):  # naive form with a decompressed cache

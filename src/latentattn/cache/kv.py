@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from latentattn.cache.fp8 import block_size, dequantize_e4m3, quantize_e4m3
 from latentattn.errors import CacheOverflowError
 
 
@@ -95,6 +96,43 @@ class LatentKV(LayerCache):
         self.kv_lora_rank = kv_lora_rank
         self.kv = torch.zeros(batch, capacity, kv_lora_rank + rope_dim, dtype=dtype, device=device)
         self.buffers = (self.kv,)
+
+
+class IndexedLatentKV(LatentKV):
+    """DSA's cache: the MLA latent plus one indexer key per token (DeepSeek-V3.2).
+
+    Indexer keys are stored in the cache dtype, or as e4m3 + one fp32 scale per 128 values
+    (``fp8=True``). ``read`` returns them dequantised to fp32 for scoring.
+    """
+
+    def __init__(
+        self, batch: int, capacity: int, kv_lora_rank: int, rope_dim: int, index_head_dim: int,
+        dtype: torch.dtype, device: torch.device | str | None = None, fp8: bool = False,
+    ) -> None:
+        super().__init__(batch, capacity, kv_lora_rank, rope_dim, dtype, device)
+        self.fp8 = fp8
+        if fp8:
+            blocks = index_head_dim // block_size(index_head_dim)
+            self.index_k = torch.zeros(batch, capacity, index_head_dim, dtype=torch.uint8, device=device)
+            self.index_scale = torch.ones(batch, capacity, blocks, dtype=torch.float32, device=device)
+            self.buffers = (self.kv, self.index_k, self.index_scale)
+        else:
+            self.index_k = torch.zeros(batch, capacity, index_head_dim, dtype=dtype, device=device)
+            self.buffers = (self.kv, self.index_k)
+
+    def write(self, step: Step, *values: torch.Tensor) -> None:
+        latent, index_k = values
+        if self.fp8:
+            super().write(step, latent, *quantize_e4m3(index_k))
+        else:
+            super().write(step, latent, index_k)
+
+    def read(self, step: Step) -> tuple[torch.Tensor, ...]:
+        """latent (B, S, d_c + d_r), index keys (B, S, d_I) fp32."""
+        parts = super().read(step)
+        if self.fp8:
+            return parts[0], dequantize_e4m3(parts[1], parts[2])
+        return parts[0], parts[1].float()
 
 
 class KVCache:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from latentattn.attention import GroupedQueryAttention, MultiHeadLatentAttention, RMSNorm
+from latentattn.attention.dsa import SparseLatentAttention
 from latentattn.cache.kv import KVCache, fresh_step
 from latentattn.config import MLAConfig, ModelConfig
 from latentattn.errors import ConfigError
@@ -20,10 +21,13 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn: GroupedQueryAttention | MultiHeadLatentAttention = (
-            MultiHeadLatentAttention(cfg) if isinstance(cfg.attention, MLAConfig)
-            else GroupedQueryAttention(cfg)
-        )
+        a = cfg.attention
+        self.self_attn: GroupedQueryAttention | MultiHeadLatentAttention
+        if isinstance(a, MLAConfig):
+            self.self_attn = (MultiHeadLatentAttention(cfg) if a.indexer is None
+                              else SparseLatentAttention(cfg))
+        else:
+            self.self_attn = GroupedQueryAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp: MLP | MoE = (
             MoE(cfg.dim, cfg.moe) if cfg.moe is not None and cfg.is_moe_layer(layer)

@@ -1,0 +1,133 @@
+"""MLA with DeepSeek Sparse Attention (DeepSeek-V3.2; facts file section 4).
+
+The indexer picks, for every query token, the top-k cached tokens of its own causal past; the
+main attention then reads ONLY those latents, in MLA's absorbed (MQA) form. Forms:
+
+* decode and long prefill: ``sparse_mqa`` gathers k latents per query -- O(T * k).
+* short prefill: "masked MHA mode" -- the naive form with dense scores and a selection mask,
+  which DeepSeek serves short prefills with; faster while T * S is small. ``prefill_form``
+  picks one, ``auto`` switches at ``masked_prefill_max_keys`` cached keys.
+
+Training (V3.2 report, arXiv 2512.02556 section 2.1): ``mode = "dense"`` runs the main attention
+densely (the indexer warm-up), ``mode = "sparse"`` selects. With ``train_indexer`` set, the
+layer stores ``indexer_loss``: KL(main attention's head-averaged probabilities || softmax of
+the indexer's scores), over all visible keys (dense) or over the selected ones (sparse), and the
+indexer sees detached inputs, so it learns only from that KL.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from latentattn.attention.indexer import Indexer
+from latentattn.attention.mla import MultiHeadLatentAttention
+from latentattn.cache.kv import IndexedLatentKV, LayerCache, Step
+from latentattn.config import MLAConfig, ModelConfig
+from latentattn.kernels.sparse import (
+    gather_rows,
+    index_scores,
+    select_topk,
+    selection_mask,
+    sparse_mqa,
+    visible,
+)
+
+
+def kl_to_indexer(target: torch.Tensor, logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """mean over tokens of KL(target || softmax(logits)) over the allowed keys (last axis)."""
+    logq = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    terms = torch.where(target > 0, target * (target.clamp(min=1e-30).log() - logq), 0.0)
+    return terms.sum(dim=-1).mean()
+
+
+class SparseLatentAttention(MultiHeadLatentAttention):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        a = cfg.attention
+        assert isinstance(a, MLAConfig) and a.indexer is not None
+        self.indexer = Indexer(cfg)
+        self.topk = a.indexer.index_topk
+        self.mode: Literal["sparse", "dense"] = "sparse"
+        self.train_indexer = False
+        self.indexer_loss: torch.Tensor | None = None
+        self.prefill_form: Literal["auto", "gather", "masked"] = "auto"
+        self.masked_prefill_max_keys = 4096
+        self.record = False  # keep (dense head-mean probs, selection) for attention_mass_recall
+        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def make_cache(self, batch: int, capacity: int, dtype: torch.dtype,
+                   device: torch.device | str | None) -> LayerCache:
+        a = self.cfg
+        assert a.indexer is not None
+        return IndexedLatentKV(batch, capacity, a.kv_lora_rank, a.qk_rope_head_dim,
+                               a.indexer.index_head_dim, dtype, device, fp8=a.indexer.key_cache == "fp8")
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, dim) -> (B, T, dim)."""
+        a = self.cfg
+        q, c_q = self.rotated_query(x, rope)
+        assert c_q is not None
+        c, k_rope = self.project_latent(x, rope)
+        latent = torch.cat((c, k_rope), dim=-1)  # (B, T, d_c + d_r)
+        if self.train_indexer:  # the indexer learns only from its KL (V3.2 report)
+            x, c_q = x.detach(), c_q.detach()
+        q_i, w = self.indexer.queries(x, c_q, rope)
+        k_i = self.indexer.keys(x, rope)
+        if cache is not None:
+            cache.write(step, latent, k_i)
+            if not step.causal:
+                latent, k_i = cache.read(step)
+        k_i = k_i.float()
+        t, s = x.shape[1], latent.shape[1]
+        need_selection = self.mode == "sparse" or self.record
+        idx = (select_topk(q_i, w, k_i, step.positions, self.topk, self.indexer.scale)
+               if need_selection else None)
+
+        if self.mode == "dense":
+            if self.use_absorbed(t):
+                out = self.absorbed(q, latent, step)
+            else:
+                c_all, k_rope_all = latent.split([a.kv_lora_rank, a.qk_rope_head_dim], -1)
+                out = self.naive(q, c_all, k_rope_all, step)
+            if self.train_indexer or self.record:
+                target = self._dense_head_mean_probs(q, latent, step)
+                allowed = visible(step.positions, 0, s)
+                if self.train_indexer:
+                    logits = index_scores(q_i, w, k_i, self.indexer.scale)
+                    self.indexer_loss = kl_to_indexer(target, logits, allowed)
+                if self.record and idx is not None:
+                    self.recorded = (target, idx)
+            return self.o_proj(out)
+
+        assert idx is not None
+        q_abs = self.absorb_query(q)  # (B, H, T, d_c + d_r)
+        use_masked = (
+            not self.train_indexer and t > 1
+            and (self.prefill_form == "masked"
+                 or (self.prefill_form == "auto" and s <= self.masked_prefill_max_keys))
+        )
+        if use_masked:
+            masked = Step(step.positions, step.valid, step.kv_len, selection_mask(idx, s))
+            c_all, k_rope_all = latent.split([a.kv_lora_rank, a.qk_rope_head_dim], -1)
+            return self.o_proj(self.naive(q, c_all, k_rope_all, masked))
+        o_lat, probs = sparse_mqa(q_abs, latent, idx, self.scale, a.kv_lora_rank,
+                                  return_probs=self.train_indexer)
+        if self.train_indexer:
+            assert probs is not None
+            k_sel = gather_rows(k_i, idx)  # (B, T, K, d_I)
+            logits = torch.relu(torch.einsum("bthd,btkd->bthk", q_i, k_sel))
+            logits = torch.einsum("bth,bthk->btk", w, logits) * self.indexer.scale
+            self.indexer_loss = kl_to_indexer(probs.detach().mean(dim=1), logits, idx >= 0)
+        return self.o_proj(self.unabsorb(o_lat))
+
+    @torch.no_grad()
+    def _dense_head_mean_probs(self, q: torch.Tensor, latent: torch.Tensor, step: Step) -> torch.Tensor:
+        """The dense main attention's probabilities averaged over heads: (B, T, S) fp32, rows sum to 1."""
+        scores = torch.einsum("bhtd,bsd->bhts", self.absorb_query(q).float(), latent.float()) * self.scale
+        allowed = visible(step.positions, 0, latent.shape[1]).unsqueeze(1)
+        return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).mean(dim=1)

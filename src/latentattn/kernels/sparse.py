@@ -1,0 +1,128 @@
+"""DeepSeek Sparse Attention maths: indexer scores, top-k selection, gathered sparse attention.
+
+Fast paths (what the model runs):
+* ``select_topk``: the lightning indexer's scores computed per (query block, key block) with a
+  running top-k, so the (T, S) score matrix never exists for a whole sequence.
+* ``sparse_mqa``: attention that gathers only the selected latents, per query block. Work and
+  memory grow with T * k, not T * S. Autograd flows through the gather, so it trains.
+
+References (what the tests compare against): ``index_scores`` over all keys, ``topk_reference``,
+``selection_mask`` and ``sparse_mqa_reference`` (dense scores + mask, as transformers'
+DeepseekV32 and DeepSeek's reference code do it).
+
+Indices are (B, T, k) int64; -1 marks an invalid slot (fewer than k visible keys), never read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from latentattn.kernels.reference import attention_ref
+
+
+def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """I[b,t,s] = sum_j w[b,t,j] * scale * relu(q[b,t,j] . k[b,s]) (DeepSeek-V3.2 Indexer).
+
+    q (B, T, H_I, d_I), w (B, T, H_I), k (B, S, d_I); all fp32. Returns (B, T, S) fp32.
+    """
+    b, t, h, d = q.shape
+    logits = torch.bmm(q.reshape(b, t * h, d), k.transpose(1, 2)).view(b, t, h, -1)  # (B,T,H,S)
+    return torch.einsum("bth,bths->bts", w, torch.relu(logits)) * scale
+
+
+def visible(positions: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """(B, T, stop - start) bool: key j may be seen by the query at positions[b, t] (j <= pos)."""
+    j = torch.arange(start, stop, device=positions.device)
+    return j[None, None, :] <= positions[:, :, None]
+
+
+def _mark_invalid(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return idx.masked_fill(values == float("-inf"), -1)
+
+
+def topk_reference(scores: torch.Tensor, positions: torch.Tensor, topk: int) -> torch.Tensor:
+    """Top-k over a full (B, T, S) score matrix with causal masking; -1 for invalid slots."""
+    masked = scores.masked_fill(~visible(positions, 0, scores.shape[-1]), float("-inf"))
+    values, idx = masked.topk(min(topk, scores.shape[-1]), dim=-1)
+    return _mark_invalid(values, idx)
+
+
+@torch.no_grad()
+def select_topk(
+    q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, topk: int,
+    scale: float, q_block: int = 256, k_block: int = 8192,
+) -> torch.Tensor:
+    """Running top-k of the indexer scores over key blocks, per query block.
+
+    q (B, T, H_I, d_I), w (B, T, H_I), k (B, S, d_I) fp32; positions (B, T). Returns (B, T, K)
+    with K = min(topk, S) and -1 in the slots of queries that see fewer than K keys. Peak memory
+    is O(q_block * (K + k_block) * H_I), whatever S is.
+    """
+    b, t = positions.shape
+    s = k.shape[1]
+    kk = min(topk, s)
+    out = torch.empty(b, t, kk, dtype=torch.long, device=q.device)
+    for t0 in range(0, t, q_block):
+        t1 = min(t0 + q_block, t)
+        pos = positions[:, t0:t1]
+        last = min(int(pos.max()) + 1, s)  # keys past the block's last position are never visible
+        best_v = torch.full((b, t1 - t0, 0), float("-inf"), device=q.device)
+        best_i = torch.empty(b, t1 - t0, 0, dtype=torch.long, device=q.device)
+        for s0 in range(0, last, k_block):
+            s1 = min(s0 + k_block, last)
+            sc = index_scores(q[:, t0:t1], w[:, t0:t1], k[:, s0:s1], scale)
+            sc = sc.masked_fill(~visible(pos, s0, s1), float("-inf"))
+            cand_v = torch.cat((best_v, sc), dim=-1)
+            cand_i = torch.cat((best_i, torch.arange(s0, s1, device=q.device).expand_as(sc)), dim=-1)
+            best_v, sel = cand_v.topk(min(kk, cand_v.shape[-1]), dim=-1)
+            best_i = cand_i.gather(-1, sel)
+        if best_v.shape[-1] < kk:  # the whole visible range is shorter than K
+            pad = kk - best_v.shape[-1]
+            best_v = torch.nn.functional.pad(best_v, (0, pad), value=float("-inf"))
+            best_i = torch.nn.functional.pad(best_i, (0, pad), value=-1)
+        out[:, t0:t1] = _mark_invalid(best_v, best_i)
+    return out
+
+
+def selection_mask(idx: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """(B, T, K) indices -> (B, 1, T, S) bool, True at selected keys (invalid slots select nothing)."""
+    b, t, _ = idx.shape
+    spill = idx.masked_fill(idx < 0, num_keys)  # invalid slots land in a column we drop
+    mask = torch.zeros(b, t, num_keys + 1, dtype=torch.bool, device=idx.device)
+    return mask.scatter_(-1, spill, True)[..., :num_keys].unsqueeze(1)
+
+
+def gather_rows(kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """kv (B, S, D), idx (B, T, K) -> (B, T, K, D); invalid (-1) slots read row 0 (masked later)."""
+    rows = torch.arange(kv.shape[0], device=kv.device)[:, None, None]
+    return kv[rows, idx.clamp(min=0)]
+
+
+def sparse_mqa(
+    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float, v_dim: int,
+    q_block: int = 64, return_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Absorbed-MLA attention over the selected latents only.
+
+    q (B, H, T, D) with D = d_c + d_r; kv (B, S, D), the value being kv[..., :v_dim]; idx
+    (B, T, K). Returns o (B, H, T, v_dim) and, if asked, the probabilities (B, H, T, K) fp32.
+    """
+    outs, probs = [], []
+    for t0 in range(0, q.shape[2], q_block):
+        t1 = min(t0 + q_block, q.shape[2])
+        sel = gather_rows(kv, idx[:, t0:t1])  # (B, Tb, K, D)
+        scores = torch.einsum("bhtd,btkd->bhtk", q[:, :, t0:t1].float(), sel.float()) * scale
+        scores = scores.masked_fill((idx[:, None, t0:t1] < 0), float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        outs.append(torch.einsum("bhtk,btkc->bhtc", p, sel[..., :v_dim].float()).to(q.dtype))
+        if return_probs:
+            probs.append(p)
+    return torch.cat(outs, dim=2), (torch.cat(probs, dim=2) if return_probs else None)
+
+
+def sparse_mqa_reference(
+    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float, v_dim: int,
+) -> torch.Tensor:
+    """Dense scores over every key plus a mask outside the selection: O(T * S), obviously right."""
+    key = kv.unsqueeze(1)
+    return attention_ref(q, key, key[..., :v_dim], scale, mask=selection_mask(idx, kv.shape[1]))
