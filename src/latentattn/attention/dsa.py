@@ -80,8 +80,9 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         k_i = self.indexer.keys(x, rope)
         if cache is not None:
             cache.write(step, latent, k_i)
-            if not step.causal:
-                latent, k_i = cache.read(step)
+            # Read back even on a fresh prefill: with the fp8 key cache, prefill and decode must
+            # score the same quantised keys or they select differently.
+            latent, k_i = cache.read(step)
         k_i = k_i.float()
         t, s = x.shape[1], latent.shape[1]
         need_selection = self.mode == "sparse" or self.record

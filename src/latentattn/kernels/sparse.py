@@ -40,10 +40,21 @@ def _mark_invalid(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return idx.masked_fill(values == float("-inf"), -1)
 
 
+def _top(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest along the last axis; ties go to the EARLIER entry.
+
+    ReLU scores tie exactly (every indexer head clipped to 0), and torch.topk breaks ties
+    differently for different shapes -- prefill and decode would then select different keys.
+    A stable descending sort makes the choice a function of (score, position) alone.
+    """
+    top_v, order = values.sort(dim=-1, descending=True, stable=True)
+    return top_v[..., :k], order[..., :k]
+
+
 def topk_reference(scores: torch.Tensor, positions: torch.Tensor, topk: int) -> torch.Tensor:
     """Top-k over a full (B, T, S) score matrix with causal masking; -1 for invalid slots."""
     masked = scores.masked_fill(~visible(positions, 0, scores.shape[-1]), float("-inf"))
-    values, idx = masked.topk(min(topk, scores.shape[-1]), dim=-1)
+    values, idx = _top(masked, min(topk, scores.shape[-1]))
     return _mark_invalid(values, idx)
 
 
@@ -72,9 +83,11 @@ def select_topk(
             s1 = min(s0 + k_block, last)
             sc = index_scores(q[:, t0:t1], w[:, t0:t1], k[:, s0:s1], scale)
             sc = sc.masked_fill(~visible(pos, s0, s1), float("-inf"))
+            # best_* is ordered by (score desc, position asc) and precedes this block's
+            # positions, so a stable sort keeps that order for ties: same choice as the reference.
             cand_v = torch.cat((best_v, sc), dim=-1)
             cand_i = torch.cat((best_i, torch.arange(s0, s1, device=q.device).expand_as(sc)), dim=-1)
-            best_v, sel = cand_v.topk(min(kk, cand_v.shape[-1]), dim=-1)
+            best_v, sel = _top(cand_v, min(kk, cand_v.shape[-1]))
             best_i = cand_i.gather(-1, sel)
         if best_v.shape[-1] < kk:  # the whole visible range is shorter than K
             pad = kk - best_v.shape[-1]
