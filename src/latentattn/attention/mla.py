@@ -110,8 +110,11 @@ class MultiHeadLatentAttention(nn.Module):
     def absorbed(self, q: torch.Tensor, kv: torch.Tensor, step: Step) -> torch.Tensor:
         """MQA over the latent: q (B, T, H, d_qk) rotated, kv (B, S, d_c + d_r) -> (B, T, H*d_v)."""
         key = kv.unsqueeze(1)  # (B, 1, S, d_c + d_r): one key shared by all heads
-        o_lat = attention(self.absorb_query(q), key, key[..., : self.cfg.kv_lora_rank], self.scale,
-                          mask=step.mask, causal=step.causal)  # (B, H, T, d_c)
+        # The value is c = key[..., :d_c]. Passing the whole key as the value keeps q/k/v head
+        # dims equal (the fused kernels' condition) without copying the cache; the extra d_r
+        # output dims are dropped.
+        o_lat = attention(self.absorb_query(q), key, key, self.scale, mask=step.mask,
+                          causal=step.causal)[..., : self.cfg.kv_lora_rank]  # (B, H, T, d_c)
         return self.unabsorb(o_lat)
 
     def _attend_heads(

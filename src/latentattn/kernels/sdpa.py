@@ -20,6 +20,22 @@ def attention_sdpa(
     mask: torch.Tensor | None = None, causal: bool = False,
 ) -> torch.Tensor:
     """Same contract as ``attention_ref``."""
+    dv = v.shape[-1]
+    if dv != q.shape[-1]:
+        # SDPA's fused (flash) kernels need equal q/k and v head dims; otherwise it falls back
+        # to the math path, which materialises all (B, H, T, S) scores: 3 GB instead of 0.1 GB
+        # for one 16-head 4k-token naive-MLA prefill (d_qk 192, d_v 128). Zero-padding the
+        # shorter side changes neither the scores nor the first dv output dims.
+        d = max(dv, q.shape[-1])
+        q, k = F.pad(q, (0, d - q.shape[-1])), F.pad(k, (0, d - k.shape[-1]))
+        return _sdpa(q, k, F.pad(v, (0, d - dv)), scale, mask, causal)[..., :dv]
+    return _sdpa(q, k, v, scale, mask, causal)
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+    mask: torch.Tensor | None, causal: bool,
+) -> torch.Tensor:
     b, hq, t, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
     group = hq // hkv
