@@ -1,0 +1,11 @@
+"""Interoperability with other formats: Hugging Face DeepSeek-V2/V3 checkpoints (``hf``)."""
+
+from latentattn.interop.hf import (
+    config_from_hf,
+    config_to_hf,
+    dequantize_fp8,
+    from_pretrained,
+    save_pretrained,
+)
+
+__all__ = ["config_from_hf", "config_to_hf", "dequantize_fp8", "from_pretrained", "save_pretrained"]
