@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 
 def from_pretrained(path: str, **overrides: object) -> Transformer:
-    """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory; see ``latentattn.interop.hf``."""
+    """Load a Hugging Face DeepSeek-V2/V3/V3.2 checkpoint directory; see ``latentattn.interop.hf``."""
     from latentattn.interop.hf import from_pretrained as _load
 
     return _load(path, **overrides)

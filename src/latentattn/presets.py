@@ -7,6 +7,7 @@ ik_llama.cpp #994/#995; ``ASSUMED`` lists the fields we chose ourselves.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from latentattn.config import (
@@ -113,6 +114,14 @@ def _deepseek_v3() -> ModelConfig:
     )
 
 
+def _deepseek_v32() -> ModelConfig:
+    # DeepSeek-V3.2-Exp: DeepSeek-V3's model plus a lightning indexer in every layer.
+    v3 = _deepseek_v3()
+    assert isinstance(v3.attention, MLAConfig)
+    indexer = IndexerConfig(index_n_heads=64, index_head_dim=128, index_topk=2048)
+    return v3.replace(name="deepseek-v3.2", attention=dataclasses.replace(v3.attention, indexer=indexer))
+
+
 def _gigachat3_lightning() -> ModelConfig:
     # Published: 32 heads, kv_lora_rank 512, v_head_dim 192, MoE with 10B total / 1.8B active,
     # 256k context. Everything in ASSUMED["gigachat3-lightning"] is our guess.
@@ -193,6 +202,7 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "deepseek-v2-lite": _deepseek_v2_lite,
     "deepseek-v2": _deepseek_v2,
     "deepseek-v3": _deepseek_v3,
+    "deepseek-v3.2": _deepseek_v32,
     "gigachat3-lightning": _gigachat3_lightning,
     "llama-3-8b": lambda: _llama3("llama-3-8b", 4096, 32, 32, 14336),
     "llama-3-70b": lambda: _llama3("llama-3-70b", 8192, 80, 64, 28672),

@@ -1,4 +1,5 @@
-"""Interoperability with other formats: Hugging Face DeepSeek-V2/V3 checkpoints (``hf``)."""
+"""Interoperability with other formats: Hugging Face DeepSeek-V2/V3/V3.2 checkpoints
+(``hf``; config.json mapping in ``hf_config``)."""
 
 from latentattn.interop.hf import (
     config_from_hf,

@@ -121,7 +121,7 @@ class Transformer(nn.Module):
         return generate(self, input_ids, max_new_tokens, **kwargs)  # type: ignore[arg-type]
 
     def save_pretrained(self, path: str) -> None:
-        """Write a Hugging Face DeepSeek-V2/V3 checkpoint directory (config.json + safetensors)."""
+        """Write a Hugging Face DeepSeek-V2/V3/V3.2 checkpoint directory (config.json + safetensors)."""
         from latentattn.interop.hf import save_pretrained
 
         save_pretrained(self, path)
