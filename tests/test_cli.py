@@ -32,6 +32,10 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
                     "--top-k", "--seed", "--mla-impl", "--dtype"},
     ("bench", "decode"): {"--json", "--plot", "--contexts", "--batches", "--repeats", "--dtype",
                           "--no-hf", "--quiet", "--tiny"},
+    ("bench", "dsa"): {"--json", "--plot", "--decode-contexts", "--prefill-contexts", "--topks",
+                       "--repeats", "--dtype", "--quiet", "--tiny"},
+    ("bench", "indexer"): {"--json", "--plot", "--data", "--pretrain-steps", "--warmup-steps",
+                           "--topk", "--seq-len", "--batch", "--seed", "--quiet"},
 }
 
 
@@ -50,7 +54,7 @@ def test_surface_is_frozen() -> None:
     top = build_parser()
     subs = _subparsers(top)
     assert set(subs) == {"kv-cache", "info", "generate", "bench"}
-    assert set(_subparsers(subs["bench"])) == {"decode"}
+    assert set(_subparsers(subs["bench"])) == {"decode", "dsa", "indexer"}
     for path, flags in SURFACE.items():
         p = top
         for name in path:
@@ -227,6 +231,16 @@ def test_config_json_missing_field(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "kv_lora_rank" in _error(capsys, ["info", "--model", str(tmp_path)])
 
 
+def test_bad_deepseek_v32_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hf = pytest.importorskip("latentattn.interop.hf")
+    cfg = hf.config_to_hf(get_preset("tiny-dsa"))
+    assert cfg["model_type"] == "deepseek_v32"
+    cfg["index_topk"] = 0
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    msg = _error(capsys, ["info", "--model", str(tmp_path)])
+    assert "index_topk" in msg and "config.json" in msg
+
+
 def test_config_json_and_dir_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hf = pytest.importorskip("latentattn.interop.hf")
     (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(get_preset("deepseek-v3"))))
@@ -323,3 +337,71 @@ def test_bench_mla_cache_bytes_match_formula() -> None:
     assert cache_bytes_per_token_per_layer(cfg, 4) == (32 + 8) * 4
     gqa = variant_config(TINY_DIMS, "gqa-2", 9)
     assert isinstance(gqa.attention, GQAConfig) and gqa.attention.n_kv_heads == 2
+
+
+@pytest.mark.parametrize("key_cache", ["model", "fp8"])
+def test_dsa_formula_equals_allocated_cache(key_cache: str) -> None:
+    cfg = get_preset("tiny-dsa")
+    assert isinstance(cfg.attention, MLAConfig) and cfg.attention.indexer is not None
+    indexer = dataclasses.replace(cfg.attention.indexer, key_cache=key_cache)
+    cfg = cfg.replace(attention=dataclasses.replace(cfg.attention, indexer=indexer))
+    cache = Transformer(cfg).to(torch.bfloat16).make_cache(batch=2, capacity=9)
+    assert cache.bytes_per_token_per_layer == cache_bytes_per_token_per_layer(cfg, 2)
+    (own,) = [r for r in kv_table(cfg).rows if r.own]
+    assert own.bytes_per_token_per_layer == cache.bytes_per_token_per_layer
+
+
+def test_kv_cache_deepseek_v32_indexer_rows() -> None:
+    """Facts file section 6: indexer keys 256 B bf16, 132 B fp8, on top of MLA's 1,152 / 656."""
+    table = kv_table(get_preset("deepseek-v3.2"))
+    assert table.row("dsa-index-keys").bytes_per_token_per_layer == 256
+    assert table.row("dsa-index-keys-fp8").bytes_per_token_per_layer == 132
+    assert table.row("dsa").bytes_per_token_per_layer == 1152 + 256
+    assert table.row("dsa-fp8").bytes_per_token_per_layer == 656 + 132
+    assert [r.key for r in table.rows if r.own] == ["dsa"]
+
+
+def test_bench_dsa_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, png = tmp_path / "dsa.json", tmp_path / "dsa.png"
+    code = main(["bench", "dsa", "--tiny", "--quiet", "--decode-contexts", "64,128",
+                 "--prefill-contexts", "32,64", "--topks", "8,16", "--repeats", "1",
+                 "--json", str(out), "--plot", str(png)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert {(r["context"], r["topk"]) for r in data["decode"]} == {(64, 8), (64, 16), (128, 8), (128, 16)}
+    assert all(r["speedup"] > 0 and 0 < r["indexer_share"] < 1 for r in data["decode"])
+    assert [r["context"] for r in data["prefill"]["rows"]] == [32, 64]
+    assert {r["faster"] for r in data["prefill"]["rows"]} <= {"masked", "gather"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "prefill crossover" in capsys.readouterr().out
+
+
+def test_bench_indexer_tiny_run(tmp_path: Path) -> None:
+    data = tmp_path / "text.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out, png = tmp_path / "idx.json", tmp_path / "idx.png"
+    code = main(["bench", "indexer", "--data", str(data), "--pretrain-steps", "3", "--warmup-steps", "3",
+                 "--topk", "8", "--seq-len", "32", "--batch", "2", "--quiet",
+                 "--json", str(out), "--plot", str(png)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [m["step"] for m in report["measurements"]] == ["before warm-up", "after warm-up"]
+    assert len(report["warmup_kl"]) == 3 and len(report["pretrain_loss"]) == 3
+    for m in report["measurements"]:
+        assert len(m["recall"]) == 2 and all(0 < r["indexer"] <= 1 for r in m["recall"])
+    assert png.stat().st_size > 0
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "is empty"), (b"abc\x00def", "contains NUL bytes"), (b"\xff\xfe\xfa", "not UTF-8"),
+])
+def test_bench_indexer_rejects_unusable_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, message: str
+) -> None:
+    data = tmp_path / "bad.txt"
+    data.write_bytes(content)
+    code = main(["bench", "indexer", "--data", str(data), "--json", str(tmp_path / "o.json"),
+                 "--plot", str(tmp_path / "o.png"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o.json").exists()

@@ -384,6 +384,74 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_dsa(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from latentattn.bench import dsa
+
+    _check_parent(args.json, "--json")
+    _check_parent(args.plot, "--plot")
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    dims = dsa.TINY_DIMS if args.tiny else dsa.V32_DIMS
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    total = len(args.decode_contexts) + len(args.prefill_contexts)
+    with tqdm(total=total, file=sys.stderr, desc="bench dsa", unit="size", disable=args.quiet) as bar:
+        started = [False]
+
+        def progress(what: str) -> None:
+            if started[0]:
+                bar.update(1)
+            started[0] = True
+            bar.set_postfix_str(what)
+
+        report = dsa.run_dsa_bench(
+            decode_contexts=args.decode_contexts, prefill_contexts=args.prefill_contexts,
+            topks=args.topks, repeats=args.repeats, dtype=dtype, dims=dims, progress=progress,
+        )
+        bar.update(total - bar.n)
+    write_json(args.json, report.as_dict())
+    atomic_write(args.plot, lambda tmp: dsa.plot_dsa_report(report, tmp), suffix=".png")
+    print("\n".join(dsa.dsa_headline(report)))
+    print(f"wrote {args.json} and {args.plot}")
+    return 0
+
+
+def cmd_bench_indexer(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from latentattn.bench import indexer
+    from latentattn.data import load_text
+
+    _check_parent(args.json, "--json")
+    _check_parent(args.plot, "--plot")
+    for flag in ("pretrain_steps", "warmup_steps", "topk", "seq_len", "batch"):
+        if getattr(args, flag) < (0 if flag.endswith("steps") else 1):
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.topk >= args.seq_len:
+        raise UserError(f"--topk ({args.topk}) must be smaller than --seq-len ({args.seq_len}): "
+                        "otherwise every key is selected and recall is trivially 1")
+    text = load_text(args.data)
+    settings = indexer.IndexerBenchSettings(
+        index_topk=args.topk, seq_len=args.seq_len, batch=args.batch,
+        pretrain_steps=args.pretrain_steps, warmup_steps=args.warmup_steps, seed=args.seed)
+    total = args.pretrain_steps + args.warmup_steps
+    with tqdm(total=total, file=sys.stderr, desc="bench indexer", unit="step",
+              disable=args.quiet) as bar:
+        def progress(stage: str, done: int) -> None:
+            bar.set_postfix_str(stage)
+            bar.update(1)
+
+        report = indexer.run_indexer_bench(text, args.data or "pydoc_data.topics (CPython)",
+                                           settings, progress)
+    write_json(args.json, report.as_dict())
+    atomic_write(args.plot, lambda tmp: indexer.plot_indexer_report(report, tmp), suffix=".png")
+    print("\n".join(indexer.indexer_headline(report)))
+    print(f"wrote {args.json} and {args.plot}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -448,6 +516,45 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--quiet", action="store_true", help="no progress bar")
     dec.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # small dims, tests
     dec.set_defaults(func=cmd_bench_decode)
+
+    dsa = bsub.add_parser(
+        "dsa", help="DeepSeek Sparse Attention vs dense absorbed MLA: decode and prefill",
+        description="One layer at DeepSeek-V3.2 dims, batch 1. Decode: the attention part of one "
+        "step for dense absorbed MLA and for DSA (indexer + top-k + gathered attention) at each "
+        "--topks, with the indexer's share. Prefill: DSA's masked MHA mode vs gathered form (and "
+        "dense MLA), the faster form per length and the crossover.")
+    dsa.add_argument("--json", required=True, metavar="OUT.json", help="results file")
+    dsa.add_argument("--plot", required=True, metavar="OUT.png", help="plot file")
+    dsa.add_argument("--decode-contexts", type=_int_list,
+                     default=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
+                     help="cached contexts for decode (1024,...,65536)")
+    dsa.add_argument("--prefill-contexts", type=_int_list, default=[1024, 2048, 4096, 8192, 16384],
+                     help="prompt lengths for prefill (1024,...,16384); the largest take minutes")
+    dsa.add_argument("--topks", type=_int_list, default=[512, 2048], help="index_topk values (512,2048)")
+    dsa.add_argument("--repeats", type=int, default=5, help="timed decode calls per point (5)")
+    dsa.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    dsa.add_argument("--quiet", action="store_true", help="no progress bar")
+    dsa.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # small dims, tests
+    dsa.set_defaults(func=cmd_bench_dsa)
+
+    idx = bsub.add_parser(
+        "indexer", help="does the DSA indexer learn? attention-mass recall before/after warm-up",
+        description="Pretrain a small MLA+DSA model densely on real text, then run the DeepSeek-V3.2 "
+        "indexer warm-up (everything frozen but the indexer, KL to the main attention). Reports, "
+        "per layer, the dense attention mass inside the indexer's top-k before and after, beside "
+        "the k most recent keys and k random keys, and the validation loss dense vs top-k.")
+    idx.add_argument("--json", required=True, metavar="OUT.json", help="results file")
+    idx.add_argument("--plot", required=True, metavar="OUT.png", help="plot file")
+    idx.add_argument("--data", default=None, metavar="PATH",
+                     help="UTF-8 text file (default: CPython's pydoc_data.topics prose)")
+    idx.add_argument("--pretrain-steps", type=int, default=300, help="dense LM steps (300)")
+    idx.add_argument("--warmup-steps", type=int, default=200, help="indexer warm-up steps (200)")
+    idx.add_argument("--topk", type=int, default=32, help="index_topk (32)")
+    idx.add_argument("--seq-len", type=int, default=256, help="tokens (bytes) per sequence (256)")
+    idx.add_argument("--batch", type=int, default=8, help="sequences per step (8)")
+    idx.add_argument("--seed", type=int, default=0)
+    idx.add_argument("--quiet", action="store_true", help="no progress bar")
+    idx.set_defaults(func=cmd_bench_indexer)
     return p
 
 

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from latentattn.cache.fp8 import bytes_per_vector as fp8_vector_bytes
 from latentattn.config import GQAConfig, MLAConfig, ModelConfig
 
 BF16 = 2  # bytes per value unless a row says fp8
@@ -40,10 +41,20 @@ def flashmla_fp8_bytes(a: MLAConfig) -> int:
     return a.kv_lora_rank * FP8 + 4 * math.ceil(a.kv_lora_rank / FLASHMLA_TILE) + a.qk_rope_head_dim * BF16
 
 
+def indexer_key_bytes(a: MLAConfig, bytes_per_value: int = BF16) -> int:
+    """DSA's cached indexer key: d_I values, or d_I e4m3 bytes + one fp32 scale per 128 (132 B)."""
+    assert a.indexer is not None
+    if a.indexer.key_cache == "fp8":
+        return fp8_vector_bytes(a.indexer.index_head_dim)
+    return a.indexer.index_head_dim * bytes_per_value
+
+
 def cache_bytes_per_token_per_layer(cfg: ModelConfig, bytes_per_value: int = BF16) -> int:
     """Formula bytes of the cache form ``Transformer.make_cache`` allocates for this config."""
     a = cfg.attention
     if isinstance(a, MLAConfig):
+        if a.indexer is not None:  # DSA: always the latent cache, plus the indexer keys
+            return mla_latent_bytes(a, bytes_per_value) + indexer_key_bytes(a, bytes_per_value)
         return mla_naive_bytes(a, bytes_per_value) if a.impl == "naive" else mla_latent_bytes(
             a, bytes_per_value
         )
@@ -133,14 +144,28 @@ def kv_table(cfg: ModelConfig, context: int = 131072, batch: int = 1) -> KVTable
     add("mqa", f"MQA (1 kv head x {head})", f"2*{head} values", dense_bytes(1, head, head), own_kv == 1)
     if isinstance(a, MLAConfig):
         dc, dr = a.kv_lora_rank, a.qk_rope_head_dim
+        dsa = a.indexer is not None
         add("mla-naive", "MLA naive (decompressed)", f"{h}*({a.qk_head_dim}+{a.v_head_dim}) values",
-            mla_naive_bytes(a), a.impl == "naive")
+            mla_naive_bytes(a), a.impl == "naive" and not dsa)
         add("mla-absorbed", "MLA absorbed (latent)", f"({dc}+{dr}) values", mla_latent_bytes(a),
-            a.impl != "naive")
+            a.impl != "naive" and not dsa)
         add("mla-absorbed-fp8", "MLA absorbed, plain fp8", f"({dc}+{dr}) * 1 B",
             mla_latent_bytes(a, FP8))
         add("mla-flashmla-fp8", "MLA FlashMLA fp8 record",
             f"{dc} fp8 + 4*{math.ceil(dc / FLASHMLA_TILE)} scale + 2*{dr} rope B", flashmla_fp8_bytes(a))
+        if a.indexer is not None:
+            di = a.indexer.index_head_dim
+            key_bf16 = di * BF16
+            key_fp8 = fp8_vector_bytes(di)
+            scales = di // min(128, di)
+            add("dsa-index-keys", "DSA indexer keys", f"{di} values", key_bf16)
+            add("dsa-index-keys-fp8", "DSA indexer keys, fp8", f"{di} fp8 + 4*{scales} scale B", key_fp8)
+            add("dsa", "MLA+DSA: latent + indexer keys", f"({dc}+{dr}+{di}) values",
+                mla_latent_bytes(a) + key_bf16, a.indexer.key_cache == "model")
+            add("dsa-fp8-keys", "MLA+DSA: latent + fp8 indexer keys", "latent bf16 + indexer fp8 B",
+                mla_latent_bytes(a) + key_fp8, a.indexer.key_cache == "fp8")
+            add("dsa-fp8", "MLA+DSA fp8: FlashMLA record + fp8 keys", "FlashMLA fp8 + indexer fp8 B",
+                flashmla_fp8_bytes(a) + key_fp8)
     rows = [KVRow(key, label, formula, nbytes, cfg.n_layers, context, batch, mha, own)
             for key, label, formula, nbytes, own in entries]
     return KVTable(model=cfg.name, n_layers=cfg.n_layers, context=context, batch=batch, rows=rows)

@@ -4,7 +4,8 @@ from latentattn.train.dsa import (
     attention_mass_recall,
     dsa_layers,
     indexer_loss,
+    selection_recall,
     set_dsa_stage,
 )
 
-__all__ = ["attention_mass_recall", "dsa_layers", "indexer_loss", "set_dsa_stage"]
+__all__ = ["attention_mass_recall", "dsa_layers", "indexer_loss", "selection_recall", "set_dsa_stage"]

@@ -19,7 +19,7 @@ from latentattn.attention.dsa import SparseLatentAttention
 from latentattn.errors import ConfigError
 from latentattn.model.transformer import Transformer
 
-Stage = Literal["warmup", "sparse", "inference"]
+Stage = Literal["dense", "warmup", "sparse", "inference"]
 
 
 def dsa_layers(model: Transformer) -> list[SparseLatentAttention]:
@@ -32,20 +32,25 @@ def dsa_layers(model: Transformer) -> list[SparseLatentAttention]:
 def set_dsa_stage(model: Transformer, stage: Stage) -> None:
     """Configure every DSA layer (and which parameters train) for one stage.
 
+    dense: dense main attention, no indexer loss, every parameter trains (the model before DSA).
     warmup: dense main attention, indexer KL over all visible keys; every parameter outside the
         indexers is frozen (requires_grad False), so the LM loss is not used.
     sparse: top-k selection, indexer KL over the selected keys, every parameter trains; the
         indexer's inputs are detached so it learns only from its KL, the model only from the LM loss.
     inference: top-k selection, no losses; parameters keep their requires_grad.
     """
-    if stage not in ("warmup", "sparse", "inference"):
-        raise ConfigError(f"DSA stage must be warmup, sparse or inference, got {stage!r}")
+    if stage not in ("dense", "warmup", "sparse", "inference"):
+        raise ConfigError(f"DSA stage must be dense, warmup, sparse or inference, got {stage!r}")
     layers = dsa_layers(model)
     for layer in layers:
-        layer.mode = "dense" if stage == "warmup" else "sparse"
-        layer.train_indexer = stage != "inference"
+        layer.mode = "dense" if stage in ("dense", "warmup") else "sparse"
+        layer.train_indexer = stage in ("warmup", "sparse")
         layer.indexer_loss = None
     if stage == "inference":
+        return
+    if stage == "dense":
+        for p in model.parameters():
+            p.requires_grad_(True)
         return
     indexer_params = {id(p) for layer in layers for p in layer.indexer.parameters()}
     for p in model.parameters():
@@ -62,11 +67,20 @@ def indexer_loss(model: Transformer) -> torch.Tensor:
     return torch.stack([loss for loss in losses if loss is not None]).sum()
 
 
+def _mass(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B, T, S) probabilities summed over the (B, T, K) selected keys; -1 slots add nothing."""
+    return probs.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0).sum(-1)
+
+
 @torch.no_grad()
-def attention_mass_recall(model: Transformer, input_ids: torch.Tensor) -> list[float]:
-    """Per DSA layer: the share of the dense main attention's probability mass (averaged over
-    heads) that falls inside the indexer's top-k, averaged over the query tokens that see more
-    than k keys (for the others the selection is everything and recall is trivially 1).
+def selection_recall(model: Transformer, input_ids: torch.Tensor) -> list[dict[str, float]]:
+    """Per DSA layer, the share of the dense main attention's probability mass (averaged over
+    heads) inside a k-key selection, averaged over the query tokens that see more than k keys
+    (for the others any selection is everything and recall is trivially 1):
+
+    * ``indexer``: the lightning indexer's top-k -- the number that tells whether it works;
+    * ``recent``: the k most recent keys (a sliding window), the obvious cheap alternative;
+    * ``uniform``: k keys drawn at random, in expectation k / (visible keys).
 
     Runs the model densely, so each layer's input is the dense model's; restores the layers' state.
     """
@@ -76,18 +90,31 @@ def attention_mass_recall(model: Transformer, input_ids: torch.Tensor) -> list[f
         for layer in layers:
             layer.mode, layer.train_indexer, layer.record = "dense", False, True
         model(input_ids)
-        recalls = []
+        out = []
         for layer in layers:
             assert layer.recorded is not None
             probs, idx = layer.recorded  # (B, T, S), (B, T, K)
-            mass = probs.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0).sum(-1)  # (B, T)
-            informative = (idx >= 0).sum(-1) < (probs > 0).sum(-1)
-            informative |= torch.arange(probs.shape[1], device=probs.device) >= layer.topk
+            t = torch.arange(probs.shape[1], device=probs.device)
+            informative = t >= layer.topk  # query t sees t + 1 keys
             if not bool(informative.any()):
                 informative = torch.ones_like(informative)
-            recalls.append(float(mass[informative].mean()))
-        return recalls
+            k = min(layer.topk, probs.shape[-1])
+            recent = (t[:, None] - torch.arange(k, device=t.device)[None, :])  # (T, K), < 0 invalid
+            recent = recent.expand(probs.shape[0], -1, -1)
+            uniform = (k / (t + 1).float()).clamp(max=1.0)
+            out.append({
+                "indexer": float(_mass(probs, idx)[:, informative].mean()),
+                "recent": float(_mass(probs, recent)[:, informative].mean()),
+                "uniform": float(uniform[informative].mean()),
+            })
+        return out
     finally:
         for layer, (mode, train, record) in zip(layers, saved, strict=True):
             layer.mode, layer.train_indexer, layer.record = mode, train, record
             layer.recorded = None
+
+
+def attention_mass_recall(model: Transformer, input_ids: torch.Tensor) -> list[float]:
+    """Per DSA layer: the share of the dense main attention's mass inside the indexer's top-k
+    (see :func:`selection_recall`)."""
+    return [r["indexer"] for r in selection_recall(model, input_ids)]
