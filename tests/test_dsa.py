@@ -66,7 +66,9 @@ def test_blockwise_topk_equals_full_topk(
     s = t + extra
     q, w, k = torch.randn(b, t, h, d), torch.randn(b, t, h), torch.randn(b, s, d)
     positions = torch.arange(extra, s).expand(b, t)
-    got = select_topk(q, w, k, positions, topk, 0.5, q_block=q_block, k_block=k_block)
+    # block_elems chosen so that key blocks hold k_block keys
+    elems = k_block * b * min(q_block, t) * h
+    got = select_topk(q, w, k, positions, topk, 0.5, q_block=q_block, block_elems=elems)
     scores = index_scores(q, w, k, 0.5)
     want = topk_reference(scores, positions, topk)
     assert got.shape == want.shape == (b, t, min(topk, s))
@@ -271,3 +273,18 @@ def test_indexer_needs_query_compression() -> None:
     with pytest.raises(ConfigError, match="q_lora_rank must be set when indexer is"):
         MLAConfig(n_heads=2, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                   indexer=IndexerConfig(index_n_heads=2, index_head_dim=16))
+
+
+def test_indexer_head_weights_and_routing_bias_stay_fp32_in_bf16_models() -> None:
+    """DeepSeek keeps these in fp32: top-k choices hinge on their sums."""
+    cfg = dsa_config()
+    moe_cfg = get_preset("tiny-mla-moe")
+    model = Transformer(cfg.replace(moe=moe_cfg.moe)).to(torch.bfloat16)
+    layer = dsa_layers_of(model)[0]
+    assert layer.indexer.weights_proj.weight.dtype == torch.float32
+    assert layer.q_b_proj.weight.dtype == torch.bfloat16
+    router = model.blocks[1].mlp.gate  # type: ignore[union-attr]
+    assert router.e_score_correction_bias.dtype == torch.float32
+    assert router.weight.dtype == torch.float32
+    ids = torch.randint(0, 256, (1, 12))
+    assert model(ids).dtype == torch.bfloat16

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from latentattn.config import IndexerConfig, MLAConfig, ModelConfig
+from latentattn.precision import Float32Linear
 from latentattn.rope import apply_rope
 
 
@@ -29,7 +30,7 @@ class Indexer(nn.Module):
         self.wq_b = nn.Linear(a.q_lora_rank, h * d, bias=False)
         self.wk = nn.Linear(cfg.dim, d, bias=False)
         self.k_norm = nn.LayerNorm(d, eps=1e-6)
-        self.weights_proj = nn.Linear(cfg.dim, h, bias=False)
+        self.weights_proj = Float32Linear(cfg.dim, h, bias=False)  # fp32, as DeepSeek keeps it
 
     def _rope(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x_rot, x_pass = x.split([self.rope_dim, x.shape[-1] - self.rope_dim], dim=-1)
@@ -41,7 +42,7 @@ class Indexer(nn.Module):
         """x (B, T, dim), c_q (B, T, d_q) -> q (B, T, H_I, d_I) fp32, w (B, T, H_I) fp32."""
         b, t, _ = x.shape
         q = self.wq_b(c_q).view(b, t, self.cfg.index_n_heads, self.cfg.index_head_dim)
-        w = self.weights_proj(x).float() * self.cfg.index_n_heads**-0.5
+        w = self.weights_proj(x) * self.cfg.index_n_heads**-0.5
         return self._rope(q, rope).float(), w
 
     def keys(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

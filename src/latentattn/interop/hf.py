@@ -154,13 +154,7 @@ def _build_empty(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> 
         model.lm_head.weight = model.embed_tokens.weight
     # Non-persistent buffers are not in the checkpoint: rebuild the fp32 RoPE tables.
     model.rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope, cfg.max_seq_len).to(device)
-    # The routing bias stays fp32 whatever the model dtype (transformers'
-    # _keep_in_fp32_modules_strict = ["e_score_correction_bias"]).
-    for name, buf in list(model.named_buffers()):
-        if name.endswith("e_score_correction_bias"):
-            owner = model.get_submodule(name.rsplit(".", 1)[0])
-            owner.register_buffer("e_score_correction_bias",
-                                  torch.empty(buf.shape, dtype=torch.float32, device=device))
+    # The routing bias and the indexer's head weights stay fp32: latentattn.precision.
     return model
 
 

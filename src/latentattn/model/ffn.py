@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentattn.config import MoEConfig
+from latentattn.precision import KeepFloat32
 
 
 class MLP(nn.Module):
@@ -22,14 +23,16 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Router(nn.Module):
+class Router(KeepFloat32):
     """Chooses num_experts_per_tok experts per token and their weights (routing in fp32).
 
     softmax (DeepSeek-V2): greedy top-k, or group_limited_greedy -- keep the topk_group groups
     whose best expert scores highest. sigmoid (DeepSeek-V3 ``noaux_tc``): a correction bias is
     added for choosing only; groups are ranked by the sum of their two best biased scores; the
     weights are the unbiased sigmoid scores, optionally renormalised. Both scale the weights by
-    routed_scaling_factor. Same arithmetic as transformers' DeepseekV2/V3TopkRouter.
+    routed_scaling_factor. Same arithmetic as transformers' DeepseekV2/V3TopkRouter. The router
+    weight and bias stay fp32 in a bf16 model (a bf16 checkpoint value is exact in fp32, and
+    transformers routes in fp32 too, so the choices are the same).
     """
 
     e_score_correction_bias: torch.Tensor
@@ -50,7 +53,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, dim) -> weights (N, k) fp32, indices (N, k)."""
         c = self.cfg
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self.weight)
         per_group = (-1, c.n_group, c.n_routed_experts // c.n_group)
         if c.scoring_func == "softmax":
             scores = logits.softmax(dim=-1)
@@ -60,7 +63,7 @@ class Router(nn.Module):
             weights, idx = scores.topk(c.num_experts_per_tok, dim=-1, sorted=False)
         else:
             scores = logits.sigmoid()
-            choice = scores + self.e_score_correction_bias.float()
+            choice = scores + self.e_score_correction_bias
             group_scores = choice.view(per_group).topk(2, dim=-1).values.sum(dim=-1)
             choice = choice.masked_fill(~self._group_mask(choice, group_scores), float("-inf"))
             idx = choice.topk(c.num_experts_per_tok, dim=-1, sorted=False).indices

@@ -1,0 +1,38 @@
+"""Tensors that stay fp32 whatever dtype the model is cast to.
+
+DeepSeek keeps a few small tensors in fp32 in bf16 models: the MoE routing bias
+(transformers' ``_keep_in_fp32_modules_strict = ["e_score_correction_bias"]``) and the lightning
+indexer's per-head weights (DeepSeek-V3.2 ``inference/model.py``: ``weights_proj`` in fp32). Their
+sums are what top-k choices hinge on, so bf16 rounding would change which experts or keys win.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class KeepFloat32(nn.Module):
+    """Mixin: this module's own floating parameters and buffers are fp32 after any ``_apply``
+    (``.to(dtype)``, ``.bfloat16()``, ``.to_empty(...)``); devices still move."""
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        super()._apply(fn, recurse)
+        for p in self._parameters.values():
+            if p is not None and p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+        for name, b in self._buffers.items():
+            if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                self._buffers[name] = b.float()
+        return self
+
+
+class Float32Linear(KeepFloat32, nn.Linear):
+    """A bias-free-or-not Linear with an fp32 weight that also computes in fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight, None if self.bias is None else self.bias.float())
