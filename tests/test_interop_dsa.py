@@ -32,6 +32,7 @@ from latentattn import CheckpointError, ConfigError, Transformer, get_preset  # 
 from latentattn.attention.dsa import SparseLatentAttention  # noqa: E402
 from latentattn.config import IndexerConfig, MLAConfig, ModelConfig  # noqa: E402
 from latentattn.interop.hf import config_from_hf, config_to_hf  # noqa: E402
+from test_interop import _real_v3_config  # noqa: E402
 
 TOPK = 8
 TINY: dict[str, Any] = dict(
@@ -281,26 +282,9 @@ def test_index_head_dim_below_rope_dim(saved: Path) -> None:
 # ------------------------------------------------------------------ config mapping
 def _real_v32_config() -> dict[str, Any]:
     # deepseek-ai/DeepSeek-V3.2-Exp config.json: DeepSeek-V3's plus the indexer fields.
-    return {
-        "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32",
-        "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
-        "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_nextn_predict_layers": 1,
-        "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
-        "n_routed_experts": 256, "ep_size": 1, "routed_scaling_factor": 2.5,
-        "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
-        "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
-        "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3,
-        "norm_topk_prob": True, "scoring_func": "sigmoid", "hidden_act": "silu",
-        "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "tie_word_embeddings": False,
-        "rope_theta": 10000, "attention_bias": False, "attention_dropout": 0.0,
-        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
-                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
-                         "type": "yarn"},
-        "index_head_dim": 128, "index_n_heads": 64, "index_topk": 2048,
-        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
-                                "quant_method": "fp8", "weight_block_size": [128, 128]},
-        "torch_dtype": "bfloat16",
-    }
+    return {**_real_v3_config(), "architectures": ["DeepseekV32ForCausalLM"],
+            "model_type": "deepseek_v32", "index_head_dim": 128, "index_n_heads": 64,
+            "index_topk": 2048}
 
 
 def test_real_v32_config_matches_preset() -> None:

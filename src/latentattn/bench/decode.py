@@ -180,11 +180,12 @@ def hf_available() -> bool:
     return True
 
 
-def time_call(fn: Callable[[], object], repeats: int, after: Callable[[], None] | None = None
-              ) -> list[float]:
+def time_call(fn: Callable[[], object], repeats: int, after: Callable[[], None] | None = None,
+              warmup: bool = True) -> list[float]:
     """Milliseconds of ``repeats`` calls after 1-2 warmups; slow calls get fewer repeats.
 
-    ``after`` runs after each call, outside the timer (rolling a cache back).
+    ``after`` runs after each call, outside the timer (rolling a cache back). ``warmup=False``
+    is for calls of many seconds, whose one-off allocation costs are noise.
     """
     def once() -> float:
         t0 = time.perf_counter()
@@ -194,6 +195,8 @@ def time_call(fn: Callable[[], object], repeats: int, after: Callable[[], None] 
             after()
         return ms
 
+    if not warmup:
+        return [once() for _ in range(max(1, repeats))]
     warm = once()
     if warm > SLOW_CALL_S * 1e3:
         repeats = min(repeats, SLOW_REPEATS)

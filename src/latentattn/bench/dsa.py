@@ -222,7 +222,7 @@ def _prefill_points(dims: DSADims, ctx: int, topk: int, repeats: int, dtype: tor
     for variant in ("dense", "masked", "gather"):
         layer.mode = "dense" if variant == "dense" else "sparse"
         layer.prefill_form = "gather" if variant == "gather" else "masked"
-        samples = time_call(lambda: layer(x, rope, step), repeats)
+        samples = time_call(lambda: layer(x, rope, step), repeats, warmup=ctx < 4096)
         points.append(Point("prefill", variant, ctx, statistics.median(samples), samples, topk))
     return points
 

@@ -29,12 +29,15 @@ def dsa_layers(model: Transformer) -> list[SparseLatentAttention]:
     return layers
 
 
-def set_dsa_stage(model: Transformer, stage: Stage) -> None:
+def set_dsa_stage(model: Transformer, stage: Stage, freeze: bool = True) -> None:
     """Configure every DSA layer (and which parameters train) for one stage.
 
     dense: dense main attention, no indexer loss, every parameter trains (the model before DSA).
     warmup: dense main attention, indexer KL over all visible keys; every parameter outside the
-        indexers is frozen (requires_grad False), so the LM loss is not used.
+        indexers is frozen (requires_grad False), so the LM loss is not used. With
+        ``freeze=False`` nothing is frozen: training from scratch, where there is no trained
+        dense model to freeze, the model learns densely from the LM loss while the indexer
+        learns from its KL (its input is detached, so the two losses do not mix).
     sparse: top-k selection, indexer KL over the selected keys, every parameter trains; the
         indexer's inputs are detached so it learns only from its KL, the model only from the LM loss.
     inference: top-k selection, no losses; parameters keep their requires_grad.
@@ -54,7 +57,7 @@ def set_dsa_stage(model: Transformer, stage: Stage) -> None:
         return
     indexer_params = {id(p) for layer in layers for p in layer.indexer.parameters()}
     for p in model.parameters():
-        p.requires_grad_(stage == "sparse" or id(p) in indexer_params)
+        p.requires_grad_(stage == "sparse" or not freeze or id(p) in indexer_params)
 
 
 def indexer_loss(model: Transformer) -> torch.Tensor:
