@@ -5,8 +5,11 @@ main attention then reads ONLY those latents, in MLA's absorbed (MQA) form. Form
 
 * decode and long prefill: ``sparse_mqa`` gathers k latents per query -- O(T * k).
 * short prefill: "masked MHA mode" -- the naive form with dense scores and a selection mask,
-  which DeepSeek serves short prefills with; faster while T * S is small. ``prefill_form``
-  picks one, ``auto`` switches at ``masked_prefill_max_keys`` cached keys.
+  which DeepSeek serves short prefills with. ``prefill_form`` picks one; ``auto`` uses masked
+  mode up to ``masked_prefill_max_keys`` keys (``latentattn bench dsa`` at V3.2 dims on a 2-core
+  CPU: masked faster through 8k-token prompts, gather from 16k) and only while the keys are at
+  most 16x the new tokens: masked mode decompresses every cached latent (~33.5 MFLOP per key at
+  V3.2 dims) where gather spends ~570 MFLOP per query, so a short chunk over a long cache gathers.
 
 Training (V3.2 report, arXiv 2512.02556 section 2.1): ``mode = "dense"`` runs the main attention
 densely (the indexer warm-up), ``mode = "sparse"`` selects. With ``train_indexer`` set, the
@@ -53,7 +56,7 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         self.train_indexer = False
         self.indexer_loss: torch.Tensor | None = None
         self.prefill_form: Literal["auto", "gather", "masked"] = "auto"
-        self.masked_prefill_max_keys = 4096
+        self.masked_prefill_max_keys = 8192
         self.record = False  # keep (dense head-mean probs, selection) for attention_mass_recall
         self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -107,10 +110,9 @@ class SparseLatentAttention(MultiHeadLatentAttention):
 
         assert idx is not None
         q_abs = self.absorb_query(q)  # (B, H, T, d_c + d_r)
-        use_masked = (
-            not self.train_indexer and t > 1
-            and (self.prefill_form == "masked"
-                 or (self.prefill_form == "auto" and s <= self.masked_prefill_max_keys))
+        use_masked = not self.train_indexer and t > 1 and (
+            self.prefill_form == "masked"
+            or (self.prefill_form == "auto" and s <= self.masked_prefill_max_keys and s <= 16 * t)
         )
         if use_masked:
             masked = Step(step.positions, step.valid, step.kv_len, selection_mask(idx, s))
