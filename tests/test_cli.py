@@ -30,6 +30,12 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
     ("info",): {"--model"},
     ("generate",): {"--model", "--prompt", "--max-new-tokens", "--temperature", "--top-p",
                     "--top-k", "--seed", "--mla-impl", "--dtype"},
+    ("train",): {"--attn", "--preset", "--dim", "--layers", "--heads", "--seq-len", "--kv-lora-rank",
+                 "--index-topk", "--data", "--steps", "--batch-size", "--lr", "--warmup-steps",
+                 "--eval-every", "--bf16", "--seed", "--out", "--resume", "--fsdp",
+                 "--dsa-warmup-steps", "--quiet"},
+    ("compare",): {"--data", "--steps", "--seeds", "--quick", "--out", "--sweep", "--batch-size",
+                   "--seq-len", "--dim", "--layers", "--lr", "--contexts", "--quiet"},
     ("bench", "decode"): {"--json", "--plot", "--contexts", "--batches", "--repeats", "--dtype",
                           "--no-hf", "--quiet", "--tiny"},
     ("bench", "dsa"): {"--json", "--plot", "--decode-contexts", "--prefill-contexts", "--topks",
@@ -53,7 +59,7 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
 def test_surface_is_frozen() -> None:
     top = build_parser()
     subs = _subparsers(top)
-    assert set(subs) == {"kv-cache", "info", "generate", "bench"}
+    assert set(subs) == {"kv-cache", "info", "generate", "train", "compare", "bench"}
     assert set(_subparsers(subs["bench"])) == {"decode", "dsa", "indexer"}
     for path, flags in SURFACE.items():
         p = top
@@ -144,7 +150,7 @@ def _mla_no_qlora_moe() -> ModelConfig:
 
 
 @pytest.mark.parametrize("make", [
-    lambda: get_preset("tiny-mla"), lambda: get_preset("tiny-mla-moe"),
+    lambda: get_preset("tiny-mla"), lambda: get_preset("tiny-mla-moe"), lambda: get_preset("tiny-dsa"),
     lambda: get_preset("tiny-gqa"), lambda: get_preset("tiny-mqa"), _moe_gqa, _mla_no_qlora_moe,
 ])
 def test_count_parameters_matches_model(make: object) -> None:

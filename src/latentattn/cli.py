@@ -1,4 +1,4 @@
-"""The ``latentattn`` command: kv-cache, info, generate, bench decode.
+"""The ``latentattn`` command: kv-cache, info, generate, train, bench.
 
 User errors (any :class:`LatentAttnError`, a missing file) print one line
 ``latentattn: error: <message>`` on stderr and exit 2, as argparse does for its own errors;
@@ -11,15 +11,17 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from latentattn.config import GQAConfig, MLAConfig, ModelConfig
 from latentattn.errors import LatentAttnError
+from latentattn.io import atomic_write, write_json
+from latentattn.io import check_parent as _check_parent
 
 PROG = "latentattn"
+TRAIN_STATE = "state.json"  # marks a `latentattn train` checkpoint directory (train/loop.py)
 GiB = 1 << 30
 
 
@@ -66,37 +68,16 @@ def load_config(spec: str) -> ModelConfig:
 
         return get_preset(spec)
     assert path is not None
+    if kind == "dir" and (path / TRAIN_STATE).is_file():
+        from latentattn.config_io import config_from_dict
+        from latentattn.train.checkpoint import read_state
+
+        return config_from_dict(read_state(path)["model"])
     if kind == "dir":
         path = path / "config.json"
         if not path.is_file():
             raise UserError(f"no config.json in directory {spec}")
     return _config_from_json_file(path)
-
-
-def _check_parent(path: str, flag: str) -> None:
-    parent = Path(path).resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"{flag}: directory {parent} does not exist")
-
-
-def atomic_write(path: str, write: Callable[[str], object], suffix: str = "") -> None:
-    """Run ``write(tmp_path)`` on a temp file beside ``path`` then rename it over ``path``, so a
-    reader never sees half a file and a crash leaves the old one."""
-    _check_parent(path, path)
-    target = Path(path).resolve()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str, data: Any) -> None:
-    text = json.dumps(data, indent=2) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def fmt_int(n: float) -> str:
@@ -279,7 +260,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer: ByteTokenizer | HFTokenizer = ByteTokenizer()
     eos: int | None = None
     torch.manual_seed(args.seed)
-    if kind == "dir":
+    if kind == "dir" and path is not None and (path / TRAIN_STATE).is_file():
+        from latentattn.train.checkpoint import model_from_checkpoint
+
+        model = model_from_checkpoint(path, mla_impl=args.mla_impl)
+    elif kind == "dir":
         assert path is not None
         cfg = load_config(args.model)
         tok_file = path / "tokenizer.json"
@@ -481,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate", help="generate text from a checkpoint directory or a random-init preset",
         description="Generate a continuation of --prompt and print it (without the prompt). "
-        "A preset builds a seeded random-init model; a directory loads its weights. Text goes "
+        "A preset builds a seeded random-init model; a directory (a Hugging Face checkpoint or a "
+        "`latentattn train` --out) loads its weights. Text goes "
         "through the directory's tokenizer.json if present, else UTF-8 bytes as token ids.")
     gen.add_argument("--model", required=True, help="a checkpoint directory or a preset name")
     gen.add_argument("--prompt", required=True, help="prompt text")
@@ -495,15 +481,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     gen.set_defaults(func=cmd_generate)
 
+    from latentattn.train.cli import register as register_train
+
+    register_train(sub)
+
+    from latentattn.compare.cli import register as register_compare
+
+    register_compare(sub)
+
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
-    dec = bsub.add_parser(
+
+    def bench_parser(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        """A benchmark subcommand: every one writes JSON and a plot, with a progress bar."""
+        b = bsub.add_parser(name, help=help, description=description)
+        b.add_argument("--json", required=True, metavar="OUT.json", help="results file")
+        b.add_argument("--plot", required=True, metavar="OUT.png", help="plot file")
+        b.add_argument("--quiet", action="store_true", help="no progress bar")
+        return b
+
+    dec = bench_parser(
         "decode", help="time one decode step of one attention layer per variant",
         description="Time one decode step (one new token per row) of one attention layer at "
         "DeepSeek-V2-Lite dims: MHA, GQA-8, MLA naive, MLA absorbed and transformers' "
         "DeepseekV3Attention with the same weights and cache.")
-    dec.add_argument("--json", required=True, metavar="OUT.json", help="results file")
-    dec.add_argument("--plot", required=True, metavar="OUT.png", help="plot file")
     dec.add_argument("--contexts", type=_int_list, default=[1024, 2048, 4096, 8192, 16384],
                      help="comma-separated cached context lengths (1024,2048,4096,8192,16384)")
     dec.add_argument("--batches", type=_int_list, default=[1, 8],
@@ -513,18 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     dec.add_argument("--no-hf", action="store_true",
                      help="skip the transformers DeepseekV3Attention peer")
-    dec.add_argument("--quiet", action="store_true", help="no progress bar")
     dec.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # small dims, tests
     dec.set_defaults(func=cmd_bench_decode)
 
-    dsa = bsub.add_parser(
+    dsa = bench_parser(
         "dsa", help="DeepSeek Sparse Attention vs dense absorbed MLA: decode and prefill",
         description="One layer at DeepSeek-V3.2 dims, batch 1. Decode: the attention part of one "
         "step for dense absorbed MLA and for DSA (indexer + top-k + gathered attention) at each "
         "--topks, with the indexer's share. Prefill: DSA's masked MHA mode vs gathered form (and "
         "dense MLA), the faster form per length and the crossover.")
-    dsa.add_argument("--json", required=True, metavar="OUT.json", help="results file")
-    dsa.add_argument("--plot", required=True, metavar="OUT.png", help="plot file")
     dsa.add_argument("--decode-contexts", type=_int_list,
                      default=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
                      help="cached contexts for decode (1024,...,65536)")
@@ -533,18 +531,15 @@ def build_parser() -> argparse.ArgumentParser:
     dsa.add_argument("--topks", type=_int_list, default=[512, 2048], help="index_topk values (512,2048)")
     dsa.add_argument("--repeats", type=int, default=5, help="timed decode calls per point (5)")
     dsa.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    dsa.add_argument("--quiet", action="store_true", help="no progress bar")
     dsa.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # small dims, tests
     dsa.set_defaults(func=cmd_bench_dsa)
 
-    idx = bsub.add_parser(
+    idx = bench_parser(
         "indexer", help="does the DSA indexer learn? attention-mass recall before/after warm-up",
         description="Pretrain a small MLA+DSA model densely on real text, then run the DeepSeek-V3.2 "
         "indexer warm-up (everything frozen but the indexer, KL to the main attention). Reports, "
         "per layer, the dense attention mass inside the indexer's top-k before and after, beside "
         "the k most recent keys and k random keys, and the validation loss dense vs top-k.")
-    idx.add_argument("--json", required=True, metavar="OUT.json", help="results file")
-    idx.add_argument("--plot", required=True, metavar="OUT.png", help="plot file")
     idx.add_argument("--data", default=None, metavar="PATH",
                      help="UTF-8 text file (default: CPython's pydoc_data.topics prose)")
     idx.add_argument("--pretrain-steps", type=int, default=300, help="dense LM steps (300)")
@@ -553,7 +548,6 @@ def build_parser() -> argparse.ArgumentParser:
     idx.add_argument("--seq-len", type=int, default=256, help="tokens (bytes) per sequence (256)")
     idx.add_argument("--batch", type=int, default=8, help="sequences per step (8)")
     idx.add_argument("--seed", type=int, default=0)
-    idx.add_argument("--quiet", action="store_true", help="no progress bar")
     idx.set_defaults(func=cmd_bench_indexer)
     return p
 

@@ -1,0 +1,7 @@
+"""``latentattn compare``: MHA, MQA, GQA, MLA and MLA+DSA trained alike and measured alike.
+
+One idea per module: ``variants`` (the parameter-matched models), ``sweep`` (``--sweep`` values),
+``measure`` (KV parameters and bytes, decode speed, DSA recall), ``stats`` (mean, spread, "within
+noise"), ``run`` (train and measure every variant and seed), ``table`` and ``plots`` (the report),
+``cli`` (the subcommand). Nothing here is imported by the rest of latentattn.
+"""

@@ -1,0 +1,210 @@
+"""``latentattn compare``: the subcommand's flags, presets and output files.
+
+Presets, sized on a 2-core CPU (torch 2.13, fp32, 2 threads), where a ~1.1M-parameter variant
+trains at about 10-12k tokens/s (MLA+DSA at about 5k):
+
+* default: 3 seeds x 5 variants, 200 steps of 16 x 256 bytes (``latentattn train``'s defaults),
+  decode at 256 and 4096 tokens: about 33 minutes (MLA+DSA trains at a third of the speed);
+* ``--quick`` (``make demo``): 1 seed, 250 steps of 16 x 128 bytes, decode at 256 and 2048
+  tokens: about 6 minutes on an idle machine.
+
+Any flag given explicitly overrides the preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from latentattn.errors import LatentAttnError
+
+DEFAULT_OUT = "compare-out"
+
+
+@dataclass(frozen=True)
+class Preset:
+    steps: int
+    batch_size: int
+    seq_len: int
+    seeds: int
+    contexts: tuple[int, ...]
+
+
+FULL = Preset(steps=200, batch_size=16, seq_len=256, seeds=3, contexts=(256, 4096))
+QUICK = Preset(steps=250, batch_size=16, seq_len=128, seeds=1, contexts=(256, 2048))
+
+
+class CompareInputError(LatentAttnError):
+    """A ``latentattn compare`` flag value or input file that cannot be used."""
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def register(sub: Any) -> None:
+    """Add ``compare`` to the ``latentattn`` subcommands (``sub`` from ``add_subparsers``)."""
+    c = sub.add_parser(
+        "compare", help="train MHA, MQA, GQA, MLA and MLA+DSA alike and measure them",
+        description="Train the five attention mechanisms at the same depth and width, with "
+        "parameter counts matched within 3% through the FFN width, on the same data, seeds, steps "
+        "and schedule; measure parameters, KV parameters, allocated KV cache bytes per token, "
+        "validation loss and bits per byte (mean and spread over seeds), training and decode "
+        "speed, and DSA's attention-mass recall. Writes results.json, results.md and PNG plots "
+        "to --out and prints the table. --sweep adds MLA / MLA+DSA variants at other latent "
+        "ranks or top-k and a Pareto plot.")
+    c.add_argument("--data", default=None, metavar="PATH",
+                   help="UTF-8 text file (default: CPython's pydoc_data.topics prose, ~470 KB)")
+    c.add_argument("--steps", type=int, default=None,
+                   help=f"optimiser steps per run ({FULL.steps}; --quick {QUICK.steps})")
+    c.add_argument("--seeds", type=int, default=None,
+                   help=f"seeds 0..K-1 per variant ({FULL.seeds}; --quick {QUICK.seeds})")
+    c.add_argument("--quick", action="store_true",
+                   help="the small preset make demo runs (under 10 minutes on 2 CPU cores)")
+    c.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help=f"output directory, created if missing ({DEFAULT_OUT})")
+    c.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2,...",
+                   help="kv_lora_rank=... (MLA and DSA) or index_topk=... (DSA); repeat for the grid")
+    c.add_argument("--batch-size", type=int, default=None,
+                   help=f"sequences per step ({FULL.batch_size}; --quick {QUICK.batch_size})")
+    c.add_argument("--seq-len", type=int, default=None,
+                   help=f"bytes per sequence ({FULL.seq_len}; --quick {QUICK.seq_len}); "
+                   "DSA's index_topk is a quarter of it unless swept")
+    c.add_argument("--dim", type=int, default=128, help="model width, a multiple of 8 (128)")
+    c.add_argument("--layers", type=int, default=4, help="layers (4)")
+    c.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (3e-3)")
+    c.add_argument("--contexts", type=_int_list, default=None,
+                   help="decode contexts, comma-separated (256,4096; --quick 256,2048)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_compare)
+
+
+def _resolve(args: argparse.Namespace) -> dict[str, Any]:
+    preset = QUICK if args.quick else FULL
+    values: dict[str, Any] = {
+        "steps": preset.steps if args.steps is None else args.steps,
+        "seeds": preset.seeds if args.seeds is None else args.seeds,
+        "batch_size": preset.batch_size if args.batch_size is None else args.batch_size,
+        "seq_len": preset.seq_len if args.seq_len is None else args.seq_len,
+        "contexts": preset.contexts if args.contexts is None else args.contexts,
+        "dim": args.dim, "layers": args.layers, "lr": args.lr,
+    }
+    for name in ("steps", "seeds", "batch_size", "dim", "layers"):
+        if values[name] < 1:
+            raise CompareInputError(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
+    if values["seq_len"] < 2:
+        raise CompareInputError(f"--seq-len must be >= 2, got {values['seq_len']}")
+    if not (math.isfinite(values["lr"]) and values["lr"] > 0):
+        raise CompareInputError(f"--lr must be positive, got {values['lr']}")
+    return values
+
+
+def _command(args: argparse.Namespace, v: dict[str, Any]) -> str:
+    """The run's command with every setting explicit (what reproduces it)."""
+    parts = ["latentattn", "compare"]
+    if args.quick:
+        parts.append("--quick")
+    if args.data is not None:
+        parts += ["--data", str(args.data)]
+    parts += ["--steps", str(v["steps"]), "--seeds", str(v["seeds"]),
+              "--batch-size", str(v["batch_size"]), "--seq-len", str(v["seq_len"]),
+              "--dim", str(v["dim"]), "--layers", str(v["layers"]), "--lr", f"{v['lr']:g}",
+              "--contexts", ",".join(map(str, v["contexts"]))]
+    for spec in args.sweep:
+        parts += ["--sweep", spec]
+    parts += ["--out", str(args.out)]
+    return " ".join(parts)
+
+
+def _prepare_out(out: str) -> Path:
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise CompareInputError(f"--out: {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CompareInputError(f"--out: cannot create directory {path} ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CompareInputError(f"--out: directory {path} is not writable")
+    return path
+
+
+def _eval_every(steps: int) -> int:
+    """8-12 points on each validation curve, the last at the final step when a divisor allows."""
+    return next((steps // k for k in range(8, 13) if steps % k == 0), max(1, steps // 8))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from latentattn.compare.plots import PLOTS, plot_sweep_pareto
+    from latentattn.compare.run import CompareSettings, run_compare
+    from latentattn.compare.sweep import parse_sweeps
+    from latentattn.compare.table import markdown_report, markdown_table, noise_lines
+    from latentattn.compare.variants import build_variants, family_size
+    from latentattn.data import byte_tokens, load_text, train_val_split
+    from latentattn.io import atomic_write, write_json, write_text
+    from latentattn.train.loop import TrainSettings
+
+    v = _resolve(args)
+    sweeps = parse_sweeps(args.sweep)
+    text = load_text(args.data)
+    train_tokens, val_tokens = train_val_split(byte_tokens(text))
+    if len(val_tokens) < v["seq_len"] + 1:
+        raise CompareInputError(
+            f"data: {len(text.encode()):,} bytes leave {len(val_tokens):,} for validation (the last "
+            f"10%), fewer than one window of --seq-len {v['seq_len']} + 1; use more text or a "
+            "shorter --seq-len")
+    size = family_size(v["dim"], v["layers"], v["seq_len"])
+    variants = build_variants(size, sweeps)
+    train_settings = TrainSettings(
+        steps=v["steps"], batch_size=v["batch_size"], seq_len=v["seq_len"], lr=v["lr"],
+        warmup_steps=min(20, v["steps"] // 10), eval_every=_eval_every(v["steps"]),
+    )
+    settings = CompareSettings(size=size, train=train_settings, seeds=v["seeds"],
+                               contexts=tuple(v["contexts"]), sweeps=sweeps)
+    out = _prepare_out(args.out)
+
+    total = len(variants) * v["seeds"]
+    with tqdm(total=total, file=sys.stderr, desc="compare", unit="run", disable=args.quiet) as bar:
+        started = [False]
+
+        def on_run(label: str, seed: int) -> None:
+            if started[0]:
+                bar.update(1)
+            started[0] = True
+            bar.set_postfix_str(f"{label} seed {seed}")
+
+        report = run_compare(
+            settings, train_tokens, val_tokens, args.data or "pydoc_data.topics (CPython)",
+            command=_command(args, v), on_run=on_run, progress=not args.quiet, variants=variants)
+        bar.update(total - bar.n)
+
+    files = ["results.json", "results.md", *PLOTS]
+    write_json(out / "results.json", report.as_dict())
+    write_text(out / "results.md", markdown_report(report))
+    plots = dict(PLOTS)
+    if report.swept:
+        plots["sweep_pareto.png"] = plot_sweep_pareto
+        files.append("sweep_pareto.png")
+    for name, plot in plots.items():
+        atomic_write(out / name, functools.partial(plot, report), suffix=".png")
+    print(markdown_table(report))
+    print()
+    print("\n".join(noise_lines(report)))
+    if report.swept:
+        print("Pareto front (KV bytes vs val loss): " + ", ".join(report.pareto_labels()))
+    print(f"wrote {', '.join(files)} to {out} ({report.seconds / 60:.1f} min)")
+    return 0

@@ -1,0 +1,130 @@
+"""The report's PNGs: validation loss curves, quality vs KV bytes per token, decode speed vs
+context, and for sweeps the quality-vs-cache trade-off with its Pareto front."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from latentattn.compare.run import CompareReport, VariantResult
+from latentattn.compare.stats import pareto_front
+
+DPI = 110
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _err(v: VariantResult) -> float:
+    std = v.val_loss.std
+    return 0.0 if std is None else std
+
+
+def plot_loss_curves(report: CompareReport, path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in report.variants:
+        curve = v.val_curve()
+        if curve:
+            ax.plot([s for s, _ in curve], [loss for _, loss in curve], marker=".", label=v.mechanism)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title(f"Validation loss, mean over {report.n_seeds} seed(s)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=DPI)
+    plt.close(fig)
+
+
+def plot_quality_vs_kv(report: CompareReport, path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in report.variants:
+        ax.errorbar([v.kv_bytes_per_token], [v.val_loss.mean], yerr=[_err(v)], fmt="o", capsize=3,
+                    label=v.mechanism)
+        ax.annotate(v.mechanism, (v.kv_bytes_per_token, v.val_loss.mean), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    mha = report.variant("mha")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"KV cache bytes per token ({mha.kv_dtype}, all {mha.n_layers} layers, allocated)")
+    ax.set_ylabel("validation loss (nats/byte; lower is better)")
+    ax.set_title("Quality vs KV cache" + ("" if report.n_seeds > 1 else " (1 seed: spread unknown)"))
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=DPI)
+    plt.close(fig)
+
+
+def plot_decode_speed(report: CompareReport, path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in report.variants:
+        ctx = sorted(v.decode_tokens_per_s)
+        ax.plot(ctx, [v.decode_tokens_per_s[c] for c in ctx], marker="o", label=v.mechanism)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("cached context (tokens)")
+    ax.set_ylabel("decode tokens/s (batch 1, whole model)")
+    ax.set_title("Decode speed vs context")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=DPI)
+    plt.close(fig)
+
+
+def plot_sweep_pareto(report: CompareReport, path: str) -> None:
+    """MLA and DSA at every swept value; MHA, MQA and GQA as reference points; the front."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    variants = report.variants
+    points = [(v.kv_bytes_per_token, v.val_loss.mean) for v in variants]
+    for v in variants:
+        if v.reference:
+            ax.errorbar([v.kv_bytes_per_token], [v.val_loss.mean], yerr=[_err(v)], fmt="s",
+                        color="gray", capsize=3)
+            ax.annotate(v.mechanism, (v.kv_bytes_per_token, v.val_loss.mean), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points", color="gray")
+    # one line per family of swept points: MLA by rank, DSA by rank at each top-k
+    series: dict[str, list[VariantResult]] = {}
+    for v in variants:
+        if v.reference:
+            continue
+        topk = v.latent.get("index_topk")
+        key = "MLA" if topk is None else f"MLA+DSA k={topk}"
+        series.setdefault(key, []).append(v)
+    for key, members in sorted(series.items()):
+        members.sort(key=lambda v: v.kv_bytes_per_token)
+        line = ax.errorbar([v.kv_bytes_per_token for v in members], [v.val_loss.mean for v in members],
+                           yerr=[_err(v) for v in members], fmt="o-", capsize=3, label=key)
+        for v in members:
+            ax.annotate(f"d_c={v.latent['kv_lora_rank']}", (v.kv_bytes_per_token, v.val_loss.mean),
+                        fontsize=7, xytext=(4, -10), textcoords="offset points",
+                        color=line[0].get_color())
+    front = pareto_front(points)
+    ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post",
+            color="black", linestyle="--", linewidth=1, label="Pareto front")
+    ax.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=160,
+               facecolors="none", edgecolors="black", zorder=5)
+    mha = report.variant("mha")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"KV cache bytes per token ({mha.kv_dtype}, all {mha.n_layers} layers, allocated)")
+    ax.set_ylabel("validation loss (nats/byte; lower is better)")
+    ax.set_title("Latent compression and sparsity: quality vs KV cache")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=DPI)
+    plt.close(fig)
+
+
+PLOTS = {
+    "loss_curves.png": plot_loss_curves,
+    "quality_vs_kv.png": plot_quality_vs_kv,
+    "decode_speed.png": plot_decode_speed,
+}

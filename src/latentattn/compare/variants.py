@@ -1,0 +1,85 @@
+"""The compared models: one family (``latentattn.train.family``) at one depth and width, each
+variant's SwiGLU width chosen so its parameter count matches MHA's within 3%, plus the swept
+MLA / MLA+DSA points."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from latentattn.compare.sweep import SweepPoint, sweep_points
+from latentattn.config import GQAConfig, MLAConfig, ModelConfig
+from latentattn.errors import ConfigError
+from latentattn.train.family import ATTN_KINDS, FamilySize, matched_configs
+
+N_HEADS = 4
+PARAM_TOLERANCE = 0.03
+
+
+def family_size(dim: int = 128, n_layers: int = 4, seq_len: int = 256) -> FamilySize:
+    """FamilySize's proportions at any width: 4 heads, GQA with 2 KV heads, both latent ranks
+    dim / 2, decoupled RoPE on half a head, indexer heads one head wide, and index_topk a quarter
+    of the training window (with k >= seq_len DSA would select every key and train densely).
+    ``family_size()`` is ``FamilySize()``: dim 128, head 32, d_c 64, d_r 16, k 64 at 256 tokens."""
+    if dim % (2 * N_HEADS):
+        raise ConfigError(f"--dim must be a multiple of {2 * N_HEADS} ({N_HEADS} heads of even "
+                          f"width), got {dim}")
+    head = dim // N_HEADS
+    rope = max(2, head // 2 - (head // 2) % 2)
+    return FamilySize(
+        dim=dim, n_layers=n_layers, n_heads=N_HEADS, seq_len=seq_len, gqa_kv_heads=2,
+        kv_lora_rank=dim // 2, q_lora_rank=dim // 2, qk_rope_head_dim=rope, index_n_heads=N_HEADS,
+        index_head_dim=head, index_topk=max(1, seq_len // 4),
+    )
+
+
+@dataclass(frozen=True)
+class Variant:
+    """``label`` keys the results ("gqa", "dsa[kv_lora_rank=16,index_topk=32]")."""
+
+    label: str
+    kind: str
+    config: ModelConfig
+    sweep: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def mechanism(self) -> str:
+        a = self.config.attention
+        if isinstance(a, GQAConfig):
+            base = {"mha": "MHA", "mqa": "MQA"}.get(a.name, a.name.upper())
+        else:
+            base = "MLA" if a.indexer is None else "MLA+DSA"
+        if not self.sweep:
+            return base
+        return f"{base} ({', '.join(f'{k}={v}' for k, v in self.sweep)})"
+
+    @property
+    def is_reference(self) -> bool:
+        """MHA, MQA and GQA: the fixed points a sweep is compared against."""
+        return isinstance(self.config.attention, GQAConfig)
+
+    def latent_settings(self) -> dict[str, int]:
+        """kv_lora_rank and index_topk of an MLA / DSA variant (empty for GQA ones)."""
+        a = self.config.attention
+        if not isinstance(a, MLAConfig):
+            return {}
+        out = {"kv_lora_rank": a.kv_lora_rank}
+        if a.indexer is not None:
+            out["index_topk"] = a.indexer.index_topk
+        return out
+
+
+def _swept(size: FamilySize, point: SweepPoint) -> ModelConfig:
+    changed = dataclasses.replace(size, **dict(point.values))
+    return matched_configs(changed, kinds=(point.kind,), tolerance=PARAM_TOLERANCE)[point.kind]
+
+
+def build_variants(size: FamilySize, sweeps: dict[str, tuple[int, ...]] | None = None) -> list[Variant]:
+    """The five kinds, then every sweep point whose config is not already one of them."""
+    base = matched_configs(size, kinds=ATTN_KINDS, tolerance=PARAM_TOLERANCE)
+    variants = [Variant(kind, kind, cfg) for kind, cfg in base.items()]
+    for point in sweep_points(sweeps or {}):
+        cfg = _swept(size, point)
+        if cfg != base[point.kind]:  # the family's own value is the base variant already
+            variants.append(Variant(point.label, point.kind, cfg, point.values))
+    return variants

@@ -1,0 +1,224 @@
+"""``latentattn compare``: tiny in-process runs write well-formed results for every variant; the
+variants' parameter counts match; sweeps add their points and the Pareto plot; bad inputs give
+one line and exit 2 with nothing written."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentattn import Transformer
+from latentattn.bench.kv_bytes import cache_bytes_per_token_per_layer
+from latentattn.cli import main
+from latentattn.compare.measure import kv_bytes_per_token
+from latentattn.compare.stats import Summary, noise_pairs, pareto_front, within_noise
+from latentattn.compare.sweep import SweepError, parse_sweeps, sweep_points
+from latentattn.compare.variants import build_variants, family_size
+from latentattn.train.family import FamilySize
+
+KINDS = ["mha", "mqa", "gqa", "mla", "dsa"]
+TINY = ["--steps", "3", "--dim", "32", "--layers", "2", "--seq-len", "32", "--batch-size", "2",
+        "--contexts", "16,32", "--quiet"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny matrices: a second thread only adds synchronisation, and on a loaded 2-core machine
+    # oversubscribed threads make these runs several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. Pack my box with five dozen "
+                    "liquor jugs. " * 100)
+    return path
+
+
+def _run(tmp_path: Path, text_file: Path, *extra: str) -> tuple[dict, Path]:
+    out = tmp_path / "out"
+    assert main(["compare", "--data", str(text_file), "--out", str(out), *TINY, *extra]) == 0
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_tiny_run_writes_every_variant(tmp_path: Path, text_file: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    data, out = _run(tmp_path, text_file, "--seeds", "2")
+    variants = {v["label"]: v for v in data["variants"]}
+    assert list(variants) == KINDS
+    mha = variants["mha"]
+    # tiny family: 4 heads of 8, d_c 16, d_r 4, indexer key 8, 2 layers, fp32 (4 B/value)
+    expected_kv_bytes = {"mha": 2 * 4 * 8, "mqa": 2 * 8, "gqa": 2 * 2 * 8, "mla": 16 + 4,
+                         "dsa": 16 + 4 + 8}
+    mla_kv = 32 * (16 + 4) + 16 + 16 * 4 * (8 + 8)  # kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
+    expected_kv_params = {"mha": 2 * 32 * 32, "mqa": 2 * 32 * 8, "gqa": 2 * 32 * 16,
+                          "mla": mla_kv, "dsa": mla_kv + 32 * 8 + 2 * 8}  # + indexer wk, k_norm
+    for label, v in variants.items():
+        assert v["kv_bytes_per_token"] == expected_kv_bytes[label] * 4 * 2, label
+        assert v["kv_bytes_per_token_bf16"] == expected_kv_bytes[label] * 2 * 2, label
+        assert v["kv_params_per_layer"] == expected_kv_params[label], label
+        assert abs(v["params_vs_mha"]) <= 0.03
+        assert v["kv_bytes_ratio_vs_mha"] == v["kv_bytes_per_token"] / mha["kv_bytes_per_token"]
+        assert [r["seed"] for r in v["runs"]] == [0, 1]
+        assert all(len(r["train_losses"]) == 3 and r["train_tokens_per_s"] > 0 for r in v["runs"])
+        loss = v["val_loss"]
+        assert loss["n"] == 2 and loss["std"] is not None and 0 < loss["mean"] < 10
+        assert math.isclose(v["bits_per_byte"]["mean"], loss["mean"] / math.log(2))
+        assert set(v["decode_tokens_per_s"]) == {"16", "32"}
+        assert all(x > 0 for x in v["decode_tokens_per_s"].values())
+        assert v["val_curve_mean"] and v["val_curve_mean"][-1][0] == 3
+        if label == "dsa":
+            assert len(v["dsa_recall"]) == 2  # per layer
+            for layer in v["dsa_recall"]:
+                assert set(layer) == {"indexer", "recent", "uniform"}
+                assert all(0 < x <= 1 + 1e-6 for x in layer.values())
+            assert v["dsa_val_loss_dense"]["n"] == 2
+        else:
+            assert v["dsa_recall"] is None
+    assert isinstance(data["within_noise"], list)
+    assert "within noise" in data["noise_rule"]
+    assert data["command"].startswith("latentattn compare ") and "--steps 3" in data["command"]
+    md = (out / "results.md").read_text()
+    for name in ("MHA", "MQA", "GQA-2", "MLA", "MLA+DSA", "KV params / layer", "bits/byte",
+                 "decode tok/s @16", "decode tok/s @32"):
+        assert name in md
+    assert "±" in md
+    for png in ("loss_curves.png", "quality_vs_kv.png", "decode_speed.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+    assert not (out / "sweep_pareto.png").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    printed = capsys.readouterr().out
+    assert "| mechanism |" in printed and "MLA+DSA" in printed
+
+
+def test_kv_bytes_equal_formula() -> None:
+    """The allocated bytes the report uses agree with the kv-cache formula (fp32 here)."""
+    for v in build_variants(family_size(32, 2, 32)):
+        model = Transformer(v.config)
+        assert kv_bytes_per_token(model) == 2 * cache_bytes_per_token_per_layer(v.config, 4)
+
+
+def test_sweep_adds_points_and_pareto(tmp_path: Path, text_file: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    data, out = _run(tmp_path, text_file, "--seeds", "1", "--sweep", "kv_lora_rank=8,16",
+                     "--sweep", "index_topk=8,16")
+    labels = [v["label"] for v in data["variants"]]
+    # the tiny family's own values are kv_lora_rank 16 and index_topk 8: those points are the
+    # base MLA / DSA variants and are not trained twice
+    assert labels == [*KINDS, "mla[kv_lora_rank=8]", "dsa[kv_lora_rank=8,index_topk=8]",
+                      "dsa[kv_lora_rank=8,index_topk=16]", "dsa[kv_lora_rank=16,index_topk=16]"]
+    by_label = {v["label"]: v for v in data["variants"]}
+    assert by_label["mla[kv_lora_rank=8]"]["latent"] == {"kv_lora_rank": 8}
+    assert by_label["mla[kv_lora_rank=8]"]["kv_bytes_per_token"] == (8 + 4) * 4 * 2
+    assert by_label["dsa"]["latent"] == {"kv_lora_rank": 16, "index_topk": 8}
+    assert all(abs(v["params_vs_mha"]) <= 0.03 for v in data["variants"])
+    front = data["pareto_front"]
+    assert front and set(front) <= set(labels)
+    points = [(by_label[f]["kv_bytes_per_token"], by_label[f]["val_loss"]["mean"]) for f in front]
+    assert points == sorted(points)  # fewer bytes first, and each step down in loss
+    assert all(b[1] < a[1] for a, b in itertools.pairwise(points))
+    assert (out / "sweep_pareto.png").read_bytes()[:8] == PNG
+    assert data["within_noise"] is None  # one seed
+    md = (out / "results.md").read_text()
+    assert "unknown with one seed" in md
+    assert "Pareto front" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("size", [FamilySize(), family_size(), family_size(32, 2, 32),
+                                  family_size(128, 4, 128)])
+def test_parameter_counts_matched(size: FamilySize) -> None:
+    sweeps = parse_sweeps(["kv_lora_rank=8,16,32,64", "index_topk=16,32"])
+    variants = build_variants(size, sweeps)
+    counts = {v.label: Transformer(v.config).num_parameters() for v in variants}
+    mha = counts["mha"]
+    assert {v.kind for v in variants} == set(KINDS)
+    for label, n in counts.items():
+        assert abs(n - mha) / mha <= 0.03, (label, n, mha)
+    widths = {v.label: v.config.intermediate_size for v in variants}
+    assert widths["mqa"] > widths["mha"]  # MQA's small K/V leave room for a wider FFN
+
+
+def test_family_size_default_is_family_default() -> None:
+    assert family_size() == FamilySize()
+    assert family_size(32, 2, 32).index_topk == 8
+
+
+def test_parse_sweeps() -> None:
+    assert parse_sweeps(["kv_lora_rank=32,8,8"]) == {"kv_lora_rank": (8, 32)}
+    joined = parse_sweeps(["kv_lora_rank=8,16,index_topk=16,32"])
+    assert joined == parse_sweeps(["kv_lora_rank=8,16", "index_topk=16,32"])
+    points = sweep_points(joined)
+    assert [p.label for p in points if p.kind == "mla"] == ["mla[kv_lora_rank=8]", "mla[kv_lora_rank=16]"]
+    assert len([p for p in points if p.kind == "dsa"]) == 4  # the grid
+    assert [p.kind for p in sweep_points(parse_sweeps(["index_topk=4"]))] == ["dsa"]
+    for bad, msg in [(["q_lora_rank=8"], "unknown name"), (["kv_lora_rank=8,x"], "not an integer"),
+                     (["kv_lora_rank=0"], "positive"), (["8,16"], "name=v1"),
+                     (["kv_lora_rank="], "no values"), (["index_topk=8", "index_topk=16"], "twice")]:
+        with pytest.raises(SweepError, match=msg):
+            parse_sweeps(bad)
+
+
+def test_noise_rule_and_pareto() -> None:
+    a, b, c = Summary.of([1.00, 1.02]), Summary.of([1.01, 1.03]), Summary.of([1.50, 1.51])
+    assert within_noise(a, b) is True and within_noise(a, c) is False
+    assert within_noise(a, Summary.of([1.0])) is None  # one seed: unknown, not "different"
+    assert noise_pairs([("a", a), ("b", b), ("c", c)]) == [("a", "b")]
+    assert Summary.of([2.0]).fmt() == "2.000" and "±" in a.fmt()
+    pts = [(100.0, 1.0), (10.0, 1.2), (50.0, 1.3), (10.0, 1.25), (5.0, 2.0)]
+    assert pareto_front(pts) == [4, 1, 0]
+
+
+# ---------------------------------------------------------------------------- user errors
+def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("latentattn: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "does not exist"), (b"", "is empty"), (b"abc\x00def", "contains NUL bytes"),
+    (b"too short", "fewer than one window"),
+])
+def test_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None,
+                  message: str) -> None:
+    data = tmp_path / "data.txt"
+    if content is not None:
+        data.write_bytes(content)
+    out = tmp_path / "out"
+    assert message in _error(capsys, ["compare", "--data", str(data), "--out", str(out), *TINY])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--steps", "0"], "--steps must be >= 1"), (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--dim", "36"], "multiple of 8"), (["--sweep", "nope=1"], "unknown name"),
+])
+def test_bad_flags(tmp_path: Path, text_file: Path, capsys: pytest.CaptureFixture[str],
+                   flags: list[str], message: str) -> None:
+    out = tmp_path / "out"
+    argv = ["compare", "--data", str(text_file), "--out", str(out), *TINY, *flags]
+    assert message in _error(capsys, argv)
+    assert not out.exists()
+
+
+def test_unwritable_out(tmp_path: Path, text_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    for out in (blocker, blocker / "sub"):
+        msg = _error(capsys, ["compare", "--data", str(text_file), "--out", str(out), *TINY])
+        assert "--out" in msg
+    assert blocker.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "text.txt"]
