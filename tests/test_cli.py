@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import cli_error
 from latentattn import Transformer, get_preset
 from latentattn.bench.kv_bytes import cache_bytes_per_token_per_layer, kv_table
 from latentattn.bench.params import count_parameters
@@ -213,13 +214,7 @@ def test_generate_from_checkpoint_dir(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 # ---------------------------------------------------------------------------- user errors
-def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("latentattn: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
+_error = cli_error
 
 
 def test_unknown_preset(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import cli_error
 from latentattn import Transformer
 from latentattn.bench.kv_bytes import cache_bytes_per_token_per_layer
 from latentattn.cli import main
@@ -180,12 +181,7 @@ def test_noise_rule_and_pareto() -> None:
 
 
 # ---------------------------------------------------------------------------- user errors
-def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("latentattn: error: "), err
-    return lines[0]
+_error = cli_error
 
 
 @pytest.mark.parametrize(("content", "message"), [

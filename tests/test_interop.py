@@ -169,20 +169,24 @@ def _our_configs() -> dict[str, Any]:
 OUR_CONFIGS = _our_configs()
 
 
-def _our_model(name: str) -> Transformer:
-    torch.manual_seed(7)
-    model = Transformer(OUR_CONFIGS[name]).eval()
+def widen_weights(model: Transformer) -> Transformer:
+    """Wider weights than the 0.02 init, non-unit norm gains and a non-zero routing bias, so that
+    a wrongly mapped tensor shows in the logits."""
     with torch.no_grad():
-        for p in model.parameters():  # wider weights than the 0.02 init; non-unit RMSNorm gains
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.1)
             else:
                 p.normal_(1.0, 0.1)
-        for block in model.layers:
-            for name_, buf in block.named_buffers():
-                if name_.endswith("e_score_correction_bias"):
-                    buf.copy_(torch.randn_like(buf) * 0.5)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn_like(buf) * 0.5)
     return model
+
+
+def _our_model(name: str) -> Transformer:
+    torch.manual_seed(7)
+    return widen_weights(Transformer(OUR_CONFIGS[name]).eval())
 
 
 @pytest.mark.parametrize("name", list(OUR_CONFIGS))

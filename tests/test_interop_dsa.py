@@ -32,7 +32,7 @@ from latentattn import CheckpointError, ConfigError, Transformer, get_preset  # 
 from latentattn.attention.dsa import SparseLatentAttention  # noqa: E402
 from latentattn.config import IndexerConfig, MLAConfig, ModelConfig  # noqa: E402
 from latentattn.interop.hf import config_from_hf, config_to_hf  # noqa: E402
-from test_interop import _real_v3_config  # noqa: E402
+from test_interop import _real_v3_config, widen_weights  # noqa: E402
 
 TOPK = 8
 TINY: dict[str, Any] = dict(
@@ -163,17 +163,7 @@ OUR_CONFIGS = _our_configs()
 
 def _our_model(name: str) -> Transformer:
     torch.manual_seed(7)
-    model = Transformer(OUR_CONFIGS[name]).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # wider weights than the 0.02 init; non-unit norm gains
-            if p.dim() >= 2:
-                p.normal_(0, 0.1)
-            else:
-                p.normal_(1.0, 0.1)
-        for name_, buf in model.named_buffers():
-            if name_.endswith("e_score_correction_bias"):
-                buf.copy_(torch.randn_like(buf) * 0.5)
-    return model
+    return widen_weights(Transformer(OUR_CONFIGS[name]).eval())
 
 
 @pytest.mark.parametrize("name", list(OUR_CONFIGS))

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import cli_error
 from latentattn.attention.dsa import SparseLatentAttention
 from latentattn.cli import main
 from latentattn.data import byte_tokens, default_text, train_val_split
@@ -207,12 +208,7 @@ def test_generate_and_info_from_checkpoint(tmp_path: Path, capsys: pytest.Captur
 
 
 # ---------------------------------------------------------------------------- user errors
-def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("latentattn: error: "), err
-    return lines[0]
+_error = cli_error
 
 
 def _snapshot(d: Path) -> dict[str, bytes]:

@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +255,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError("--prompt must not be empty")
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = getattr(torch, args.dtype)  # argparse limits it to float32 / bfloat16
     kind, path = resolve_model(args.model)
     tokenizer: ByteTokenizer | HFTokenizer = ByteTokenizer()
     eos: int | None = None
@@ -325,6 +325,20 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _on_start(bar: Any) -> Callable[[str], None]:
+    """A benchmark's progress callback, called as each run starts: the previous one is done."""
+    started = False
+
+    def progress(what: str) -> None:
+        nonlocal started
+        if started:
+            bar.update(1)
+        started = True
+        bar.set_postfix_str(what)
+
+    return progress
+
+
 def cmd_bench_decode(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
@@ -341,23 +355,14 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
               f"peer ({decode.HF_EXTRA_HINT} to include it)", file=sys.stderr)
         include_hf = False
     dims = decode.TINY_DIMS if args.tiny else decode.V2_LITE_DIMS
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = getattr(torch, args.dtype)  # argparse limits it to float32 / bfloat16
     n_variants = len(decode.VARIANTS) - (0 if include_hf else 1)
     total = n_variants * len(args.contexts) * len(args.batches)
     with tqdm(total=total, file=sys.stderr, desc="bench decode", unit="run",
               disable=args.quiet) as bar:
-        started = [False]
-
-        def progress(what: str) -> None:
-            # Called as each run starts: the previous one has finished.
-            if started[0]:
-                bar.update(1)
-            started[0] = True
-            bar.set_postfix_str(what)
-
         report = decode.run_decode_bench(
             contexts=args.contexts, batches=args.batches, repeats=args.repeats, dtype=dtype,
-            include_hf=include_hf, dims=dims, progress=progress,
+            include_hf=include_hf, dims=dims, progress=_on_start(bar),
         )
         bar.update(total - bar.n)
     write_json(args.json, report.as_dict())
@@ -380,20 +385,12 @@ def cmd_bench_dsa(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     dims = dsa.TINY_DIMS if args.tiny else dsa.V32_DIMS
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = getattr(torch, args.dtype)  # argparse limits it to float32 / bfloat16
     total = len(args.decode_contexts) + len(args.prefill_contexts)
     with tqdm(total=total, file=sys.stderr, desc="bench dsa", unit="size", disable=args.quiet) as bar:
-        started = [False]
-
-        def progress(what: str) -> None:
-            if started[0]:
-                bar.update(1)
-            started[0] = True
-            bar.set_postfix_str(what)
-
         report = dsa.run_dsa_bench(
             decode_contexts=args.decode_contexts, prefill_contexts=args.prefill_contexts,
-            topks=args.topks, repeats=args.repeats, dtype=dtype, dims=dims, progress=progress,
+            topks=args.topks, repeats=args.repeats, dtype=dtype, dims=dims, progress=_on_start(bar),
         )
         bar.update(total - bar.n)
     write_json(args.json, report.as_dict())

@@ -41,16 +41,9 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
         "n_group": 8,
         "topk_group": 4,
     },
-    "deepseek_v32": {
-        "first_k_dense_replace": 3,
-        "routed_scaling_factor": 2.5,
-        "norm_topk_prob": True,
-        "topk_method": "noaux_tc",
-        "n_group": 8,
-        "topk_group": 4,
-        "index_topk": 2048,  # the number of keys selected: no tensor depends on it
-    },
 }
+# DeepseekV32Config: V3's defaults plus the number of keys selected (no tensor depends on it).
+_HF_DEFAULTS["deepseek_v32"] = {**_HF_DEFAULTS["deepseek_v3"], "index_topk": 2048}
 
 
 # --------------------------------------------------------------------------- config.json
