@@ -8,6 +8,11 @@ activations. fp64 is exact enough for 1e-10.
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 
@@ -28,6 +33,43 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+NEAR_TIE = 1e-4  # fp32 logits of two computations of one model differ by ~1e-6
+
+
+def assert_same_greedy(got: torch.Tensor, want: torch.Tensor, model: torch.nn.Module, prompt_len: int,
+                       tol: float = NEAR_TIE) -> None:
+    """Two greedy generations (B, T) from the same prompts, computed two ways (with and without
+    the cache, batched and alone, ...): equal, unless a row reaches a near-tie, a step whose top
+    two logits (``model`` without a cache on the common prefix) are within ``tol``; rounding may
+    then pick either, and the rows may part there. A difference anywhere else fails."""
+    assert got.shape == want.shape and torch.equal(got[:, :prompt_len], want[:, :prompt_len])
+    for row in range(got.shape[0]):
+        differ = (got[row] != want[row]).nonzero()
+        if len(differ) == 0:
+            continue
+        j = int(differ[0])
+        with torch.no_grad():
+            logits = model(want[row : row + 1, :j])[0, -1].float()
+        top2 = logits.topk(2).values
+        margin = float(top2[0] - top2[1])
+        assert margin < tol, (f"row {row} differs at token {j} ({int(got[row, j])} vs "
+                              f"{int(want[row, j])}) where the top-2 logit margin is {margin:.2e}")
+
+
+def min_greedy_margin(model: torch.nn.Module, ids: torch.Tensor, n: int) -> float:
+    """The smallest top-1 minus top-2 logit gap over ``n`` greedy steps from ``ids`` (B, T),
+    without a cache. Above NEAR_TIE, two computations of the model that differ only by rounding
+    (naive vs absorbed MLA, cached vs not) must generate the same tokens: a test comparing
+    their text asserts this first, so that a near-tie fails as such instead of as a mismatch."""
+    seq = ids
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq)[:, -1:].argmax(-1)], dim=1)
+        logits = model(seq[:, :-1])[:, ids.shape[1] - 1 :].float()
+    top2 = logits.topk(2, dim=-1).values
+    return float((top2[..., 0] - top2[..., 1]).min())
+
+
 def cli_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     """Run the CLI expecting a user error: exit 2, one ``latentattn: error:`` line, no traceback."""
     from latentattn.cli import main
@@ -38,3 +80,38 @@ def cli_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     assert len(lines) == 1 and lines[0].startswith("latentattn: error: "), err
     assert "Traceback" not in err
     return lines[0]
+
+
+class FsyncRecorder:
+    """Spies on os.fsync and os.replace: events ("fsync-file" | "fsync-dir", inode) and
+    ("replace", destination). A rename keeps the inode, so the fsynced temp file's inode is the
+    target's afterwards."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[tuple[str, Any]] = []
+        real_fsync, real_replace = os.fsync, os.replace
+
+        def fsync(fd: int) -> None:
+            st = os.fstat(fd)
+            kind = "fsync-dir" if stat.S_ISDIR(st.st_mode) else "fsync-file"
+            self.events.append((kind, st.st_ino))
+            real_fsync(fd)
+
+        def replace(src: Any, dst: Any) -> None:
+            real_replace(src, dst)
+            self.events.append(("replace", Path(dst).name))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+
+    def index(self, event: tuple[str, Any]) -> int:
+        assert event in self.events, (event, self.events)
+        return self.events.index(event)
+
+
+def assert_durable(rec: FsyncRecorder, target: Path) -> None:
+    """target's data was fsynced before its rename, its directory after."""
+    renamed = rec.index(("replace", target.name))
+    assert rec.index(("fsync-file", target.stat().st_ino)) < renamed
+    dir_syncs = [i for i, e in enumerate(rec.events) if e == ("fsync-dir", target.parent.stat().st_ino)]
+    assert any(i > renamed for i in dir_syncs), rec.events

@@ -16,25 +16,30 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_error
-from latentattn import Transformer, get_preset
-from latentattn.bench.kv_bytes import cache_bytes_per_token_per_layer, kv_table
-from latentattn.bench.params import count_parameters
+import latentattn
+from conftest import NEAR_TIE, cli_error, min_greedy_margin
+from latentattn import Transformer, get_preset, save_pretrained
+from latentattn.calc.kv_bytes import cache_bytes_per_token_per_layer, kv_table
+from latentattn.calc.params import count_parameters
 from latentattn.cli import build_parser, main
 from latentattn.config import GQAConfig, MLAConfig, ModelConfig, MoEConfig
 from latentattn.presets import PRESETS
 
 # Frozen command-line surface (torchtitan-style): renaming a subcommand or flag breaks users'
 # scripts, so a change here must be deliberate.
+MODEL_KNOBS = {"--model", "--mla-impl", "--index-topk", "--indexer-keys"}  # latentattn.load_config
+LOAD_KNOBS = MODEL_KNOBS | {"--dsa-prefill", "--dsa-masked-max-keys", "--dtype", "--device"}
 SURFACE: dict[tuple[str, ...], set[str]] = {
-    ("kv-cache",): {"--model", "--context", "--batch", "--json"},
-    ("info",): {"--model"},
-    ("generate",): {"--model", "--prompt", "--max-new-tokens", "--temperature", "--top-p",
-                    "--top-k", "--seed", "--mla-impl", "--dtype"},
-    ("train",): {"--attn", "--preset", "--dim", "--layers", "--heads", "--seq-len", "--kv-lora-rank",
-                 "--index-topk", "--data", "--steps", "--batch-size", "--lr", "--warmup-steps",
-                 "--eval-every", "--bf16", "--seed", "--out", "--resume", "--fsdp",
-                 "--dsa-warmup-steps", "--quiet"},
+    ("kv-cache",): MODEL_KNOBS | {"--context", "--batch", "--json"},
+    ("info",): MODEL_KNOBS,
+    ("generate",): LOAD_KNOBS | {"--prompt", "--max-new-tokens", "--temperature", "--top-p",
+                                 "--top-k", "--seed"},
+    ("train",): {"--attn", "--preset", "--init", "--mla-impl", "--device", "--dim", "--layers",
+                 "--heads", "--seq-len", "--kv-lora-rank", "--index-topk", "--data", "--steps",
+                 "--batch-size", "--lr", "--warmup-steps", "--eval-every", "--bf16", "--seed", "--out",
+                 "--resume", "--fsdp", "--dsa-warmup-steps", "--router-bias-rate", "--moe-aux-loss",
+                 "--schedule", "--decay-frac",
+                 "--quiet"},
     ("compare",): {"--data", "--steps", "--seeds", "--quick", "--out", "--sweep", "--batch-size",
                    "--seq-len", "--dim", "--layers", "--lr", "--contexts", "--quiet"},
     ("bench", "decode"): {"--json", "--plot", "--contexts", "--batches", "--repeats", "--dtype",
@@ -198,13 +203,16 @@ def test_generate_deterministic(capsys: pytest.CaptureFixture[str]) -> None:
     assert a == b and a.strip()
     greedy_naive = _gen(capsys, "--mla-impl", "naive")
     greedy_absorb = _gen(capsys, "--mla-impl", "absorb")
+    # The two forms round differently: the same text is promised only away from near-ties.
+    model, tokenizer = latentattn.load("tiny-mla", seed=0, with_tokenizer=True)  # what --seed 0 builds
+    assert min_greedy_margin(model, torch.tensor([tokenizer.encode("Hello")]), 8) > NEAR_TIE
     assert greedy_naive == greedy_absorb
 
 
 def test_generate_from_checkpoint_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("latentattn.interop.hf")
     torch.manual_seed(0)
-    Transformer(get_preset("tiny-mla")).save_pretrained(str(tmp_path))
+    save_pretrained(Transformer(get_preset("tiny-mla")), str(tmp_path))
     args = ["generate", "--model", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "4"]
     assert main(args) == 0
     first = capsys.readouterr()
@@ -370,7 +378,9 @@ def test_bench_dsa_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert code == 0
     data = json.loads(out.read_text())
     assert {(r["context"], r["topk"]) for r in data["decode"]} == {(64, 8), (64, 16), (128, 8), (128, 16)}
-    assert all(r["speedup"] > 0 and 0 < r["indexer_share"] < 1 for r in data["decode"])
+    # Not `indexer_share < 1`: the indexer and the whole step are timed in separate calls, so on a
+    # loaded machine one sample of the part can outlast one of the whole (this failed under load).
+    assert all(r["speedup"] > 0 and r["indexer_share"] > 0 for r in data["decode"])
     assert [r["context"] for r in data["prefill"]["rows"]] == [32, 64]
     assert {r["faster"] for r in data["prefill"]["rows"]} <= {"masked", "gather"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ import torch
 
 from conftest import cli_error
 from latentattn import Transformer
-from latentattn.bench.kv_bytes import cache_bytes_per_token_per_layer
+from latentattn.calc.kv_bytes import cache_bytes_per_token_per_layer
 from latentattn.cli import main
 from latentattn.compare.measure import kv_bytes_per_token
 from latentattn.compare.stats import Summary, noise_pairs, pareto_front, within_noise

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from conftest import cli_error
 from latentattn import ConfigError, get_preset
 from latentattn.config import GQAConfig, MLAConfig, ModelConfig, MoEConfig, YarnConfig
+from latentattn.interop.hf_config import config_from_hf, config_to_hf
 from latentattn.presets import ASSUMED, PRESETS
 
 
@@ -29,6 +34,18 @@ from latentattn.presets import ASSUMED, PRESETS
         (lambda: MoEConfig(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
                            moe_intermediate_size=4, scoring_func="sigmoid"),
          "topk_method 'greedy' does not go"),
+        # V3 group scores sum each group's two best experts: one expert per group cannot work.
+        (lambda: MoEConfig(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                           moe_intermediate_size=4, scoring_func="sigmoid", topk_method="noaux_tc",
+                           n_group=8, topk_group=2),
+         r"MoEConfig\.n_group \(8\) leaves 1 expert per group.*noaux_tc needs at least 2"),
+        (lambda: MoEConfig(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                           moe_intermediate_size=4, topk_method="group_limited_greedy", n_group=2,
+                           topk_group=3), r"MoEConfig\.topk_group \(3\) exceeds n_group \(2\)"),
+        (lambda: MoEConfig(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+                           moe_intermediate_size=4, scoring_func="sigmoid", topk_method="noaux_tc",
+                           n_group=4, topk_group=1),
+         r"MoEConfig\.num_experts_per_tok \(3\) exceeds the 2 experts in topk_group \(1\)"),
         (lambda: YarnConfig(factor=0, original_max_position_embeddings=4096), "YarnConfig.factor must be"),
         (lambda: ModelConfig(vocab_size=0, dim=8, n_layers=1, intermediate_size=8,
                              attention=GQAConfig(2, 2, 4)), "ModelConfig.vocab_size must be"),
@@ -65,3 +82,16 @@ def test_mla_impl_override() -> None:
     assert isinstance(cfg.attention, MLAConfig) and cfg.attention.impl == "absorb"
     with pytest.raises(ConfigError, match="mla_impl applies only to MLA models"):
         get_preset("tiny-gqa").replace(mla_impl="absorb")
+
+
+def test_bad_moe_in_a_config_json_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before MoEConfig checked it, one expert per group reached Router.forward's topk(2) as a
+    # RuntimeError; now `info` on such a config.json prints one line naming file and field.
+    d = config_to_hf(get_preset("tiny-mla-moe"))
+    d.update(n_group=8, topk_group=2)  # 8 experts, one per group
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=r"config\.json: MoEConfig\.n_group \(8\)"):
+        config_from_hf(d, source=str(path))
+    line = cli_error(capsys, ["info", "--model", str(path)])
+    assert str(path) in line and "MoEConfig.n_group (8)" in line

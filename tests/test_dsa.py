@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_close
+from conftest import assert_close, assert_same_greedy
 from latentattn import ConfigError, Transformer, get_preset
 from latentattn.attention.dsa import SparseLatentAttention
 from latentattn.cache.fp8 import bytes_per_vector, dequantize_e4m3, quantize_e4m3
@@ -186,7 +186,26 @@ def test_ragged_rows_equal_rows_alone_and_never_select_padding() -> None:
 def test_generation_with_cache_equals_without() -> None:
     model = Transformer(dsa_config(topk=4)).eval()
     ids = torch.randint(0, 256, (2, 9))
-    assert torch.equal(model.generate(ids, 12), model.generate(ids, 12, use_cache=False))
+    assert_same_greedy(model.generate(ids, 12), model.generate(ids, 12, use_cache=False), model, 9)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize(("model_dtype", "cache_dtype"), [(torch.float32, torch.bfloat16),
+                                                          (torch.bfloat16, torch.float32)])
+@torch.no_grad()
+def test_cache_in_another_dtype(model_dtype: torch.dtype, cache_dtype: torch.dtype, fp8: bool) -> None:
+    # The latent is read back in the compute dtype, the indexer keys in fp32 (fp8: dequantised).
+    # topk 16 >= every key of the run: a bf16 key cache must not make the test hinge on a near
+    # tie in the selection; the sparse (gather) decode and masked prefill paths still run.
+    model = Transformer(dsa_config(topk=16, fp8=fp8)).eval().to(model_dtype)
+    own, other = model.make_cache(2, 16), model.make_cache(2, 16, dtype=cache_dtype)
+    assert other[0].buffers[0].dtype == cache_dtype
+    x = torch.randint(0, 256, (2, 7))
+    for _ in range(6):
+        want, got = model(x, own)[:, -1], model(x, other)[:, -1]
+        assert got.dtype == model_dtype
+        assert_close(got, want, dtype=torch.bfloat16)
+        x = want.argmax(-1, keepdim=True)
 
 
 def test_indexer_cache_bytes() -> None:

@@ -27,6 +27,7 @@ from transformers import (  # noqa: E402
 )
 
 import latentattn  # noqa: E402
+from conftest import FsyncRecorder, assert_durable, assert_same_greedy, cli_error  # noqa: E402
 from latentattn import CheckpointError, ConfigError, Transformer, get_preset  # noqa: E402
 from latentattn.config import MoEConfig, RopeConfig, YarnConfig  # noqa: E402
 from latentattn.interop.hf import config_from_hf, config_to_hf, dequantize_fp8  # noqa: E402
@@ -132,7 +133,7 @@ def test_greedy_generation_matches_transformers(hf_run: HFRun, impl: str) -> Non
     ours = latentattn.from_pretrained(str(hf_run.path), mla_impl=impl)
     got = ours.generate(hf_run.prompt, 8)
     assert hf_run.generated.shape == (2, 38)
-    assert torch.equal(got, hf_run.generated), hf_run.case
+    assert_same_greedy(got, hf_run.generated, ours, 30)
 
 
 @pytest.mark.parametrize("case", ["v2-qlora-group-yarn", "v3-qlora-yarn-moe"])
@@ -193,7 +194,7 @@ def _our_model(name: str) -> Transformer:
 @torch.no_grad()
 def test_transformers_loads_our_checkpoint(name: str, tmp_path: Path) -> None:
     ours = _our_model(name)
-    ours.save_pretrained(str(tmp_path))
+    latentattn.save_pretrained(ours, str(tmp_path))
     written = json.loads((tmp_path / "config.json").read_text())
     softmax = ours.config.moe is not None and ours.config.moe.scoring_func == "softmax"
     assert written["model_type"] == ("deepseek_v2" if softmax else "deepseek_v3")
@@ -216,7 +217,7 @@ def test_transformers_loads_our_checkpoint(name: str, tmp_path: Path) -> None:
 @torch.no_grad()
 def test_round_trip_ours(name: str, tmp_path: Path) -> None:
     ours = _our_model(name)
-    ours.save_pretrained(str(tmp_path))
+    latentattn.save_pretrained(ours, str(tmp_path))
     back = latentattn.from_pretrained(str(tmp_path))
     assert dataclasses.replace(back.config, name="x") == dataclasses.replace(ours.config, name="x")
     a, b = ours.state_dict(), back.state_dict()
@@ -256,7 +257,7 @@ def test_no_shared_experts_both_ways(tmp_path: Path) -> None:
     assert ours.layers[1].mlp.shared_experts is None  # type: ignore[union-attr]
     ids = _ids(12)
     assert _max_diff(ours(ids), hf(ids).logits) < 1e-4
-    ours.save_pretrained(str(tmp_path / "ours"))
+    latentattn.save_pretrained(ours, str(tmp_path / "ours"))
     back, info = AutoModelForCausalLM.from_pretrained(
         tmp_path / "ours", attn_implementation="eager", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -266,7 +267,7 @@ def test_no_shared_experts_both_ways(tmp_path: Path) -> None:
 def test_gqa_cannot_be_saved(tmp_path: Path) -> None:
     model = Transformer(get_preset("tiny-gqa"))
     with pytest.raises(ConfigError, match="GQA models have no DeepSeek format"):
-        model.save_pretrained(str(tmp_path / "out"))
+        latentattn.save_pretrained(model, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -291,7 +292,7 @@ def test_sharded_checkpoint_loads_and_stale_files_go(tmp_path: Path) -> None:
 
 def test_shards_without_index_load_all(tmp_path: Path) -> None:
     ours = _our_model("dense-tied")
-    ours.save_pretrained(str(tmp_path))
+    latentattn.save_pretrained(ours, str(tmp_path))
     tensors = load_file(str(tmp_path / "model.safetensors"))
     keys = sorted(tensors)
     (tmp_path / "model.safetensors").unlink()
@@ -306,7 +307,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path: Path, monkeypatch: pyt
     import safetensors.torch
 
     ours = _our_model("dense-tied")
-    ours.save_pretrained(str(tmp_path))
+    latentattn.save_pretrained(ours, str(tmp_path))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
     def boom(*args: object, **kwargs: object) -> None:
@@ -316,14 +317,28 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     other = _our_model("sigmoid-moe")
     with pytest.raises(OSError, match="disk full"):
-        other.save_pretrained(str(tmp_path))
+        latentattn.save_pretrained(other, str(tmp_path))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files either
+
+
+def test_save_is_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from latentattn.interop.hf import save_pretrained
+
+    ours = _our_model("sigmoid-moe")
+    save_pretrained(ours, tmp_path, max_shard_size="100KB")
+    rec = FsyncRecorder(monkeypatch)
+    save_pretrained(ours, tmp_path)  # unsharded over sharded: stale shards are deleted
+    for name in ("model.safetensors", "config.json"):
+        assert_durable(rec, tmp_path / name)
+    # ... and the directory is fsynced again after the stale shards are gone.
+    assert rec.events[-1] == ("fsync-dir", tmp_path.stat().st_ino)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 
 # ------------------------------------------------------------------ bad checkpoints
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
-    _our_model("sigmoid-moe").save_pretrained(str(tmp_path))
+    latentattn.save_pretrained(_our_model("sigmoid-moe"), str(tmp_path))
     return tmp_path
 
 
@@ -345,16 +360,56 @@ def test_extra_tensor(saved: Path) -> None:
         latentattn.from_pretrained(str(saved))
 
 
-def test_mtp_layer_and_rotary_buffers_are_ignored(saved: Path) -> None:
-    # DeepSeek-V3 ships its multi-token-prediction module as layer n_layers (61 there).
-    def add(t: dict[str, torch.Tensor]) -> None:
-        t["model.layers.2.embed_tokens.weight"] = torch.zeros(4, 4)
-        t["model.layers.2.eh_proj.weight"] = torch.zeros(4, 4)
-        t["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(4)
+def _edit_config(path: Path, **changes: Any) -> None:
+    d = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**d, **changes}))
 
-    _edit_weights(saved, add)
+
+def _add_mtp_layer(layer: int) -> Any:
+    def add(t: dict[str, torch.Tensor]) -> None:
+        t[f"model.layers.{layer}.embed_tokens.weight"] = torch.zeros(4, 4)
+        t[f"model.layers.{layer}.eh_proj.weight"] = torch.zeros(4, 4)
+
+    return add
+
+
+def test_declared_mtp_layer_and_rotary_buffers_are_ignored(saved: Path) -> None:
+    # DeepSeek-V3 ships its multi-token-prediction module as layer n_layers (61 there) and says
+    # so in config.json: "num_nextn_predict_layers": 1.
+    _edit_config(saved, num_nextn_predict_layers=1)
+    _edit_weights(saved, _add_mtp_layer(2))
+    _edit_weights(saved, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(4)}))
     model = latentattn.from_pretrained(str(saved))
     assert len(model.layers) == 2
+    # transformers' default when the field is absent (DeepseekV3Config.num_mtp_layers = 1).
+    d = json.loads((saved / "config.json").read_text())
+    del d["num_nextn_predict_layers"]
+    (saved / "config.json").write_text(json.dumps(d))
+    assert len(latentattn.from_pretrained(str(saved)).layers) == 2
+
+
+def test_undeclared_layers_are_refused(saved: Path) -> None:
+    # Our config.json says num_nextn_predict_layers 0: a layer 2 is not an MTP module.
+    _edit_weights(saved, _add_mtp_layer(2))
+    with pytest.raises(CheckpointError, match=r"unexpected.*model\.layers\.2\.eh_proj.*declares 2 "
+                       r"layer\(s\) and 0 multi-token-prediction"):
+        latentattn.from_pretrained(str(saved))
+    # One MTP layer declared, a second one is still unexpected.
+    _edit_config(saved, num_nextn_predict_layers=1)
+    _edit_weights(saved, _add_mtp_layer(3))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\) not in the model: "
+                       r"model\.layers\.3\.e"):
+        latentattn.from_pretrained(str(saved))
+
+
+def test_checkpoint_with_more_layers_than_its_config_is_refused(
+        saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A 2-layer checkpoint whose config.json says 1 layer used to load its first layer silently.
+    _edit_config(saved, num_hidden_layers=1)
+    with pytest.raises(CheckpointError, match=r"unexpected.*model\.layers\.1\.input_layernorm"):
+        latentattn.from_pretrained(str(saved))
+    line = cli_error(capsys, ["generate", "--model", str(saved), "--prompt", "x", "--max-new-tokens", "1"])
+    assert "model.layers.1." in line
 
 
 def test_wrong_shape(saved: Path) -> None:
@@ -501,7 +556,7 @@ def test_missing_field_names_file() -> None:
 
 
 def test_unknown_override() -> None:
-    with pytest.raises(ConfigError, match="unknown override"):
+    with pytest.raises(ConfigError, match=r"unknown ModelConfig field.*n_experts"):
         config_from_hf(_real_v3_config(), n_experts=3)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import assert_close, assert_same_greedy
 from latentattn import CacheOverflowError, LatentAttnError, Transformer, get_preset
 from latentattn.config import MLAConfig
 
@@ -14,13 +16,18 @@ MLA_IMPLS = ["naive", "absorb", "auto"]
 
 
 def _models() -> list[tuple[str, Transformer]]:
+    # Built at import, before any test's seed fixture runs: without a seed of their own the
+    # weights would depend on what the modules collected earlier drew from the global RNG.
     out = []
-    for name in VARIANTS:
-        cfg = get_preset(name)
-        if isinstance(cfg.attention, MLAConfig):
-            out += [(f"{name}/{impl}", Transformer(cfg.replace(mla_impl=impl)).eval()) for impl in MLA_IMPLS]
-        else:
-            out.append((name, Transformer(cfg).eval()))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for name in VARIANTS:
+            cfg = get_preset(name)
+            if isinstance(cfg.attention, MLAConfig):
+                out += [(f"{name}/{impl}", Transformer(cfg.replace(mla_impl=impl)).eval())
+                        for impl in MLA_IMPLS]
+            else:
+                out.append((name, Transformer(cfg).eval()))
     return out
 
 
@@ -71,8 +78,8 @@ def test_generation_with_cache_equals_without(name: str, model: Transformer) -> 
     with_cache = model.generate(ids, 9)
     without = model.generate(ids, 9, use_cache=False)
     assert with_cache.shape == (2, 16)
-    assert torch.equal(with_cache, without)
     assert torch.equal(with_cache[:, :7], ids)
+    assert_same_greedy(with_cache, without, model, 7)  # cached and uncached round differently
 
 
 @pytest.mark.parametrize(("name", "model"), MODELS[:1] + MODELS[-3:], ids=IDS[:1] + IDS[-3:])
@@ -82,7 +89,7 @@ def test_ragged_generation_equals_rows_alone(name: str, model: Transformer) -> N
     out = model.generate(ids, 5, prompt_lengths=lengths)
     for r, n in enumerate(lengths.tolist()):
         alone = model.generate(ids[r : r + 1, :n], 5)
-        assert torch.equal(out[r, : n + 5], alone[0])
+        assert_same_greedy(out[r : r + 1, : n + 5], alone, model, n)
         assert (out[r, n + 5 :] == 0).all()
 
 
@@ -100,12 +107,18 @@ def test_sampling_is_seeded_and_top_p_restricts() -> None:
 
 
 def test_eos_stops_a_row() -> None:
-    model = MODELS[0][1]
-    ids = torch.randint(0, 256, (1, 4))
-    greedy = model.generate(ids, 6)
-    eos = int(greedy[0, 5])  # the second generated token
-    out = model.generate(ids, 6, eos_token_id=eos, pad_token_id=0)
-    assert out[0, 5] == eos and (out[0, 6:] == 0).all()
+    model, pad, n = MODELS[0][1], 0, 8
+    ids = torch.randint(1, 256, (2, 4))
+    new = model.generate(ids, n)[:, 4:].tolist()  # without EOS
+    # EOS: a token row 0 generates at step k that it did not generate before (the row would stop
+    # at that earlier step instead; random tiny models repeat themselves) and row 1 never
+    # generates (row 1 must run on to the end); k < n - 1 leaves padding to check.
+    k = next((i for i in range(1, n - 1)
+              if new[0][i] not in new[0][:i] and new[0][i] not in new[1] and new[0][i] != pad), None)
+    assert k is not None, f"no usable EOS in the greedy generations {new}: change the prompt"
+    out = model.generate(ids, n, eos_token_id=new[0][k], pad_token_id=pad)
+    assert out[0, 4:].tolist() == new[0][: k + 1] + [pad] * (n - 1 - k)  # up to EOS, then padding
+    assert out[1, 4:].tolist() == new[1]  # the other row is not stopped
 
 
 EXPECTED_VALUES_PER_TOKEN_PER_LAYER = {
@@ -127,6 +140,24 @@ def test_allocated_cache_bytes_equal_formula(name: str, values: int, dtype: torc
     per_value = torch.empty(0, dtype=dtype).element_size()
     assert cache.bytes_per_token_per_layer == values * per_value
     assert cache.nbytes == values * per_value * 3 * 50 * model.config.n_layers
+
+
+@pytest.mark.parametrize(("model_dtype", "cache_dtype"), [(torch.float32, torch.bfloat16),
+                                                          (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-mla/naive", "tiny-mla/absorb", "tiny-mla/auto"])
+@torch.no_grad()
+def test_cache_in_another_dtype(name: str, model_dtype: torch.dtype, cache_dtype: torch.dtype) -> None:
+    """What a cache holds is read back in the compute dtype: prefill then greedy decode with a
+    cache of another dtype gives the logits of a cache in the model's own (to bf16 rounding)."""
+    model = copy.deepcopy(dict(MODELS)[name]).to(model_dtype)
+    own, other = model.make_cache(2, 16), model.make_cache(2, 16, dtype=cache_dtype)
+    assert other[0].buffers[0].dtype == cache_dtype
+    x = torch.randint(0, 256, (2, 7))
+    for _ in range(6):  # the prefill, then decode steps fed the same greedy tokens
+        want, got = model(x, own)[:, -1], model(x, other)[:, -1]
+        assert got.dtype == model_dtype
+        assert_close(got, want, dtype=torch.bfloat16)
+        x = want.argmax(-1, keepdim=True)
 
 
 @pytest.mark.parametrize(("name", "model"), [MODELS[0], MODELS[-1]], ids=[IDS[0], IDS[-1]])
@@ -167,3 +198,25 @@ def test_training_step_reduces_loss_for_every_variant() -> None:
             opt.step()
             losses.append(loss.item())
         assert losses[-1] < losses[0] - 0.5, (name, losses)
+
+
+def test_moe_training_gives_every_expert_a_gradient() -> None:
+    """In training an expert no token chose still runs (on zero rows) and gets a zero gradient,
+    not None: DDP/FSDP2 ranks must reduce the same gradients whatever their tokens chose
+    (``latentattn.model.ffn.MoE``). The output is the one inference computes, which skips it."""
+    from latentattn.model.ffn import MoE
+
+    model = Transformer(get_preset("tiny-mla-moe")).train()
+    moe = model.blocks[1].mlp
+    assert isinstance(moe, MoE)
+    ids = torch.randint(0, 256, (1, 2))  # 2 tokens x 2 experts: at least 4 of the 8 unchosen
+    logits = model(ids)
+    logits.square().sum().backward()
+    load = moe.gate.tokens_per_expert
+    assert load is not None and int(load.sum()) == 4 and int((load == 0).sum()) >= 4
+    for e, expert in enumerate(moe.experts):
+        grads = [p.grad for p in expert.parameters()]
+        assert all(g is not None for g in grads), e
+        assert all(bool((g == 0).all()) == (int(load[e]) == 0) for g in grads if g is not None), e
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), logits.detach())

@@ -7,9 +7,12 @@ file fast on two CPU cores.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +24,16 @@ import torch
 from conftest import cli_error
 from latentattn.attention.dsa import SparseLatentAttention
 from latentattn.cli import main
-from latentattn.data import byte_tokens, default_text, train_val_split
+from latentattn.config import MoEConfig
+from latentattn.data import byte_tokens, default_text, random_batch, train_val_split
+from latentattn.errors import CheckpointError, ConfigError
+from latentattn.loading import load
+from latentattn.model.ffn import Router
 from latentattn.model.transformer import Transformer
 from latentattn.train import checkpoint, loop
+from latentattn.train.balance import balance_loss, expert_loads, moe_routers, update_router_bias
 from latentattn.train.family import ATTN_KINDS, FamilySize, family_config
-from latentattn.train.loop import TrainSettings, model_from_checkpoint, read_state, train
+from latentattn.train.loop import TrainSettings, read_state, train
 
 SIZE = FamilySize(dim=32, n_layers=2, n_heads=2, seq_len=32, kv_lora_rank=16, q_lora_rank=16,
                   qk_rope_head_dim=8, index_n_heads=2, index_head_dim=8, index_topk=8)
@@ -34,6 +42,10 @@ TRAIN, VAL = train_val_split(byte_tokens(TEXT))
 # The same model through the CLI (flags it has; the rest of FamilySize keeps its defaults).
 CLI_SIZE = ["--dim", "32", "--layers", "2", "--heads", "2", "--seq-len", "32", "--kv-lora-rank", "16",
             "--index-topk", "8", "--batch-size", "4", "--quiet"]
+# DeepSeek-V3 routing (sigmoid, noaux_tc) over 8 experts in 2 groups, 2 per token.
+MOE = MoEConfig(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+                first_k_dense_replace=1, scoring_func="sigmoid", topk_method="noaux_tc", n_group=2,
+                topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True)
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +59,10 @@ def _one_thread() -> Any:
 
 
 def _model(kind: str, seed: int = 0) -> Transformer:
+    """A family model; ``mla-moe``: MLA with the second layer an MoE routed as DeepSeek-V3."""
     torch.manual_seed(seed)
+    if kind == "mla-moe":
+        return Transformer(family_config("mla", SIZE).replace(moe=MOE, name=kind))
     return Transformer(family_config(kind, SIZE))
 
 
@@ -80,9 +95,35 @@ def test_bf16_autocast() -> None:
 def test_lr_schedule() -> None:
     s = _settings(steps=10, warmup_steps=3, lr=1.0, min_lr_ratio=0.1)
     lrs = [loop.lr_at(i, s) for i in range(10)]
+    # The warm-up's last step reaches lr, the cosine starts from it and ends at low on the last step.
     assert lrs[:4] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
     assert lrs[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in itertools.pairwise(lrs[2:]))
+    assert loop.lr_at(0, dataclasses.replace(s, warmup_steps=0)) == 1.0
+    # Every step after the warm-up depends on steps: what makes a cosine run not extensible.
+    longer = [loop.lr_at(i, dataclasses.replace(s, steps=20)) for i in range(10)]
+    assert longer[:3] == lrs[:3] and all(a > b for a, b in zip(longer[4:], lrs[4:], strict=True))
+
+
+def test_wsd_schedule() -> None:
+    s = _settings(steps=20, warmup_steps=3, lr=1.0, min_lr_ratio=0.1, schedule="wsd", decay_frac=0.25)
+    lrs = [loop.lr_at(i, s) for i in range(20)]
+    assert loop.wsd_decay_start(s) == 15
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert lrs[3:15] == [1.0] * 12  # stable: exactly lr
+    assert lrs[15:] == pytest.approx([1 - 0.9 * k / 5 for k in range(1, 6)])  # linear, low last
+    # Before the decay nothing depends on steps, bit for bit.
+    assert [loop.lr_at(i, dataclasses.replace(s, steps=40)) for i in range(15)] == lrs[:15]
+    # The decay never reaches into the warm-up; decay_frac 0 keeps lr to the end.
+    short = dataclasses.replace(s, steps=5, warmup_steps=4, decay_frac=0.9)
+    assert loop.wsd_decay_start(short) == 4
+    assert [loop.lr_at(i, short) for i in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 0.1])
+    flat = dataclasses.replace(s, decay_frac=0.0)
+    assert [loop.lr_at(i, flat) for i in range(3, 20)] == [1.0] * 17
+    with pytest.raises(ConfigError, match="schedule must be one of cosine, wsd"):
+        _settings(schedule="linear")
+    with pytest.raises(ConfigError, match=r"decay_frac must be in \[0, 1\]"):
+        _settings(schedule="wsd", decay_frac=1.5)
 
 
 # ---------------------------------------------------------------------------- exact resume
@@ -90,7 +131,8 @@ class _Stop(Exception):
     """Stands for a crash or Ctrl-C right after a checkpoint."""
 
 
-@pytest.mark.parametrize("kind", ["mha", "dsa"])
+# mla-moe: the router biases move every step (router_bias_rate) and must come back exactly.
+@pytest.mark.parametrize("kind", ["mha", "dsa", "mla-moe"])
 def test_resume_after_a_stop_reproduces_losses(kind: str, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # DSA: the switch to top-k (after step 4) happens in the resumed part.
@@ -114,23 +156,76 @@ def test_resume_after_a_stop_reproduces_losses(kind: str, tmp_path: Path,
                     progress=False)
     assert torch.equal(torch.tensor(resumed.train_losses), torch.tensor(full.train_losses))
     assert resumed.val_losses == full.val_losses
-    for a, b in zip(model_from_checkpoint(tmp_path / "cut").state_dict().values(),
-                    model_from_checkpoint(tmp_path / "full").state_dict().values(), strict=True):
+    for a, b in zip(load(tmp_path / "cut").state_dict().values(),
+                    load(tmp_path / "full").state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kind", ["mha", "mla", "dsa"])
-def test_resume_to_more_steps(kind: str, tmp_path: Path) -> None:
-    # A constant LR after warm-up (min_lr_ratio 1): the schedule does not depend on --steps, so
-    # 3 steps then 3 more equal 6 at once.
-    s6 = _settings(steps=6, min_lr_ratio=1.0, dsa_warmup_steps=2)
-    full = train(_model(kind), TRAIN, VAL, s6, progress=False)
-    train(_model(kind), TRAIN, VAL, _settings(steps=3, min_lr_ratio=1.0, dsa_warmup_steps=2),
-          out_dir=str(tmp_path), progress=False)
-    resumed = train(_model(kind, seed=1), TRAIN, VAL, s6, out_dir=str(tmp_path), resume=True,
+def test_wsd_run_extends_to_more_steps_exactly(kind: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 10-step wsd run decays over steps 8-9; stopped at its step-8 checkpoint (no step decayed
+    # yet) and resumed to 12 steps (decay from step 10): the same as 12 steps at once.
+    # DSA: dsa_warmup_steps left to default in the cut run (10 // 4 = 2): the resume keeps it.
+    s10 = _settings(steps=10, schedule="wsd", checkpoint_every=4, eval_every=4)
+    s12 = dataclasses.replace(s10, steps=12)
+    full = train(_model(kind), TRAIN, VAL, dataclasses.replace(s12, dsa_warmup_steps=2),
+                 out_dir=str(tmp_path / "full"), progress=False)
+    real_save = loop.save_checkpoint
+
+    def save_then_stop(out_dir: Path, model_t: Any, opt_t: Any, state: dict[str, Any]) -> None:
+        real_save(out_dir, model_t, opt_t, state)
+        if state["step"] == 8:
+            raise _Stop
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    with pytest.raises(_Stop):
+        train(_model(kind), TRAIN, VAL, s10, out_dir=str(tmp_path / "cut"), progress=False)
+    monkeypatch.undo()
+    assert read_state(tmp_path / "cut")["settings"]["steps"] == 10  # the horizon it ran under
+    resumed = train(_model(kind, seed=1), TRAIN, VAL, s12, out_dir=str(tmp_path / "cut"), resume=True,
                     progress=False)
     assert torch.equal(torch.tensor(resumed.train_losses), torch.tensor(full.train_losses))
-    assert read_state(tmp_path)["step"] == 6
+    assert resumed.val_losses == full.val_losses
+    for a, b in zip(load(tmp_path / "cut").state_dict().values(),
+                    load(tmp_path / "full").state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # The finished 12-step run has decayed: extending it could not be exact.
+    with pytest.raises(CheckpointError, match="cannot extend a wsd run from --steps 12 to 20 "
+                       "exactly: the checkpoint at step 12 is already in the decay"):
+        train(_model(kind), TRAIN, VAL, dataclasses.replace(s12, steps=20),
+              out_dir=str(tmp_path / "cut"), resume=True, progress=False)
+
+
+def test_other_steps_only_where_every_lr_taken_stays() -> None:
+    check = loop._check_horizon
+    cos = _settings(steps=100, warmup_steps=20, lr=3e-3)
+
+    def steps(s: TrainSettings, n: int) -> TrainSettings:
+        return dataclasses.replace(s, steps=n)
+
+    check(100, cos, cos)  # the same steps: always exact
+    check(20, cos, steps(cos, 200))  # only warm-up steps taken
+    with pytest.raises(CheckpointError, match=r"^cannot extend a cosine run from --steps 100 to 200 "
+                       r"exactly: its LR depends on the total steps \(step 99 ran at LR 3\.00e-04, a "
+                       r"200-step run takes it at 1\.90e-03\); resume with --steps 100, or train with "
+                       r"--schedule wsd"):
+        check(100, cos, steps(cos, 200))
+    # A 100-step run ends at 3.0e-4; continued to 200, the next step would jump to 1.87e-3.
+    assert loop.lr_at(100, steps(cos, 200)) == pytest.approx(1.87e-3, abs=1e-5)
+    with pytest.raises(CheckpointError, match=r"its LR depends on the total steps \(step 21 ran"):
+        check(22, cos, steps(cos, 200))  # one step past the warm-up is enough to differ
+    flat = dataclasses.replace(cos, min_lr_ratio=1.0)  # constant after the warm-up
+    check(100, flat, steps(flat, 200))
+    wsd = dataclasses.replace(cos, schedule="wsd")  # decays from step 80 of 100
+    check(80, wsd, steps(wsd, 200))
+    check(72, wsd, steps(wsd, 90))  # shorter is exact too, before both decays (90: from 72)
+    with pytest.raises(CheckpointError, match="the checkpoint at step 81 is already in the decay of "
+                       "the 100-step run, which began at step 80"):
+        check(81, wsd, steps(wsd, 200))
+    with pytest.raises(CheckpointError, match="the 90-step run decays from step 72, before the "
+                       "checkpoint's step 80"):
+        check(80, wsd, steps(wsd, 90))
 
 
 # ---------------------------------------------------------------------------- DSA stages
@@ -154,6 +249,84 @@ def test_dsa_stages(monkeypatch: pytest.MonkeyPatch) -> None:
     assert list(dict.fromkeys(seen)) == ["warmup", "dense", "sparse", "inference"]
     assert at_switch and any(not torch.equal(a, b) for a, b in zip(init, at_switch, strict=True))
     assert all(layer.mode == "sparse" and not layer.train_indexer for layer in layers)
+
+
+# ---------------------------------------------------------------------------- MoE balancing
+def _skewed_moe(seed: int) -> Transformer:
+    """The MoE model with its router skewed: biases that send the first group's two experts
+    almost every token (max/mean load ~3 at init). Router weights x5: at std 0.02 the tokens of
+    a 32-wide model score almost alike, and one bias step would move them all at once."""
+    model = _model("mla-moe", seed)
+    router = moe_routers(model)[0]
+    with torch.no_grad():
+        router.weight.mul_(5.0)
+        router.e_score_correction_bias.copy_(torch.tensor([0.2, 0.2, 0, 0, 0, 0, 0, 0]))
+    return model
+
+
+def _imbalance(model: Transformer) -> float:
+    """max / mean tokens per expert over 512 validation tokens (1 when perfectly balanced)."""
+    batch = random_batch(VAL, 16, 32, torch.Generator().manual_seed(123))
+    model.train()  # the router records its loads in training mode
+    with torch.no_grad():
+        model(batch[:, :-1])
+    load = moe_routers(model)[0].tokens_per_expert
+    assert load is not None
+    return float(load.max() / load.float().mean())
+
+
+@pytest.mark.parametrize("balance", ["bias", "aux_loss"])
+def test_skewed_router_ends_balanced(balance: str) -> None:
+    # Measured max/mean (seeds 0-3): 2.7-3.5 at init; after 80 steps 4.0 without balancing
+    # (every token on two experts), 1.2-1.5 with the V3 bias update (rate 5e-3; V3's 1e-3 needs
+    # more steps than a test has), 1.2-1.9 with the V2 loss (alpha 0.1).
+    on: dict[str, Any] = (dict(router_bias_rate=5e-3) if balance == "bias"
+                          else dict(router_bias_rate=0.0, moe_aux_loss=0.1))
+    s = _settings(steps=80, batch_size=8, eval_batches=1)
+    before = _imbalance(_skewed_moe(0))
+    unbalanced, balanced = _skewed_moe(0), _skewed_moe(0)
+    off = train(unbalanced, TRAIN, VAL, dataclasses.replace(s, router_bias_rate=0.0), progress=False)
+    result = train(balanced, TRAIN, VAL, dataclasses.replace(s, **on), progress=False)
+    assert result.train_losses[0] == off.train_losses[0]  # the LM part, without the aux loss
+    assert before > 2.5
+    assert _imbalance(unbalanced) > 3.5
+    assert _imbalance(balanced) < 2.0
+
+
+def test_router_bias_update_follows_the_loads() -> None:
+    # DeepSeek-V3 s2.1.2: b_i -= gamma when expert i is overloaded, += gamma when underloaded.
+    router = moe_routers(_model("mla-moe"))[0]
+    loads = torch.tensor([[10, 2, 4, 0, 4, 4, 4, 4]])  # mean 4
+    update_router_bias([router], loads, 0.01)
+    expected = 0.01 * torch.tensor([-1.0, 1, 0, 1, 0, 0, 0, 0])
+    assert torch.equal(router.e_score_correction_bias, expected)
+
+
+def test_balance_loss_value_and_gradient() -> None:
+    # DeepSeek-V2 s2.2.3 on a routing worked out by hand: E = 4 softmax experts, K = 1; token
+    # one-hot x_t and W = ln(3) I give probabilities 1/2 for the token's own expert, 1/6 for each
+    # other. Three tokens choose expert 0, one expert 1: f = E / (K T) * count = (3, 1, 0, 0),
+    # P_0 = (3/2 + 1/6) / 4 = 5/12, P_1 = (3/6 + 1/2) / 4 = 1/4, loss = 3 * 5/12 + 1/4 = 3/2
+    # (1 when balanced).
+    cfg = MoEConfig(n_routed_experts=4, n_shared_experts=0, num_experts_per_tok=1, moe_intermediate_size=4)
+    router = Router(4, cfg).train()
+    with torch.no_grad():
+        router.weight.copy_(math.log(3) * torch.eye(4))
+    router(torch.eye(4)[[0, 0, 0, 1]])
+    loads = expert_loads([router])
+    assert loads.tolist() == [[3, 1, 0, 0]]
+    loss = balance_loss([router], loads)
+    torch.testing.assert_close(loss, torch.tensor(1.5))
+    loss.backward()
+    grad = router.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    # Descending it takes probability from the overloaded expert 0.
+    assert router.mean_scores is not None
+    p0 = float(router.mean_scores[0].detach())
+    with torch.no_grad():
+        router.weight.sub_(0.5 * grad)
+    router(torch.eye(4)[[0, 0, 0, 1]])
+    assert router.mean_scores is not None and float(router.mean_scores[0].detach()) < p0
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -181,7 +354,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pyte
     after = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
     assert all(after[name] == data for name, data in before.items())  # old files untouched
     assert read_state(tmp_path / "b")["step"] == 2
-    model_from_checkpoint(tmp_path / "b")  # loadable, hashes match
+    load(tmp_path / "b")  # loadable, hashes match
     # ... and resumable to the same losses as never failing.
     resumed = train(_model("mla"), TRAIN, VAL, s4, out_dir=str(tmp_path / "b"), resume=True,
                     progress=False)
@@ -229,8 +402,10 @@ def test_bad_data_and_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "too short" in run("--data", str(tmp_path / "short.txt"))
     (tmp_path / "ok.txt").write_text(TEXT)
     assert "--steps must be >= 1" in run("--data", str(tmp_path / "ok.txt"), "--steps", "0")
+    assert "--moe-aux-loss must be a number >= 0" in run("--data", str(tmp_path / "ok.txt"),
+                                                        "--moe-aux-loss", "-1")
     assert "unknown --attn 'mxa'" in _error(capsys, ["train", "--attn", "mxa", "--out", str(tmp_path)])
-    assert "vocab_size" in _error(capsys, ["train", "--preset", "deepseek-v3", "--out", str(tmp_path)])
+    assert "GiB of weights" in _error(capsys, ["train", "--preset", "deepseek-v3", "--out", str(tmp_path)])
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     assert "cannot write to output directory" in _error(
@@ -254,6 +429,18 @@ def test_bad_checkpoints_lose_nothing(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "lr is 0.003 in the checkpoint" in _error(
         capsys, [*base, "--attn", "mla", "--steps", "4", "--lr", "0.01", "--resume"])
     assert _snapshot(out) == good
+    # Balancing settings bind only models with experts: a dense run resumes whatever they say.
+    assert main([*base, "--attn", "mla", "--steps", "2", "--router-bias-rate", "0.01", "--resume"]) == 0
+    capsys.readouterr()
+    moe_out = tmp_path / "moe"
+    moe = ["train", "--preset", "tiny-mla-moe", "--seq-len", "32", "--batch-size", "2", "--quiet",
+           "--data", str(data), "--out", str(moe_out), "--steps", "2"]
+    assert main(moe) == 0
+    capsys.readouterr()
+    moe_good = _snapshot(moe_out)
+    assert "router_bias_rate is 0.001 in the checkpoint, 0.01 here" in _error(
+        capsys, [*moe, "--router-bias-rate", "0.01", "--resume"])
+    assert _snapshot(moe_out) == moe_good
 
     state = read_state(out)
     weights = out / state["files"]["model"]
@@ -272,25 +459,73 @@ def test_bad_checkpoints_lose_nothing(tmp_path: Path, capsys: pytest.CaptureFixt
     assert read_state(out)["step"] == 3
 
 
+def test_cosine_run_is_not_extended(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    out = tmp_path / "run"
+    base = ["train", "--attn", "mha", *CLI_SIZE, "--data", str(data), "--out", str(out),
+            "--warmup-steps", "2"]
+    assert main([*base, "--steps", "4"]) == 0
+    capsys.readouterr()
+    good = _snapshot(out)
+    line = _error(capsys, [*base, "--steps", "6", "--resume"])
+    assert line.startswith("latentattn: error: cannot extend a cosine run from --steps 4 to 6 "
+                           "exactly: its LR depends on the total steps"), line
+    assert _snapshot(out) == good
+    assert "schedule is 'cosine' in the checkpoint, 'wsd' here" in _error(
+        capsys, [*base, "--steps", "4", "--resume", "--schedule", "wsd"])
+    assert "--decay-frac must be in [0, 1]" in _error(capsys, [*base, "--steps", "4", "--decay-frac", "2"])
+    assert _snapshot(out) == good
+    # A checkpoint from before --schedule existed ran cosine: it resumes with the default flags.
+    state = json.loads(good["state.json"])
+    for key in ("schedule", "decay_frac"):
+        del state["settings"][key]
+    (out / "state.json").write_text(json.dumps(state))
+    assert main([*base, "--steps", "4", "--resume"]) == 0
+
+
 # ---------------------------------------------------------------------------- torchrun
 def _gloo() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_gloo_available()
 
 
+def _torchrun(cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in its own process group; past ``timeout`` (a collective that hangs) kill the
+    launcher and its ranks and fail, rather than block the suite."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s (hung?):\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+# MoE: each rank's tokens choose other experts; the router biases (all-reduced loads) and the V2
+# balance loss (global f_i) must give the ranks one process's update.
+TORCHRUN_MODELS = {
+    "dsa": ["--attn", "dsa", *CLI_SIZE, "--dsa-warmup-steps", "2"],
+    "moe": ["--preset", "tiny-mla-moe", "--seq-len", "32", "--batch-size", "4", "--quiet",
+            "--moe-aux-loss", "0.01"],
+}
+
+
 @pytest.mark.skipif(not _gloo(), reason="torch.distributed with the gloo backend is unavailable")
+@pytest.mark.parametrize("model", list(TORCHRUN_MODELS))
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_torchrun_two_ranks_match_one_process(fsdp: bool, tmp_path: Path,
+def test_torchrun_two_ranks_match_one_process(fsdp: bool, model: str, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "text.txt"
     data.write_text(TEXT)
-    args = ["train", "--attn", "dsa", *CLI_SIZE, "--data", str(data), "--steps", "4",
-            "--dsa-warmup-steps", "2", "--eval-every", "2"]
+    args = ["train", *TORCHRUN_MODELS[model], "--data", str(data), "--steps", "4", "--eval-every", "2"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     capsys.readouterr()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "latentattn", *args, "--out", str(tmp_path / "two"), *(["--fsdp"] if fsdp else [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = _torchrun([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      "--nproc_per_node", "2", "-m", "latentattn", *args, "--out", str(tmp_path / "two"),
+                      *(["--fsdp"] if fsdp else [])])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("validation loss") == 1  # rank 0 reports
     one, two = read_state(tmp_path / "one"), read_state(tmp_path / "two")
@@ -298,8 +533,8 @@ def test_torchrun_two_ranks_match_one_process(fsdp: bool, tmp_path: Path,
     # DDP/FSDP average the ranks' gradients: the mean over the global batch, as one process.
     torch.testing.assert_close(torch.tensor(two["train_losses"]), torch.tensor(one["train_losses"]),
                                atol=1e-5, rtol=0)
-    a = model_from_checkpoint(tmp_path / "one").state_dict()
-    b = model_from_checkpoint(tmp_path / "two").state_dict()
+    a = load(tmp_path / "one").state_dict()
+    b = load(tmp_path / "two").state_dict()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-4)
     assert json.loads((tmp_path / "two" / "state.json").read_text())["step"] == 4

@@ -1,8 +1,13 @@
 """latentattn: Multi-head Latent Attention and the attention family it is measured against.
 
 >>> import latentattn
->>> model = latentattn.Transformer(latentattn.get_preset("tiny-mla"))
+>>> model = latentattn.load("tiny-mla", seed=0)       # a preset, a checkpoint or a train run
 """
+
+from __future__ import annotations
+
+import os
+from typing import Any
 
 from latentattn.cache import KVCache
 from latentattn.config import (
@@ -14,17 +19,23 @@ from latentattn.config import (
     YarnConfig,
 )
 from latentattn.errors import CacheOverflowError, CheckpointError, ConfigError, LatentAttnError
+from latentattn.loading import load, load_config, load_tokenizer
 from latentattn.model import Transformer, generate
 from latentattn.presets import PRESETS, get_preset
 
 __version__ = "0.1.0"
 
 
-def from_pretrained(path: str, **overrides: object) -> Transformer:
-    """Load a Hugging Face DeepSeek-V2/V3/V3.2 checkpoint directory; see ``latentattn.interop.hf``."""
-    from latentattn.interop.hf import from_pretrained as _load
+def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Transformer:
+    """``latentattn.load(path, **kwargs)``: the name transformers users look for."""
+    return load(path, **kwargs)
 
-    return _load(path, **overrides)
+
+def save_pretrained(model: Transformer, path: str | os.PathLike[str], **kwargs: Any) -> None:
+    """Write a Hugging Face DeepSeek-V2/V3/V3.2 checkpoint directory; see ``latentattn.interop.hf``."""
+    from latentattn.interop.hf import save_pretrained as _save
+
+    _save(model, path, **kwargs)
 
 
 __all__ = [
@@ -44,4 +55,8 @@ __all__ = [
     "from_pretrained",
     "generate",
     "get_preset",
+    "load",
+    "load_config",
+    "load_tokenizer",
+    "save_pretrained",
 ]

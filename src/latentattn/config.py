@@ -214,13 +214,20 @@ class MoEConfig:
                 f"MoEConfig.topk_method {self.topk_method!r} does not go with scoring_func "
                 f"{self.scoring_func!r} (allowed: {', '.join(valid[self.scoring_func])})"
             )
-        if self.topk_method != "greedy":
-            experts_in_groups = self.topk_group * (self.n_routed_experts // self.n_group)
-            if experts_in_groups < self.num_experts_per_tok:
-                raise ConfigError(
-                    f"MoEConfig: topk_group={self.topk_group} groups hold {experts_in_groups} experts, "
-                    f"fewer than num_experts_per_tok={self.num_experts_per_tok}"
-                )
+        per_group = self.n_routed_experts // self.n_group
+        if self.topk_method == "noaux_tc" and per_group < 2:
+            # V3 ranks each group by the sum of its two best biased scores (transformers'
+            # DeepseekV3TopkRouter: topk(2) over every group, whatever n_group is).
+            raise ConfigError(
+                f"MoEConfig.n_group ({self.n_group}) leaves {per_group} expert per group of "
+                f"n_routed_experts ({self.n_routed_experts}); noaux_tc needs at least 2 per group"
+            )
+        if self.topk_method != "greedy" and self.topk_group * per_group < self.num_experts_per_tok:
+            raise ConfigError(
+                f"MoEConfig.num_experts_per_tok ({self.num_experts_per_tok}) exceeds the "
+                f"{self.topk_group * per_group} experts in topk_group ({self.topk_group}) of the "
+                f"n_group ({self.n_group}) groups"
+            )
 
 
 @dataclass(frozen=True)
@@ -261,11 +268,35 @@ class ModelConfig:
         return self.moe is not None and layer >= self.moe.first_k_dense_replace
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with top-level fields changed; ``mla_impl=...`` changes ``attention.impl``."""
-        impl = changes.pop("mla_impl", None)
+        """A copy with top-level fields changed, plus the knobs a user tunes on a loaded model:
+        ``mla_impl`` (``attention.impl``), ``index_topk`` and ``indexer_key_cache`` (the DSA
+        indexer's k and its key-cache format, ``"model"`` or ``"fp8"``)."""
+        nested = {k: changes.pop(k) for k in NESTED_OVERRIDES if changes.get(k) is not None}
+        changes = {k: v for k, v in changes.items() if k not in NESTED_OVERRIDES}
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig field(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(ModelConfig.overridable()))}")
         cfg = dataclasses.replace(self, **changes)
-        if impl is not None:
-            if not isinstance(cfg.attention, MLAConfig):
-                raise ConfigError("mla_impl applies only to MLA models")
-            cfg = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, impl=impl))
-        return cfg
+        a = cfg.attention
+        if "mla_impl" in nested:
+            if not isinstance(a, MLAConfig):
+                raise ConfigError(f"mla_impl applies only to MLA models; {cfg.name} is {a.name.upper()}")
+            a = dataclasses.replace(a, impl=nested["mla_impl"])
+        indexer = {f: nested[k] for k, f in (("index_topk", "index_topk"),
+                                              ("indexer_key_cache", "key_cache")) if k in nested}
+        if indexer:
+            if not isinstance(a, MLAConfig) or a.indexer is None:
+                raise ConfigError(f"{', '.join(k for k in nested if k != 'mla_impl')} applies only "
+                                  f"to DSA models (an MLA config with an indexer); {cfg.name} has none")
+            a = dataclasses.replace(a, indexer=dataclasses.replace(a.indexer, **indexer))
+        return cfg if a is cfg.attention else dataclasses.replace(cfg, attention=a)
+
+    @staticmethod
+    def overridable() -> set[str]:
+        """Names ``replace`` accepts: the top-level fields and the nested knobs."""
+        return {f.name for f in dataclasses.fields(ModelConfig)} | set(NESTED_OVERRIDES)
+
+
+# Keys of ModelConfig.replace that reach into the attention config.
+NESTED_OVERRIDES = ("mla_impl", "index_topk", "indexer_key_cache")

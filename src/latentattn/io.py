@@ -1,8 +1,17 @@
 """Writing result files atomically (a temp file beside the target, then ``os.replace``), so a
-reader never sees half a file and a crash leaves the old one."""
+reader never sees half a file and a crash leaves the old one.
+
+The rename is atomic but not durable by itself: without an fsync of the file first, a crash soon
+after can leave the new name on a zero-length or partial file (ext4's delayed allocation, the
+2009 "O_PONIES" data-loss reports; POSIX makes no ordering promise between data and metadata),
+and without an fsync of the directory after it the rename itself may be lost. Hence
+write -> fsync(file) -> rename -> fsync(dir), as SQLite and PostgreSQL do (``durable_rename`` in
+PostgreSQL's ``fd.c``).
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -20,18 +29,48 @@ def check_parent(path: str | Path, flag: str) -> None:
         raise LatentAttnError(f"{flag}: directory {parent} does not exist")
 
 
+def fsync_file(path: str | Path) -> None:
+    """Flush ``path``'s data to stable storage (before it is renamed into place)."""
+    # "rb+": Windows' FlushFileBuffers needs a handle opened for writing; POSIX takes any.
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush directory ``path``'s entries (a rename or unlink in it) to stable storage.
+
+    Skipped where a directory cannot be opened (Windows, whose NTFS journals the rename) or
+    cannot be fsynced (EINVAL from some network and FUSE filesystems).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], object], suffix: str = "") -> None:
-    """Run ``write(tmp_path)`` on a temp file beside ``path``, then rename it over ``path``."""
+    """Run ``write(tmp_path)`` on a temp file beside ``path``, fsync it, rename it over ``path``
+    and fsync the directory: afterwards ``path`` holds the new content even across a crash,
+    and a failure at any point before the rename leaves the old file and no temp file."""
     check_parent(path, str(path))
     target = Path(path).resolve()
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
     os.close(fd)
     try:
         write(tmp)
+        fsync_file(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(target.parent)
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -4,6 +4,9 @@ DeepSeek keeps a few small tensors in fp32 in bf16 models: the MoE routing bias
 (transformers' ``_keep_in_fp32_modules_strict = ["e_score_correction_bias"]``) and the lightning
 indexer's per-head weights (DeepSeek-V3.2 ``inference/model.py``: ``weights_proj`` in fp32). Their
 sums are what top-k choices hinge on, so bf16 rounding would change which experts or keys win.
+
+Also: ``resolve_dtype`` / ``resolve_device``, the one place user-given dtype and device names
+become torch objects (or a ConfigError naming the bad value).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from latentattn.errors import ConfigError
 
 
 class KeepFloat32(nn.Module):
@@ -36,3 +41,28 @@ class Float32Linear(KeepFloat32, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.weight, None if self.bias is None else self.bias.float())
+
+
+def resolve_dtype(dtype: object) -> torch.dtype:
+    """A floating torch.dtype from itself or its name (``"bfloat16"``, ``"torch.float32"``)."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    value = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ConfigError(f"dtype must be a floating torch.dtype or its name, got {dtype!r}")
+    return value
+
+
+def resolve_device(device: object) -> torch.device:
+    """A torch.device from itself or a string; None is the CPU."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise ConfigError(f"device must be a torch.device or a string, got {device!r}")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r} is not a device torch knows (cpu, cuda, cuda:1, "
+                          "mps, ...)") from None

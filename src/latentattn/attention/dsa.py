@@ -85,7 +85,7 @@ class SparseLatentAttention(MultiHeadLatentAttention):
             cache.write(step, latent, k_i)
             # Read back even on a fresh prefill: with the fp8 key cache, prefill and decode must
             # score the same quantised keys or they select differently.
-            latent, k_i = cache.read(step)
+            latent, k_i = cache.read(step, latent.dtype)  # k_i: fp32, as scored
         k_i = k_i.float()
         t, s = x.shape[1], latent.shape[1]
         need_selection = self.mode == "sparse" or self.record

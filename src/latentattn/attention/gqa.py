@@ -44,7 +44,7 @@ class GroupedQueryAttention(nn.Module):
         if cache is not None:
             cache.write(step, k, v)
             if not step.causal:
-                k, v = cache.read(step)  # (B, S, Hkv, D)
+                k, v = cache.read(step, k.dtype)  # (B, S, Hkv, D), whatever the cache's dtype
         o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale,
                       mask=step.mask, causal=step.causal)  # (B, H, T, D)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim))

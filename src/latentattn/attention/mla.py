@@ -152,14 +152,14 @@ class MultiHeadLatentAttention(nn.Module):
             k, v = self.decompress(c, k_rope)
             cache.write(step, k, v)
             if not step.causal:
-                k, v = cache.read(step)
+                k, v = cache.read(step, k.dtype)  # the compute dtype, whatever the cache's
             return self.o_proj(self._attend_heads(q, k, v, step))
 
         latent = torch.cat((c, k_rope), dim=-1)  # (B, T, d_c + d_r)
         if cache is not None:
             cache.write(step, latent)
             if not step.causal:
-                (latent,) = cache.read(step)
+                (latent,) = cache.read(step, latent.dtype)
         if self.use_absorbed(x.shape[1]):
             return self.o_proj(self.absorbed(q, latent, step))
         c_all, k_rope_all = latent.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)

@@ -1,6 +1,3 @@
-"""Calculators and benchmarks: KV-cache bytes, parameter counts, decode-step timings."""
-
-from latentattn.bench.kv_bytes import KVRow, KVTable, cache_bytes_per_token_per_layer, kv_table
-from latentattn.bench.params import count_parameters
-
-__all__ = ["KVRow", "KVTable", "cache_bytes_per_token_per_layer", "count_parameters", "kv_table"]
+"""Benchmarks that write JSON and plots: decode-step timings (``decode``), DSA against dense MLA
+(``dsa``) and the indexer warm-up on real text (``indexer``). The calculators they report beside
+their timings live in :mod:`latentattn.calc`, the timing helpers in :mod:`latentattn.timing`."""

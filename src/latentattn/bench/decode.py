@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
-import platform
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,11 +24,10 @@ from latentattn.cache.kv import DenseKV, KVCache, LatentKV
 from latentattn.config import GQAConfig, MLAConfig, ModelConfig, RopeConfig, YarnConfig
 from latentattn.errors import LatentAttnError
 from latentattn.rope import RotaryEmbedding
+from latentattn.timing import ReportHeader, machine_info, median_of, time_call
 
 VARIANTS: tuple[str, ...] = ("mha", "gqa-8", "mla-naive", "mla-absorb", "transformers")
 HF_EXTRA_HINT = "pip install latentattn[hf]"
-SLOW_CALL_S = 2.0  # calls slower than this get at most SLOW_REPEATS timed repeats
-SLOW_REPEATS = 2
 FILL_CHUNK = 2048  # tokens per row projected at a time when filling caches (bounds memory)
 
 
@@ -111,10 +108,7 @@ class Result:
 
 
 @dataclass
-class BenchReport:
-    machine: dict[str, Any]
-    dims: dict[str, Any]
-    dtype: str
+class BenchReport(ReportHeader):
     contexts: list[int]
     batches: list[int]
     variants: list[str]
@@ -122,10 +116,7 @@ class BenchReport:
     notes: list[str] = field(default_factory=list)
 
     def median(self, variant: str, batch: int, context: int) -> float | None:
-        for r in self.results:
-            if (r.variant, r.batch, r.context) == (variant, batch, context):
-                return r.median_ms
-        return None
+        return median_of(self.results, variant=variant, batch=batch, context=context)
 
     def speedups(self) -> dict[str, dict[str, float]]:
         """``{"b{batch}_ctx{context}": {"absorb_vs_naive": x, "absorb_vs_transformers": y}}``."""
@@ -154,55 +145,12 @@ class BenchReport:
         }
 
 
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-    }
-    if hasattr(os, "getloadavg"):
-        # Other processes on a 2-core machine change decode timings several-fold: record it.
-        info["loadavg_1_5_15_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
-    return info
-
-
 def hf_available() -> bool:
     try:
         import transformers.models.deepseek_v3.modeling_deepseek_v3  # noqa: F401
     except ImportError:
         return False
     return True
-
-
-def time_call(fn: Callable[[], object], repeats: int, after: Callable[[], None] | None = None,
-              warmup: bool = True) -> list[float]:
-    """Milliseconds of ``repeats`` calls after 1-2 warmups; slow calls get fewer repeats.
-
-    ``after`` runs after each call, outside the timer (rolling a cache back). ``warmup=False``
-    is for calls of many seconds, whose one-off allocation costs are noise.
-    """
-    def once() -> float:
-        t0 = time.perf_counter()
-        fn()
-        ms = (time.perf_counter() - t0) * 1e3
-        if after is not None:
-            after()
-        return ms
-
-    if not warmup:
-        return [once() for _ in range(max(1, repeats))]
-    warm = once()
-    if warm > SLOW_CALL_S * 1e3:
-        repeats = min(repeats, SLOW_REPEATS)
-    else:
-        once()  # a second warmup: the first call pays one-off allocations
-    return [once() for _ in range(max(1, repeats))]
 
 
 def _latents(mla: MultiHeadLatentAttention, rotary: RotaryEmbedding, batch: int, context: int,

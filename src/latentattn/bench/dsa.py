@@ -27,12 +27,12 @@ from typing import Any
 import torch
 
 from latentattn.attention.dsa import SparseLatentAttention
-from latentattn.bench.decode import machine_info, time_call
 from latentattn.cache.kv import IndexedLatentKV, KVCache, fresh_step
 from latentattn.config import IndexerConfig, MLAConfig, ModelConfig, RopeConfig, YarnConfig
 from latentattn.kernels.sparse import select_topk, sparse_mqa
 from latentattn.model.transformer import Transformer
 from latentattn.rope import RotaryEmbedding
+from latentattn.timing import ReportHeader, machine_info, median_of, time_call
 
 
 @dataclass(frozen=True)
@@ -94,10 +94,7 @@ class Point:
 
 
 @dataclass
-class DSAReport:
-    machine: dict[str, Any]
-    dims: dict[str, Any]
-    dtype: str
+class DSAReport(ReportHeader):
     topks: list[int]
     decode_contexts: list[int]
     prefill_contexts: list[int]
@@ -105,10 +102,7 @@ class DSAReport:
     notes: list[str] = field(default_factory=list)
 
     def ms(self, kind: str, variant: str, context: int) -> float | None:
-        for p in self.points:
-            if (p.kind, p.variant, p.context) == (kind, variant, context):
-                return p.median_ms
-        return None
+        return median_of(self.points, kind=kind, variant=variant, context=context)
 
     def decode_summary(self) -> list[dict[str, Any]]:
         """Per context and k: dense/sparse ratio and the indexer's share of the sparse step."""

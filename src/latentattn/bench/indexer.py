@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from latentattn.bench.decode import machine_info
 from latentattn.config import IndexerConfig, MLAConfig, ModelConfig, RopeConfig
 from latentattn.data import byte_tokens, random_batch, train_val_split
 from latentattn.model.transformer import Transformer
+from latentattn.timing import machine_info
 from latentattn.train.dsa import indexer_loss, selection_recall, set_dsa_stage
 
 

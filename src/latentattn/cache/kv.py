@@ -65,9 +65,16 @@ class LayerCache:
             for buf, val in zip(self.buffers, values, strict=True):
                 buf[r, p] = val[step.valid].to(buf.dtype)
 
-    def read(self, step: Step) -> tuple[torch.Tensor, ...]:
-        """The first step.kv_len positions of each buffer, (B, kv_len, ...) views."""
+    def views(self, step: Step) -> tuple[torch.Tensor, ...]:
+        """The first step.kv_len positions of each buffer as stored, (B, kv_len, ...) views."""
         return tuple(buf[:, : step.kv_len] for buf in self.buffers)
+
+    def read(self, step: Step, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+        """The first step.kv_len positions of each buffer, (B, kv_len, ...), cast to ``dtype``:
+        the attention's compute dtype (None: as stored). A cache may be kept in another dtype
+        than the model's (bf16 for an fp32 model halves it; writes cast to the buffer's dtype),
+        and attention needs q, k and v in one dtype. Views when the dtypes agree."""
+        return tuple(v if dtype is None else v.to(dtype) for v in self.views(step))
 
     @property
     def nbytes(self) -> int:
@@ -127,12 +134,14 @@ class IndexedLatentKV(LatentKV):
         else:
             super().write(step, latent, index_k)
 
-    def read(self, step: Step) -> tuple[torch.Tensor, ...]:
-        """latent (B, S, d_c + d_r), index keys (B, S, d_I) fp32."""
-        parts = super().read(step)
+    def read(self, step: Step, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+        """latent (B, S, d_c + d_r) in ``dtype`` (None: as stored), index keys (B, S, d_I) fp32
+        whatever ``dtype`` is: the indexer scores in fp32."""
+        parts = self.views(step)
+        latent = parts[0] if dtype is None else parts[0].to(dtype)
         if self.fp8:
-            return parts[0], dequantize_e4m3(parts[1], parts[2])
-        return parts[0], parts[1].float()
+            return latent, dequantize_e4m3(parts[1], parts[2])
+        return latent, parts[1].float()
 
 
 class KVCache:

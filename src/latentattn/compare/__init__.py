@@ -2,6 +2,7 @@
 
 One idea per module: ``variants`` (the parameter-matched models), ``sweep`` (``--sweep`` values),
 ``measure`` (KV parameters and bytes, decode speed, DSA recall), ``stats`` (mean, spread, "within
-noise"), ``run`` (train and measure every variant and seed), ``table`` and ``plots`` (the report),
-``cli`` (the subcommand). Nothing here is imported by the rest of latentattn.
+noise"), ``run`` (train and measure every variant and seed), ``table`` and ``plots`` (the report).
+The subcommand is :mod:`latentattn.cli.compare`. Nothing here is imported by the rest of
+latentattn but the CLI.
 """

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from latentattn.bench.decode import machine_info
 from latentattn.compare.measure import (
     decode_tokens_per_s,
     dsa_recall,
@@ -28,7 +27,9 @@ from latentattn.compare.measure import (
 )
 from latentattn.compare.stats import NOISE_RULE, Summary, noise_pairs, pareto_front
 from latentattn.compare.variants import Variant, build_variants
+from latentattn.loading import load
 from latentattn.model.transformer import Transformer
+from latentattn.timing import machine_info
 from latentattn.train.dsa import set_dsa_stage
 from latentattn.train.family import FamilySize
 from latentattn.train.loop import TrainSettings, evaluate, train
@@ -187,8 +188,7 @@ class CompareReport:
 def _train_one(variant: Variant, seed: int, settings: CompareSettings, train_tokens: torch.Tensor,
                val_tokens: torch.Tensor, progress: bool) -> tuple[Transformer, SeedRun]:
     ts = dataclasses.replace(settings.train, seed=seed)
-    torch.manual_seed(seed)
-    model = Transformer(variant.config)
+    model = load(variant.config, seed=seed)
     result = train(model, train_tokens, val_tokens, ts, progress=progress)
     dsa = variant.kind == "dsa"
     dense_loss: float | None = None

@@ -31,9 +31,11 @@ from latentattn.interop.hf_config import (
     SUPPORTED_MODEL_TYPES,
     config_from_hf,
     config_to_hf,
+    mtp_layers_from_hf,
 )
+from latentattn.io import fsync_dir, fsync_file
 from latentattn.model.transformer import Transformer
-from latentattn.rope import RotaryEmbedding
+from latentattn.precision import resolve_device, resolve_dtype
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -112,50 +114,30 @@ def _hf(our_name: str) -> str:
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def _ignored(hf_name: str, cfg: ModelConfig) -> bool:
+def _ignored(hf_name: str, cfg: ModelConfig, mtp: range) -> bool:
     """Checkpoint tensors that are not part of the model and are skipped, as transformers does."""
     m = _LAYER.match(hf_name)
-    if m and int(m.group(1)) >= cfg.n_layers:
-        # DeepSeek-V3 ships its multi-token-prediction module as layer 61
-        # (_keys_to_ignore_on_load_unexpected in modeling_deepseek_v3.py).
+    if m and int(m.group(1)) in mtp:
+        # DeepSeek-V3 ships its multi-token-prediction module as layer 61, which transformers
+        # skips (_keys_to_ignore_on_load_unexpected in modeling_deepseek_v3.py). Only the layers
+        # config.json declares as MTP: any other layer past the model is an error.
         return True
     if hf_name.endswith("rotary_emb.inv_freq"):
         return True  # old remote-code checkpoints saved the RoPE buffer; we recompute it
     return hf_name == "lm_head.weight" and cfg.tie_word_embeddings  # tied: the embedding is it
 
 
-def _resolve_dtype(dtype: object) -> torch.dtype:
-    if dtype is None:
+def checkpoint_dtype(raw: dict[str, Any], source: str) -> torch.dtype:
+    """The dtype a checkpoint was saved in: config.json's ``dtype`` (transformers 5) or
+    ``torch_dtype`` (4.x); float32 when it names none. An FP8 release (DeepSeek-V3's
+    ``quantization_config``) says bfloat16 there, which is what its dequantised weights become."""
+    name = raw.get("dtype", raw.get("torch_dtype"))
+    if name is None or name == "auto":
         return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else None
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ConfigError(f"dtype must be a floating torch.dtype or its name, got {dtype!r}")
-    return value
-
-
-def _resolve_device(device: object) -> torch.device:
-    if device is None:
-        return torch.device("cpu")
-    if not isinstance(device, (str, torch.device)):
-        raise ConfigError(f"device must be a torch.device or a string, got {device!r}")
-    return torch.device(device)
-
-
-def _build_empty(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
-    """The model with uninitialised storage (no random init, one copy of the weights)."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to(dtype=dtype)
-    model.to_empty(device=device)
-    # to_empty replaces each module's parameters separately, which unties shared ones.
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    # Non-persistent buffers are not in the checkpoint: rebuild the fp32 RoPE tables.
-    model.rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope, cfg.max_seq_len).to(device)
-    # The routing bias and the indexer's head weights stay fp32: latentattn.precision.
-    return model
+    try:
+        return resolve_dtype(name)
+    except ConfigError:
+        raise ConfigError(f"{source}: dtype {name!r} is not a floating torch dtype") from None
 
 
 def from_pretrained(
@@ -163,12 +145,16 @@ def from_pretrained(
     # `object`, checked at run time: latentattn.from_pretrained forwards **overrides: object.
     dtype: object = None,
     device: object = None,
+    cfg: ModelConfig | None = None,
     **overrides: Any,
 ) -> Transformer:
     """Load a Hugging Face DeepSeek-V2/V3/V3.2 checkpoint directory (config.json + safetensors).
 
-    ``dtype`` defaults to float32; FP8 block-scaled weights (DeepSeek-V3's release) are
-    dequantized. ``overrides`` are ModelConfig fields, e.g. ``mla_impl="absorb"``.
+    ``dtype=None`` keeps the checkpoint's own dtype (config.json's ``dtype``/``torch_dtype``:
+    a bf16 checkpoint loads as bf16); FP8 block-scaled weights (DeepSeek-V3's release) are
+    dequantized. ``overrides`` are ModelConfig fields, e.g. ``mla_impl="absorb"``; or ``cfg``,
+    the config already mapped from config.json with its overrides (``latentattn.load`` passes it).
+    Most callers want :func:`latentattn.load`, which reads every kind of model.
     Raises CheckpointError for a missing file or tensor, an extra tensor or a wrong shape.
     """
     root = Path(path)
@@ -181,12 +167,16 @@ def from_pretrained(
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
-    cfg = config_from_hf(raw, source=str(config_path), **overrides)
+    if cfg is None:
+        cfg = config_from_hf(raw, source=str(config_path), **overrides)
+    elif overrides:
+        raise ConfigError("give from_pretrained either cfg or overrides, not both")
+    mtp = mtp_layers_from_hf(raw, source=str(config_path))
     quant = raw.get("quantization_config") or {}
     block_size = quant.get("weight_block_size") or [128, 128]
     block = (int(block_size[0]), int(block_size[1]))
-    target_dtype = _resolve_dtype(dtype)
-    dev = _resolve_device(device)
+    target_dtype = checkpoint_dtype(raw, str(config_path)) if dtype is None else resolve_dtype(dtype)
+    dev = resolve_device(device)
 
     from safetensors import safe_open
 
@@ -197,22 +187,25 @@ def from_pretrained(
         for h in handles:
             for k in h.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
                 where[k] = h
-        model = _build_empty(cfg, target_dtype, dev)
+        model = Transformer.empty(cfg, target_dtype, dev)
         state = model.state_dict()
         expected = {_hf(k): k for k in state if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
 
         scales = {k for k in where if k.endswith("_scale_inv")}
         extra = [
             k for k in where
-            if k not in expected and k not in scales and not _ignored(k, cfg)
+            if k not in expected and k not in scales and not _ignored(k, cfg, mtp)
             # DeepseekV2/V3/V32MoE always builds shared_experts; with n_shared_experts == 0 its
             # weights are empty tensors that our MoE (shared_experts=None) has no slot for.
             and not (".shared_experts." in k and 0 in where[k].get_slice(k).get_shape())
         ]
         if extra:
+            beyond = any((m := _LAYER.match(k)) and int(m.group(1)) >= cfg.n_layers for k in extra)
             raise CheckpointError(
                 f"{root}: unexpected tensor(s) not in the model: {', '.join(sorted(extra)[:5])}"
                 + (f" (and {len(extra) - 5} more)" if len(extra) > 5 else "")
+                + (f" (config.json declares {mtp.start} layer(s) and {len(mtp)} "
+                   "multi-token-prediction layer(s), num_nextn_predict_layers)" if beyond else "")
             )
         missing = sorted(k for k in expected if k not in where)
         if missing:
@@ -339,14 +332,20 @@ def save_pretrained(
             else:
                 # metadata format=pt: transformers refuses safetensors files without it.
                 save_file(content, str(tmp), metadata={"format": "pt"})
+            fsync_file(tmp)  # durable before any rename: latentattn.io explains why
         for name in sorted(final, key=lambda n: n == CONFIG_NAME):  # config.json last
             os.replace(temps.pop(name), root / name)
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
+    fsync_dir(root)  # the renames: the new checkpoint is now on disk whole
     # Stale weights of an earlier save (other shard count, or sharded vs single) would be mixed in
     # on load; transformers' save_pretrained deletes them the same way.
     stale = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
+    removed = False
     for p in root.iterdir():
         if stale.match(p.name) and p.name not in final:
             p.unlink()
+            removed = True
+    if removed:
+        fsync_dir(root)  # or a crash could bring the stale shards back beside the new ones

@@ -32,6 +32,7 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
         "topk_method": "greedy",
         "n_group": None,
         "topk_group": None,
+        "num_nextn_predict_layers": 0,  # DeepseekV2Config has no multi-token prediction
     },
     "deepseek_v3": {
         "first_k_dense_replace": 3,
@@ -40,6 +41,7 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
         "topk_method": "noaux_tc",
         "n_group": 8,
         "topk_group": 4,
+        "num_nextn_predict_layers": 1,  # DeepseekV3Config.num_mtp_layers, its alias
     },
 }
 # DeepseekV32Config: V3's defaults plus the number of keys selected (no tensor depends on it).
@@ -258,8 +260,8 @@ def config_from_hf(d: dict[str, Any], *, source: str = CONFIG_NAME, **overrides:
     ``attention.indexer``; ``index_n_heads`` and ``index_head_dim`` are required (they shape
     tensors), a missing ``index_topk`` is transformers' default 2048.
 
-    ``overrides`` are ModelConfig field names (plus ``mla_impl``), applied last; ``source`` names
-    the file in error messages.
+    ``overrides`` go to :meth:`ModelConfig.replace` (fields, ``mla_impl``, ``index_topk``, ...),
+    applied last; ``source`` names the file in error messages.
     """
     if not isinstance(d, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
@@ -330,16 +332,27 @@ def config_from_hf(d: dict[str, Any], *, source: str = CONFIG_NAME, **overrides:
         max_seq_len=f.get("max_position_embeddings", int),
         tie_word_embeddings=f.get("tie_word_embeddings", bool, default=False),
     )
-    if overrides:
-        fields = {fld.name for fld in ModelConfig.__dataclass_fields__.values()} | {"mla_impl"}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ConfigError(
-                f"unknown override(s) {', '.join(unknown)}; ModelConfig fields: "
-                f"{', '.join(sorted(fields))}"
-            )
-        cfg = cfg.replace(**overrides)
-    return cfg
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def mtp_layers_from_hf(d: dict[str, Any], *, source: str = CONFIG_NAME) -> range:
+    """The layer indices of the multi-token-prediction modules config.json declares.
+
+    DeepSeek-V3 (report arXiv 2412.19437 s2.2) stores its MTP module(s) after the decoder, as
+    ``model.layers.{num_hidden_layers + i}`` for i < ``num_nextn_predict_layers`` (layer 61 of
+    the release). latentattn has no MTP, so loading skips exactly these layers; any other layer
+    beyond ``num_hidden_layers`` is a checkpoint that does not match its config. A missing field
+    is transformers' default (1 for V3/V3.2, whose DeepseekV3Config writes its ``num_mtp_layers``
+    under this name; 0 for V2, which has none). Call after :func:`config_from_hf` has checked
+    the file.
+    """
+    f = _Fields(d, source)
+    n_layers = f.get("num_hidden_layers", int)
+    default = _HF_DEFAULTS[f.get("model_type", str)]["num_nextn_predict_layers"]
+    n_mtp = f.get("num_nextn_predict_layers", int, default=default)
+    if n_mtp < 0:
+        raise ConfigError(f"{source}: field 'num_nextn_predict_layers' must be >= 0, got {n_mtp}")
+    return range(n_layers, n_layers + n_mtp)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:

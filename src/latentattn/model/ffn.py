@@ -33,6 +33,11 @@ class Router(KeepFloat32):
     routed_scaling_factor. Same arithmetic as transformers' DeepseekV2/V3TopkRouter. The router
     weight and bias stay fp32 in a bf16 model (a bf16 checkpoint value is exact in fp32, and
     transformers routes in fp32 too, so the choices are the same).
+
+    A forward in training mode records, for :mod:`latentattn.train.balance`,
+    ``tokens_per_expert`` (E,) int64 -- how many tokens chose each expert, without grad -- and
+    ``mean_scores`` (E,) -- each expert's routing probability averaged over the tokens (softmax
+    scores; sigmoid scores normalised per token, DeepSeek-V3 eq. 19), with grad.
     """
 
     e_score_correction_bias: torch.Tensor
@@ -43,6 +48,8 @@ class Router(KeepFloat32):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, dim))
         if cfg.scoring_func == "sigmoid":
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        self.tokens_per_expert: torch.Tensor | None = None
+        self.mean_scores: torch.Tensor | None = None
 
     def _group_mask(self, scores: torch.Tensor, group_scores: torch.Tensor) -> torch.Tensor:
         c = self.cfg
@@ -56,13 +63,13 @@ class Router(KeepFloat32):
         logits = F.linear(x.float(), self.weight)
         per_group = (-1, c.n_group, c.n_routed_experts // c.n_group)
         if c.scoring_func == "softmax":
-            scores = logits.softmax(dim=-1)
+            scores = probs = logits.softmax(dim=-1)
             if c.topk_method == "group_limited_greedy":
                 keep = self._group_mask(scores, scores.view(per_group).amax(dim=-1))
                 scores = scores.masked_fill(~keep, 0.0)
             weights, idx = scores.topk(c.num_experts_per_tok, dim=-1, sorted=False)
         else:
-            scores = logits.sigmoid()
+            scores = probs = logits.sigmoid()
             choice = scores + self.e_score_correction_bias
             group_scores = choice.view(per_group).topk(2, dim=-1).values.sum(dim=-1)
             choice = choice.masked_fill(~self._group_mask(choice, group_scores), float("-inf"))
@@ -70,6 +77,12 @@ class Router(KeepFloat32):
             weights = scores.gather(1, idx)
             if c.norm_topk_prob:
                 weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert = torch.bincount(idx.flatten(), minlength=c.n_routed_experts)
+            if c.scoring_func == "sigmoid":
+                probs = probs / probs.sum(dim=-1, keepdim=True)
+            self.mean_scores = probs.mean(dim=0)
         return weights * c.routed_scaling_factor, idx
 
 
@@ -94,7 +107,13 @@ class MoE(nn.Module):
         weights, idx = self.gate(flat)
         out = torch.zeros_like(flat)
         # Loop over the experts that received tokens: sparse work, no (N, E) dense product.
-        for e in idx.unique().tolist():
+        # Training runs every expert, one no token chose on zero rows: its weights then get a
+        # zero gradient, not none, so every DDP/FSDP2 rank reduces the same gradients whatever
+        # its tokens chose (FSDP2 has no find_unused_parameters; its reduce-scatter of unequal
+        # sets fails) and AdamW updates each expert alike on one process and on N ranks. A
+        # grouped-GEMM MoE (torchtitan) gets the same by computing every expert's slice.
+        experts = range(len(self.experts)) if self.training else idx.unique().tolist()
+        for e in experts:
             token, slot = (idx == e).nonzero(as_tuple=True)
             y = self.experts[e](flat[token]) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))

@@ -54,6 +54,21 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope, cfg.max_seq_len)
         self.apply(self._init_weights)
 
+    @classmethod
+    def empty(cls, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> Transformer:
+        """The model with uninitialised weights (no random init, one copy of the weights), for
+        loaders that fill every tensor from a checkpoint; buffers that are not saved (the RoPE
+        tables) are rebuilt, and fp32-kept tensors stay fp32 (:mod:`latentattn.precision`)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to(dtype=dtype)
+        model.to_empty(device=device)
+        # to_empty replaces each module's parameters separately, which unties shared ones.
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope, cfg.max_seq_len).to(device)
+        return model
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding, Router)):
@@ -119,9 +134,3 @@ class Transformer(nn.Module):
         from latentattn.model.generate import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)  # type: ignore[arg-type]
-
-    def save_pretrained(self, path: str) -> None:
-        """Write a Hugging Face DeepSeek-V2/V3/V3.2 checkpoint directory (config.json + safetensors)."""
-        from latentattn.interop.hf import save_pretrained
-
-        save_pretrained(self, path)

@@ -9,7 +9,7 @@ from latentattn.train.dsa import (
     selection_recall,
     set_dsa_stage,
 )
-from latentattn.train.loop import TrainResult, TrainSettings, evaluate, train
+from latentattn.train.loop import TrainResult, TrainSettings, evaluate, lm_loss, train
 
 __all__ = [
     "TrainResult",
@@ -18,6 +18,7 @@ __all__ = [
     "dsa_layers",
     "evaluate",
     "indexer_loss",
+    "lm_loss",
     "selection_recall",
     "set_dsa_stage",
     "train",

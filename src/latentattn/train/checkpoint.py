@@ -27,12 +27,8 @@ from typing import Any
 
 import torch
 
-from latentattn.attention.dsa import SparseLatentAttention
-from latentattn.config_io import config_from_dict
 from latentattn.errors import CheckpointError, LatentAttnError
 from latentattn.io import atomic_write
-from latentattn.model.transformer import Transformer
-from latentattn.train.dsa import set_dsa_stage
 
 FORMAT = "latentattn-train"
 VERSION = 1
@@ -110,24 +106,6 @@ def load_checkpoint_tensors(out_dir: str | Path, state: dict[str, Any],
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own SafetensorError
         raise CheckpointError(f"corrupt checkpoint {out_dir}: {name} ({e})") from None
-
-
-def model_from_checkpoint(out_dir: str | Path, mla_impl: str | None = None) -> Transformer:
-    """The model a training run saved in ``out_dir`` (eval mode, DSA set for inference);
-    ``mla_impl`` overrides an MLA model's inference form."""
-    state = read_state(out_dir)
-    cfg = config_from_dict(state["model"])
-    if mla_impl is not None:
-        cfg = cfg.replace(mla_impl=mla_impl)
-    model = Transformer(cfg)
-    tensors = load_checkpoint_tensors(out_dir, state, "model")
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise CheckpointError(f"mismatched checkpoint {out_dir}: {' '.join(str(e).split())[:300]}") from None
-    if any(isinstance(b.self_attn, SparseLatentAttention) for b in model.blocks):
-        set_dsa_stage(model, "inference")
-    return model.eval()
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:

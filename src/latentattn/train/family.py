@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from latentattn.bench.params import count_parameters
+from latentattn.calc.params import count_parameters
 from latentattn.config import GQAConfig, IndexerConfig, MLAConfig, ModelConfig, RopeConfig
 from latentattn.errors import ConfigError
 

@@ -1,4 +1,4 @@
-"""Language-model training: AdamW, linear warm-up + cosine LR, clipping, checkpoints, exact resume.
+"""Language-model training: AdamW, linear warm-up + cosine or WSD LR, clipping, checkpoints, exact resume.
 
 One loop for every attention variant, single-process or under ``torchrun`` (DDP, or FSDP2 with
 ``settings.fsdp``). Batches come from :func:`latentattn.data.random_batch` with one CPU
@@ -11,7 +11,15 @@ indexer warm-up with dense attention and nothing frozen (the model learns from t
 indexer from its KL; ``set_dsa_stage(..., freeze=False)``), later steps select top-k keys.
 The loss is LM + indexer KL in both stages; ``train_losses`` records the LM part.
 
-Checkpoints (``out_dir``): :mod:`latentattn.train.checkpoint`.
+MoE models (:mod:`latentattn.train.balance`): sigmoid routers' correction biases move after each
+step by ``router_bias_rate`` (DeepSeek-V3's aux-loss-free balancing), and ``moe_aux_loss`` > 0
+adds DeepSeek-V2's expert-level balance loss (not in ``train_losses`` either).
+
+Checkpoints (``out_dir``): :mod:`latentattn.train.checkpoint`. A resume continues exactly: the
+same steps give the same losses and weights as never stopping. A resume to another ``steps`` is
+exact too where the LR of every step already taken is the one the new ``steps`` gives it (always
+before a WSD run's decay, only in the warm-up for cosine), and refused elsewhere; a DSA run keeps
+its checkpoint's ``dsa_warmup_steps``.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +45,7 @@ from latentattn.config_io import config_from_dict, config_to_dict
 from latentattn.data import random_batch
 from latentattn.errors import CheckpointError, ConfigError, LatentAttnError
 from latentattn.model.transformer import Transformer
+from latentattn.train.balance import RouterBalancer
 from latentattn.train.checkpoint import (
     FORMAT,
     STATE_FILE,
@@ -44,7 +53,6 @@ from latentattn.train.checkpoint import (
     check_out_dir,
     first_difference,
     load_checkpoint_tensors,
-    model_from_checkpoint,
     read_state,
     save_checkpoint,
     tokens_sha256,
@@ -53,9 +61,17 @@ from latentattn.train.dsa import Stage, indexer_loss, set_dsa_stage
 
 EVAL_SEED_OFFSET = 1_000_003  # validation windows: their own generator, never the training one
 # Settings a resumed run must share with its checkpoint (the rest: steps, eval and checkpoint
-# cadence, fsdp, may change). dsa_warmup_steps is compared after resolving None.
-RESUME_MUST_MATCH = ("batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
-                     "grad_clip", "bf16", "seed")
+# cadence, fsdp, may change; steps only as _check_horizon allows). dsa_warmup_steps is compared
+# after resolving None.
+RESUME_MUST_MATCH = ("batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "schedule",
+                     "decay_frac", "weight_decay", "grad_clip", "bf16", "seed", "router_bias_rate",
+                     "moe_aux_loss")
+MOE_ONLY = ("router_bias_rate", "moe_aux_loss")
+# What checkpoints written before a setting existed ran with.
+_SETTINGS_BEFORE: dict[str, Any] = {"schedule": "cosine", "decay_frac": 0.2, "router_bias_rate": 0.0,
+                                    "moe_aux_loss": 0.0}
+SCHEDULES = ("cosine", "wsd")
+Schedule = Literal["cosine", "wsd"]
 
 
 @dataclass(frozen=True)
@@ -64,8 +80,13 @@ class TrainSettings:
     batch_size: int = 16  # global batch (sequences); split across ranks under torchrun
     seq_len: int = 256
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the LR decays to lr * min_lr_ratio at the last step
     warmup_steps: int = 20  # linear LR warmup
+    # After the warm-up (lr_at): "cosine" decays over all the remaining steps, so every LR
+    # depends on `steps`; "wsd" holds lr, then decays linearly over the last decay_frac of the
+    # steps, so a run can be extended exactly until its decay begins.
+    schedule: Schedule = "cosine"
+    decay_frac: float = 0.2  # wsd only; 0.2: Hägele et al. 2024's cooldown that matches cosine
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # <= 0: no clipping
     bf16: bool = False  # torch.autocast(device_type, dtype=torch.bfloat16)
@@ -75,6 +96,11 @@ class TrainSettings:
     dsa_warmup_steps: int | None = None  # DSA models: steps of stage 1; None -> steps // 4
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (ignored in one process)
     checkpoint_every: int = 0  # 0 -> only at eval points and the end
+    # MoE balancing (latentattn.train.balance). router_bias_rate: DeepSeek-V3's aux-loss-free
+    # bias step gamma for sigmoid routers, V3's own 0.001 (0: off); moe_aux_loss: the weight
+    # alpha of DeepSeek-V2's expert-level balance loss (0: off; V2 used 0.003).
+    router_bias_rate: float = 1e-3
+    moe_aux_loss: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_batches"):
@@ -90,6 +116,14 @@ class TrainSettings:
             raise ConfigError(f"TrainSettings.lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"TrainSettings.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"TrainSettings.schedule must be one of {', '.join(SCHEDULES)}, got "
+                              f"{self.schedule!r}")
+        if not 0 <= self.decay_frac <= 1:
+            raise ConfigError(f"TrainSettings.decay_frac must be in [0, 1], got {self.decay_frac}")
+        for name in ("router_bias_rate", "moe_aux_loss"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ConfigError(f"TrainSettings.{name} must be >= 0, got {getattr(self, name)}")
 
     def resolved_dsa_warmup(self) -> int:
         return self.steps // 4 if self.dsa_warmup_steps is None else self.dsa_warmup_steps
@@ -105,14 +139,36 @@ class TrainResult:
     seconds: float
 
 
+def wsd_decay_start(s: TrainSettings) -> int:
+    """The first step of a WSD run's decay: ``round(decay_frac * steps)`` steps before the end,
+    never inside the warm-up (torchtitan's ``build_lr_schedulers``, components/lr_scheduler.py,
+    rounds and clamps its ``decay_ratio`` the same way)."""
+    decay = min(round(s.decay_frac * s.steps), max(0, s.steps - s.warmup_steps))
+    return s.steps - decay
+
+
 def lr_at(step: int, s: TrainSettings) -> float:
-    """LR of 0-based ``step``: linear warm-up to ``lr`` over ``warmup_steps``, then cosine down to
-    ``lr * min_lr_ratio`` at the last step (nanoGPT's schedule)."""
+    """LR of 0-based ``step`` of ``s.steps``: linear warm-up to ``lr`` over ``warmup_steps`` (step
+    ``warmup_steps - 1`` is the first at ``lr``), then down to ``low = lr * min_lr_ratio``:
+
+    * ``cosine`` (nanoGPT's): half a cosine from ``lr`` at step ``warmup_steps`` to ``low`` at
+      the last step, ``steps - 1``. Every step after the warm-up depends on ``steps``.
+    * ``wsd``, warmup-stable-decay (MiniCPM, Hu et al. 2024, arXiv 2404.06395 s4; with the
+      linear cooldown of Hägele et al. 2024, arXiv 2405.18392 s3): ``lr`` until
+      :func:`wsd_decay_start`, then linear, one equal step down per step, to ``low`` at the last
+      step. No step before the decay depends on ``steps``.
+    """
     if step < s.warmup_steps:
         return s.lr * (step + 1) / s.warmup_steps
+    low = s.lr * s.min_lr_ratio
+    if s.schedule == "wsd":
+        start = wsd_decay_start(s)
+        if step < start:
+            return s.lr
+        progress = min(1.0, (step + 1 - start) / max(1, s.steps - start))
+        return s.lr + progress * (low - s.lr)
     span = max(1, s.steps - 1 - s.warmup_steps)
     progress = min(1.0, (step - s.warmup_steps) / span)
-    low = s.lr * s.min_lr_ratio
     return low + 0.5 * (1.0 + math.cos(math.pi * progress)) * (s.lr - low)
 
 
@@ -205,11 +261,9 @@ def _wrap(model: Transformer, settings: TrainSettings, d: _Dist) -> nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None,
-        # MoE experts that no token of a batch picked get no gradient.
-        find_unused_parameters=model.config.moe is not None,
-    )
+    # Every parameter gets a gradient each step (MoE runs all experts in training), so DDP
+    # needs no find_unused_parameters.
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _global_mean(value: torch.Tensor, d: _Dist) -> float:
@@ -327,7 +381,8 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
     """Train ``model`` in place for ``settings.steps`` steps (counting resumed ones).
 
     ``out_dir``: where checkpoints go (see the module docstring); a directory that already holds
-    one is only used with ``resume=True``, which continues from it up to ``settings.steps``.
+    one is only used with ``resume=True``, which continues from it up to ``settings.steps``
+    exactly (another ``steps`` than the checkpoint's only where the LR allows: the module docstring).
     Under torchrun (WORLD_SIZE > 1) the model must already be on this rank's device; the
     process group is created and destroyed here unless the caller made one.
     Raises LatentAttnError (CheckpointError, ConfigError) for unusable inputs before training.
@@ -377,6 +432,7 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
             train_losses = [float(x) for x in state["train_losses"]]
             val_losses = [(int(s), float(v)) for s, v in state["val_losses"]]
         device = model.device
+        balancer = RouterBalancer(model, settings.router_bias_rate, settings.moe_aux_loss)
         stage: Stage | None = None
 
         def set_stage(new: Stage) -> None:
@@ -432,11 +488,15 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
                 with _autocast(model, settings.bf16):
                     lm = lm_loss(fwd(batch[:, :-1]), batch[:, 1:])
                     loss = (lm + indexer_loss(model)) if dsa else lm
+                aux = balancer.loss()
+                if aux is not None:
+                    loss = loss + aux
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if settings.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
                 opt.step()
+                balancer.update()
                 train_losses.append(_global_mean(lm, d))
                 train_seconds += time.perf_counter() - t0
                 done = step + 1
@@ -479,8 +539,11 @@ def _check_resumable(state: dict[str, Any], model: Transformer, settings: TrainS
     if not isinstance(saved, dict):
         raise CheckpointError(f"corrupt checkpoint {out}: settings is not an object")
     for name in RESUME_MUST_MATCH:
-        if saved.get(name) != getattr(settings, name):
-            raise CheckpointError(f"mismatched checkpoint {out}: {name} is {saved.get(name)!r} in "
+        if name in MOE_ONLY and model.config.moe is None:
+            continue  # the balancing settings do nothing without experts
+        value = saved.get(name, _SETTINGS_BEFORE.get(name))
+        if value != getattr(settings, name):
+            raise CheckpointError(f"mismatched checkpoint {out}: {name} is {value!r} in "
                                   f"the checkpoint, {getattr(settings, name)!r} here")
     warm = int(saved.get("dsa_warmup_steps") or 0)
     if settings.dsa_warmup_steps is not None and settings.dsa_warmup_steps != warm:
@@ -493,7 +556,38 @@ def _check_resumable(state: dict[str, Any], model: Transformer, settings: TrainS
     if step > settings.steps:
         raise CheckpointError(f"the checkpoint in {out} is at step {step}, past steps "
                               f"{settings.steps}: nothing to resume")
+    steps = saved.get("steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < step:
+        raise CheckpointError(f"corrupt checkpoint {out}: settings.steps is {steps!r} at step {step}")
+    _check_horizon(step, dataclasses.replace(settings, steps=steps), settings)
     return warm
+
+
+def _check_horizon(done: int, old: TrainSettings, new: TrainSettings) -> None:
+    """Raise unless continuing a run of ``old.steps`` from step ``done`` up to ``new.steps`` is
+    exactly the uninterrupted ``new.steps`` run: everything but the LR of a step is independent
+    of ``steps`` (RESUME_MUST_MATCH holds the rest), so each step already taken must have had
+    the LR the new horizon gives it. Checked step by step, O(done) float ops, once per resume:
+    the definition itself rather than a case analysis of each schedule."""
+    if old.steps == new.steps:
+        return
+    first = next((i for i in range(done) if lr_at(i, old) != lr_at(i, new)), None)
+    if first is None:
+        return
+    head = f"cannot extend a {new.schedule} run from --steps {old.steps} to {new.steps} exactly: "
+    last = done - 1 if lr_at(done - 1, old) != lr_at(done - 1, new) else first  # the step it ended on
+    lrs = (f"step {last} ran at LR {lr_at(last, old):.2e}, a {new.steps}-step run takes it at "
+           f"{lr_at(last, new):.2e}")
+    if new.schedule == "cosine":
+        why = (f"its LR depends on the total steps ({lrs}); resume with --steps {old.steps}, or "
+               "train with --schedule wsd, which can be extended until its decay")
+    else:
+        a, b = wsd_decay_start(old), wsd_decay_start(new)
+        where = (f"the checkpoint at step {done} is already in the decay of the {old.steps}-step "
+                 f"run, which began at step {a}" if done > a else
+                 f"the {new.steps}-step run decays from step {b}, before the checkpoint's step {done}")
+        why = f"{where} ({lrs}); resume with --steps {old.steps}"
+    raise CheckpointError(head + why)
 
 
 __all__ = [
@@ -502,7 +596,7 @@ __all__ = [
     "evaluate",
     "lm_loss",
     "lr_at",
-    "model_from_checkpoint",
     "read_state",
     "train",
+    "wsd_decay_start",
 ]

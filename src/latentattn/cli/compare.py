@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from latentattn.cli.common import int_list, on_start
 from latentattn.errors import LatentAttnError
 
 DEFAULT_OUT = "compare-out"
@@ -44,14 +45,8 @@ class CompareInputError(LatentAttnError):
     """A ``latentattn compare`` flag value or input file that cannot be used."""
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+def int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int_list(text))
 
 
 def register(sub: Any) -> None:
@@ -85,7 +80,7 @@ def register(sub: Any) -> None:
     c.add_argument("--dim", type=int, default=128, help="model width, a multiple of 8 (128)")
     c.add_argument("--layers", type=int, default=4, help="layers (4)")
     c.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (3e-3)")
-    c.add_argument("--contexts", type=_int_list, default=None,
+    c.add_argument("--contexts", type=int_tuple, default=None,
                    help="decode contexts, comma-separated (256,4096; --quick 256,2048)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)
@@ -179,13 +174,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     total = len(variants) * v["seeds"]
     with tqdm(total=total, file=sys.stderr, desc="compare", unit="run", disable=args.quiet) as bar:
-        started = [False]
+        progress = on_start(bar)
 
         def on_run(label: str, seed: int) -> None:
-            if started[0]:
-                bar.update(1)
-            started[0] = True
-            bar.set_postfix_str(f"{label} seed {seed}")
+            progress(f"{label} seed {seed}")
 
         report = run_compare(
             settings, train_tokens, val_tokens, args.data or "pydoc_data.topics (CPython)",

@@ -1,0 +1,171 @@
+"""``latentattn bench decode|dsa|indexer``: benchmarks that write JSON and a plot, with a progress
+bar. The benchmarks themselves are :mod:`latentattn.bench`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from latentattn.cli.common import UserError, int_list, on_start
+from latentattn.io import atomic_write, check_parent, write_json
+
+
+def _check_timed(args: argparse.Namespace) -> Any:
+    """The checks a timed benchmark makes before running; returns its torch dtype."""
+    import torch
+
+    check_parent(args.json, "--json")
+    check_parent(args.plot, "--plot")
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    return getattr(torch, args.dtype)  # argparse limits it to float32 / bfloat16
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from latentattn.bench import decode
+
+    dtype = _check_timed(args)
+    include_hf = not args.no_hf
+    if include_hf and not decode.hf_available():
+        print(f"latentattn: transformers is not installed, skipping its DeepseekV3Attention "
+              f"peer ({decode.HF_EXTRA_HINT} to include it)", file=sys.stderr)
+        include_hf = False
+    dims = decode.TINY_DIMS if args.tiny else decode.V2_LITE_DIMS
+    n_variants = len(decode.VARIANTS) - (0 if include_hf else 1)
+    total = n_variants * len(args.contexts) * len(args.batches)
+    with tqdm(total=total, file=sys.stderr, desc="bench decode", unit="run",
+              disable=args.quiet) as bar:
+        report = decode.run_decode_bench(
+            contexts=args.contexts, batches=args.batches, repeats=args.repeats, dtype=dtype,
+            include_hf=include_hf, dims=dims, progress=on_start(bar),
+        )
+        bar.update(total - bar.n)
+    write_json(args.json, report.as_dict())
+    atomic_write(args.plot, lambda tmp: decode.plot_report(report, tmp), suffix=".png")
+    print(decode.headline(report))
+    for key, sp in report.speedups().items():
+        print(f"  {key}: " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items()))
+    print(f"wrote {args.json} and {args.plot}")
+    return 0
+
+
+def cmd_bench_dsa(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from latentattn.bench import dsa
+
+    dtype = _check_timed(args)
+    dims = dsa.TINY_DIMS if args.tiny else dsa.V32_DIMS
+    total = len(args.decode_contexts) + len(args.prefill_contexts)
+    with tqdm(total=total, file=sys.stderr, desc="bench dsa", unit="size", disable=args.quiet) as bar:
+        report = dsa.run_dsa_bench(
+            decode_contexts=args.decode_contexts, prefill_contexts=args.prefill_contexts,
+            topks=args.topks, repeats=args.repeats, dtype=dtype, dims=dims, progress=on_start(bar),
+        )
+        bar.update(total - bar.n)
+    write_json(args.json, report.as_dict())
+    atomic_write(args.plot, lambda tmp: dsa.plot_dsa_report(report, tmp), suffix=".png")
+    print("\n".join(dsa.dsa_headline(report)))
+    print(f"wrote {args.json} and {args.plot}")
+    return 0
+
+
+def cmd_bench_indexer(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from latentattn.bench import indexer
+    from latentattn.data import load_text
+
+    check_parent(args.json, "--json")
+    check_parent(args.plot, "--plot")
+    for flag in ("pretrain_steps", "warmup_steps", "topk", "seq_len", "batch"):
+        if getattr(args, flag) < (0 if flag.endswith("steps") else 1):
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.topk >= args.seq_len:
+        raise UserError(f"--topk ({args.topk}) must be smaller than --seq-len ({args.seq_len}): "
+                        "otherwise every key is selected and recall is trivially 1")
+    text = load_text(args.data)
+    settings = indexer.IndexerBenchSettings(
+        index_topk=args.topk, seq_len=args.seq_len, batch=args.batch,
+        pretrain_steps=args.pretrain_steps, warmup_steps=args.warmup_steps, seed=args.seed)
+    total = args.pretrain_steps + args.warmup_steps
+    with tqdm(total=total, file=sys.stderr, desc="bench indexer", unit="step",
+              disable=args.quiet) as bar:
+        def progress(stage: str, done: int) -> None:
+            bar.set_postfix_str(stage)
+            bar.update(1)
+
+        report = indexer.run_indexer_bench(text, args.data or "pydoc_data.topics (CPython)",
+                                           settings, progress)
+    write_json(args.json, report.as_dict())
+    atomic_write(args.plot, lambda tmp: indexer.plot_indexer_report(report, tmp), suffix=".png")
+    print("\n".join(indexer.indexer_headline(report)))
+    print(f"wrote {args.json} and {args.plot}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+
+    def bench_parser(name: str, help: str, description: str, timed: bool = False
+                     ) -> argparse.ArgumentParser:
+        """A benchmark subcommand: every one writes JSON and a plot, with a progress bar; a
+        timed one (``_check_timed``) also takes a dtype and the tests' small dims."""
+        b = bsub.add_parser(name, help=help, description=description)
+        b.add_argument("--json", required=True, metavar="OUT.json", help="results file")
+        b.add_argument("--plot", required=True, metavar="OUT.png", help="plot file")
+        b.add_argument("--quiet", action="store_true", help="no progress bar")
+        if timed:
+            b.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+            b.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # small dims, tests
+        return b
+
+    dec = bench_parser(
+        "decode", help="time one decode step of one attention layer per variant",
+        description="Time one decode step (one new token per row) of one attention layer at "
+        "DeepSeek-V2-Lite dims: MHA, GQA-8, MLA naive, MLA absorbed and transformers' "
+        "DeepseekV3Attention with the same weights and cache.", timed=True)
+    dec.add_argument("--contexts", type=int_list, default=[1024, 2048, 4096, 8192, 16384],
+                     help="comma-separated cached context lengths (1024,2048,4096,8192,16384)")
+    dec.add_argument("--batches", type=int_list, default=[1, 8],
+                     help="comma-separated batch sizes (1,8)")
+    dec.add_argument("--repeats", type=int, default=5,
+                     help="timed calls per point, median reported (5; calls over 2 s get 2)")
+    dec.add_argument("--no-hf", action="store_true",
+                     help="skip the transformers DeepseekV3Attention peer")
+    dec.set_defaults(func=cmd_bench_decode)
+
+    dsa = bench_parser(
+        "dsa", help="DeepSeek Sparse Attention vs dense absorbed MLA: decode and prefill",
+        description="One layer at DeepSeek-V3.2 dims, batch 1. Decode: the attention part of one "
+        "step for dense absorbed MLA and for DSA (indexer + top-k + gathered attention) at each "
+        "--topks, with the indexer's share. Prefill: DSA's masked MHA mode vs gathered form (and "
+        "dense MLA), the faster form per length and the crossover.", timed=True)
+    dsa.add_argument("--decode-contexts", type=int_list,
+                     default=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
+                     help="cached contexts for decode (1024,...,65536)")
+    dsa.add_argument("--prefill-contexts", type=int_list, default=[1024, 2048, 4096, 8192, 16384],
+                     help="prompt lengths for prefill (1024,...,16384); the largest take minutes")
+    dsa.add_argument("--topks", type=int_list, default=[512, 2048], help="index_topk values (512,2048)")
+    dsa.add_argument("--repeats", type=int, default=5, help="timed decode calls per point (5)")
+    dsa.set_defaults(func=cmd_bench_dsa)
+
+    idx = bench_parser(
+        "indexer", help="does the DSA indexer learn? attention-mass recall before/after warm-up",
+        description="Pretrain a small MLA+DSA model densely on real text, then run the DeepSeek-V3.2 "
+        "indexer warm-up (everything frozen but the indexer, KL to the main attention). Reports, "
+        "per layer, the dense attention mass inside the indexer's top-k before and after, beside "
+        "the k most recent keys and k random keys, and the validation loss dense vs top-k.")
+    idx.add_argument("--data", default=None, metavar="PATH",
+                     help="UTF-8 text file (default: CPython's pydoc_data.topics prose)")
+    idx.add_argument("--pretrain-steps", type=int, default=300, help="dense LM steps (300)")
+    idx.add_argument("--warmup-steps", type=int, default=200, help="indexer warm-up steps (200)")
+    idx.add_argument("--topk", type=int, default=32, help="index_topk (32)")
+    idx.add_argument("--seq-len", type=int, default=256, help="tokens (bytes) per sequence (256)")
+    idx.add_argument("--batch", type=int, default=8, help="sequences per step (8)")
+    idx.add_argument("--seed", type=int, default=0)
+    idx.set_defaults(func=cmd_bench_indexer)

@@ -1,0 +1,61 @@
+"""``latentattn generate``: a continuation of a prompt from any model ``latentattn.load`` reads."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from latentattn.cli.common import UserError, add_model_args, model_overrides
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from latentattn.loading import load, resolve
+    from latentattn.model import generate
+
+    if not args.prompt:
+        raise UserError("--prompt must not be empty")
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    source = resolve(args.model)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+                            with_tokenizer=True, **model_overrides(args))
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise UserError("the prompt encodes to zero tokens")
+    if max(ids) >= model.config.vocab_size:
+        raise UserError(f"token id {max(ids)} is outside the model's vocab_size "
+                        f"{model.config.vocab_size}")
+    eos = tokenizer.eos_token_id
+    gen = torch.Generator(device=model.device).manual_seed(args.seed)
+    out = generate(model, torch.tensor([ids], device=model.device), args.max_new_tokens,
+                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   eos_token_id=eos, generator=gen)
+    new = out[0, len(ids):].tolist()
+    if eos is not None and eos in new:
+        new = new[: new.index(eos)]
+    if not source.has_weights:
+        # Said after generating, so that an error stays the only line on stderr.
+        print(f"latentattn: {args.model} is a random-init model (seed {args.seed}), "
+              "not trained weights: expect gibberish", file=sys.stderr)
+    print(tokenizer.decode(new))
+    return 0
+
+
+def register(sub: Any) -> None:
+    gen = sub.add_parser(
+        "generate", help="generate text from a checkpoint, a train run or a random-init preset",
+        description="Generate a continuation of --prompt and print it (without the prompt). "
+        "A directory (a Hugging Face checkpoint or a `latentattn train` run) loads its weights; "
+        "a preset or config.json builds a seeded random-init model. Text goes through the "
+        "directory's tokenizer.json if present, else UTF-8 bytes as token ids.")
+    add_model_args(gen)
+    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--max-new-tokens", type=int, required=True, help="tokens to generate")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0)")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    gen.add_argument("--seed", type=int, default=0, help="seed for init and sampling (0)")
+    gen.set_defaults(func=cmd_generate)
