@@ -26,6 +26,7 @@ from transformers import (  # noqa: E402
     DeepseekV3ForCausalLM,
 )
 
+import hf_oracle as oracle  # noqa: E402
 import latentattn  # noqa: E402
 from conftest import FsyncRecorder, assert_durable, assert_same_greedy, cli_error  # noqa: E402
 from latentattn import CheckpointError, ConfigError, Transformer, get_preset  # noqa: E402
@@ -83,37 +84,17 @@ def _hf_model(case: str) -> Any:
     return model
 
 
-class HFRun:
-    """A saved transformers model and its outputs, computed once per case."""
-
+class HFRun(oracle.HFRun):
     def __init__(self, case: str, path: Path) -> None:
-        self.case, self.path = case, path
-        self.model = _hf_model(case)
-        self.model.save_pretrained(path)
+        super().__init__(case, path, _hf_model(case))
         with torch.no_grad():
             # 40 > original_max_position_embeddings=32: YaRN's interpolated frequencies matter.
-            self.logits = {t: self.model(_ids(t)).logits for t in (12, 40)}
-            self.prompt = _ids(30, seed=1)  # 30 + 8 new tokens crosses position 32
-            self.generated = _hf_generate(self.model, self.prompt, 8)
+            self.logits = {t: self.model(oracle.ids(t)).logits for t in (12, 40)}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def hf_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> HFRun:
     return HFRun(request.param, tmp_path_factory.mktemp(request.param))
-
-
-def _ids(t: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (2, t), generator=torch.Generator().manual_seed(seed))
-
-
-def _hf_generate(model: Any, ids: torch.Tensor, n: int) -> torch.Tensor:
-    # No eos: both sides must produce exactly n tokens.
-    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                          max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max())
 
 
 # ------------------------------------------------------------------ HF -> ours
@@ -123,7 +104,7 @@ def test_logits_match_transformers(hf_run: HFRun, impl: str) -> None:
     ours = latentattn.from_pretrained(str(hf_run.path), mla_impl=impl)
     assert ours.config.attention.impl == impl  # type: ignore[union-attr]
     for t, expected in hf_run.logits.items():
-        assert _max_diff(ours(_ids(t)), expected) < 1e-4, (hf_run.case, impl, t)
+        assert oracle.max_diff(ours(oracle.ids(t)), expected) < 1e-4, (hf_run.case, impl, t)
         assert expected.abs().max() > 0.1  # not a degenerate all-zero comparison
 
 
@@ -151,8 +132,8 @@ def test_old_rope_scaling_form(case: str, tmp_path: Path) -> None:
     ours = latentattn.from_pretrained(str(tmp_path))
     assert ours.config.rope.yarn is not None
     assert ours.config.rope.yarn.factor == 4.0
-    ids = _ids(40)
-    assert _max_diff(ours(ids), hf(ids).logits) < 1e-4
+    ids = oracle.ids(40)
+    assert oracle.max_diff(ours(ids), hf(ids).logits) < 1e-4
 
 
 # ------------------------------------------------------------------ ours -> HF
@@ -170,44 +151,25 @@ def _our_configs() -> dict[str, Any]:
 OUR_CONFIGS = _our_configs()
 
 
-def widen_weights(model: Transformer) -> Transformer:
-    """Wider weights than the 0.02 init, non-unit norm gains and a non-zero routing bias, so that
-    a wrongly mapped tensor shows in the logits."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.1)
-            else:
-                p.normal_(1.0, 0.1)
-        for name, buf in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.copy_(torch.randn_like(buf) * 0.5)
-    return model
-
-
 def _our_model(name: str) -> Transformer:
-    torch.manual_seed(7)
-    return widen_weights(Transformer(OUR_CONFIGS[name]).eval())
+    return oracle.our_model(OUR_CONFIGS[name])
 
 
 @pytest.mark.parametrize("name", list(OUR_CONFIGS))
 @torch.no_grad()
 def test_transformers_loads_our_checkpoint(name: str, tmp_path: Path) -> None:
     ours = _our_model(name)
-    latentattn.save_pretrained(ours, str(tmp_path))
-    written = json.loads((tmp_path / "config.json").read_text())
+    written = oracle.save_ours(ours, tmp_path)
     softmax = ours.config.moe is not None and ours.config.moe.scoring_func == "softmax"
     assert written["model_type"] == ("deepseek_v2" if softmax else "deepseek_v3")
     assert "rope_parameters" in written and "rope_scaling" not in written
-    hf, info = AutoModelForCausalLM.from_pretrained(
-        tmp_path, attn_implementation="eager", output_loading_info=True)
-    hf.eval()
+    hf, info = oracle.transformers_load(tmp_path)
     assert type(hf) is (DeepseekV2ForCausalLM if softmax else DeepseekV3ForCausalLM)
     # Every tensor transformers wants is in the file and nothing else is.
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert not info["mismatched_keys"], info
-    ids = _ids(40)
-    assert _max_diff(ours(ids), hf(ids).logits) < 1e-4
+    ids = oracle.ids(40)
+    assert oracle.max_diff(ours(ids), hf(ids).logits) < 1e-4
     if ours.config.tie_word_embeddings:
         with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
             assert "lm_head.weight" not in f.keys()  # noqa: SIM118 -- transformers writes tied weights once
@@ -226,7 +188,7 @@ def test_round_trip_ours(name: str, tmp_path: Path) -> None:
         assert torch.equal(a[k], b[k]), k
     if ours.config.tie_word_embeddings:
         assert back.lm_head.weight is back.embed_tokens.weight
-    ids = _ids(20)
+    ids = oracle.ids(20)
     assert torch.equal(back(ids), ours(ids))
 
 
@@ -240,7 +202,7 @@ def test_v3_half_split_rope(tmp_path: Path) -> None:
     hf.save_pretrained(tmp_path)
     ours = latentattn.from_pretrained(str(tmp_path))
     assert ours.config.rope.interleaved is False
-    assert _max_diff(ours(_ids(12)), hf(_ids(12)).logits) < 1e-4
+    assert oracle.max_diff(ours(oracle.ids(12)), hf(oracle.ids(12)).logits) < 1e-4
     assert config_to_hf(ours.config)["rope_interleave"] is False
 
 
@@ -255,13 +217,12 @@ def test_no_shared_experts_both_ways(tmp_path: Path) -> None:
     hf.save_pretrained(tmp_path / "hf")
     ours = latentattn.from_pretrained(str(tmp_path / "hf"))
     assert ours.layers[1].mlp.shared_experts is None  # type: ignore[union-attr]
-    ids = _ids(12)
-    assert _max_diff(ours(ids), hf(ids).logits) < 1e-4
+    ids = oracle.ids(12)
+    assert oracle.max_diff(ours(ids), hf(ids).logits) < 1e-4
     latentattn.save_pretrained(ours, str(tmp_path / "ours"))
-    back, info = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "ours", attn_implementation="eager", output_loading_info=True)
+    back, info = oracle.transformers_load(tmp_path / "ours")
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    assert _max_diff(ours(ids), back.eval()(ids).logits) < 1e-4
+    assert oracle.max_diff(ours(ids), back.eval()(ids).logits) < 1e-4
 
 
 def test_gqa_cannot_be_saved(tmp_path: Path) -> None:
@@ -281,10 +242,10 @@ def test_sharded_checkpoint_loads_and_stale_files_go(tmp_path: Path) -> None:
     assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
     assert not (tmp_path / "model.safetensors").exists()
     back = latentattn.from_pretrained(str(tmp_path))
-    ids = _ids(12)
+    ids = oracle.ids(12)
     assert torch.equal(back(ids), ours(ids))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    assert _max_diff(hf(ids).logits, ours(ids)) < 1e-4
+    assert oracle.max_diff(hf(ids).logits, ours(ids)) < 1e-4
     # Saving unsharded over it leaves no shard or index behind to be mixed in.
     save_pretrained(ours, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
@@ -342,27 +303,16 @@ def saved(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _edit_weights(path: Path, edit: Any) -> None:
-    tensors = load_file(str(path / "model.safetensors"))
-    edit(tensors)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-
-
 def test_missing_tensor(saved: Path) -> None:
-    _edit_weights(saved, lambda t: t.pop("model.layers.1.self_attn.kv_b_proj.weight"))
+    oracle.edit_weights(saved, lambda t: t.pop("model.layers.1.self_attn.kv_b_proj.weight"))
     with pytest.raises(CheckpointError, match=r"missing tensor.*model\.layers\.1\.self_attn\.kv_b_proj"):
         latentattn.from_pretrained(str(saved))
 
 
 def test_extra_tensor(saved: Path) -> None:
-    _edit_weights(saved, lambda t: t.update({"model.layers.0.self_attn.bogus.weight": torch.zeros(2)}))
+    oracle.edit_weights(saved, lambda t: t.update({"model.layers.0.self_attn.bogus.weight": torch.zeros(2)}))
     with pytest.raises(CheckpointError, match=r"unexpected.*model\.layers\.0\.self_attn\.bogus\.weight"):
         latentattn.from_pretrained(str(saved))
-
-
-def _edit_config(path: Path, **changes: Any) -> None:
-    d = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**d, **changes}))
 
 
 def _add_mtp_layer(layer: int) -> Any:
@@ -376,9 +326,10 @@ def _add_mtp_layer(layer: int) -> Any:
 def test_declared_mtp_layer_and_rotary_buffers_are_ignored(saved: Path) -> None:
     # DeepSeek-V3 ships its multi-token-prediction module as layer n_layers (61 there) and says
     # so in config.json: "num_nextn_predict_layers": 1.
-    _edit_config(saved, num_nextn_predict_layers=1)
-    _edit_weights(saved, _add_mtp_layer(2))
-    _edit_weights(saved, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(4)}))
+    oracle.edit_config(saved, num_nextn_predict_layers=1)
+    oracle.edit_weights(saved, _add_mtp_layer(2))
+    oracle.edit_weights(saved, lambda t: t.update(
+        {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(4)}))
     model = latentattn.from_pretrained(str(saved))
     assert len(model.layers) == 2
     # transformers' default when the field is absent (DeepseekV3Config.num_mtp_layers = 1).
@@ -390,13 +341,13 @@ def test_declared_mtp_layer_and_rotary_buffers_are_ignored(saved: Path) -> None:
 
 def test_undeclared_layers_are_refused(saved: Path) -> None:
     # Our config.json says num_nextn_predict_layers 0: a layer 2 is not an MTP module.
-    _edit_weights(saved, _add_mtp_layer(2))
+    oracle.edit_weights(saved, _add_mtp_layer(2))
     with pytest.raises(CheckpointError, match=r"unexpected.*model\.layers\.2\.eh_proj.*declares 2 "
                        r"layer\(s\) and 0 multi-token-prediction"):
         latentattn.from_pretrained(str(saved))
     # One MTP layer declared, a second one is still unexpected.
-    _edit_config(saved, num_nextn_predict_layers=1)
-    _edit_weights(saved, _add_mtp_layer(3))
+    oracle.edit_config(saved, num_nextn_predict_layers=1)
+    oracle.edit_weights(saved, _add_mtp_layer(3))
     with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\) not in the model: "
                        r"model\.layers\.3\.e"):
         latentattn.from_pretrained(str(saved))
@@ -405,7 +356,7 @@ def test_undeclared_layers_are_refused(saved: Path) -> None:
 def test_checkpoint_with_more_layers_than_its_config_is_refused(
         saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A 2-layer checkpoint whose config.json says 1 layer used to load its first layer silently.
-    _edit_config(saved, num_hidden_layers=1)
+    oracle.edit_config(saved, num_hidden_layers=1)
     with pytest.raises(CheckpointError, match=r"unexpected.*model\.layers\.1\.input_layernorm"):
         latentattn.from_pretrained(str(saved))
     line = cli_error(capsys, ["generate", "--model", str(saved), "--prompt", "x", "--max-new-tokens", "1"])
@@ -414,7 +365,7 @@ def test_checkpoint_with_more_layers_than_its_config_is_refused(
 
 def test_wrong_shape(saved: Path) -> None:
     name = "model.layers.0.self_attn.kv_b_proj.weight"
-    _edit_weights(saved, lambda t: t.update({name: torch.zeros(7, 32)}))
+    oracle.edit_weights(saved, lambda t: t.update({name: torch.zeros(7, 32)}))
     with pytest.raises(CheckpointError, match=r"kv_b_proj\.weight has shape \[7, 32\], expected \[128, 32\]"):
         latentattn.from_pretrained(str(saved))
 
@@ -445,29 +396,6 @@ def test_missing_config_field_names_field_and_file(saved: Path) -> None:
 
 
 # ------------------------------------------------------------------ config mapping
-def _real_v3_config() -> dict[str, Any]:
-    # deepseek-ai/DeepSeek-V3 config.json (FP8 release), the fields that shape the model.
-    return {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-        "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
-        "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_nextn_predict_layers": 1,
-        "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
-        "n_routed_experts": 256, "ep_size": 1, "routed_scaling_factor": 2.5,
-        "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
-        "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
-        "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3,
-        "norm_topk_prob": True, "scoring_func": "sigmoid", "hidden_act": "silu",
-        "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "tie_word_embeddings": False,
-        "rope_theta": 10000, "attention_bias": False, "attention_dropout": 0.0,
-        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
-                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
-                         "type": "yarn"},
-        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
-                                "quant_method": "fp8", "weight_block_size": [128, 128]},
-        "torch_dtype": "bfloat16",
-    }
-
-
 def _real_v2_lite_config() -> dict[str, Any]:
     # deepseek-ai/DeepSeek-V2-Lite config.json.
     return {
@@ -489,7 +417,7 @@ def _real_v2_lite_config() -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("raw", "preset"), [
-    (_real_v3_config, "deepseek-v3"), (_real_v2_lite_config, "deepseek-v2-lite"),
+    (oracle.real_v3_config, "deepseek-v3"), (_real_v2_lite_config, "deepseek-v2-lite"),
 ])
 def test_real_configs_match_presets(raw: Any, preset: str) -> None:
     cfg = config_from_hf(raw(), max_seq_len=4096, mla_impl="absorb")
@@ -505,21 +433,21 @@ def test_config_to_hf_round_trip() -> None:
 
 
 def test_transformers_written_v3_config_without_routing_fields() -> None:
-    d = _real_v3_config()
+    d = oracle.real_v3_config()
     del d["topk_method"], d["scoring_func"]
     moe = config_from_hf(d).moe
     assert moe is not None and (moe.scoring_func, moe.topk_method) == ("sigmoid", "noaux_tc")
 
 
 def test_yarn_without_original_max_uses_max_position_embeddings() -> None:
-    d = _real_v3_config()
+    d = oracle.real_v3_config()
     del d["rope_scaling"]["original_max_position_embeddings"]
     yarn = config_from_hf(d).rope.yarn
     assert yarn is not None and yarn.original_max_position_embeddings == 163840
 
 
 def test_dense_when_no_routed_experts() -> None:
-    d = _real_v3_config()
+    d = oracle.real_v3_config()
     d["n_routed_experts"] = None
     assert config_from_hf(d).moe is None
 
@@ -535,7 +463,7 @@ def test_dense_when_no_routed_experts() -> None:
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
 ])
 def test_bad_configs(change: dict[str, Any], match: str) -> None:
-    d = _real_v3_config()
+    d = oracle.real_v3_config()
     d.update(change)
     with pytest.raises(ConfigError, match=match):
         config_from_hf(d, source="/ckpt/config.json")
@@ -557,7 +485,7 @@ def test_missing_field_names_file() -> None:
 
 def test_unknown_override() -> None:
     with pytest.raises(ConfigError, match=r"unknown ModelConfig field.*n_experts"):
-        config_from_hf(_real_v3_config(), n_experts=3)
+        config_from_hf(oracle.real_v3_config(), n_experts=3)
 
 
 # ------------------------------------------------------------------ FP8 and dtypes
@@ -588,7 +516,7 @@ def test_fp8_checkpoint_is_dequantized(saved: Path) -> None:
         t[name + "_scale_inv"] = scale.float()
         holder["expected"] = t[name].float() * scale
 
-    _edit_weights(saved, quantize)
+    oracle.edit_weights(saved, quantize)
     cfg_path = saved / "config.json"
     d = json.loads(cfg_path.read_text())
     d["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
@@ -606,7 +534,7 @@ def test_bfloat16_load_keeps_router_bias_fp32(saved: Path) -> None:
     with safe_open(str(saved / "model.safetensors"), "pt") as f:
         assert torch.equal(bias, f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias"))
     assert model.rotary.cos.dtype == torch.float32
-    assert model(_ids(5)).dtype == torch.bfloat16
+    assert model(oracle.ids(5)).dtype == torch.bfloat16
 
 
 def test_moe_config_fields_reach_transformers() -> None:

@@ -10,7 +10,6 @@ exact ties make the top-k choice implementation-defined.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +19,18 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.models.deepseek_v32")
 
-from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModelForCausalLM,
     DeepseekV32Config,
     DeepseekV32ForCausalLM,
 )
 
+import hf_oracle as oracle  # noqa: E402
 import latentattn  # noqa: E402
 from conftest import assert_same_greedy  # noqa: E402
 from latentattn import CheckpointError, ConfigError, Transformer, get_preset  # noqa: E402
 from latentattn.attention.dsa import SparseLatentAttention  # noqa: E402
 from latentattn.config import IndexerConfig, MLAConfig, ModelConfig  # noqa: E402
 from latentattn.interop.hf import config_from_hf, config_to_hf  # noqa: E402
-from test_interop import _real_v3_config, widen_weights  # noqa: E402
 
 TOPK = 8
 TINY: dict[str, Any] = dict(
@@ -54,19 +51,6 @@ CASES: dict[str, dict[str, Any]] = {
 }
 FORMS = ["auto", "gather", "masked"]
 _DELETE = object()  # in a config change: remove the field
-
-
-def _ids(t: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (2, t), generator=torch.Generator().manual_seed(seed))
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max())
-
-
-def _hf_generate(model: Any, ids: torch.Tensor, n: int) -> torch.Tensor:
-    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                          max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
 
 
 def _dsa_layers(model: Transformer) -> list[SparseLatentAttention]:
@@ -94,18 +78,12 @@ def _hf_model(case: str) -> Any:
     return model
 
 
-class HFRun:
-    """A saved transformers V3.2 model and its outputs, computed once per case."""
-
+class HFRun(oracle.HFRun):
     def __init__(self, case: str, path: Path) -> None:
-        self.case, self.path = case, path
-        self.model = _hf_model(case)
-        self.model.save_pretrained(path)
+        super().__init__(case, path, _hf_model(case))
         with torch.no_grad():
-            self.ids = _ids(24)  # 24 > index_topk = 8: most rows attend to a subset
+            self.ids = oracle.ids(24)  # 24 > index_topk = 8: most rows attend to a subset
             self.logits = self.model(self.ids).logits
-            self.prompt = _ids(30, seed=1)  # 30 + 8 new tokens crosses YaRN's position 32
-            self.generated = _hf_generate(self.model, self.prompt, 8)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -133,10 +111,10 @@ def test_logits_match_transformers(hf_run: HFRun, form: str) -> None:
     assert ours.config.rope.interleaved and (ours.config.rope.yarn is not None) == ("yarn" in hf_run.case)
     _set_form(ours, form)
     got = ours(hf_run.ids)
-    assert _max_diff(got, hf_run.logits) < 1e-4, (hf_run.case, form)
+    assert oracle.max_diff(got, hf_run.logits) < 1e-4, (hf_run.case, form)
     assert hf_run.logits.abs().max() > 0.1  # not a degenerate all-zero comparison
     # Sparsity is active: without the indexer (dense MLA over all 24 keys) the logits differ.
-    assert _max_diff(_indexer_removed(ours)(hf_run.ids), got) > 1e-2
+    assert oracle.max_diff(_indexer_removed(ours)(hf_run.ids), got) > 1e-2
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -163,32 +141,28 @@ OUR_CONFIGS = _our_configs()
 
 
 def _our_model(name: str) -> Transformer:
-    torch.manual_seed(7)
-    return widen_weights(Transformer(OUR_CONFIGS[name]).eval())
+    return oracle.our_model(OUR_CONFIGS[name])
 
 
 @pytest.mark.parametrize("name", list(OUR_CONFIGS))
 @torch.no_grad()
 def test_transformers_loads_our_checkpoint(name: str, tmp_path: Path) -> None:
     ours = _our_model(name)
-    latentattn.save_pretrained(ours, str(tmp_path))
-    written = json.loads((tmp_path / "config.json").read_text())
+    written = oracle.save_ours(ours, tmp_path)
     assert written["model_type"] == "deepseek_v32"
     assert written["architectures"] == ["DeepseekV32ForCausalLM"]
     assert (written["index_n_heads"], written["index_head_dim"], written["index_topk"]) == (16, 16, TOPK)
-    hf, info = AutoModelForCausalLM.from_pretrained(
-        tmp_path, attn_implementation="eager", output_loading_info=True)
-    hf.eval()
+    hf, info = oracle.transformers_load(tmp_path)
     assert type(hf) is DeepseekV32ForCausalLM
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert not info["mismatched_keys"], info
     moe_layers = [i for i, t in enumerate(hf.config.mlp_layer_types) if t == "sparse"]
     assert moe_layers == [i for i in range(ours.config.n_layers) if ours.config.is_moe_layer(i)]
-    ids = _ids(24)
+    ids = oracle.ids(24)
     for form in FORMS:
         _set_form(ours, form)
-        assert _max_diff(ours(ids), hf(ids).logits) < 1e-4, (name, form)
-    assert _max_diff(_indexer_removed(ours)(ids), ours(ids)) > 1e-2  # sparsity is active
+        assert oracle.max_diff(ours(ids), hf(ids).logits) < 1e-4, (name, form)
+    assert oracle.max_diff(_indexer_removed(ours)(ids), ours(ids)) > 1e-2  # sparsity is active
 
 
 @pytest.mark.parametrize("name", list(OUR_CONFIGS))
@@ -202,7 +176,7 @@ def test_round_trip_ours(name: str, tmp_path: Path) -> None:
     assert a.keys() == b.keys() and any(".indexer.k_norm.bias" in k for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ids = _ids(20)
+    ids = oracle.ids(20)
     assert torch.equal(back(ids), ours(ids))
 
 
@@ -213,31 +187,18 @@ def saved(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _edit_weights(path: Path, edit: Any) -> None:
-    tensors = load_file(str(path / "model.safetensors"))
-    edit(tensors)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-
-
-def _edit_config(path: Path, **changes: Any) -> None:
-    cfg_path = path / "config.json"
-    d = json.loads(cfg_path.read_text())
-    d.update(changes)
-    cfg_path.write_text(json.dumps(d))
-
-
 @pytest.mark.parametrize("tensor", ["wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias",
                                     "weights_proj.weight"])
 def test_missing_indexer_tensor(saved: Path, tensor: str) -> None:
     name = f"model.layers.1.self_attn.indexer.{tensor}"
-    _edit_weights(saved, lambda t: t.pop(name))
+    oracle.edit_weights(saved, lambda t: t.pop(name))
     with pytest.raises(CheckpointError, match=f"missing tensor.*{name.replace('.', r'[.]')}"):
         latentattn.from_pretrained(str(saved))
 
 
 def test_wrong_shape_indexer_tensor(saved: Path) -> None:
     name = "model.layers.0.self_attn.indexer.wq_b.weight"  # (16 heads * 16, q_lora_rank 32)
-    _edit_weights(saved, lambda t: t.update({name: torch.zeros(128, 32)}))
+    oracle.edit_weights(saved, lambda t: t.update({name: torch.zeros(128, 32)}))
     with pytest.raises(CheckpointError,
                        match=r"indexer\.wq_b\.weight has shape \[128, 32\], expected \[256, 32\]"):
         latentattn.from_pretrained(str(saved))
@@ -245,26 +206,26 @@ def test_wrong_shape_indexer_tensor(saved: Path) -> None:
 
 def test_extra_indexer_tensor(saved: Path) -> None:
     name = "model.layers.0.self_attn.indexer.bogus.weight"
-    _edit_weights(saved, lambda t: t.update({name: torch.zeros(2)}))
+    oracle.edit_weights(saved, lambda t: t.update({name: torch.zeros(2)}))
     with pytest.raises(CheckpointError, match=r"unexpected.*indexer\.bogus\.weight"):
         latentattn.from_pretrained(str(saved))
 
 
 def test_v32_weights_under_v3_config_are_refused(saved: Path) -> None:
     # A V3.2 checkpoint whose config.json says deepseek_v3 would silently drop the indexer.
-    _edit_config(saved, model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"])
+    oracle.edit_config(saved, model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"])
     with pytest.raises(CheckpointError, match=r"unexpected tensor.*self_attn\.indexer\."):
         latentattn.from_pretrained(str(saved))
 
 
 def test_bad_index_topk_names_field_and_file(saved: Path) -> None:
-    _edit_config(saved, index_topk=0)
+    oracle.edit_config(saved, index_topk=0)
     with pytest.raises(ConfigError, match=r"config\.json: .*index_topk must be a positive integer"):
         latentattn.from_pretrained(str(saved))
 
 
 def test_index_head_dim_below_rope_dim(saved: Path) -> None:
-    _edit_config(saved, index_head_dim=4)  # qk_rope_head_dim is 8
+    oracle.edit_config(saved, index_head_dim=4)  # qk_rope_head_dim is 8
     with pytest.raises(ConfigError, match=r"config\.json: .*index_head_dim \(4\) must be at least "
                                           r"qk_rope_head_dim \(8\)"):
         latentattn.from_pretrained(str(saved))
@@ -273,7 +234,7 @@ def test_index_head_dim_below_rope_dim(saved: Path) -> None:
 # ------------------------------------------------------------------ config mapping
 def _real_v32_config() -> dict[str, Any]:
     # deepseek-ai/DeepSeek-V3.2-Exp config.json: DeepSeek-V3's plus the indexer fields.
-    return {**_real_v3_config(), "architectures": ["DeepseekV32ForCausalLM"],
+    return {**oracle.real_v3_config(), "architectures": ["DeepseekV32ForCausalLM"],
             "model_type": "deepseek_v32", "index_head_dim": 128, "index_n_heads": 64,
             "index_topk": 2048}
 

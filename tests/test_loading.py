@@ -163,6 +163,8 @@ def test_generate_takes_the_load_knobs(capsys: pytest.CaptureFixture[str],
     assert outs[0] == outs[1] == outs[2]
     assert "applies only to DSA" in cli_error(capsys, [*args, "--dsa-prefill", "masked"])
     assert "not a device" in cli_error(capsys, [*args, "--device", "gpu7"])
+    if not torch.cuda.is_available():
+        assert "sees no CUDA GPU" in cli_error(capsys, [*args, "--device", "cuda"])
     assert "--index-topk must be >= 1" in cli_error(
         capsys, ["info", "--model", "tiny-dsa", "--index-topk", "0"])
 

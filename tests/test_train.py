@@ -33,7 +33,7 @@ from latentattn.model.transformer import Transformer
 from latentattn.train import checkpoint, loop
 from latentattn.train.balance import balance_loss, expert_loads, moe_routers, update_router_bias
 from latentattn.train.family import ATTN_KINDS, FamilySize, family_config
-from latentattn.train.loop import TrainSettings, read_state, train
+from latentattn.train.loop import TrainResult, TrainSettings, read_state, train
 
 SIZE = FamilySize(dim=32, n_layers=2, n_heads=2, seq_len=32, kv_lora_rank=16, q_lora_rank=16,
                   qk_rope_head_dim=8, index_n_heads=2, index_head_dim=8, index_topk=8)
@@ -131,6 +131,32 @@ class _Stop(Exception):
     """Stands for a crash or Ctrl-C right after a checkpoint."""
 
 
+def _train_until_checkpoint(kind: str, settings: TrainSettings, out: Path, step: int,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train ``kind`` into ``out`` and stop (as a crash would) right after the step-``step``
+    checkpoint is written."""
+    real_save = loop.save_checkpoint
+
+    def save_then_stop(out_dir: Path, model_t: Any, opt_t: Any, state: dict[str, Any]) -> None:
+        real_save(out_dir, model_t, opt_t, state)
+        if state["step"] == step:
+            raise _Stop
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    with pytest.raises(_Stop):
+        train(_model(kind), TRAIN, VAL, settings, out_dir=str(out), progress=False)
+    monkeypatch.undo()
+    assert read_state(out)["step"] == step
+
+
+def _assert_same_run(a: TrainResult, b: TrainResult, dir_a: Path, dir_b: Path) -> None:
+    """Two runs are one: the same losses step by step, the same validation, the same weights."""
+    assert torch.equal(torch.tensor(a.train_losses), torch.tensor(b.train_losses))
+    assert a.val_losses == b.val_losses
+    for x, y in zip(load(dir_a).state_dict().values(), load(dir_b).state_dict().values(), strict=True):
+        assert torch.equal(x, y)
+
+
 # mla-moe: the router biases move every step (router_bias_rate) and must come back exactly.
 @pytest.mark.parametrize("kind", ["mha", "dsa", "mla-moe"])
 def test_resume_after_a_stop_reproduces_losses(kind: str, tmp_path: Path,
@@ -139,26 +165,11 @@ def test_resume_after_a_stop_reproduces_losses(kind: str, tmp_path: Path,
     s = _settings(steps=6, checkpoint_every=3, eval_every=2, dsa_warmup_steps=4)
     full = train(_model(kind), TRAIN, VAL, s, out_dir=str(tmp_path / "full"), progress=False)
 
-    real_save = loop.save_checkpoint
-
-    def save_then_stop(out_dir: Path, model_t: Any, opt_t: Any, state: dict[str, Any]) -> None:
-        real_save(out_dir, model_t, opt_t, state)
-        if state["step"] == 3:
-            raise _Stop
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
-    with pytest.raises(_Stop):
-        train(_model(kind), TRAIN, VAL, s, out_dir=str(tmp_path / "cut"), progress=False)
-    monkeypatch.undo()
-    assert read_state(tmp_path / "cut")["step"] == 3
+    _train_until_checkpoint(kind, s, tmp_path / "cut", 3, monkeypatch)
     # Another init: the resumed run must take everything from the checkpoint.
     resumed = train(_model(kind, seed=1), TRAIN, VAL, s, out_dir=str(tmp_path / "cut"), resume=True,
                     progress=False)
-    assert torch.equal(torch.tensor(resumed.train_losses), torch.tensor(full.train_losses))
-    assert resumed.val_losses == full.val_losses
-    for a, b in zip(load(tmp_path / "cut").state_dict().values(),
-                    load(tmp_path / "full").state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+    _assert_same_run(resumed, full, tmp_path / "cut", tmp_path / "full")
 
 
 @pytest.mark.parametrize("kind", ["mha", "mla", "dsa"])
@@ -171,25 +182,11 @@ def test_wsd_run_extends_to_more_steps_exactly(kind: str, tmp_path: Path,
     s12 = dataclasses.replace(s10, steps=12)
     full = train(_model(kind), TRAIN, VAL, dataclasses.replace(s12, dsa_warmup_steps=2),
                  out_dir=str(tmp_path / "full"), progress=False)
-    real_save = loop.save_checkpoint
-
-    def save_then_stop(out_dir: Path, model_t: Any, opt_t: Any, state: dict[str, Any]) -> None:
-        real_save(out_dir, model_t, opt_t, state)
-        if state["step"] == 8:
-            raise _Stop
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
-    with pytest.raises(_Stop):
-        train(_model(kind), TRAIN, VAL, s10, out_dir=str(tmp_path / "cut"), progress=False)
-    monkeypatch.undo()
+    _train_until_checkpoint(kind, s10, tmp_path / "cut", 8, monkeypatch)
     assert read_state(tmp_path / "cut")["settings"]["steps"] == 10  # the horizon it ran under
     resumed = train(_model(kind, seed=1), TRAIN, VAL, s12, out_dir=str(tmp_path / "cut"), resume=True,
                     progress=False)
-    assert torch.equal(torch.tensor(resumed.train_losses), torch.tensor(full.train_losses))
-    assert resumed.val_losses == full.val_losses
-    for a, b in zip(load(tmp_path / "cut").state_dict().values(),
-                    load(tmp_path / "full").state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+    _assert_same_run(resumed, full, tmp_path / "cut", tmp_path / "full")
     # The finished 12-step run has decayed: extending it could not be exact.
     with pytest.raises(CheckpointError, match="cannot extend a wsd run from --steps 12 to 20 "
                        "exactly: the checkpoint at step 12 is already in the decay"):

@@ -54,15 +54,19 @@ def resolve_dtype(dtype: object) -> torch.dtype:
 
 
 def resolve_device(device: object) -> torch.device:
-    """A torch.device from itself or a string; None is the CPU."""
+    """A torch.device from itself or a string; None is the CPU. A CUDA device this machine does
+    not have is a ConfigError here, not a RuntimeError deep in ``.to()``."""
     if device is None:
         return torch.device("cpu")
-    if isinstance(device, torch.device):
-        return device
-    if not isinstance(device, str):
+    if not isinstance(device, (str, torch.device)):
         raise ConfigError(f"device must be a torch.device or a string, got {device!r}")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"device {device!r} is not a device torch knows (cpu, cuda, cuda:1, "
                           "mps, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: this torch sees no CUDA GPU")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev

@@ -27,8 +27,10 @@ def register(sub: Any) -> None:
 
     size = FamilySize()
     p = sub.add_parser(
-        "train", help="train a small byte-level model: MHA, MQA, GQA, MLA or DSA",
-        description="Train a byte-level language model (vocab 256) on a UTF-8 text file with AdamW, "
+        "train", help="train a model: MHA, MQA, GQA, MLA or DSA, a preset, or any loadable model",
+        description="Train a language model on a UTF-8 text file: an --attn family model or a "
+        "--preset on bytes, or any model latentattn.load reads (--init) through its checkpoint's "
+        "tokenizer.json when it has one (else bytes). AdamW, "
         "linear warm-up + cosine (or --schedule wsd) LR and gradient clipping; evaluate every "
         "--eval-every steps and checkpoint to --out (safetensors + state.json). --resume continues "
         "the checkpoint in --out up to --steps with the losses and weights of an uninterrupted run: "
