@@ -34,6 +34,8 @@ from latentattn.train import checkpoint, loop
 from latentattn.train.balance import balance_loss, expert_loads, moe_routers, update_router_bias
 from latentattn.train.family import ATTN_KINDS, FamilySize, family_config
 from latentattn.train.loop import TrainResult, TrainSettings, read_state, train
+from latentattn.train.resume import check_horizon
+from latentattn.train.settings import lr_at, wsd_decay_start
 
 SIZE = FamilySize(dim=32, n_layers=2, n_heads=2, seq_len=32, kv_lora_rank=16, q_lora_rank=16,
                   qk_rope_head_dim=8, index_n_heads=2, index_head_dim=8, index_topk=8)
@@ -94,32 +96,32 @@ def test_bf16_autocast() -> None:
 
 def test_lr_schedule() -> None:
     s = _settings(steps=10, warmup_steps=3, lr=1.0, min_lr_ratio=0.1)
-    lrs = [loop.lr_at(i, s) for i in range(10)]
+    lrs = [lr_at(i, s) for i in range(10)]
     # The warm-up's last step reaches lr, the cosine starts from it and ends at low on the last step.
     assert lrs[:4] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
     assert lrs[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in itertools.pairwise(lrs[2:]))
-    assert loop.lr_at(0, dataclasses.replace(s, warmup_steps=0)) == 1.0
+    assert lr_at(0, dataclasses.replace(s, warmup_steps=0)) == 1.0
     # Every step after the warm-up depends on steps: what makes a cosine run not extensible.
-    longer = [loop.lr_at(i, dataclasses.replace(s, steps=20)) for i in range(10)]
+    longer = [lr_at(i, dataclasses.replace(s, steps=20)) for i in range(10)]
     assert longer[:3] == lrs[:3] and all(a > b for a, b in zip(longer[4:], lrs[4:], strict=True))
 
 
 def test_wsd_schedule() -> None:
     s = _settings(steps=20, warmup_steps=3, lr=1.0, min_lr_ratio=0.1, schedule="wsd", decay_frac=0.25)
-    lrs = [loop.lr_at(i, s) for i in range(20)]
-    assert loop.wsd_decay_start(s) == 15
+    lrs = [lr_at(i, s) for i in range(20)]
+    assert wsd_decay_start(s) == 15
     assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert lrs[3:15] == [1.0] * 12  # stable: exactly lr
     assert lrs[15:] == pytest.approx([1 - 0.9 * k / 5 for k in range(1, 6)])  # linear, low last
     # Before the decay nothing depends on steps, bit for bit.
-    assert [loop.lr_at(i, dataclasses.replace(s, steps=40)) for i in range(15)] == lrs[:15]
+    assert [lr_at(i, dataclasses.replace(s, steps=40)) for i in range(15)] == lrs[:15]
     # The decay never reaches into the warm-up; decay_frac 0 keeps lr to the end.
     short = dataclasses.replace(s, steps=5, warmup_steps=4, decay_frac=0.9)
-    assert loop.wsd_decay_start(short) == 4
-    assert [loop.lr_at(i, short) for i in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 0.1])
+    assert wsd_decay_start(short) == 4
+    assert [lr_at(i, short) for i in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 0.1])
     flat = dataclasses.replace(s, decay_frac=0.0)
-    assert [loop.lr_at(i, flat) for i in range(3, 20)] == [1.0] * 17
+    assert [lr_at(i, flat) for i in range(3, 20)] == [1.0] * 17
     with pytest.raises(ConfigError, match="schedule must be one of cosine, wsd"):
         _settings(schedule="linear")
     with pytest.raises(ConfigError, match=r"decay_frac must be in \[0, 1\]"):
@@ -195,7 +197,7 @@ def test_wsd_run_extends_to_more_steps_exactly(kind: str, tmp_path: Path,
 
 
 def test_other_steps_only_where_every_lr_taken_stays() -> None:
-    check = loop._check_horizon
+    check = check_horizon
     cos = _settings(steps=100, warmup_steps=20, lr=3e-3)
 
     def steps(s: TrainSettings, n: int) -> TrainSettings:
@@ -209,7 +211,7 @@ def test_other_steps_only_where_every_lr_taken_stays() -> None:
                        r"--schedule wsd"):
         check(100, cos, steps(cos, 200))
     # A 100-step run ends at 3.0e-4; continued to 200, the next step would jump to 1.87e-3.
-    assert loop.lr_at(100, steps(cos, 200)) == pytest.approx(1.87e-3, abs=1e-5)
+    assert lr_at(100, steps(cos, 200)) == pytest.approx(1.87e-3, abs=1e-5)
     with pytest.raises(CheckpointError, match=r"its LR depends on the total steps \(step 21 ran"):
         check(22, cos, steps(cos, 200))  # one step past the warm-up is enough to differ
     flat = dataclasses.replace(cos, min_lr_ratio=1.0)  # constant after the warm-up

@@ -151,7 +151,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from latentattn.compare.variants import build_variants, family_size
     from latentattn.data import byte_tokens, load_text, train_val_split
     from latentattn.io import atomic_write, write_json, write_text
-    from latentattn.train.loop import TrainSettings
+    from latentattn.train.settings import TrainSettings
 
     v = _resolve(args)
     sweeps = parse_sweeps(args.sweep)

@@ -1,6 +1,8 @@
-"""Training. ``loop``: the LM training loop, checkpoints and exact resume (``latentattn train``);
-``dsa``: the two DeepSeek-V3.2 stages and the selection diagnostic; ``family``: the five attention
-variants at matched sizes."""
+"""Training. ``loop``: the LM training loop (``latentattn train``); ``settings``: TrainSettings and
+the LR schedules; ``checkpoint``: the checkpoint files; ``resume``: what makes a resume exact;
+``distributed``: torchrun (DDP / FSDP2); ``balance``: MoE router balancing; ``dsa``: the two
+DeepSeek-V3.2 stages and the selection diagnostic; ``family``: the five attention variants at
+matched sizes."""
 
 from latentattn.train.dsa import (
     attention_mass_recall,
