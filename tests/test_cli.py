@@ -41,7 +41,7 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
                  "--schedule", "--decay-frac",
                  "--quiet"},
     ("compare",): {"--data", "--steps", "--seeds", "--quick", "--out", "--sweep", "--batch-size",
-                   "--seq-len", "--dim", "--layers", "--lr", "--contexts", "--quiet"},
+                   "--seq-len", "--dim", "--layers", "--lr", "--contexts", "--margin", "--quiet"},
     ("bench", "decode"): {"--json", "--plot", "--contexts", "--batches", "--repeats", "--dtype",
                           "--no-hf", "--quiet", "--tiny"},
     ("bench", "dsa"): {"--json", "--plot", "--decode-contexts", "--prefill-contexts", "--topks",

@@ -18,9 +18,10 @@ from latentattn import Transformer
 from latentattn.calc.kv_bytes import cache_bytes_per_token_per_layer
 from latentattn.cli import main
 from latentattn.compare.measure import kv_bytes_per_token
-from latentattn.compare.stats import Summary, noise_pairs, pareto_front, within_noise
+from latentattn.compare.stats import Paired, Summary, paired, pareto_front
 from latentattn.compare.sweep import SweepError, parse_sweeps, sweep_points
 from latentattn.compare.variants import build_variants, family_size
+from latentattn.errors import ConfigError
 from latentattn.train.family import FamilySize
 
 KINDS = ["mha", "mqa", "gqa", "mla", "dsa"]
@@ -87,12 +88,19 @@ def test_tiny_run_writes_every_variant(tmp_path: Path, text_file: Path,
             assert v["dsa_val_loss_dense"]["n"] == 2
         else:
             assert v["dsa_recall"] is None
-    assert isinstance(data["within_noise"], list)
-    assert "within noise" in data["noise_rule"]
+    assert data["margin"] == 0.02 and "paired by seed" in data["rule"]
+    assert set(data["vs_mha"]) == set(KINDS) - {"mha"}
+    by_label = {v["label"]: v for v in data["variants"]}
+    for label, test in data["vs_mha"].items():
+        assert test["seeds"] == [0, 1] and test["verdict"] in ("better", "worse", "equivalent",
+                                                                "inconclusive")
+        own, ref = by_label[label]["runs"], by_label["mha"]["runs"]
+        assert test["differences"] == [a["val_loss"] - b["val_loss"] for a, b in zip(own, ref, strict=True)]
     assert data["command"].startswith("latentattn compare ") and "--steps 3" in data["command"]
     md = (out / "results.md").read_text()
     for name in ("MHA", "MQA", "GQA-2", "MLA", "MLA+DSA", "KV params / layer", "bits/byte",
-                 "decode tok/s @16", "decode tok/s @32"):
+                 "decode tok/s @16", "decode tok/s @32", "vs MHA: Δ [95% CI]", "verdict",
+                 "per seed", "| seed 0 | seed 1 |"):
         assert name in md
     assert "±" in md
     for png in ("loss_curves.png", "quality_vs_kv.png", "decode_speed.png"):
@@ -130,9 +138,10 @@ def test_sweep_adds_points_and_pareto(tmp_path: Path, text_file: Path,
     assert points == sorted(points)  # fewer bytes first, and each step down in loss
     assert all(b[1] < a[1] for a, b in itertools.pairwise(points))
     assert (out / "sweep_pareto.png").read_bytes()[:8] == PNG
-    assert data["within_noise"] is None  # one seed
+    assert {t["verdict"] for t in data["vs_mha"].values()} == {"inconclusive"}  # one seed
+    assert all(t["ci95"] is None for t in data["vs_mha"].values())
     md = (out / "results.md").read_text()
-    assert "unknown with one seed" in md
+    assert "One seed gives no interval" in md
     assert "Pareto front" in capsys.readouterr().out
 
 
@@ -170,12 +179,39 @@ def test_parse_sweeps() -> None:
             parse_sweeps(bad)
 
 
-def test_noise_rule_and_pareto() -> None:
-    a, b, c = Summary.of([1.00, 1.02]), Summary.of([1.01, 1.03]), Summary.of([1.50, 1.51])
-    assert within_noise(a, b) is True and within_noise(a, c) is False
-    assert within_noise(a, Summary.of([1.0])) is None  # one seed: unknown, not "different"
-    assert noise_pairs([("a", a), ("b", b), ("c", c)]) == [("a", "b")]
-    assert Summary.of([2.0]).fmt() == "2.000" and "±" in a.fmt()
+def test_paired_statistics_on_known_values() -> None:
+    # d = (0.01, 0.03, 0.02, 0.04, 0.00): mean 0.02, s_d = sqrt(0.001 / 4) = 0.015811, se 0.0070711;
+    # t(0.975, 4) = 2.7764, t(0.95, 4) = 2.1318 (tables). 95% CI 0.02 +/- 0.019632: above 0.
+    worse = paired({s: 1.0 + d for s, d in enumerate((0.01, 0.03, 0.02, 0.04, 0.00))},
+                   dict.fromkeys(range(5), 1.0), margin=0.02)
+    assert worse.n == 5 and worse.mean == pytest.approx(0.02)
+    assert worse.std == pytest.approx(0.0158114, abs=1e-6)
+    assert worse.interval(0.95) == pytest.approx((0.000368, 0.039632), abs=2e-6)
+    assert worse.interval(0.90) == pytest.approx((0.004925, 0.035075), abs=2e-6)
+    assert worse.p_value == pytest.approx(0.0474, abs=5e-4)  # t = 2.828, df 4
+    assert worse.tost_p == pytest.approx(0.5)  # the mean sits on the margin
+    assert worse.verdict == "worse"
+    better = Paired(worse.seeds, tuple(-d for d in worse.differences), 0.02)
+    assert better.verdict == "better" and better.interval() == pytest.approx((-0.039632, -0.000368), abs=2e-6)
+    # mean 0, s_d 0.0015811: the 90% interval +/- 0.0015075 lies well inside +/- 0.02.
+    same = Paired((0, 1, 2, 3, 4), (0.001, -0.002, 0.0, 0.002, -0.001), 0.02)
+    assert same.interval(0.90) == pytest.approx((-0.0015075, 0.0015075), abs=2e-7)
+    assert same.verdict == "equivalent" and same.tost_p < 1e-5
+    # Significantly above 0 but far inside the margin: equivalent by the margin's definition.
+    tiny = Paired((0, 1, 2, 3, 4), (0.005, 0.006, 0.005, 0.006, 0.005), 0.02)
+    assert tiny.interval(0.95)[0] > 0 and tiny.verdict == "equivalent"  # type: ignore[index]
+    wide = Paired((0, 1, 2), (0.05, -0.04, 0.01), 0.02)
+    assert wide.verdict == "inconclusive"
+    one = paired({0: 1.2, 1: 1.3}, {1: 1.1, 2: 1.0}, 0.02)  # only seed 1 is shared
+    assert one.seeds == (1,) and one.interval() is None and one.verdict == "inconclusive"
+    assert "no interval" in one.fmt()
+    with pytest.raises(ConfigError, match="margin"):
+        Paired((0,), (0.0,), 0.0)
+
+
+def test_summary_and_pareto() -> None:
+    a = Summary.of([1.00, 1.02])
+    assert Summary.of([2.0]).fmt() == "2.000" and "±" in a.fmt() and Summary.of([2.0]).std is None
     pts = [(100.0, 1.0), (10.0, 1.2), (50.0, 1.3), (10.0, 1.25), (5.0, 2.0)]
     assert pareto_front(pts) == [4, 1, 0]
 
@@ -201,6 +237,7 @@ def test_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: b
 @pytest.mark.parametrize(("flags", "message"), [
     (["--steps", "0"], "--steps must be >= 1"), (["--seeds", "0"], "--seeds must be >= 1"),
     (["--dim", "36"], "multiple of 8"), (["--sweep", "nope=1"], "unknown name"),
+    (["--margin", "0"], "--margin must be a positive number"),
 ])
 def test_bad_flags(tmp_path: Path, text_file: Path, capsys: pytest.CaptureFixture[str],
                    flags: list[str], message: str) -> None:

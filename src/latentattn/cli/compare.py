@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from latentattn.cli.common import int_list, on_start
+from latentattn.compare.stats import DEFAULT_MARGIN
 from latentattn.errors import LatentAttnError
 
 DEFAULT_OUT = "compare-out"
@@ -56,8 +57,9 @@ def register(sub: Any) -> None:
         description="Train the five attention mechanisms at the same depth and width, with "
         "parameter counts matched within 3% through the FFN width, on the same data, seeds, steps "
         "and schedule; measure parameters, KV parameters, allocated KV cache bytes per token, "
-        "validation loss and bits per byte (mean and spread over seeds), training and decode "
-        "speed, and DSA's attention-mass recall. Writes results.json, results.md and PNG plots "
+        "validation loss and bits per byte (mean and spread over seeds) with each variant's "
+        "difference from MHA paired by seed (95% interval, equivalence test, verdict), training "
+        "and decode speed, and DSA's attention-mass recall. Writes results.json, results.md and PNG plots "
         "to --out and prints the table. --sweep adds MLA / MLA+DSA variants at other latent "
         "ranks or top-k and a Pareto plot.")
     c.add_argument("--data", default=None, metavar="PATH",
@@ -82,6 +84,10 @@ def register(sub: Any) -> None:
     c.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (3e-3)")
     c.add_argument("--contexts", type=int_tuple, default=None,
                    help="decode contexts, comma-separated (256,4096; --quick 256,2048)")
+    c.add_argument("--margin", type=float, default=DEFAULT_MARGIN, metavar="NATS",
+                   help="equivalence margin in nats/byte, fixed before the run: a variant is "
+                   f"'equivalent' to MHA when the 90%% interval of the paired difference lies "
+                   f"inside +/- this ({DEFAULT_MARGIN:g})")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)
 
@@ -94,13 +100,15 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": preset.batch_size if args.batch_size is None else args.batch_size,
         "seq_len": preset.seq_len if args.seq_len is None else args.seq_len,
         "contexts": preset.contexts if args.contexts is None else args.contexts,
-        "dim": args.dim, "layers": args.layers, "lr": args.lr,
+        "dim": args.dim, "layers": args.layers, "lr": args.lr, "margin": args.margin,
     }
     for name in ("steps", "seeds", "batch_size", "dim", "layers"):
         if values[name] < 1:
             raise CompareInputError(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
     if values["seq_len"] < 2:
         raise CompareInputError(f"--seq-len must be >= 2, got {values['seq_len']}")
+    if not (math.isfinite(values["margin"]) and values["margin"] > 0):
+        raise CompareInputError(f"--margin must be a positive number of nats/byte, got {values['margin']}")
     if not (math.isfinite(values["lr"]) and values["lr"] > 0):
         raise CompareInputError(f"--lr must be positive, got {values['lr']}")
     return values
@@ -116,7 +124,7 @@ def _command(args: argparse.Namespace, v: dict[str, Any]) -> str:
     parts += ["--steps", str(v["steps"]), "--seeds", str(v["seeds"]),
               "--batch-size", str(v["batch_size"]), "--seq-len", str(v["seq_len"]),
               "--dim", str(v["dim"]), "--layers", str(v["layers"]), "--lr", f"{v['lr']:g}",
-              "--contexts", ",".join(map(str, v["contexts"]))]
+              "--contexts", ",".join(map(str, v["contexts"])), "--margin", f"{v['margin']:g}"]
     for spec in args.sweep:
         parts += ["--sweep", spec]
     parts += ["--out", str(args.out)]
@@ -147,7 +155,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from latentattn.compare.plots import PLOTS, plot_sweep_pareto
     from latentattn.compare.run import CompareSettings, run_compare
     from latentattn.compare.sweep import parse_sweeps
-    from latentattn.compare.table import markdown_report, markdown_table, noise_lines
+    from latentattn.compare.table import markdown_report, markdown_table, verdict_lines
     from latentattn.compare.variants import build_variants, family_size
     from latentattn.data import byte_tokens, load_text, train_val_split
     from latentattn.io import atomic_write, write_json, write_text
@@ -169,7 +177,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         warmup_steps=min(20, v["steps"] // 10), eval_every=_eval_every(v["steps"]),
     )
     settings = CompareSettings(size=size, train=train_settings, seeds=v["seeds"],
-                               contexts=tuple(v["contexts"]), sweeps=sweeps)
+                               contexts=tuple(v["contexts"]), sweeps=sweeps, margin=v["margin"])
     out = _prepare_out(args.out)
 
     total = len(variants) * v["seeds"]
@@ -195,7 +203,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         atomic_write(out / name, functools.partial(plot, report), suffix=".png")
     print(markdown_table(report))
     print()
-    print("\n".join(noise_lines(report)))
+    print("\n".join(verdict_lines(report)))
     if report.swept:
         print("Pareto front (KV bytes vs val loss): " + ", ".join(report.pareto_labels()))
     print(f"wrote {', '.join(files)} to {out} ({report.seconds / 60:.1f} min)")

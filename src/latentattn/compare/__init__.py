@@ -1,8 +1,9 @@
 """``latentattn compare``: MHA, MQA, GQA, MLA and MLA+DSA trained alike and measured alike.
 
-One idea per module: ``variants`` (the parameter-matched models), ``sweep`` (``--sweep`` values),
-``measure`` (KV parameters and bytes, decode speed, DSA recall), ``stats`` (mean, spread, "within
-noise"), ``run`` (train and measure every variant and seed), ``table`` and ``plots`` (the report).
+One idea per module: ``variants`` (the parameter-matched models), ``sweep`` (``--sweep``
+values), ``measure`` (KV parameters and bytes, decode speed, DSA recall), ``stats`` (mean,
+spread, the paired test against MHA and its verdict), ``run`` (train and measure every variant
+and seed), ``table`` and ``plots`` (the report).
 The subcommand is :mod:`latentattn.cli.compare`. Nothing here is imported by the rest of
 latentattn but the CLI.
 """

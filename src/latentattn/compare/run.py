@@ -25,7 +25,7 @@ from latentattn.compare.measure import (
     kv_bytes_per_token,
     kv_parameters_per_layer,
 )
-from latentattn.compare.stats import NOISE_RULE, Summary, noise_pairs, pareto_front
+from latentattn.compare.stats import DEFAULT_MARGIN, RULE, Paired, Summary, paired, pareto_front
 from latentattn.compare.variants import Variant, build_variants
 from latentattn.loading import load
 from latentattn.model.transformer import Transformer
@@ -46,12 +46,14 @@ class CompareSettings:
     sweeps: dict[str, tuple[int, ...]] = field(default_factory=dict)
     decode_steps: int = 32
     recall_batches: int = 4
+    margin: float = DEFAULT_MARGIN  # nats/byte: the equivalence margin, fixed before the run
 
     def as_dict(self) -> dict[str, Any]:
         return {"size": dataclasses.asdict(self.size), "train": dataclasses.asdict(self.train),
                 "seeds": list(range(self.seeds)), "contexts": list(self.contexts),
                 "sweeps": {k: list(v) for k, v in self.sweeps.items()},
-                "decode_steps": self.decode_steps, "recall_batches": self.recall_batches}
+                "decode_steps": self.decode_steps, "recall_batches": self.recall_batches,
+                "margin": self.margin}
 
 
 @dataclass
@@ -88,6 +90,10 @@ class VariantResult:
     @property
     def val_loss(self) -> Summary:
         return Summary.of([r.val_loss for r in self.runs])
+
+    @property
+    def val_by_seed(self) -> dict[int, float]:
+        return {r.seed: r.val_loss for r in self.runs}
 
     @property
     def bits_per_byte(self) -> Summary:
@@ -153,8 +159,13 @@ class CompareReport:
     def n_seeds(self) -> int:
         return min(len(v.runs) for v in self.variants)
 
-    def within_noise(self) -> list[tuple[str, str]]:
-        return noise_pairs([(v.label, v.val_loss) for v in self.variants])
+    @property
+    def margin(self) -> float:
+        return float(self.settings.get("margin", DEFAULT_MARGIN))
+
+    def versus_mha(self, label: str) -> Paired:
+        """``label``'s validation loss minus MHA's, paired by seed (:mod:`latentattn.compare.stats`)."""
+        return paired(self.variant(label).val_by_seed, self.variant("mha").val_by_seed, self.margin)
 
     @property
     def swept(self) -> bool:
@@ -173,8 +184,9 @@ class CompareReport:
             "data_bytes": self.data_bytes, "settings": self.settings, "seconds": self.seconds,
             "units": {"val_loss": "nats per byte (byte-level tokens)", "bits_per_byte": "val_loss / ln 2",
                       "kv_bytes_per_token": "bytes allocated per cached token, all layers"},
-            "noise_rule": NOISE_RULE,
-            "within_noise": [list(p) for p in self.within_noise()] if self.n_seeds > 1 else None,
+            "rule": RULE, "margin": self.margin,
+            "vs_mha": {v.label: self.versus_mha(v.label).as_dict() for v in self.variants
+                       if v.label != "mha"},
             "variants": variants, "notes": self.notes,
             "pareto_front": self.pareto_labels() if self.swept else None,
         }

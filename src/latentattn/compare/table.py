@@ -1,10 +1,11 @@
 """The report as markdown: the documents' table (mechanism, KV params, KV memory, quality, speed)
-with measured values, then what is within noise and how it was measured."""
+with measured values, each variant's paired difference from MHA with its interval and verdict,
+and the per-seed values the test was run on."""
 
 from __future__ import annotations
 
 from latentattn.compare.run import CompareReport, VariantResult
-from latentattn.compare.stats import NOISE_RULE, within_noise
+from latentattn.compare.stats import RULE
 
 
 def _bytes(n: float) -> str:
@@ -30,54 +31,58 @@ def markdown_table(report: CompareReport) -> str:
     contexts = sorted(mha.decode_tokens_per_s)
     headers = ["mechanism", "params", "KV params / layer",
                f"KV cache B/token ({dtype}, {layers} layers)", "KV vs MHA",
-               "val loss (nats/byte)", "bits/byte", "train tok/s",
+               "val loss (nats/byte)", "vs MHA: Δ [95% CI]", "verdict", "bits/byte", "train tok/s",
                *(f"decode tok/s @{c:,}" for c in contexts), "DSA recall (top-k mass)"]
     rows = []
     for v in report.variants:
         rows.append([
             v.mechanism, f"{v.params:,}", f"{v.kv_params_per_layer:,}", _bytes(v.kv_bytes_per_token),
             _vs(v.kv_bytes_per_token / mha.kv_bytes_per_token), v.val_loss.fmt(3),
+            *(("-", "reference") if v.label == "mha" else
+              (report.versus_mha(v.label).fmt(3), report.versus_mha(v.label).verdict)),
             v.bits_per_byte.fmt(3), f"{v.train_tokens_per_s.mean:,.0f}",
             *(f"{v.decode_tokens_per_s[c]:,.0f}" for c in contexts), _recall(v),
         ])
-    right = set(range(1, len(headers) - 1))
+    right = set(range(1, len(headers) - 1)) - {headers.index("verdict")}
     lines = ["| " + " | ".join(headers) + " |",
              "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def noise_lines(report: CompareReport) -> list[str]:
-    """What can and cannot be told apart, in words."""
+def verdict_lines(report: CompareReport) -> list[str]:
+    """Each variant against MHA in words: the paired difference, its interval and the verdict."""
     n = report.n_seeds
+    lines = [f"Against MHA, paired by seed over {n} seed(s), margin {report.margin:g} nats/byte "
+             f"fixed before the run. Rule: {RULE}."]
     if n < 2:
-        lines = ["Spread across seeds: unknown with one seed, so no difference below can be called "
-                 "real or noise; rerun with --seeds 3 (or more) to tell."]
-    else:
-        lines = [f"Spread: ± is the sample standard deviation over {n} seeds (each seed changes "
-                 f"the initialisation, the data order and the validation windows). Rule: {NOISE_RULE}."]
-        pairs = report.within_noise()
-        names = {v.label: v.mechanism for v in report.variants}
-        if pairs:
-            lines.append("Within noise of each other: "
-                         + "; ".join(f"{names[a]} ~ {names[b]}" for a, b in pairs) + ".")
-        else:
-            lines.append("No two variants are within noise of each other.")
+        lines.append("One seed gives no interval: every verdict is inconclusive; rerun with "
+                     "--seeds 3 (or more) to test.")
     mha = report.variant("mha")
     for v in report.variants:
         if v.label == "mha":
             continue
-        close = within_noise(v.val_loss, mha.val_loss)
-        diff = v.val_loss.mean - mha.val_loss.mean
-        verdict = ("spread unknown" if close is None else "within noise of MHA" if close
-                   else "worse than MHA" if diff > 0 else "better than MHA")
-        lines.append(f"- {v.mechanism}: {diff:+.3f} nats/byte vs MHA ({verdict}) with "
-                     f"{v.kv_bytes_per_token / mha.kv_bytes_per_token:.3f}x its KV cache.")
+        p = report.versus_mha(v.label)
+        extra = "" if p.p_value is None else f", p = {p.p_value:.3f}, TOST p = {p.tost_p:.3f}"
+        lines.append(f"- {v.mechanism}: {p.fmt(3)} nats/byte{extra}: {p.verdict}, with "
+                     f"{v.kv_bytes_per_token / mha.kv_bytes_per_token:.3f}x MHA's KV cache.")
     return lines
 
 
+def per_seed_table(report: CompareReport) -> str:
+    """Validation loss per variant and seed: the values the paired test ran on."""
+    seeds = sorted({r.seed for v in report.variants for r in v.runs})
+    lines = ["| mechanism | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|" + "---:|" * len(seeds)]
+    for v in report.variants:
+        by_seed = v.val_by_seed
+        lines.append(f"| {v.mechanism} | "
+                     + " | ".join(f"{by_seed[s]:.4f}" if s in by_seed else "-" for s in seeds) + " |")
+    return "\n".join(lines)
+
+
 def markdown_report(report: CompareReport) -> str:
-    """results.md: how it was made, the table, noise, notes."""
+    """results.md: how it was made, the table, the verdicts, the per-seed values, notes."""
     m = report.machine
     t = report.settings["train"]
     parts = [
@@ -92,7 +97,11 @@ def markdown_report(report: CompareReport) -> str:
         "",
         markdown_table(report),
         "",
-        *noise_lines(report),
+        *verdict_lines(report),
+        "",
+        "Validation loss (nats/byte) per seed:",
+        "",
+        per_seed_table(report),
         "",
         "Notes:",
         "",
