@@ -25,7 +25,7 @@ from conftest import cli_error
 from latentattn.attention.dsa import SparseLatentAttention
 from latentattn.cli import main
 from latentattn.config import MoEConfig
-from latentattn.data import byte_tokens, default_text, random_batch, train_val_split
+from latentattn.data import byte_tokens, default_text, eval_windows, random_batch, train_val_split
 from latentattn.errors import CheckpointError, ConfigError
 from latentattn.loading import load
 from latentattn.model.ffn import Router
@@ -70,7 +70,7 @@ def _model(kind: str, seed: int = 0) -> Transformer:
 
 def _settings(**changes: Any) -> TrainSettings:
     base: dict[str, Any] = dict(steps=6, batch_size=4, seq_len=32, warmup_steps=2, eval_every=0,
-                                eval_batches=2)
+                                eval_windows=8)
     return TrainSettings(**{**base, **changes})
 
 
@@ -92,6 +92,26 @@ def test_bf16_autocast() -> None:
     result = train(model, TRAIN, VAL, _settings(steps=3, bf16=True, dsa_warmup_steps=1), progress=False)
     assert all(5.0 < x < 6.0 for x in result.train_losses)
     assert model.embed_tokens.weight.dtype == torch.float32  # autocast, not a bf16 model
+
+
+def test_evaluation_set_is_fixed_and_whole() -> None:
+    # The whole validation split in non-overlapping windows, whatever the seed: every token after
+    # the first predicted once, so the loss is the mean over exactly those targets.
+    tokens = torch.arange(103)
+    windows = eval_windows(tokens, 10)
+    assert windows.shape == (10, 11) and torch.equal(windows[1], torch.arange(10, 21))
+    assert torch.equal(windows[:, 1:].flatten(), torch.arange(1, 101))  # each target once
+    assert eval_windows(tokens, 10, limit=3).shape == (3, 11)
+    model = _model("mla").eval()
+    s = _settings(batch_size=3, eval_windows=0)
+    loss = loop.evaluate(model, VAL, s)
+    assert loop.evaluate(model, VAL, dataclasses.replace(s, seed=7)) == loss  # seed-independent
+    assert loop.evaluate(model, VAL, dataclasses.replace(s, batch_size=5)) == pytest.approx(loss, rel=1e-6)
+    w = eval_windows(VAL, s.seq_len)
+    with torch.no_grad():
+        manual = float(torch.nn.functional.cross_entropy(
+            model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten()))
+    assert loss == pytest.approx(manual, rel=1e-5)
 
 
 def test_lr_schedule() -> None:
@@ -281,7 +301,7 @@ def test_skewed_router_ends_balanced(balance: str) -> None:
     # more steps than a test has), 1.2-1.9 with the V2 loss (alpha 0.1).
     on: dict[str, Any] = (dict(router_bias_rate=5e-3) if balance == "bias"
                           else dict(router_bias_rate=0.0, moe_aux_loss=0.1))
-    s = _settings(steps=80, batch_size=8, eval_batches=1)
+    s = _settings(steps=80, batch_size=8, eval_windows=4)
     before = _imbalance(_skewed_moe(0))
     unbalanced, balanced = _skewed_moe(0), _skewed_moe(0)
     off = train(unbalanced, TRAIN, VAL, dataclasses.replace(s, router_bias_rate=0.0), progress=False)

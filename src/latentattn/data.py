@@ -55,3 +55,15 @@ def random_batch(tokens: torch.Tensor, batch: int, seq_len: int, generator: torc
         raise LatentAttnError(f"the text has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
     starts = torch.randint(0, len(tokens) - seq_len, (batch,), generator=generator)
     return torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()])
+
+
+def eval_windows(tokens: torch.Tensor, seq_len: int, limit: int = 0) -> torch.Tensor:
+    """(N, seq_len + 1) non-overlapping windows from the start of ``tokens``: window i holds
+    tokens [i * seq_len, (i + 1) * seq_len], so every token after the first is predicted exactly
+    once (the tail shorter than a window is left out). ``limit`` > 0 keeps the first ``limit``.
+    The same tokens give the same windows, whatever the seed: an evaluation set fixed for every run.
+    """
+    if len(tokens) < seq_len + 1:
+        raise LatentAttnError(f"the text has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+    windows = tokens.unfold(0, seq_len + 1, seq_len)
+    return windows[:limit] if limit > 0 else windows

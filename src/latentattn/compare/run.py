@@ -243,6 +243,9 @@ def _notes(settings: CompareSettings, variants: list[Variant]) -> list[str]:
         + ", ".join(f"{v.label} {v.config.intermediate_size}" for v in variants) + ".",
         f"Same data, steps ({t.steps}), batch ({t.batch_size} x {t.seq_len} bytes), learning-rate "
         f"schedule (peak {t.lr:g}) and seeds for every variant.",
+        "Validation loss: every non-overlapping window of the held-out last 10% of the text"
+        + (f" (the first {t.eval_windows})" if t.eval_windows else "")
+        + ", the same tokens for every variant and seed.",
         "Decode: batch 1, whole model, greedy, after prefilling a random prompt of the given length; "
         "the same trained weights, loaded into a copy with room for the context.",
     ]

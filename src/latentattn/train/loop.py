@@ -37,7 +37,7 @@ from torch import nn
 
 from latentattn.attention.dsa import SparseLatentAttention
 from latentattn.config_io import config_to_dict
-from latentattn.data import random_batch
+from latentattn.data import eval_windows, random_batch
 from latentattn.errors import ConfigError, LatentAttnError
 from latentattn.model.transformer import Transformer
 from latentattn.train.balance import RouterBalancer
@@ -56,8 +56,6 @@ from latentattn.train.dsa import Stage, indexer_loss, set_dsa_stage
 from latentattn.train.resume import check_resumable
 from latentattn.train.settings import TrainResult, TrainSettings, lr_at
 
-EVAL_SEED_OFFSET = 1_000_003  # validation windows: their own generator, never the training one
-
 
 def is_dsa(model: Transformer) -> bool:
     return any(isinstance(blk.self_attn, SparseLatentAttention) for blk in model.blocks)
@@ -74,25 +72,27 @@ def _autocast(model: nn.Module, bf16: bool) -> torch.autocast:
 
 
 def evaluate(model: Transformer, val_tokens: torch.Tensor, settings: TrainSettings) -> float:
-    """Mean LM loss over settings.eval_batches fixed (seeded, deterministic) validation windows.
-
-    Windows of ``settings.seq_len`` tokens, ``settings.batch_size`` per batch, from a generator
-    seeded with ``settings.seed`` (not the training one, which it leaves alone). Runs the model
-    as it is configured (for DSA: whatever stage is set).
+    """Mean LM loss (nats/token) over a fixed evaluation set: the validation split's
+    non-overlapping ``settings.seq_len`` windows (:func:`latentattn.data.eval_windows`; the first
+    ``settings.eval_windows`` of them when that is > 0), ``settings.batch_size`` per forward.
+    The set does not depend on the seed, so every run and seed is measured on the same tokens.
+    Runs the model as it is configured (for DSA: whatever stage is set).
     """
-    gen = torch.Generator().manual_seed(settings.seed + EVAL_SEED_OFFSET)
+    windows = eval_windows(val_tokens, settings.seq_len, settings.eval_windows)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total = 0.0
     try:
         with torch.no_grad(), _autocast(model, settings.bf16):
-            for _ in range(settings.eval_batches):
-                batch = random_batch(val_tokens, settings.batch_size, settings.seq_len, gen).to(device)
-                total += float(lm_loss(model(batch[:, :-1]), batch[:, 1:]))
+            for batch in windows.split(settings.batch_size):
+                batch = batch.to(device)
+                logits = model(batch[:, :-1])
+                total += float(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(),
+                                               reduction="sum"))
     finally:
         model.train(was_training)
-    return total / settings.eval_batches
+    return total / (windows.shape[0] * settings.seq_len)
 
 
 # ---------------------------------------------------------------------------- optimizer

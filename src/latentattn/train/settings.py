@@ -30,7 +30,9 @@ class TrainSettings:
     grad_clip: float = 1.0  # <= 0: no clipping
     bf16: bool = False  # torch.autocast(device_type, dtype=torch.bfloat16)
     eval_every: int = 50  # 0: only at the end
-    eval_batches: int = 8
+    # Validation windows: 0 = every non-overlapping window of the validation split (the same
+    # set for every run and seed); N > 0 = the first N of them.
+    eval_windows: int = 0
     seed: int = 0
     dsa_warmup_steps: int | None = None  # DSA models: steps of stage 1; None -> steps // 4
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (ignored in one process)
@@ -42,11 +44,11 @@ class TrainSettings:
     moe_aux_loss: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "eval_batches"):
+        for name in ("steps", "batch_size", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"TrainSettings.{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "eval_windows"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainSettings.{name} must be >= 0, got {getattr(self, name)}")
         if self.dsa_warmup_steps is not None and self.dsa_warmup_steps < 0:
