@@ -18,8 +18,10 @@ from latentattn import Transformer
 from latentattn.calc.kv_bytes import cache_bytes_per_token_per_layer
 from latentattn.cli import main
 from latentattn.compare.measure import kv_bytes_per_token
+from latentattn.compare.run import CompareReport, SeedRun, VariantResult
 from latentattn.compare.stats import Paired, Summary, paired, pareto_front
 from latentattn.compare.sweep import SweepError, parse_sweeps, sweep_points
+from latentattn.compare.table import verdict_lines
 from latentattn.compare.variants import build_variants, family_size
 from latentattn.errors import ConfigError
 from latentattn.train.family import FamilySize
@@ -58,14 +60,20 @@ def test_tiny_run_writes_every_variant(tmp_path: Path, text_file: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     data, out = _run(tmp_path, text_file, "--seeds", "2")
     variants = {v["label"]: v for v in data["variants"]}
-    assert list(variants) == KINDS
+    assert list(variants) == [*KINDS, "control"]
     mha = variants["mha"]
-    # tiny family: 4 heads of 8, d_c 16, d_r 4, indexer key 8, 2 layers, fp32 (4 B/value)
+    # tiny family: 4 heads of 8, d_c 16, d_r 4, indexer key 8, 2 layers, fp32 (4 B/value); the
+    # control's latent is half a head, d_c 4
     expected_kv_bytes = {"mha": 2 * 4 * 8, "mqa": 2 * 8, "gqa": 2 * 2 * 8, "mla": 16 + 4,
-                         "dsa": 16 + 4 + 8}
+                         "dsa": 16 + 4 + 8, "control": 4 + 4}
     mla_kv = 32 * (16 + 4) + 16 + 16 * 4 * (8 + 8)  # kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
     expected_kv_params = {"mha": 2 * 32 * 32, "mqa": 2 * 32 * 8, "gqa": 2 * 32 * 16,
-                          "mla": mla_kv, "dsa": mla_kv + 32 * 8 + 2 * 8}  # + indexer wk, k_norm
+                          "mla": mla_kv, "dsa": mla_kv + 32 * 8 + 2 * 8,  # + indexer wk, k_norm
+                          "control": 32 * (4 + 4) + 4 + 4 * 4 * (8 + 8)}
+    assert variants["control"]["control"] and variants["control"]["latent"] == {"kv_lora_rank": 4}
+    assert data["control"] == "control" and isinstance(data["control_resolved"], bool)
+    if not data["control_resolved"]:
+        assert "equivalent" not in {t["verdict"] for t in data["vs_mha"].values()}
     for label, v in variants.items():
         assert v["kv_bytes_per_token"] == expected_kv_bytes[label] * 4 * 2, label
         assert v["kv_bytes_per_token_bf16"] == expected_kv_bytes[label] * 2 * 2, label
@@ -89,7 +97,7 @@ def test_tiny_run_writes_every_variant(tmp_path: Path, text_file: Path,
         else:
             assert v["dsa_recall"] is None
     assert data["margin"] == 0.02 and "paired by seed" in data["rule"]
-    assert set(data["vs_mha"]) == set(KINDS) - {"mha"}
+    assert set(data["vs_mha"]) == set(KINDS) - {"mha"} | {"control"}
     by_label = {v["label"]: v for v in data["variants"]}
     for label, test in data["vs_mha"].items():
         assert test["seeds"] == [0, 1] and test["verdict"] in ("better", "worse", "equivalent",
@@ -121,7 +129,7 @@ def test_kv_bytes_equal_formula() -> None:
 def test_sweep_adds_points_and_pareto(tmp_path: Path, text_file: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     data, out = _run(tmp_path, text_file, "--seeds", "1", "--sweep", "kv_lora_rank=8,16",
-                     "--sweep", "index_topk=8,16")
+                     "--sweep", "index_topk=8,16", "--no-control")
     labels = [v["label"] for v in data["variants"]]
     # the tiny family's own values are kv_lora_rank 16 and index_topk 8: those points are the
     # base MLA / DSA variants and are not trained twice
@@ -142,6 +150,7 @@ def test_sweep_adds_points_and_pareto(tmp_path: Path, text_file: Path,
     assert all(t["ci95"] is None for t in data["vs_mha"].values())
     md = (out / "results.md").read_text()
     assert "One seed gives no interval" in md
+    assert data["control"] is None and "No positive control was run" in md
     assert "Pareto front" in capsys.readouterr().out
 
 
@@ -207,6 +216,30 @@ def test_paired_statistics_on_known_values() -> None:
     assert "no interval" in one.fmt()
     with pytest.raises(ConfigError, match="margin"):
         Paired((0,), (0.0,), 0.0)
+
+
+def _result(label: str, losses: list[float], control: bool = False) -> VariantResult:
+    runs = [SeedRun(seed=i, val_loss=x, train_tokens_per_s=1.0, seconds=1.0, steps_done=1,
+                    train_losses=[x], val_curve=[(1, x)]) for i, x in enumerate(losses)]
+    return VariantResult(label=label, kind="mla", mechanism=label.upper(), sweep={}, latent={},
+                         reference=False, params=1, ffn_width=1, n_layers=1, kv_params_per_layer=1,
+                         kv_bytes_per_token=1.0, kv_bytes_per_token_bf16=1.0, kv_dtype="float32",
+                         decode_tokens_per_s={}, runs=runs, control=control)
+
+
+def test_no_equivalence_unless_the_control_is_caught() -> None:
+    mha = [1.000, 1.010, 1.020, 1.030, 1.040]
+    close = [x + d for x, d in zip(mha, (0.001, -0.002, 0.0, 0.002, -0.001), strict=True)]
+    report = CompareReport(machine={}, settings={"margin": 0.02}, data="", data_bytes=0, command="")
+    report.variants = [_result("mha", mha), _result("mla", close)]
+    assert report.control_resolved is None and report.verdict("mla") == "equivalent"
+    missed = [x + d for x, d in zip(mha, (0.05, -0.04, 0.01, 0.0, 0.02), strict=True)]
+    report.variants.append(_result("control", missed, control=True))
+    assert report.control_resolved is False
+    assert report.versus_mha("mla").verdict == "equivalent" and report.verdict("mla") == "inconclusive"
+    report.variants[-1] = _result("control", [x + 0.1 + 0.001 * i for i, x in enumerate(mha)], control=True)
+    assert report.control_resolved is True and report.verdict("mla") == "equivalent"
+    assert "came out worse than MHA" in "\n".join(verdict_lines(report))
 
 
 def test_summary_and_pareto() -> None:

@@ -54,9 +54,10 @@ def register(sub: Any) -> None:
     """Add ``compare`` to the ``latentattn`` subcommands (``sub`` from ``add_subparsers``)."""
     c = sub.add_parser(
         "compare", help="train MHA, MQA, GQA, MLA and MLA+DSA alike and measure them",
-        description="Train the five attention mechanisms at the same depth and width, with "
-        "parameter counts matched within 3% through the FFN width, on the same data, seeds, steps "
-        "and schedule; measure parameters, KV parameters, allocated KV cache bytes per token, "
+        description="Train the five attention mechanisms, and a positive control (MLA with a "
+        "latent of half a head, which must come out worse than MHA), at the same depth and "
+        "width, with parameter counts matched within 3% through the FFN width, on the same data, "
+        "seeds, steps and schedule; measure parameters, KV parameters, allocated KV cache bytes per token, "
         "validation loss and bits per byte (mean and spread over seeds) with each variant's "
         "difference from MHA paired by seed (95% interval, equivalence test, verdict), training "
         "and decode speed, and DSA's attention-mass recall. Writes results.json, results.md and PNG plots "
@@ -88,6 +89,10 @@ def register(sub: Any) -> None:
                    help="equivalence margin in nats/byte, fixed before the run: a variant is "
                    f"'equivalent' to MHA when the 90%% interval of the paired difference lies "
                    f"inside +/- this ({DEFAULT_MARGIN:g})")
+    c.add_argument("--no-control", action="store_true",
+                   help="leave out the positive control (an MLA with its latent starved to half a "
+                   "head, which must come out worse than MHA; without it no run shows it could "
+                   "detect a difference)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)
 
@@ -127,6 +132,8 @@ def _command(args: argparse.Namespace, v: dict[str, Any]) -> str:
               "--contexts", ",".join(map(str, v["contexts"])), "--margin", f"{v['margin']:g}"]
     for spec in args.sweep:
         parts += ["--sweep", spec]
+    if args.no_control:
+        parts.append("--no-control")
     parts += ["--out", str(args.out)]
     return " ".join(parts)
 
@@ -171,7 +178,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"10%), fewer than one window of --seq-len {v['seq_len']} + 1; use more text or a "
             "shorter --seq-len")
     size = family_size(v["dim"], v["layers"], v["seq_len"])
-    variants = build_variants(size, sweeps)
+    variants = build_variants(size, sweeps, control=not args.no_control)
     train_settings = TrainSettings(
         steps=v["steps"], batch_size=v["batch_size"], seq_len=v["seq_len"], lr=v["lr"],
         warmup_steps=min(20, v["steps"] // 10), eval_every=_eval_every(v["steps"]),

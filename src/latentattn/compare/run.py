@@ -25,7 +25,7 @@ from latentattn.compare.measure import (
     kv_bytes_per_token,
     kv_parameters_per_layer,
 )
-from latentattn.compare.stats import DEFAULT_MARGIN, RULE, Paired, Summary, paired, pareto_front
+from latentattn.compare.stats import DEFAULT_MARGIN, RULE, Paired, Summary, Verdict, paired, pareto_front
 from latentattn.compare.variants import Variant, build_variants
 from latentattn.loading import load
 from latentattn.model.transformer import Transformer
@@ -86,6 +86,7 @@ class VariantResult:
     kv_dtype: str
     decode_tokens_per_s: dict[int, float]
     runs: list[SeedRun] = field(default_factory=list)
+    control: bool = False  # the positive control (variants.control_variant)
 
     @property
     def val_loss(self) -> Summary:
@@ -168,8 +169,26 @@ class CompareReport:
         return paired(self.variant(label).val_by_seed, self.variant("mha").val_by_seed, self.margin)
 
     @property
+    def control(self) -> VariantResult | None:
+        return next((v for v in self.variants if v.control), None)
+
+    @property
+    def control_resolved(self) -> bool | None:
+        """Whether the positive control came out worse than MHA (None: no control was run)."""
+        c = self.control
+        return None if c is None else self.versus_mha(c.label).verdict == "worse"
+
+    def verdict(self, label: str) -> Verdict:
+        """The paired verdict, except that no variant is "equivalent" when the positive control
+        was not shown worse: such a run cannot resolve differences of the control's size."""
+        v = self.versus_mha(label).verdict
+        if v == "equivalent" and self.control_resolved is False and not self.variant(label).control:
+            return "inconclusive"
+        return v
+
+    @property
     def swept(self) -> bool:
-        return any(v.sweep for v in self.variants)
+        return any(v.sweep and not v.control for v in self.variants)
 
     def as_dict(self) -> dict[str, Any]:
         mha = self.variant("mha")
@@ -185,8 +204,11 @@ class CompareReport:
             "units": {"val_loss": "nats per byte (byte-level tokens)", "bits_per_byte": "val_loss / ln 2",
                       "kv_bytes_per_token": "bytes allocated per cached token, all layers"},
             "rule": RULE, "margin": self.margin,
-            "vs_mha": {v.label: self.versus_mha(v.label).as_dict() for v in self.variants
-                       if v.label != "mha"},
+            "vs_mha": {v.label: {**self.versus_mha(v.label).as_dict(), "verdict": self.verdict(v.label),
+                                 "paired_verdict": self.versus_mha(v.label).verdict}
+                       for v in self.variants if v.label != "mha"},
+            "control": None if self.control is None else self.control.label,
+            "control_resolved": self.control_resolved,
             "variants": variants, "notes": self.notes,
             "pareto_front": self.pareto_labels() if self.swept else None,
         }
@@ -225,6 +247,7 @@ def _measured(variant: Variant, model: Transformer, settings: CompareSettings) -
     return VariantResult(
         label=variant.label, kind=variant.kind, mechanism=variant.mechanism,
         sweep=dict(variant.sweep), latent=variant.latent_settings(), reference=variant.is_reference,
+        control=variant.control,
         params=model.num_parameters(), ffn_width=cfg.intermediate_size, n_layers=cfg.n_layers,
         kv_params_per_layer=kv_parameters_per_layer(model),
         kv_bytes_per_token=kv_bytes_per_token(model),

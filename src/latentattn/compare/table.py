@@ -39,7 +39,7 @@ def markdown_table(report: CompareReport) -> str:
             v.mechanism, f"{v.params:,}", f"{v.kv_params_per_layer:,}", _bytes(v.kv_bytes_per_token),
             _vs(v.kv_bytes_per_token / mha.kv_bytes_per_token), v.val_loss.fmt(3),
             *(("-", "reference") if v.label == "mha" else
-              (report.versus_mha(v.label).fmt(3), report.versus_mha(v.label).verdict)),
+              (report.versus_mha(v.label).fmt(3), report.verdict(v.label))),
             v.bits_per_byte.fmt(3), f"{v.train_tokens_per_s.mean:,.0f}",
             *(f"{v.decode_tokens_per_s[c]:,.0f}" for c in contexts), _recall(v),
         ])
@@ -64,8 +64,20 @@ def verdict_lines(report: CompareReport) -> list[str]:
             continue
         p = report.versus_mha(v.label)
         extra = "" if p.p_value is None else f", p = {p.p_value:.3f}, TOST p = {p.tost_p:.3f}"
-        lines.append(f"- {v.mechanism}: {p.fmt(3)} nats/byte{extra}: {p.verdict}, with "
+        lines.append(f"- {v.mechanism}: {p.fmt(3)} nats/byte{extra}: {report.verdict(v.label)}, with "
                      f"{v.kv_bytes_per_token / mha.kv_bytes_per_token:.3f}x MHA's KV cache.")
+    control = report.control
+    if control is None:
+        lines.append("No positive control was run (--no-control): nothing shows that this run could "
+                     "detect a real difference, so read 'equivalent' with care.")
+    elif report.control_resolved:
+        lines.append(f"Positive control: {control.mechanism} came out worse than MHA, as it must: "
+                     "the run resolves a difference of its size.")
+    else:
+        lines.append(f"Positive control: {control.mechanism} was NOT shown worse than MHA "
+                     f"({report.versus_mha(control.label).fmt(3)}): this run cannot resolve "
+                     "differences of that size, so no verdict here is 'equivalent' (those are "
+                     "reported as inconclusive).")
     return lines
 
 

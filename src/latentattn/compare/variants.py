@@ -14,6 +14,7 @@ from latentattn.train.family import ATTN_KINDS, FamilySize, matched_configs
 
 N_HEADS = 4
 PARAM_TOLERANCE = 0.03
+CONTROL = "control"  # the label of the positive control
 
 
 def family_size(dim: int = 128, n_layers: int = 4, seq_len: int = 256) -> FamilySize:
@@ -41,6 +42,7 @@ class Variant:
     kind: str
     config: ModelConfig
     sweep: tuple[tuple[str, int], ...] = ()
+    control: bool = False  # the positive control: an MLA built to lose (control_variant)
 
     @property
     def mechanism(self) -> str:
@@ -49,9 +51,8 @@ class Variant:
             base = {"mha": "MHA", "mqa": "MQA"}.get(a.name, a.name.upper())
         else:
             base = "MLA" if a.indexer is None else "MLA+DSA"
-        if not self.sweep:
-            return base
-        return f"{base} ({', '.join(f'{k}={v}' for k, v in self.sweep)})"
+        what = [f"{k}={v}" for k, v in self.sweep] + (["control"] if self.control else [])
+        return f"{base} ({', '.join(what)})" if what else base
 
     @property
     def is_reference(self) -> bool:
@@ -74,10 +75,24 @@ def _swept(size: FamilySize, point: SweepPoint) -> ModelConfig:
     return matched_configs(changed, kinds=(point.kind,), tolerance=PARAM_TOLERANCE)[point.kind]
 
 
-def build_variants(size: FamilySize, sweeps: dict[str, tuple[int, ...]] | None = None) -> list[Variant]:
-    """The five kinds, then every sweep point whose config is not already one of them."""
+def control_variant(size: FamilySize) -> Variant:
+    """The positive control: MLA with its latent starved to half a head's width (d_c = d_h / 2,
+    e.g. 16 at dim 128: 0.125x MHA's cache), parameters matched like the others. It must come
+    out worse than MHA; a protocol that cannot tell so cannot resolve differences of that size
+    (next-facts section 3.3: "the protocol is valid only if it detects the loss")."""
+    rank = max(1, size.head_dim // 2)
+    cfg = _swept(size, SweepPoint("mla", (("kv_lora_rank", rank),)))
+    return Variant(CONTROL, "mla", cfg.replace(name=CONTROL), (("kv_lora_rank", rank),), control=True)
+
+
+def build_variants(size: FamilySize, sweeps: dict[str, tuple[int, ...]] | None = None,
+                   control: bool = True) -> list[Variant]:
+    """The five kinds, the positive control (unless ``control=False``), then every sweep point
+    whose config is not already one of them."""
     base = matched_configs(size, kinds=ATTN_KINDS, tolerance=PARAM_TOLERANCE)
     variants = [Variant(kind, kind, cfg) for kind, cfg in base.items()]
+    if control:
+        variants.append(control_variant(size))
     for point in sweep_points(sweeps or {}):
         cfg = _swept(size, point)
         if cfg != base[point.kind]:  # the family's own value is the base variant already
