@@ -25,7 +25,7 @@ demo: $(VENV)/.dev
 	$(BIN)/latentattn kv-cache --model deepseek-v3 --context 131072
 	$(BIN)/latentattn info --model tiny-mla
 	$(BIN)/latentattn generate --model tiny-mla --prompt "Latent attention" --max-new-tokens 24 --seed 0
-	$(BIN)/latentattn compare --quick --out compare-out
+	$(BIN)/latentattn compare --quick --restart --out compare-out
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests

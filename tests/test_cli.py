@@ -42,7 +42,7 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
                  "--quiet"},
     ("compare",): {"--data", "--steps", "--seeds", "--quick", "--out", "--sweep", "--batch-size",
                    "--seq-len", "--dim", "--layers", "--lr", "--contexts", "--margin", "--no-control",
-                   "--quiet"},
+                   "--restart", "--quiet"},
     ("bench", "decode"): {"--json", "--plot", "--contexts", "--batches", "--repeats", "--dtype",
                           "--no-hf", "--quiet", "--tiny"},
     ("bench", "dsa"): {"--json", "--plot", "--decode-contexts", "--prefill-contexts", "--topks",

@@ -119,6 +119,54 @@ def test_tiny_run_writes_every_variant(tmp_path: Path, text_file: Path,
     assert "| mechanism |" in printed and "MLA+DSA" in printed
 
 
+def _outcome(data: dict) -> dict:
+    """What a run's results are, without how fast it ran."""
+    keep = ("label", "params", "kv_params_per_layer", "kv_bytes_per_token", "val_loss")
+    return {v["label"]: {**{k: v[k] for k in keep},
+                         "runs": [(r["seed"], r["val_loss"], r["train_losses"], r["val_curve"])
+                                  for r in v["runs"]]}
+            for v in data["variants"]} | {"vs_mha": data["vs_mha"]}
+
+
+def test_stopped_compare_continues_where_it_stopped(tmp_path: Path, text_file: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from latentattn.compare import run as run_mod
+
+    whole, _ = _run(tmp_path / "whole", text_file, "--seeds", "2")
+    real, done = run_mod._train_one, []
+
+    def stop_after_three(*args: object, **kwargs: object) -> object:
+        if len(done) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the fourth run
+        done.append(args[0])
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(run_mod, "_train_one", stop_after_three)
+    out = tmp_path / "cut" / "out"
+    argv = ["compare", "--data", str(text_file), "--out", str(out), *TINY, "--seeds", "2"]
+    assert main(argv) == 130 and len(list((out / "runs").iterdir())) == 3
+    assert not (out / "results.json").exists()
+    monkeypatch.undo()
+    capsys.readouterr()
+    trained = []
+    monkeypatch.setattr(run_mod, "_train_one", lambda *a, **k: trained.append(a[0]) or real(*a, **k))
+    assert main(argv) == 0
+    assert "3 of 12 runs already finished" in capsys.readouterr().err
+    assert len(trained) == 12 - 3  # only the missing runs were trained
+    resumed = json.loads((out / "results.json").read_text())
+    assert _outcome(resumed) == _outcome(whole)
+
+    # Another protocol in the same --out: refused, and the finished runs are kept.
+    kept = {p.name: p.read_bytes() for p in (out / "runs").iterdir()}
+    msg = cli_error(capsys, [*argv, "--steps", "4"])
+    assert "holds results of another protocol" in msg and "steps" in msg
+    assert {p.name: p.read_bytes() for p in (out / "runs").iterdir()} == kept
+    trained.clear()
+    assert main([*argv, "--restart", "--seeds", "1", "--no-control"]) == 0
+    assert len(trained) == 5
+
+
 def test_kv_bytes_equal_formula() -> None:
     """The allocated bytes the report uses agree with the kv-cache formula (fp32 here)."""
     for v in build_variants(family_size(32, 2, 32)):

@@ -3,12 +3,16 @@
 Presets, sized on a 2-core CPU (torch 2.13, fp32, 2 threads), where a ~1.1M-parameter variant
 trains at about 10-12k tokens/s (MLA+DSA at about 5k):
 
-* default: 3 seeds x 5 variants, 200 steps of 16 x 256 bytes (``latentattn train``'s defaults),
-  decode at 256 and 4096 tokens: about 33 minutes (MLA+DSA trains at a third of the speed);
+* default: 3 seeds x 6 variants (the five and the positive control), 200 steps of 16 x 256
+  bytes (``latentattn train``'s defaults), decode at 256 and 4096 tokens: about 40 minutes
+  (MLA+DSA trains at a third of the speed);
 * ``--quick`` (``make demo``): 1 seed, 250 steps of 16 x 128 bytes, decode at 256 and 2048
-  tokens: about 6 minutes on an idle machine.
+  tokens: about 7 minutes on an idle machine.
 
-Any flag given explicitly overrides the preset.
+Any flag given explicitly overrides the preset. Each finished (variant, seed) is kept in
+``--out/runs/`` as it completes (:mod:`latentattn.compare.store`): rerunning the same command
+continues where it stopped, another protocol in the same ``--out`` is refused, ``--restart``
+starts over. Before training, a short timing probe prints the estimated time.
 """
 
 from __future__ import annotations
@@ -93,6 +97,9 @@ def register(sub: Any) -> None:
                    help="leave out the positive control (an MLA with its latent starved to half a "
                    "head, which must come out worse than MHA; without it no run shows it could "
                    "detect a difference)")
+    c.add_argument("--restart", action="store_true",
+                   help="train every run again: forget the finished runs kept in --out (by default "
+                   "a rerun of the same command continues where it stopped)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)
 
@@ -151,6 +158,16 @@ def _prepare_out(out: str) -> Path:
     return path
 
 
+def _forget_runs(out: Path) -> None:
+    """--restart: drop the finished runs (and their protocol) kept in ``out``."""
+    import shutil
+
+    from latentattn.compare.store import PROTOCOL_FILE, RUNS_DIR
+
+    shutil.rmtree(out / RUNS_DIR, ignore_errors=True)
+    (out / PROTOCOL_FILE).unlink(missing_ok=True)
+
+
 def _eval_every(steps: int) -> int:
     """8-12 points on each validation curve, the last at the final step when a divisor allows."""
     return next((steps // k for k in range(8, 13) if steps % k == 0), max(1, steps // 8))
@@ -161,6 +178,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from latentattn.compare.plots import PLOTS, plot_sweep_pareto
     from latentattn.compare.run import CompareSettings, run_compare
+    from latentattn.compare.store import DirStore, protocol
     from latentattn.compare.sweep import parse_sweeps
     from latentattn.compare.table import markdown_report, markdown_table, verdict_lines
     from latentattn.compare.variants import build_variants, family_size
@@ -186,8 +204,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     settings = CompareSettings(size=size, train=train_settings, seeds=v["seeds"],
                                contexts=tuple(v["contexts"]), sweeps=sweeps, margin=v["margin"])
     out = _prepare_out(args.out)
-
+    if args.restart:
+        _forget_runs(out)
+    store = DirStore(out, protocol(settings, variants, train_tokens, val_tokens))
+    todo = {x.label: sum(store.load(x.label, seed) is None for seed in range(v["seeds"]))
+            for x in variants}
     total = len(variants) * v["seeds"]
+    left = sum(todo.values())
+    if left < total:
+        print(f"latentattn: {total - left} of {total} runs already finished in {out}: continuing "
+              "with the rest", file=sys.stderr)
+    if left and not args.quiet:
+        from latentattn.compare.probe import estimate_seconds
+
+        est = estimate_seconds(settings, variants, todo, train_tokens, val_tokens)
+        print(f"latentattn: {left} run(s) to train, estimated {est / 60:.1f} min on this machine "
+              "(from a short timing probe; decode timing and DSA's sparse stage not included)",
+              file=sys.stderr)
     with tqdm(total=total, file=sys.stderr, desc="compare", unit="run", disable=args.quiet) as bar:
         progress = on_start(bar)
 
@@ -196,7 +229,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         report = run_compare(
             settings, train_tokens, val_tokens, args.data or "pydoc_data.topics (CPython)",
-            command=_command(args, v), on_run=on_run, progress=not args.quiet, variants=variants)
+            command=_command(args, v), on_run=on_run, progress=not args.quiet, variants=variants,
+            store=store)
         bar.update(total - bar.n)
 
     files = ["results.json", "results.md", *PLOTS]
@@ -213,5 +247,5 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print("\n".join(verdict_lines(report)))
     if report.swept:
         print("Pareto front (KV bytes vs val loss): " + ", ".join(report.pareto_labels()))
-    print(f"wrote {', '.join(files)} to {out} ({report.seconds / 60:.1f} min)")
+    print(f"wrote {', '.join(files)} to {out} ({report.seconds / 60:.1f} min in this invocation)")
     return 0

@@ -15,7 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -27,6 +27,7 @@ from latentattn.compare.measure import (
 )
 from latentattn.compare.stats import DEFAULT_MARGIN, RULE, Paired, Summary, Verdict, paired, pareto_front
 from latentattn.compare.variants import Variant, build_variants
+from latentattn.errors import LatentAttnError
 from latentattn.loading import load
 from latentattn.model.transformer import Transformer
 from latentattn.timing import machine_info
@@ -219,6 +220,15 @@ class CompareReport:
         return [self.variants[i].label for i in pareto_front(points)]
 
 
+class RunStore(Protocol):
+    """Where finished runs are kept (:class:`latentattn.compare.store.DirStore`): ``load`` gives a
+    finished (variant, seed) back, with the variant's measurements when it was the first seed."""
+
+    def load(self, label: str, seed: int) -> tuple[SeedRun, VariantResult | None] | None: ...
+
+    def save(self, label: str, seed: int, run: SeedRun, measured: VariantResult | None) -> None: ...
+
+
 def _train_one(variant: Variant, seed: int, settings: CompareSettings, train_tokens: torch.Tensor,
                val_tokens: torch.Tensor, progress: bool) -> tuple[Transformer, SeedRun]:
     ts = dataclasses.replace(settings.train, seed=seed)
@@ -292,9 +302,12 @@ def _notes(settings: CompareSettings, variants: list[Variant]) -> list[str]:
 def run_compare(
     settings: CompareSettings, train_tokens: torch.Tensor, val_tokens: torch.Tensor, data: str,
     command: str = "latentattn compare", on_run: Callable[[str, int], None] | None = None,
-    progress: bool = False, variants: list[Variant] | None = None,
+    progress: bool = False, variants: list[Variant] | None = None, store: RunStore | None = None,
 ) -> CompareReport:
     """Train and measure every variant (the five kinds, then the sweep points) at every seed.
+
+    ``store`` keeps each finished (variant, seed) as it completes and gives back the ones a
+    stopped run already finished, which are not trained again.
 
     ``on_run(label, seed)`` is called as each training run starts; ``progress`` shows train()'s bar.
     ``variants`` defaults to ``build_variants(settings.size, settings.sweeps)``.
@@ -310,9 +323,19 @@ def run_compare(
         for seed in range(settings.seeds):
             if on_run is not None:
                 on_run(variant.label, seed)
-            model, run = _train_one(variant, seed, settings, train_tokens, val_tokens, progress)
+            stored = store.load(variant.label, seed) if store is not None else None
+            if stored is not None:
+                run, measured = stored
+            else:
+                model, run = _train_one(variant, seed, settings, train_tokens, val_tokens, progress)
+                measured = _measured(variant, model, settings) if result is None else None
+                if store is not None:
+                    store.save(variant.label, seed, run, measured)
             if result is None:
-                result = _measured(variant, model, settings)
+                if measured is None:
+                    raise LatentAttnError(f"the stored runs of {variant.label} lack the first seed's "
+                                          "measurements; delete its runs to train them again")
+                result = measured
             result.runs.append(run)
         assert result is not None
         report.variants.append(result)
