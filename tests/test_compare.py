@@ -4,6 +4,7 @@ one line and exit 2 with nothing written."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -17,8 +18,9 @@ from conftest import cli_error
 from latentattn import Transformer
 from latentattn.calc.kv_bytes import cache_bytes_per_token_per_layer
 from latentattn.cli import main
+from latentattn.compare.lr import LRError, check_labels, on_edge, parse_grid, parse_lrs, pick
 from latentattn.compare.measure import kv_bytes_per_token
-from latentattn.compare.run import CompareReport, SeedRun, VariantResult
+from latentattn.compare.report import CompareReport, SeedRun, VariantResult
 from latentattn.compare.stats import Paired, Summary, paired, pareto_front
 from latentattn.compare.sweep import SweepError, parse_sweeps, sweep_points
 from latentattn.compare.table import verdict_lines
@@ -78,7 +80,7 @@ def test_tiny_run_writes_every_variant(tmp_path: Path, text_file: Path,
         assert v["kv_bytes_per_token"] == expected_kv_bytes[label] * 4 * 2, label
         assert v["kv_bytes_per_token_bf16"] == expected_kv_bytes[label] * 2 * 2, label
         assert v["kv_params_per_layer"] == expected_kv_params[label], label
-        assert abs(v["params_vs_mha"]) <= 0.03
+        assert abs(v["params_vs_mha"]) <= 0.03 or label == "control"
         assert v["kv_bytes_ratio_vs_mha"] == v["kv_bytes_per_token"] / mha["kv_bytes_per_token"]
         assert [r["seed"] for r in v["runs"]] == [0, 1]
         assert all(len(r["train_losses"]) == 3 and r["train_tokens_per_s"] > 0 for r in v["runs"])
@@ -167,6 +169,40 @@ def test_stopped_compare_continues_where_it_stopped(tmp_path: Path, text_file: P
     assert len(trained) == 5
 
 
+def test_lr_pilot_picks_the_lowest_pilot_loss(tmp_path: Path, text_file: Path) -> None:
+    data, out = _run(tmp_path, text_file, "--seeds", "1", "--lr-grid", "3e-2,1e-3",
+                     "--lr", "mha=3e-3", "--no-control")
+    by_label = {v["label"]: v for v in data["variants"]}
+    assert by_label["mha"]["lr"] == 3e-3 and by_label["mha"]["lr_source"] == "pinned"
+    assert by_label["mha"]["pilot_losses"] == {}
+    for label in ("mqa", "gqa", "mla", "dsa"):
+        v = by_label[label]
+        losses = {float(k): x for k, x in v["pilot_losses"].items()}
+        assert set(losses) == {1e-3, 3e-2} and v["lr_source"] == "pilot"
+        assert v["lr"] == min(losses, key=lambda k: losses[k])
+    assert data["settings"]["lr_grid"] == [1e-3, 3e-2] and data["settings"]["lrs"] == {"mha": 3e-3}
+    assert len(list((out / "runs").glob("*pilot-lr=*"))) == 4 * 2  # kept: a rerun does not redo them
+    md = (out / "results.md").read_text()
+    assert "LR pilot" in md and "(pinned)" in md and "(pilot)" in md
+
+
+def test_lr_parsing_and_pick() -> None:
+    assert parse_grid("4e-3, 1e-3,2e-3,1e-3") == (1e-3, 2e-3, 4e-3)
+    assert parse_lrs("2e-3") == (2e-3, {})
+    assert parse_lrs("mha=3e-3, mla=1e-3") == (None, {"mha": 3e-3, "mla": 1e-3})
+    assert pick({1e-3: 1.5, 2e-3: 1.4, 4e-3: 1.4}) == 2e-3  # a tie goes to the smaller LR
+    assert on_edge((1e-3, 2e-3, 4e-3), 4e-3) and not on_edge((1e-3, 2e-3, 4e-3), 2e-3)
+    for bad, msg in [("0,1e-3", "must be positive"), ("x", "not a number"), (",", "no values")]:
+        with pytest.raises(LRError, match=msg):
+            parse_grid(bad)
+    for bad, msg in [("mha=", "not a number"), ("=1e-3", "LABEL=VALUE"), ("mha=1,mha=2", "twice"),
+                     ("-1", "must be positive")]:
+        with pytest.raises(LRError, match=msg):
+            parse_lrs(bad)
+    with pytest.raises(LRError, match="nope, which is not a variant"):
+        check_labels({"nope": 1e-3}, ["mha", "mla"])
+
+
 def test_kv_bytes_equal_formula() -> None:
     """The allocated bytes the report uses agree with the kv-cache formula (fp32 here)."""
     for v in build_variants(family_size(32, 2, 32)):
@@ -206,7 +242,7 @@ def test_sweep_adds_points_and_pareto(tmp_path: Path, text_file: Path,
                                   family_size(128, 4, 128)])
 def test_parameter_counts_matched(size: FamilySize) -> None:
     sweeps = parse_sweeps(["kv_lora_rank=8,16,32,64", "index_topk=16,32"])
-    variants = build_variants(size, sweeps)
+    variants = build_variants(size, sweeps, control=False)
     counts = {v.label: Transformer(v.config).num_parameters() for v in variants}
     mha = counts["mha"]
     assert {v.kind for v in variants} == set(KINDS)
@@ -214,6 +250,15 @@ def test_parameter_counts_matched(size: FamilySize) -> None:
         assert abs(n - mha) / mha <= 0.03, (label, n, mha)
     widths = {v.label: v.config.intermediate_size for v in variants}
     assert widths["mqa"] > widths["mha"]  # MQA's small K/V leave room for a wider FFN
+
+
+def test_control_is_mla_with_a_starved_latent() -> None:
+    # Nothing but the latent differs from the MLA variant: strictly less capacity, fewer params.
+    mla, control = (v for v in build_variants(family_size()) if v.label in ("mla", "control"))
+    assert control.control and control.config.attention.kv_lora_rank == 16  # type: ignore[union-attr]
+    same = dataclasses.replace(control.config.attention, kv_lora_rank=64)
+    assert control.config.replace(attention=same, name="mla") == mla.config
+    assert Transformer(control.config).num_parameters() < Transformer(mla.config).num_parameters()
 
 
 def test_family_size_default_is_family_default() -> None:
@@ -319,6 +364,9 @@ def test_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: b
     (["--steps", "0"], "--steps must be >= 1"), (["--seeds", "0"], "--seeds must be >= 1"),
     (["--dim", "36"], "multiple of 8"), (["--sweep", "nope=1"], "unknown name"),
     (["--margin", "0"], "--margin must be a positive number"),
+    (["--lr-grid", "0,1e-3"], "learning rates must be positive"),
+    (["--lr", "nope=1e-3"], "nope, which is not a variant"),
+    (["--pilot-fraction", "0"], "--pilot-fraction must lie in (0, 1]"),
 ])
 def test_bad_flags(tmp_path: Path, text_file: Path, capsys: pytest.CaptureFixture[str],
                    flags: list[str], message: str) -> None:

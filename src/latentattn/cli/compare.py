@@ -27,10 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from latentattn.cli.common import int_list, on_start
+from latentattn.compare.lr import DEFAULT_PILOT_FRACTION, PILOT_SEED, check_labels, parse_grid, parse_lrs
 from latentattn.compare.stats import DEFAULT_MARGIN
 from latentattn.errors import LatentAttnError
 
 DEFAULT_OUT = "compare-out"
+DEFAULT_LR = 3e-3
+CURVE_WINDOWS = 64  # validation windows of each point on the loss curves (the final loss uses all)
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,15 @@ def register(sub: Any) -> None:
                    "DSA's index_topk is a quarter of it unless swept")
     c.add_argument("--dim", type=int, default=128, help="model width, a multiple of 8 (128)")
     c.add_argument("--layers", type=int, default=4, help="layers (4)")
-    c.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (3e-3)")
+    c.add_argument("--lr", default=f"{DEFAULT_LR:g}", metavar="LR|LABEL=LR,...",
+                   help=f"peak learning rate for every variant ({DEFAULT_LR:g}), or pinned per "
+                   "variant label (mha=3e-3,mla=2e-3; the others take --lr-grid's pick or the "
+                   "default)")
+    c.add_argument("--lr-grid", default=None, metavar="A,B,C",
+                   help="pick each variant's LR (unless pinned) from these values by a short pilot: "
+                   "one seed of its own, --pilot-fraction of the steps, lowest validation loss")
+    c.add_argument("--pilot-fraction", type=float, default=DEFAULT_PILOT_FRACTION, metavar="F",
+                   help=f"share of --steps each LR pilot trains ({DEFAULT_PILOT_FRACTION:g})")
     c.add_argument("--contexts", type=int_tuple, default=None,
                    help="decode contexts, comma-separated (256,4096; --quick 256,2048)")
     c.add_argument("--margin", type=float, default=DEFAULT_MARGIN, metavar="NATS",
@@ -112,8 +123,14 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": preset.batch_size if args.batch_size is None else args.batch_size,
         "seq_len": preset.seq_len if args.seq_len is None else args.seq_len,
         "contexts": preset.contexts if args.contexts is None else args.contexts,
-        "dim": args.dim, "layers": args.layers, "lr": args.lr, "margin": args.margin,
+        "dim": args.dim, "layers": args.layers, "margin": args.margin,
     }
+    common, pinned = parse_lrs(args.lr)
+    values["lr"] = DEFAULT_LR if common is None else common
+    values["lrs"] = pinned
+    values["lr_grid"] = () if args.lr_grid is None else parse_grid(args.lr_grid)
+    if not (math.isfinite(args.pilot_fraction) and 0 < args.pilot_fraction <= 1):
+        raise CompareInputError(f"--pilot-fraction must lie in (0, 1], got {args.pilot_fraction}")
     for name in ("steps", "seeds", "batch_size", "dim", "layers"):
         if values[name] < 1:
             raise CompareInputError(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
@@ -121,8 +138,6 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         raise CompareInputError(f"--seq-len must be >= 2, got {values['seq_len']}")
     if not (math.isfinite(values["margin"]) and values["margin"] > 0):
         raise CompareInputError(f"--margin must be a positive number of nats/byte, got {values['margin']}")
-    if not (math.isfinite(values["lr"]) and values["lr"] > 0):
-        raise CompareInputError(f"--lr must be positive, got {values['lr']}")
     return values
 
 
@@ -135,8 +150,11 @@ def _command(args: argparse.Namespace, v: dict[str, Any]) -> str:
         parts += ["--data", str(args.data)]
     parts += ["--steps", str(v["steps"]), "--seeds", str(v["seeds"]),
               "--batch-size", str(v["batch_size"]), "--seq-len", str(v["seq_len"]),
-              "--dim", str(v["dim"]), "--layers", str(v["layers"]), "--lr", f"{v['lr']:g}",
+              "--dim", str(v["dim"]), "--layers", str(v["layers"]), "--lr", args.lr,
               "--contexts", ",".join(map(str, v["contexts"])), "--margin", f"{v['margin']:g}"]
+    if v["lr_grid"]:
+        parts += ["--lr-grid", ",".join(f"{x:g}" for x in v["lr_grid"]),
+                  "--pilot-fraction", f"{args.pilot_fraction:g}"]
     for spec in args.sweep:
         parts += ["--sweep", spec]
     if args.no_control:
@@ -177,7 +195,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from latentattn.compare.plots import PLOTS, plot_sweep_pareto
-    from latentattn.compare.run import CompareSettings, run_compare
+    from latentattn.compare.report import CompareSettings
+    from latentattn.compare.run import pilot_label, run_compare
     from latentattn.compare.store import DirStore, protocol
     from latentattn.compare.sweep import parse_sweeps
     from latentattn.compare.table import markdown_report, markdown_table, verdict_lines
@@ -197,20 +216,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "shorter --seq-len")
     size = family_size(v["dim"], v["layers"], v["seq_len"])
     variants = build_variants(size, sweeps, control=not args.no_control)
+    check_labels(v["lrs"], [x.label for x in variants])
     train_settings = TrainSettings(
         steps=v["steps"], batch_size=v["batch_size"], seq_len=v["seq_len"], lr=v["lr"],
         warmup_steps=min(20, v["steps"] // 10), eval_every=_eval_every(v["steps"]),
+        eval_windows=CURVE_WINDOWS,
     )
     settings = CompareSettings(size=size, train=train_settings, seeds=v["seeds"],
-                               contexts=tuple(v["contexts"]), sweeps=sweeps, margin=v["margin"])
+                               contexts=tuple(v["contexts"]), sweeps=sweeps, margin=v["margin"],
+                               lrs=v["lrs"], lr_grid=v["lr_grid"], pilot_fraction=args.pilot_fraction)
     out = _prepare_out(args.out)
     if args.restart:
         _forget_runs(out)
     store = DirStore(out, protocol(settings, variants, train_tokens, val_tokens))
-    todo = {x.label: sum(store.load(x.label, seed) is None for seed in range(v["seeds"]))
-            for x in variants}
-    total = len(variants) * v["seeds"]
-    left = sum(todo.values())
+    # Runs still to train; an LR pilot counts as --pilot-fraction of a run in the estimate.
+    pilots = {x.label: [pilot_label(x.label, lr) for lr in settings.lr_grid]
+              for x in variants if x.label not in settings.lrs}
+    todo_seeds = {x.label: sum(store.load(x.label, seed) is None for seed in range(v["seeds"]))
+                  for x in variants}
+    todo_pilots = {label: sum(store.load(p, PILOT_SEED) is None for p in names)
+                   for label, names in pilots.items()}
+    todo = {label: n + settings.pilot_fraction * todo_pilots.get(label, 0)
+            for label, n in todo_seeds.items()}
+    total = len(variants) * v["seeds"] + sum(len(p) for p in pilots.values())
+    left = sum(todo_seeds.values()) + sum(todo_pilots.values())
     if left < total:
         print(f"latentattn: {total - left} of {total} runs already finished in {out}: continuing "
               "with the rest", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from latentattn.compare.run import CompareReport, VariantResult
+from latentattn.compare.report import CompareReport, VariantResult
 from latentattn.compare.stats import pareto_front
 
 DPI = 110

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from latentattn.compare.run import CompareSettings
+from latentattn.compare.report import CompareSettings
 from latentattn.compare.variants import Variant
 from latentattn.loading import load
 from latentattn.train.loop import evaluate, train
@@ -24,9 +24,10 @@ def evals_per_run(settings: CompareSettings) -> int:
     return during + (0 if t.eval_every > 0 and t.steps % t.eval_every == 0 else 1) + 1
 
 
-def estimate_seconds(settings: CompareSettings, variants: Sequence[Variant], todo: dict[str, int],
+def estimate_seconds(settings: CompareSettings, variants: Sequence[Variant], todo: Mapping[str, float],
                      train_tokens: torch.Tensor, val_tokens: torch.Tensor) -> float:
-    """Seconds the ``todo[label]`` unfinished seeds of each variant should take on this machine:
+    """Seconds the ``todo[label]`` unfinished runs (an LR pilot counting as its share of one) of
+    each variant should take on this machine:
     per variant, ``PROBE_STEPS`` timed training steps (after one untimed) and one timed
     evaluation, scaled to the run's steps and evaluations. Decode timing and DSA's sparse stage
     (the probe runs its dense warm-up) are not in it, so it errs low for DSA."""
@@ -42,9 +43,13 @@ def estimate_seconds(settings: CompareSettings, variants: Sequence[Variant], tod
         result = train(model, train_tokens, val_tokens, probe, progress=False)
         step_s = t.batch_size * t.seq_len / result.tokens_per_s if result.tokens_per_s > 0 else 0.0
         started = time.perf_counter()
+        evaluate(model, val_tokens, dataclasses.replace(t, eval_windows=0))
+        full_s = time.perf_counter() - started
+        started = time.perf_counter()
         evaluate(model, val_tokens, t)
-        eval_s = time.perf_counter() - started
-        total += runs * (t.steps * step_s + evals_per_run(settings) * eval_s)
+        curve_s = time.perf_counter() - started
+        # The loss curve's points use eval_windows; compare's final evaluation uses every window.
+        total += runs * (t.steps * step_s + (evals_per_run(settings) - 1) * curve_s + full_s)
     return total
 
 

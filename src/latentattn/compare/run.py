@@ -10,214 +10,27 @@ first seed's model only.
 from __future__ import annotations
 
 import dataclasses
-import math
-import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
+from latentattn.compare.lr import PILOT_SEED, on_edge, pick
 from latentattn.compare.measure import (
     decode_tokens_per_s,
     dsa_recall,
     kv_bytes_per_token,
     kv_parameters_per_layer,
 )
-from latentattn.compare.stats import DEFAULT_MARGIN, RULE, Paired, Summary, Verdict, paired, pareto_front
+from latentattn.compare.report import CompareReport, CompareSettings, SeedRun, VariantResult
 from latentattn.compare.variants import Variant, build_variants
 from latentattn.errors import LatentAttnError
 from latentattn.loading import load
 from latentattn.model.transformer import Transformer
 from latentattn.timing import machine_info
 from latentattn.train.dsa import set_dsa_stage
-from latentattn.train.family import FamilySize
-from latentattn.train.loop import TrainSettings, evaluate, train
-
-LN2 = math.log(2)
-
-
-@dataclass(frozen=True)
-class CompareSettings:
-    size: FamilySize
-    train: TrainSettings
-    seeds: int = 3
-    contexts: tuple[int, ...] = (256, 4096)
-    sweeps: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    decode_steps: int = 32
-    recall_batches: int = 4
-    margin: float = DEFAULT_MARGIN  # nats/byte: the equivalence margin, fixed before the run
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"size": dataclasses.asdict(self.size), "train": dataclasses.asdict(self.train),
-                "seeds": list(range(self.seeds)), "contexts": list(self.contexts),
-                "sweeps": {k: list(v) for k, v in self.sweeps.items()},
-                "decode_steps": self.decode_steps, "recall_batches": self.recall_batches,
-                "margin": self.margin}
-
-
-@dataclass
-class SeedRun:
-    seed: int
-    val_loss: float  # nats per byte, after training (DSA: top-k inference form)
-    train_tokens_per_s: float
-    seconds: float
-    steps_done: int
-    train_losses: list[float]
-    val_curve: list[tuple[int, float]]
-    dsa_val_loss_dense: float | None = None
-    dsa_recall: list[dict[str, float]] | None = None
-
-
-@dataclass
-class VariantResult:
-    label: str
-    kind: str
-    mechanism: str
-    sweep: dict[str, int]
-    latent: dict[str, int]  # kv_lora_rank / index_topk of MLA and DSA variants
-    reference: bool  # MHA, MQA, GQA
-    params: int
-    ffn_width: int
-    n_layers: int
-    kv_params_per_layer: int
-    kv_bytes_per_token: float  # allocated, all layers, in kv_dtype
-    kv_bytes_per_token_bf16: float
-    kv_dtype: str
-    decode_tokens_per_s: dict[int, float]
-    runs: list[SeedRun] = field(default_factory=list)
-    control: bool = False  # the positive control (variants.control_variant)
-
-    @property
-    def val_loss(self) -> Summary:
-        return Summary.of([r.val_loss for r in self.runs])
-
-    @property
-    def val_by_seed(self) -> dict[int, float]:
-        return {r.seed: r.val_loss for r in self.runs}
-
-    @property
-    def bits_per_byte(self) -> Summary:
-        return Summary.of([r.val_loss / LN2 for r in self.runs])
-
-    @property
-    def train_tokens_per_s(self) -> Summary:
-        return Summary.of([r.train_tokens_per_s for r in self.runs])
-
-    @property
-    def recall(self) -> list[dict[str, float]] | None:
-        """Per layer, each of indexer / recent / uniform averaged over seeds (DSA only)."""
-        runs = [r.dsa_recall for r in self.runs if r.dsa_recall is not None]
-        if not runs:
-            return None
-        return [{k: statistics.fmean(run[layer][k] for run in runs) for k in runs[0][layer]}
-                for layer in range(len(runs[0]))]
-
-    def recall_mean(self, key: str = "indexer") -> float | None:
-        rec = self.recall
-        return None if rec is None else statistics.fmean(layer[key] for layer in rec)
-
-    def val_curve(self) -> list[tuple[int, float]]:
-        """Validation loss at each evaluated step, averaged over the seeds that have it."""
-        by_step: dict[int, list[float]] = {}
-        for r in self.runs:
-            for step, loss in r.val_curve:
-                by_step.setdefault(step, []).append(loss)
-        return [(s, statistics.fmean(v)) for s, v in sorted(by_step.items())]
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "runs"}
-        d["decode_tokens_per_s"] = {str(k): v for k, v in self.decode_tokens_per_s.items()}
-        dense = [r.dsa_val_loss_dense for r in self.runs if r.dsa_val_loss_dense is not None]
-        d.update(
-            val_loss=self.val_loss.as_dict(), bits_per_byte=self.bits_per_byte.as_dict(),
-            train_tokens_per_s=self.train_tokens_per_s.as_dict(),
-            dsa_val_loss_dense=Summary.of(dense).as_dict() if dense else None,
-            dsa_recall=self.recall, val_curve_mean=self.val_curve(),
-            runs=[dataclasses.asdict(r) for r in self.runs],
-        )
-        return d
-
-
-@dataclass
-class CompareReport:
-    machine: dict[str, Any]
-    settings: dict[str, Any]
-    data: str
-    data_bytes: int
-    command: str
-    variants: list[VariantResult] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def variant(self, label: str) -> VariantResult:
-        for v in self.variants:
-            if v.label == label:
-                return v
-        raise KeyError(label)
-
-    @property
-    def n_seeds(self) -> int:
-        return min(len(v.runs) for v in self.variants)
-
-    @property
-    def margin(self) -> float:
-        return float(self.settings.get("margin", DEFAULT_MARGIN))
-
-    def versus_mha(self, label: str) -> Paired:
-        """``label``'s validation loss minus MHA's, paired by seed (:mod:`latentattn.compare.stats`)."""
-        return paired(self.variant(label).val_by_seed, self.variant("mha").val_by_seed, self.margin)
-
-    @property
-    def control(self) -> VariantResult | None:
-        return next((v for v in self.variants if v.control), None)
-
-    @property
-    def control_resolved(self) -> bool | None:
-        """Whether the positive control came out worse than MHA (None: no control was run)."""
-        c = self.control
-        return None if c is None else self.versus_mha(c.label).verdict == "worse"
-
-    def verdict(self, label: str) -> Verdict:
-        """The paired verdict, except that no variant is "equivalent" when the positive control
-        was not shown worse: such a run cannot resolve differences of the control's size."""
-        v = self.versus_mha(label).verdict
-        if v == "equivalent" and self.control_resolved is False and not self.variant(label).control:
-            return "inconclusive"
-        return v
-
-    @property
-    def swept(self) -> bool:
-        return any(v.sweep and not v.control for v in self.variants)
-
-    def as_dict(self) -> dict[str, Any]:
-        mha = self.variant("mha")
-        variants = []
-        for v in self.variants:
-            d = v.as_dict()
-            d["params_vs_mha"] = v.params / mha.params - 1
-            d["kv_bytes_ratio_vs_mha"] = v.kv_bytes_per_token / mha.kv_bytes_per_token
-            variants.append(d)
-        return {
-            "command": self.command, "machine": self.machine, "data": self.data,
-            "data_bytes": self.data_bytes, "settings": self.settings, "seconds": self.seconds,
-            "units": {"val_loss": "nats per byte (byte-level tokens)", "bits_per_byte": "val_loss / ln 2",
-                      "kv_bytes_per_token": "bytes allocated per cached token, all layers"},
-            "rule": RULE, "margin": self.margin,
-            "vs_mha": {v.label: {**self.versus_mha(v.label).as_dict(), "verdict": self.verdict(v.label),
-                                 "paired_verdict": self.versus_mha(v.label).verdict}
-                       for v in self.variants if v.label != "mha"},
-            "control": None if self.control is None else self.control.label,
-            "control_resolved": self.control_resolved,
-            "variants": variants, "notes": self.notes,
-            "pareto_front": self.pareto_labels() if self.swept else None,
-        }
-
-    def pareto_labels(self) -> list[str]:
-        """Variants on the (KV bytes per token, mean val loss) Pareto front, fewest bytes first."""
-        points = [(v.kv_bytes_per_token, v.val_loss.mean) for v in self.variants]
-        return [self.variants[i].label for i in pareto_front(points)]
+from latentattn.train.loop import evaluate, train
 
 
 class RunStore(Protocol):
@@ -230,10 +43,13 @@ class RunStore(Protocol):
 
 
 def _train_one(variant: Variant, seed: int, settings: CompareSettings, train_tokens: torch.Tensor,
-               val_tokens: torch.Tensor, progress: bool) -> tuple[Transformer, SeedRun]:
-    ts = dataclasses.replace(settings.train, seed=seed)
+               val_tokens: torch.Tensor, progress: bool, lr: float | None = None
+               ) -> tuple[Transformer, SeedRun]:
+    ts = dataclasses.replace(settings.train, seed=seed, lr=settings.train.lr if lr is None else lr)
     model = load(variant.config, seed=seed)
     result = train(model, train_tokens, val_tokens, ts, progress=progress)
+    # The curve during training may use the first eval_windows windows; the result uses them all.
+    ts = dataclasses.replace(ts, eval_windows=0)
     dsa = variant.kind == "dsa"
     dense_loss: float | None = None
     recall: list[dict[str, float]] | None = None
@@ -250,6 +66,47 @@ def _train_one(variant: Variant, seed: int, settings: CompareSettings, train_tok
         dsa_val_loss_dense=dense_loss, dsa_recall=recall,
     )
     return model, run
+
+
+def pilot_settings(settings: CompareSettings, lr: float) -> CompareSettings:
+    """The pilot of one grid LR: its own seed, ``pilot_fraction`` of the steps (warm-up scaled
+    alike), validation at the end only."""
+    t = settings.train
+    steps = max(1, round(settings.pilot_fraction * t.steps))
+    train_settings = dataclasses.replace(
+        t, steps=steps, lr=lr, warmup_steps=min(steps - 1, round(settings.pilot_fraction * t.warmup_steps)),
+        eval_every=0, dsa_warmup_steps=None if t.dsa_warmup_steps is None
+        else round(settings.pilot_fraction * t.dsa_warmup_steps))
+    return dataclasses.replace(settings, train=train_settings, seeds=1)
+
+
+def pilot_label(label: str, lr: float) -> str:
+    return f"{label}@pilot-lr={lr:g}"
+
+
+def _choose_lr(variant: Variant, settings: CompareSettings, train_tokens: torch.Tensor,
+               val_tokens: torch.Tensor, store: RunStore | None,
+               on_run: Callable[[str, int], None] | None) -> tuple[float, str, dict[str, float]]:
+    """(lr, source, pilot losses by LR text) for one variant (see latentattn.compare.lr)."""
+    if variant.label in settings.lrs:
+        return settings.lrs[variant.label], "pinned", {}
+    if not settings.lr_grid:
+        return settings.train.lr, "common", {}
+    losses: dict[float, float] = {}
+    for lr in settings.lr_grid:
+        label = pilot_label(variant.label, lr)
+        if on_run is not None:
+            on_run(label, PILOT_SEED)
+        stored = store.load(label, PILOT_SEED) if store is not None else None
+        if stored is not None:
+            run = stored[0]
+        else:
+            pilot = pilot_settings(settings, lr)
+            _, run = _train_one(variant, PILOT_SEED, pilot, train_tokens, val_tokens, False)
+            if store is not None:
+                store.save(label, PILOT_SEED, run, None)
+        losses[lr] = run.val_loss
+    return pick(losses), "pilot", {f"{lr:g}": loss for lr, loss in losses.items()}
 
 
 def _measured(variant: Variant, model: Transformer, settings: CompareSettings) -> VariantResult:
@@ -275,10 +132,15 @@ def _notes(settings: CompareSettings, variants: list[Variant]) -> list[str]:
         f"{s.n_layers} layers, {s.n_heads} heads): "
         + ", ".join(f"{v.label} {v.config.intermediate_size}" for v in variants) + ".",
         f"Same data, steps ({t.steps}), batch ({t.batch_size} x {t.seq_len} bytes), learning-rate "
-        f"schedule (peak {t.lr:g}) and seeds for every variant.",
-        "Validation loss: every non-overlapping window of the held-out last 10% of the text"
-        + (f" (the first {t.eval_windows})" if t.eval_windows else "")
-        + ", the same tokens for every variant and seed.",
+        "schedule and seeds for every variant; the peak LR "
+        + (f"is pinned for {', '.join(sorted(settings.lrs))} and " if settings.lrs else "")
+        + (f"is picked per variant from {', '.join(f'{x:g}' for x in settings.lr_grid)} by a pilot "
+           f"(seed {PILOT_SEED}, {settings.pilot_fraction:g} of the steps, lowest validation loss)"
+           if settings.lr_grid else f"is {t.lr:g}") + ".",
+        "Validation loss: every non-overlapping window of the held-out last 10% of the text, the "
+        "same tokens for every variant and seed"
+        + (f" (the loss curves during training: the first {t.eval_windows} of them)"
+           if t.eval_windows else "") + ".",
         "Decode: batch 1, whole model, greedy, after prefilling a random prompt of the given length; "
         "the same trained weights, loaded into a copy with room for the context.",
     ]
@@ -320,6 +182,7 @@ def run_compare(
                            notes=_notes(settings, variants))
     for variant in variants:
         result: VariantResult | None = None
+        lr, source, pilot = _choose_lr(variant, settings, train_tokens, val_tokens, store, on_run)
         for seed in range(settings.seeds):
             if on_run is not None:
                 on_run(variant.label, seed)
@@ -327,8 +190,11 @@ def run_compare(
             if stored is not None:
                 run, measured = stored
             else:
-                model, run = _train_one(variant, seed, settings, train_tokens, val_tokens, progress)
-                measured = _measured(variant, model, settings) if result is None else None
+                model, run = _train_one(variant, seed, settings, train_tokens, val_tokens, progress, lr)
+                measured = None
+                if result is None:
+                    measured = dataclasses.replace(_measured(variant, model, settings), lr=lr,
+                                                   lr_source=source, pilot_losses=pilot)
                 if store is not None:
                     store.save(variant.label, seed, run, measured)
             if result is None:
@@ -339,5 +205,9 @@ def run_compare(
             result.runs.append(run)
         assert result is not None
         report.variants.append(result)
+    edges = [v.label for v in report.variants if v.lr_source == "pilot" and on_edge(settings.lr_grid, v.lr)]
+    if edges:
+        report.notes.append(f"The pilot picked an end of --lr-grid for {', '.join(edges)}: the best "
+                            "LR may lie outside the grid; widen it.")
     report.seconds = time.perf_counter() - start
     return report

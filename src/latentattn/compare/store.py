@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from latentattn.compare.run import CompareSettings, RunStore, SeedRun, VariantResult
+from latentattn.compare.report import CompareSettings, SeedRun, VariantResult
+from latentattn.compare.run import RunStore
 from latentattn.compare.variants import Variant
 from latentattn.config_io import config_to_dict
 from latentattn.errors import LatentAttnError

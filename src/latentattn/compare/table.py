@@ -4,7 +4,7 @@ and the per-seed values the test was run on."""
 
 from __future__ import annotations
 
-from latentattn.compare.run import CompareReport, VariantResult
+from latentattn.compare.report import CompareReport, VariantResult
 from latentattn.compare.stats import RULE
 
 
@@ -31,13 +31,16 @@ def markdown_table(report: CompareReport) -> str:
     contexts = sorted(mha.decode_tokens_per_s)
     headers = ["mechanism", "params", "KV params / layer",
                f"KV cache B/token ({dtype}, {layers} layers)", "KV vs MHA",
-               "val loss (nats/byte)", "vs MHA: Δ [95% CI]", "verdict", "bits/byte", "train tok/s",
+               "peak LR", "val loss (nats/byte)", "vs MHA: Δ [95% CI]", "verdict", "bits/byte",
+               "train tok/s",
                *(f"decode tok/s @{c:,}" for c in contexts), "DSA recall (top-k mass)"]
     rows = []
     for v in report.variants:
         rows.append([
             v.mechanism, f"{v.params:,}", f"{v.kv_params_per_layer:,}", _bytes(v.kv_bytes_per_token),
-            _vs(v.kv_bytes_per_token / mha.kv_bytes_per_token), v.val_loss.fmt(3),
+            _vs(v.kv_bytes_per_token / mha.kv_bytes_per_token),
+            f"{v.lr:g}" + {"pilot": " (pilot)", "pinned": " (pinned)"}.get(v.lr_source, ""),
+            v.val_loss.fmt(3),
             *(("-", "reference") if v.label == "mha" else
               (report.versus_mha(v.label).fmt(3), report.verdict(v.label))),
             v.bits_per_byte.fmt(3), f"{v.train_tokens_per_s.mean:,.0f}",
@@ -93,6 +96,19 @@ def per_seed_table(report: CompareReport) -> str:
     return "\n".join(lines)
 
 
+def pilot_lines(report: CompareReport) -> list[str]:
+    """The LR pilots' validation losses, one line per variant (nothing without --lr-grid)."""
+    piloted = [v for v in report.variants if v.pilot_losses]
+    if not piloted:
+        return []
+    lines = ["LR pilot (validation loss, nats/byte, per grid LR; the lowest was used):", ""]
+    for v in piloted:
+        lines.append(f"- {v.mechanism}: " + ", ".join(f"{lr} -> {loss:.4f}"
+                                                    for lr, loss in v.pilot_losses.items())
+                     + f"; chose {v.lr:g}")
+    return [*lines, ""]
+
+
 def markdown_report(report: CompareReport) -> str:
     """results.md: how it was made, the table, the verdicts, the per-seed values, notes."""
     m = report.machine
@@ -115,6 +131,7 @@ def markdown_report(report: CompareReport) -> str:
         "",
         per_seed_table(report),
         "",
+        *pilot_lines(report),
         "Notes:",
         "",
         *(f"- {n}" for n in report.notes),
