@@ -99,6 +99,9 @@ def test_tiny_run_writes_every_variant(tmp_path: Path, text_file: Path,
         else:
             assert v["dsa_recall"] is None
     assert data["margin"] == 0.02 and "paired by seed" in data["rule"]
+    assert data["tokens_per_run"] == 3 * 2 * 32 and data["epochs"] == 3 * 2 * 32 / data["train_tokens"]
+    assert all(v["train_flops_per_token"] > 0 and v["train_val_gap"]["n"] == 2 for v in data["variants"])
+    assert set(data["horizon"]) == set(KINDS) - {"mha"} | {"control"}
     assert set(data["vs_mha"]) == set(KINDS) - {"mha"} | {"control"}
     by_label = {v["label"]: v for v in data["variants"]}
     for label, test in data["vs_mha"].items():
@@ -110,7 +113,7 @@ def test_tiny_run_writes_every_variant(tmp_path: Path, text_file: Path,
     md = (out / "results.md").read_text()
     for name in ("MHA", "MQA", "GQA-2", "MLA", "MLA+DSA", "KV params / layer", "bits/byte",
                  "decode tok/s @16", "decode tok/s @32", "vs MHA: Δ [95% CI]", "verdict",
-                 "per seed", "| seed 0 | seed 1 |"):
+                 "per seed", "| seed 0 | seed 1 |", "Scale:", "MFLOP/token"):
         assert name in md
     assert "±" in md
     for png in ("loss_curves.png", "quality_vs_kv.png", "decode_speed.png"):
@@ -323,7 +326,8 @@ def _result(label: str, losses: list[float], control: bool = False) -> VariantRe
 def test_no_equivalence_unless_the_control_is_caught() -> None:
     mha = [1.000, 1.010, 1.020, 1.030, 1.040]
     close = [x + d for x, d in zip(mha, (0.001, -0.002, 0.0, 0.002, -0.001), strict=True)]
-    report = CompareReport(machine={}, settings={"margin": 0.02}, data="", data_bytes=0, command="")
+    report = CompareReport(machine={}, settings={"margin": 0.02, "train": {"steps": 1}}, data="",
+                           data_bytes=0, command="")
     report.variants = [_result("mha", mha), _result("mla", close)]
     assert report.control_resolved is None and report.verdict("mla") == "equivalent"
     missed = [x + d for x, d in zip(mha, (0.05, -0.04, 0.01, 0.0, 0.02), strict=True)]
@@ -333,6 +337,24 @@ def test_no_equivalence_unless_the_control_is_caught() -> None:
     report.variants[-1] = _result("control", [x + 0.1 + 0.001 * i for i, x in enumerate(mha)], control=True)
     assert report.control_resolved is True and report.verdict("mla") == "equivalent"
     assert "came out worse than MHA" in "\n".join(verdict_lines(report))
+
+
+def test_training_flops_by_hand() -> None:
+    from latentattn.calc.flops import attention_flops_per_token, training_flops_per_token
+    from latentattn.config import GQAConfig, IndexerConfig, MLAConfig, ModelConfig
+
+    cfg = ModelConfig(vocab_size=16, dim=8, n_layers=1, intermediate_size=12,
+                      attention=GQAConfig(n_heads=2, n_kv_heads=1, head_dim=4))
+    # matmul weights: attention 8*4*(2*2 + 2*1) = 192, SwiGLU 3*8*12 = 288, LM head 16*8 = 128;
+    # attention at T = 5: 3 keys on average, 2 heads * (4 + 4) * 2 FLOPs each = 96.
+    assert attention_flops_per_token(cfg, 5) == 96
+    assert training_flops_per_token(cfg, 5) == 3 * (2 * (192 + 288 + 128) + 96)
+    mla = cfg.replace(attention=MLAConfig(n_heads=2, kv_lora_rank=4, qk_nope_head_dim=4,
+                                          qk_rope_head_dim=2, v_head_dim=3, q_lora_rank=4))
+    assert attention_flops_per_token(mla, 5) == 2 * 2 * (6 + 3) * 3
+    dsa = mla.replace(attention=dataclasses.replace(mla.attention, indexer=IndexerConfig(2, 4, 2)))
+    # T = 4, k = 2: queries attend to 1, 2, 2, 2 keys (1.75); the indexer scores 2.5 on average.
+    assert attention_flops_per_token(dsa, 4) == 2 * 2 * 9 * 1.75 + 2 * 2 * 4 * 2.5
 
 
 def test_summary_and_pareto() -> None:

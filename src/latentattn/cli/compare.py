@@ -199,7 +199,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from latentattn.compare.run import pilot_label, run_compare
     from latentattn.compare.store import DirStore, protocol
     from latentattn.compare.sweep import parse_sweeps
-    from latentattn.compare.table import markdown_report, markdown_table, verdict_lines
+    from latentattn.compare.table import markdown_report, markdown_table, scale_lines, verdict_lines
     from latentattn.compare.variants import build_variants, family_size
     from latentattn.data import byte_tokens, load_text, train_val_split
     from latentattn.io import atomic_write, write_json, write_text
@@ -274,6 +274,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(markdown_table(report))
     print()
     print("\n".join(verdict_lines(report)))
+    print()
+    print("\n".join(scale_lines(report)))
     if report.swept:
         print("Pareto front (KV bytes vs val loss): " + ", ".join(report.pareto_labels()))
     print(f"wrote {', '.join(files)} to {out} ({report.seconds / 60:.1f} min in this invocation)")

@@ -53,6 +53,14 @@ class SeedRun:
     dsa_val_loss_dense: float | None = None
     dsa_recall: list[dict[str, float]] | None = None
 
+    def late_train_loss(self) -> float:
+        """The training loss over the last tenth of the steps (one step is too noisy)."""
+        tail = self.train_losses[-max(1, len(self.train_losses) // 10):]
+        return statistics.fmean(tail)
+
+    def curve_at(self, step: int) -> float | None:
+        return next((loss for s, loss in self.val_curve if s == step), None)
+
 
 @dataclass
 class VariantResult:
@@ -75,6 +83,12 @@ class VariantResult:
     lr: float = 0.0  # the peak LR its runs trained with
     lr_source: str = "common"  # "pinned" (--lr label=...), "pilot" (--lr-grid) or "common"
     pilot_losses: dict[str, float] = field(default_factory=dict)  # LR (as text) -> pilot val loss
+    train_flops_per_token: float = 0.0  # latentattn.calc.flops, at the training window
+
+    @property
+    def train_val_gap(self) -> Summary:
+        """Validation minus late training loss per seed: a growing gap means memorising the text."""
+        return Summary.of([r.val_loss - r.late_train_loss() for r in self.runs])
 
     @property
     def val_loss(self) -> Summary:
@@ -122,6 +136,7 @@ class VariantResult:
             train_tokens_per_s=self.train_tokens_per_s.as_dict(),
             dsa_val_loss_dense=Summary.of(dense).as_dict() if dense else None,
             dsa_recall=self.recall, val_curve_mean=self.val_curve(),
+            train_val_gap=self.train_val_gap.as_dict() if self.runs else None,
             runs=[dataclasses.asdict(r) for r in self.runs],
         )
         return d
@@ -135,6 +150,7 @@ class CompareReport:
     data_bytes: int
     command: str
     variants: list[VariantResult] = field(default_factory=list)
+    train_tokens: int = 0  # tokens of the training split (the data's first 90%)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -147,6 +163,40 @@ class CompareReport:
     @property
     def n_seeds(self) -> int:
         return min(len(v.runs) for v in self.variants)
+
+    @property
+    def tokens_per_run(self) -> int:
+        t = self.settings["train"]
+        return int(t["steps"] * t["batch_size"] * t["seq_len"])
+
+    @property
+    def epochs(self) -> float:
+        """How many times each run went over the training text."""
+        return self.tokens_per_run / max(1, self.train_tokens)
+
+    def horizon_step(self) -> int | None:
+        """The evaluated step nearest half the steps, on every run's curve (None if there is none
+        before the end)."""
+        steps = int(self.settings["train"]["steps"])
+        common = set.intersection(*({s for s, _ in r.val_curve} for v in self.variants for r in v.runs))
+        early = sorted(s for s in common if s < steps)
+        return min(early, key=lambda s: abs(s - steps / 2)) if early else None
+
+    def versus_mha_at(self, label: str, step: int) -> Paired:
+        """The paired difference at ``step`` of the loss curves (their fixed subset of windows)."""
+        def at(v: VariantResult) -> dict[int, float]:
+            return {r.seed: x for r in v.runs if (x := r.curve_at(step)) is not None}
+
+        return paired(at(self.variant(label)), at(self.variant("mha")), self.margin)
+
+    def horizon(self, label: str) -> tuple[int, Verdict, Verdict] | None:
+        """(half step, verdict there, verdict at the end) on the curves' windows: a verdict that
+        flips between them says the run is still too short to decide."""
+        mid = self.horizon_step()
+        if mid is None:
+            return None
+        end = int(self.settings["train"]["steps"])
+        return mid, self.versus_mha_at(label, mid).verdict, self.versus_mha_at(label, end).verdict
 
     @property
     def margin(self) -> float:
@@ -191,6 +241,10 @@ class CompareReport:
             "data_bytes": self.data_bytes, "settings": self.settings, "seconds": self.seconds,
             "units": {"val_loss": "nats per byte (byte-level tokens)", "bits_per_byte": "val_loss / ln 2",
                       "kv_bytes_per_token": "bytes allocated per cached token, all layers"},
+            "tokens_per_run": self.tokens_per_run, "train_tokens": self.train_tokens,
+            "epochs": self.epochs,
+            "bytes_per_parameter": {v.label: self.tokens_per_run / v.params for v in self.variants},
+            "horizon": {v.label: self.horizon(v.label) for v in self.variants if v.label != "mha"},
             "rule": RULE, "margin": self.margin,
             "vs_mha": {v.label: {**self.versus_mha(v.label).as_dict(), "verdict": self.verdict(v.label),
                                  "paired_verdict": self.versus_mha(v.label).verdict}

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from latentattn.calc.flops import training_flops_per_token
 from latentattn.compare.lr import PILOT_SEED, on_edge, pick
 from latentattn.compare.measure import (
     decode_tokens_per_s,
@@ -122,6 +123,7 @@ def _measured(variant: Variant, model: Transformer, settings: CompareSettings) -
         kv_dtype=str(model.dtype).removeprefix("torch."),
         decode_tokens_per_s={c: decode_tokens_per_s(model, c, settings.decode_steps)
                              for c in settings.contexts},
+        train_flops_per_token=training_flops_per_token(cfg, settings.train.seq_len),
     )
 
 
@@ -179,7 +181,7 @@ def run_compare(
         variants = build_variants(settings.size, settings.sweeps)
     report = CompareReport(machine=machine_info(), settings=settings.as_dict(), data=data,
                            data_bytes=len(train_tokens) + len(val_tokens), command=command,
-                           notes=_notes(settings, variants))
+                           notes=_notes(settings, variants), train_tokens=len(train_tokens))
     for variant in variants:
         result: VariantResult | None = None
         lr, source, pilot = _choose_lr(variant, settings, train_tokens, val_tokens, store, on_run)

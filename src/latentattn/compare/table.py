@@ -69,6 +69,16 @@ def verdict_lines(report: CompareReport) -> list[str]:
         extra = "" if p.p_value is None else f", p = {p.p_value:.3f}, TOST p = {p.tost_p:.3f}"
         lines.append(f"- {v.mechanism}: {p.fmt(3)} nats/byte{extra}: {report.verdict(v.label)}, with "
                      f"{v.kv_bytes_per_token / mha.kv_bytes_per_token:.3f}x MHA's KV cache.")
+    mid = report.horizon_step()
+    if mid is not None and n >= 2:
+        flips = []
+        for v in report.variants:
+            h = report.horizon(v.label) if v.label != "mha" else None
+            if h is not None and h[1] != h[2]:
+                flips.append(f"{v.mechanism} ({h[1]} at step {h[0]}, {h[2]} at the end)")
+        lines.append("Horizon check (the loss curves' fixed windows, half the steps vs the end): "
+                     + ("verdicts changed for " + "; ".join(flips) + ": the run is still too short "
+                        "to decide those" if flips else "no verdict changed") + ".")
     control = report.control
     if control is None:
         lines.append("No positive control was run (--no-control): nothing shows that this run could "
@@ -81,6 +91,21 @@ def verdict_lines(report: CompareReport) -> list[str]:
                      f"({report.versus_mha(control.label).fmt(3)}): this run cannot resolve "
                      "differences of that size, so no verdict here is 'equivalent' (those are "
                      "reported as inconclusive).")
+    return lines
+
+
+def scale_lines(report: CompareReport) -> list[str]:
+    """How far the runs trained: tokens, epochs, bytes per parameter, FLOPs, the train-val gap."""
+    lines = [f"Scale: {report.tokens_per_run:,} tokens (bytes) per run, {report.epochs:.1f} passes "
+             f"over the {report.train_tokens:,}-byte training text."]
+    if report.epochs > 3:
+        lines.append(f"The runs went over the training text {report.epochs:.1f} times: read the "
+                     "train-validation gap below before trusting small differences.")
+    lines.append("Per variant: bytes per parameter, training MFLOPs per token, validation minus "
+                 "late training loss (nats/byte):")
+    for v in report.variants:
+        lines.append(f"- {v.mechanism}: {report.tokens_per_run / v.params:.1f} B/param, "
+                     f"{v.train_flops_per_token / 1e6:.2f} MFLOP/token, gap {v.train_val_gap.fmt(3)}")
     return lines
 
 
@@ -126,6 +151,8 @@ def markdown_report(report: CompareReport) -> str:
         markdown_table(report),
         "",
         *verdict_lines(report),
+        "",
+        *scale_lines(report),
         "",
         "Validation loss (nats/byte) per seed:",
         "",
