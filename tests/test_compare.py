@@ -29,8 +29,9 @@ from latentattn.errors import ConfigError
 from latentattn.train.family import FamilySize
 
 KINDS = ["mha", "mqa", "gqa", "mla", "dsa"]
+# One LR for all: no pilots unless a test asks for a grid.
 TINY = ["--steps", "3", "--dim", "32", "--layers", "2", "--seq-len", "32", "--batch-size", "2",
-        "--contexts", "16,32", "--quiet"]
+        "--lr", "3e-3", "--contexts", "16,32", "--quiet"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

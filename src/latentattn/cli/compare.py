@@ -1,13 +1,13 @@
 """``latentattn compare``: the subcommand's flags, presets and output files.
 
-Presets, sized on a 2-core CPU (torch 2.13, fp32, 2 threads), where a ~1.1M-parameter variant
-trains at about 10-12k tokens/s (MLA+DSA at about 5k):
+Presets, sized on a 2-core CPU (torch 2.13, fp32, 2 threads); both train the same ~230K-parameter
+models (dim 64, 3 layers, 4 heads; the five variants and the positive control):
 
-* default: 3 seeds x 6 variants (the five and the positive control), 200 steps of 16 x 256
-  bytes (``latentattn train``'s defaults), decode at 256 and 4096 tokens: about 40 minutes
-  (MLA+DSA trains at a third of the speed);
-* ``--quick`` (``make demo``): 1 seed, 250 steps of 16 x 128 bytes, decode at 256 and 2048
-  tokens: about 7 minutes on an idle machine.
+* default (the standard run): 5 seeds, 600 steps of 16 x 128 bytes (5.3 bytes per parameter),
+  each variant's LR from a pilot over 1.5e-3, 3e-3, 6e-3, decode at 256 and 2048 tokens;
+* ``--quick`` (``make demo``): 1 seed (no intervals), 300 steps, LR 3e-3 for all.
+
+The times measured for each are in the README.
 
 Any flag given explicitly overrides the preset. Each finished (variant, seed) is kept in
 ``--out/runs/`` as it completes (:mod:`latentattn.compare.store`): rerunning the same command
@@ -43,10 +43,20 @@ class Preset:
     seq_len: int
     seeds: int
     contexts: tuple[int, ...]
+    dim: int
+    layers: int
+    lr_grid: tuple[float, ...] = ()
 
 
-FULL = Preset(steps=200, batch_size=16, seq_len=256, seeds=3, contexts=(256, 4096))
-QUICK = Preset(steps=250, batch_size=16, seq_len=128, seeds=1, contexts=(256, 2048))
+# The standard run: ~230K-parameter models (dim 64, 3 layers) for 600 steps of 16 x 128 bytes,
+# 1.23M bytes = 5.3 bytes per parameter and 2.9 passes over the default text; 5 seeds; each
+# variant's LR picked from a x2 grid by a quarter-length pilot. A timing probe on the 2-core
+# machine estimated ~31 min for the 30 runs before DSA's slower sparse stage and the pilots.
+FULL = Preset(steps=600, batch_size=16, seq_len=128, seeds=5, contexts=(256, 2048), dim=64,
+              layers=3, lr_grid=(1.5e-3, 3e-3, 6e-3))
+# make demo: the same models, half the steps, one seed, no pilots: a few minutes, no intervals.
+QUICK = Preset(steps=300, batch_size=16, seq_len=128, seeds=1, contexts=(256, 2048), dim=64,
+               layers=3)
 
 
 class CompareInputError(LatentAttnError):
@@ -64,12 +74,13 @@ def register(sub: Any) -> None:
         description="Train the five attention mechanisms, and a positive control (MLA with a "
         "latent of half a head, which must come out worse than MHA), at the same depth and "
         "width, with parameter counts matched within 3% through the FFN width, on the same data, "
-        "seeds, steps and schedule; measure parameters, KV parameters, allocated KV cache bytes per token, "
-        "validation loss and bits per byte (mean and spread over seeds) with each variant's "
-        "difference from MHA paired by seed (95% interval, equivalence test, verdict), training "
-        "and decode speed, and DSA's attention-mass recall. Writes results.json, results.md and PNG plots "
-        "to --out and prints the table. --sweep adds MLA / MLA+DSA variants at other latent "
-        "ranks or top-k and a Pareto plot.")
+        "seeds, steps and schedule, each with its own LR from a short pilot over --lr-grid; "
+        "measure parameters, KV parameters, allocated KV cache bytes per token, validation loss "
+        "on the whole held-out split (mean and spread over seeds) with each variant's difference "
+        "from MHA paired by seed (95% interval, equivalence test, verdict), how far the runs "
+        "trained, training and decode speed, and DSA's attention-mass recall. Writes "
+        "results.json, results.md and PNG plots to --out and prints the table. --sweep adds "
+        "MLA / MLA+DSA variants at other latent ranks or top-k and a Pareto plot.")
     c.add_argument("--data", default=None, metavar="PATH",
                    help="UTF-8 text file (default: CPython's pydoc_data.topics prose, ~470 KB)")
     c.add_argument("--steps", type=int, default=None,
@@ -87,15 +98,18 @@ def register(sub: Any) -> None:
     c.add_argument("--seq-len", type=int, default=None,
                    help=f"bytes per sequence ({FULL.seq_len}; --quick {QUICK.seq_len}); "
                    "DSA's index_topk is a quarter of it unless swept")
-    c.add_argument("--dim", type=int, default=128, help="model width, a multiple of 8 (128)")
-    c.add_argument("--layers", type=int, default=4, help="layers (4)")
-    c.add_argument("--lr", default=f"{DEFAULT_LR:g}", metavar="LR|LABEL=LR,...",
-                   help=f"peak learning rate for every variant ({DEFAULT_LR:g}), or pinned per "
-                   "variant label (mha=3e-3,mla=2e-3; the others take --lr-grid's pick or the "
-                   "default)")
+    c.add_argument("--dim", type=int, default=None,
+                   help=f"model width, a multiple of 8 ({FULL.dim}; --quick {QUICK.dim})")
+    c.add_argument("--layers", type=int, default=None,
+                   help=f"layers ({FULL.layers}; --quick {QUICK.layers})")
+    c.add_argument("--lr", default=None, metavar="LR|LABEL=LR,...",
+                   help=f"peak learning rate for every variant (then no pilots), or pinned per "
+                   "variant label (mha=3e-3,mla=2e-3; the others take --lr-grid's pick); without "
+                   f"it the grid picks ({DEFAULT_LR:g} where there is no grid)")
     c.add_argument("--lr-grid", default=None, metavar="A,B,C",
                    help="pick each variant's LR (unless pinned) from these values by a short pilot: "
-                   "one seed of its own, --pilot-fraction of the steps, lowest validation loss")
+                   "one seed of its own, --pilot-fraction of the steps, lowest validation loss ("
+                   + ",".join(f"{x:g}" for x in FULL.lr_grid) + "; --quick none)")
     c.add_argument("--pilot-fraction", type=float, default=DEFAULT_PILOT_FRACTION, metavar="F",
                    help=f"share of --steps each LR pilot trains ({DEFAULT_PILOT_FRACTION:g})")
     c.add_argument("--contexts", type=int_tuple, default=None,
@@ -123,12 +137,15 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": preset.batch_size if args.batch_size is None else args.batch_size,
         "seq_len": preset.seq_len if args.seq_len is None else args.seq_len,
         "contexts": preset.contexts if args.contexts is None else args.contexts,
-        "dim": args.dim, "layers": args.layers, "margin": args.margin,
+        "dim": preset.dim if args.dim is None else args.dim,
+        "layers": preset.layers if args.layers is None else args.layers, "margin": args.margin,
     }
-    common, pinned = parse_lrs(args.lr)
+    common, pinned = (None, {}) if args.lr is None else parse_lrs(args.lr)
     values["lr"] = DEFAULT_LR if common is None else common
     values["lrs"] = pinned
-    values["lr_grid"] = () if args.lr_grid is None else parse_grid(args.lr_grid)
+    # One LR given for all means no pilots, unless a grid is asked for too.
+    default_grid = () if common is not None else preset.lr_grid
+    values["lr_grid"] = default_grid if args.lr_grid is None else parse_grid(args.lr_grid)
     if not (math.isfinite(args.pilot_fraction) and 0 < args.pilot_fraction <= 1):
         raise CompareInputError(f"--pilot-fraction must lie in (0, 1], got {args.pilot_fraction}")
     for name in ("steps", "seeds", "batch_size", "dim", "layers"):
@@ -150,7 +167,8 @@ def _command(args: argparse.Namespace, v: dict[str, Any]) -> str:
         parts += ["--data", str(args.data)]
     parts += ["--steps", str(v["steps"]), "--seeds", str(v["seeds"]),
               "--batch-size", str(v["batch_size"]), "--seq-len", str(v["seq_len"]),
-              "--dim", str(v["dim"]), "--layers", str(v["layers"]), "--lr", args.lr,
+              "--dim", str(v["dim"]), "--layers", str(v["layers"]),
+              *(["--lr", args.lr] if args.lr is not None else []),
               "--contexts", ",".join(map(str, v["contexts"])), "--margin", f"{v['margin']:g}"]
     if v["lr_grid"]:
         parts += ["--lr-grid", ",".join(f"{x:g}" for x in v["lr_grid"]),
