@@ -117,7 +117,7 @@ def test_tiny_run_writes_every_variant(tmp_path: Path, text_file: Path,
                  "per seed", "| seed 0 | seed 1 |", "Scale:", "MFLOP/token"):
         assert name in md
     assert "±" in md
-    for png in ("loss_curves.png", "quality_vs_kv.png", "decode_speed.png"):
+    for png in ("loss_curves.png", "quality_vs_kv.png", "vs_mha.png", "decode_speed.png"):
         assert (out / png).read_bytes()[:8] == PNG
     assert not (out / "sweep_pareto.png").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left

@@ -1,5 +1,7 @@
-"""The report's PNGs: validation loss curves, quality vs KV bytes per token, decode speed vs
-context, and for sweeps the quality-vs-cache trade-off with its Pareto front."""
+"""The report's PNGs: validation loss curves, quality vs KV bytes per token with its Pareto front,
+each variant's paired difference from MHA with its 95% interval and the margin, decode speed vs
+context, and for sweeps the quality-vs-cache trade-off. Error bars are 95% t intervals of the
+mean over seeds (none with one seed)."""
 
 from __future__ import annotations
 
@@ -21,8 +23,17 @@ def _plt() -> Any:
 
 
 def _err(v: VariantResult) -> float:
-    std = v.val_loss.std
-    return 0.0 if std is None else std
+    """Half-width of the 95% t interval of the mean validation loss over seeds (0 with one)."""
+    std, n = v.val_loss.std, v.val_loss.n
+    if std is None:
+        return 0.0
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1)) * std / n**0.5
+
+
+VERDICT_COLORS = {"better": "tab:green", "worse": "tab:red", "equivalent": "tab:blue",
+                  "inconclusive": "tab:gray"}
 
 
 def plot_loss_curves(report: CompareReport, path: str) -> None:
@@ -50,12 +61,46 @@ def plot_quality_vs_kv(report: CompareReport, path: str) -> None:
                     label=v.mechanism)
         ax.annotate(v.mechanism, (v.kv_bytes_per_token, v.val_loss.mean), fontsize=7,
                     xytext=(4, 4), textcoords="offset points")
+    points = [(v.kv_bytes_per_token, v.val_loss.mean) for v in report.variants]
+    front = pareto_front(points)
+    ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post",
+            color="black", linestyle="--", linewidth=1, label="Pareto front")
     mha = report.variant("mha")
     ax.set_xscale("log")
     ax.set_xlabel(f"KV cache bytes per token ({mha.kv_dtype}, all {mha.n_layers} layers, allocated)")
     ax.set_ylabel("validation loss (nats/byte; lower is better)")
-    ax.set_title("Quality vs KV cache" + ("" if report.n_seeds > 1 else " (1 seed: spread unknown)"))
+    ax.set_title("Quality vs KV cache, 95% intervals"
+                 + ("" if report.n_seeds > 1 else " (1 seed: no interval)"))
     ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=DPI)
+    plt.close(fig)
+
+
+def plot_vs_mha(report: CompareReport, path: str) -> None:
+    """Each variant's paired difference from MHA (mean over seeds) with its 95% interval, against
+    its KV bytes; the shaded band is the equivalence margin; colours are the verdicts."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhspan(-report.margin, report.margin, color="tab:blue", alpha=0.12,
+               label=f"margin ±{report.margin:g}")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    for v in report.variants:
+        if v.label == "mha":
+            continue
+        p, verdict = report.versus_mha(v.label), report.verdict(v.label)
+        ci = p.interval(0.95)
+        err = [[0.0], [0.0]] if ci is None else [[p.mean - ci[0]], [ci[1] - p.mean]]
+        ax.errorbar([v.kv_bytes_per_token], [p.mean], yerr=err, fmt="o", capsize=3,
+                    color=VERDICT_COLORS[verdict])
+        ax.annotate(f"{v.mechanism}: {verdict}", (v.kv_bytes_per_token, p.mean), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("KV cache bytes per token (allocated)")
+    ax.set_ylabel("val loss minus MHA's, paired by seed (nats/byte)")
+    ax.set_title(f"Against MHA: mean difference and 95% interval over {report.n_seeds} seed(s)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=DPI)
     plt.close(fig)
@@ -126,5 +171,6 @@ def plot_sweep_pareto(report: CompareReport, path: str) -> None:
 PLOTS = {
     "loss_curves.png": plot_loss_curves,
     "quality_vs_kv.png": plot_quality_vs_kv,
+    "vs_mha.png": plot_vs_mha,
     "decode_speed.png": plot_decode_speed,
 }
