@@ -59,3 +59,15 @@ def test_fsync_dir_skips_where_directories_cannot_be_opened(tmp_path: Path,
     monkeypatch.setattr(os, "open", no_dirs)
     io.write_text(tmp_path / "a.txt", "new")
     assert (tmp_path / "a.txt").read_text() == "new"
+
+
+def test_atomic_write_gives_the_mode_open_would(tmp_path: Path) -> None:
+    # mkstemp's 0600 must not leak into results other users of the machine read.
+    old = os.umask(0o022)
+    try:
+        io.write_text(tmp_path / "r.txt", "x")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    modes = {p: (tmp_path / p).stat().st_mode & 0o777 for p in ("r.txt", "plain.txt")}
+    assert modes == {"r.txt": 0o644, "plain.txt": 0o644}

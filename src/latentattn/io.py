@@ -55,6 +55,12 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], object], suffix: str = "") -> None:
     """Run ``write(tmp_path)`` on a temp file beside ``path``, fsync it, rename it over ``path``
     and fsync the directory: afterwards ``path`` holds the new content even across a crash,
@@ -65,6 +71,8 @@ def atomic_write(path: str | Path, write: Callable[[str], object], suffix: str =
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file 0600; a result or checkpoint gets what open() would give it.
+        os.chmod(tmp, 0o666 & ~_umask())
         fsync_file(tmp)
         os.replace(tmp, target)
     except BaseException:
