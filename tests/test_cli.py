@@ -42,7 +42,7 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
                  "--quiet"},
     ("compare",): {"--data", "--steps", "--seeds", "--quick", "--out", "--sweep", "--batch-size",
                    "--seq-len", "--dim", "--layers", "--lr", "--lr-grid", "--pilot-fraction", "--contexts",
-                   "--margin", "--no-control",
+                   "--margin", "--no-control", "--ablations",
                    "--restart", "--quiet"},
     ("bench", "decode"): {"--json", "--plot", "--contexts", "--batches", "--repeats", "--dtype",
                           "--no-hf", "--quiet", "--tiny"},

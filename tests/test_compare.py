@@ -265,6 +265,24 @@ def test_control_is_mla_with_a_starved_latent() -> None:
     assert Transformer(control.config).num_parameters() < Transformer(mla.config).num_parameters()
 
 
+def test_ablations_run(tmp_path: Path, text_file: Path) -> None:
+    data, out = _run(tmp_path, text_file, "--seeds", "1", "--ablations", "--no-control")
+    labels = [v["label"] for v in data["variants"]]
+    assert labels == [*KINDS, "mla-noq", "mla-mqa-bytes"] and "--ablations" in data["command"]
+    assert "MLA (no query compression)" in (out / "results.md").read_text()
+
+
+def test_ablations() -> None:
+    variants = {v.label: v for v in build_variants(family_size(), ablations=True)}
+    noq, same = variants["mla-noq"].config, variants["mla-mqa-bytes"].config
+    assert noq.attention.q_lora_rank is None  # type: ignore[union-attr]
+    assert cache_bytes_per_token_per_layer(same) == cache_bytes_per_token_per_layer(variants["mqa"].config)
+    mha = Transformer(variants["mha"].config).num_parameters()
+    for cfg in (noq, same):
+        assert abs(Transformer(cfg).num_parameters() - mha) / mha <= 0.03
+    assert "no query compression" in variants["mla-noq"].mechanism
+
+
 def test_family_size_default_is_family_default() -> None:
     assert family_size() == FamilySize()
     assert family_size(32, 2, 32).index_topk == 8

@@ -122,6 +122,9 @@ def register(sub: Any) -> None:
                    help="leave out the positive control (an MLA with its latent starved to half a "
                    "head, which must come out worse than MHA; without it no run shows it could "
                    "detect a difference)")
+    c.add_argument("--ablations", action="store_true",
+                   help="add MLA without query compression and MLA at MQA's cache bytes (both "
+                   "parameter-matched): what the MLA-vs-MHA claim should not hinge on")
     c.add_argument("--restart", action="store_true",
                    help="train every run again: forget the finished runs kept in --out (by default "
                    "a rerun of the same command continues where it stopped)")
@@ -177,6 +180,8 @@ def _command(args: argparse.Namespace, v: dict[str, Any]) -> str:
         parts += ["--sweep", spec]
     if args.no_control:
         parts.append("--no-control")
+    if args.ablations:
+        parts.append("--ablations")
     parts += ["--out", str(args.out)]
     return " ".join(parts)
 
@@ -233,7 +238,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"10%), fewer than one window of --seq-len {v['seq_len']} + 1; use more text or a "
             "shorter --seq-len")
     size = family_size(v["dim"], v["layers"], v["seq_len"])
-    variants = build_variants(size, sweeps, control=not args.no_control)
+    variants = build_variants(size, sweeps, control=not args.no_control, ablations=args.ablations)
     check_labels(v["lrs"], [x.label for x in variants])
     train_settings = TrainSettings(
         steps=v["steps"], batch_size=v["batch_size"], seq_len=v["seq_len"], lr=v["lr"],

@@ -43,6 +43,7 @@ class Variant:
     config: ModelConfig
     sweep: tuple[tuple[str, int], ...] = ()
     control: bool = False  # the positive control: an MLA built to lose (control_variant)
+    ablation: str = ""  # what an ablation variant changes (ablation_variants), else ""
 
     @property
     def mechanism(self) -> str:
@@ -51,7 +52,8 @@ class Variant:
             base = {"mha": "MHA", "mqa": "MQA"}.get(a.name, a.name.upper())
         else:
             base = "MLA" if a.indexer is None else "MLA+DSA"
-        what = [f"{k}={v}" for k, v in self.sweep] + (["control"] if self.control else [])
+        what = ([f"{k}={v}" for k, v in self.sweep] + (["control"] if self.control else [])
+                + ([self.ablation] if self.ablation else []))
         return f"{base} ({', '.join(what)})" if what else base
 
     @property
@@ -91,14 +93,36 @@ def control_variant(size: FamilySize, mla: ModelConfig) -> Variant:
     return Variant(CONTROL, "mla", cfg, (("kv_lora_rank", rank),), control=True)
 
 
+def ablation_variants(size: FamilySize) -> list[Variant]:
+    """What the MLA-vs-MHA claim should not hinge on (next-facts section 3.3), parameters matched:
+
+    * ``mla-noq``: MLA without query compression. The KV-cache claim does not depend on it, and
+      compressing queries through dim / 2 is where this MLA has the least capacity.
+    * ``mla-mqa-bytes``: MLA whose cache holds as many values per token as MQA's (2 d_h =
+      d_c + d_r): which uses the same cache better, a latent or one shared K/V head.
+    """
+    noq = matched_configs(dataclasses.replace(size, q_lora_rank=None), kinds=("mla",),
+                          tolerance=PARAM_TOLERANCE)["mla"]
+    rank = 2 * size.head_dim - size.qk_rope_head_dim
+    if rank < 1:
+        raise ConfigError(f"no MLA fits MQA's {2 * size.head_dim} cached values with a "
+                          f"{size.qk_rope_head_dim}-dim rope key")
+    same_bytes = _swept(size, SweepPoint("mla", (("kv_lora_rank", rank),)))
+    return [Variant("mla-noq", "mla", noq.replace(name="mla-noq"), ablation="no query compression"),
+            Variant("mla-mqa-bytes", "mla", same_bytes.replace(name="mla-mqa-bytes"),
+                    ablation=f"MQA's cache bytes, kv_lora_rank={rank}")]
+
+
 def build_variants(size: FamilySize, sweeps: dict[str, tuple[int, ...]] | None = None,
-                   control: bool = True) -> list[Variant]:
-    """The five kinds, the positive control (unless ``control=False``), then every sweep point
-    whose config is not already one of them."""
+                   control: bool = True, ablations: bool = False) -> list[Variant]:
+    """The five kinds, the positive control (unless ``control=False``), the ablations (with
+    ``ablations=True``), then every sweep point whose config is not already one of them."""
     base = matched_configs(size, kinds=ATTN_KINDS, tolerance=PARAM_TOLERANCE)
     variants = [Variant(kind, kind, cfg) for kind, cfg in base.items()]
     if control:
         variants.append(control_variant(size, base["mla"]))
+    if ablations:
+        variants += ablation_variants(size)
     for point in sweep_points(sweeps or {}):
         cfg = _swept(size, point)
         if cfg != base[point.kind]:  # the family's own value is the base variant already

@@ -28,7 +28,9 @@ class FamilySize:
     seq_len: int = 256
     gqa_kv_heads: int = 2
     kv_lora_rank: int = 64
-    q_lora_rank: int = 64  # MLA and DSA alike: DSA's indexer reads the query latent
+    # MLA and DSA alike (DSA's indexer reads the query latent); None: MLA without query
+    # compression (DSA needs it).
+    q_lora_rank: int | None = 64
     qk_rope_head_dim: int = 16
     index_n_heads: int = 4
     index_head_dim: int = 32
