@@ -557,3 +557,51 @@ def test_torchrun_two_ranks_match_one_process(fsdp: bool, model: str, tmp_path: 
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-4)
     assert json.loads((tmp_path / "two" / "state.json").read_text())["step"] == 4
+
+
+# ---------------------------------------------------------------------------- DSA retrofit
+def test_retrofit_keeps_the_dense_weights_and_freezes_them_in_the_warmup() -> None:
+    from latentattn.config import IndexerConfig
+    from latentattn.train.dsa import retrofit_dsa, set_dsa_stage
+
+    mla = _model("mla").eval()
+    dsa = retrofit_dsa(mla, IndexerConfig(2, 24, 8), seed=3).eval()
+    dense, new = dsa.state_dict(), mla.state_dict()
+    assert all(torch.equal(dense[k], v) for k, v in new.items())
+    fresh = [k for k in dense if k not in new]
+    assert fresh and all(".indexer." in k for k in fresh)
+    again = retrofit_dsa(mla, IndexerConfig(2, 24, 8), seed=4).state_dict()
+    assert not all(torch.equal(dense[k], again[k]) for k in fresh)  # fresh: drawn from the seed
+    set_dsa_stage(dsa, "dense")
+    ids = TRAIN[:32][None]
+    with torch.no_grad():
+        assert torch.equal(dsa(ids), mla(ids))  # the indexer does not touch dense attention
+    set_dsa_stage(dsa, "warmup")  # V3.2 stage 1: only the indexers learn
+    trainable = {n for n, p in dsa.named_parameters() if p.requires_grad}
+    assert trainable and trainable == {n for n in trainable if ".indexer." in n}
+    assert trainable == {n for n, _ in dsa.named_parameters() if ".indexer." in n}
+    for bad in (_model("mha"), dsa):
+        with pytest.raises(ConfigError, match="retrofit_dsa takes a dense MLA"):
+            retrofit_dsa(bad, IndexerConfig(2, 24, 8))
+
+
+def test_train_retrofit_dsa_from_a_dense_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    base = ["--data", str(data), "--seq-len", "32", "--batch-size", "2", "--quiet", "--eval-every", "0"]
+    assert main(["train", "--attn", "mla", *CLI_SIZE, "--data", str(data), "--steps", "2",
+                 "--eval-every", "0", "--out", str(tmp_path / "dense")]) == 0
+    # Two steps, both in the frozen warm-up: the dense weights must come out unchanged.
+    assert main(["train", "--init", str(tmp_path / "dense"), "--retrofit-dsa", "--index-topk", "4",
+                 "--steps", "2", "--dsa-warmup-steps", "2", *base, "--out", str(tmp_path / "dsa")]) == 0
+    dense, dsa = load(tmp_path / "dense"), load(tmp_path / "dsa")
+    a = dsa.config.attention
+    assert a.indexer is not None and a.indexer.index_topk == 4  # type: ignore[union-attr]
+    kept = dsa.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in dense.state_dict().items())
+    assert read_state(tmp_path / "dsa")["settings"]["dsa_freeze_warmup"] is True
+    capsys.readouterr()
+    assert "--retrofit-dsa adds indexers" in cli_error(
+        capsys, ["train", "--retrofit-dsa", "--attn", "mla", *base, "--out", str(tmp_path / "x")])
+    assert "needs a dense MLA model" in cli_error(
+        capsys, ["train", "--init", "tiny-gqa", "--retrofit-dsa", *base, "--out", str(tmp_path / "y")])

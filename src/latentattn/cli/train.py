@@ -50,6 +50,10 @@ def register(sub: Any) -> None:
                    "preset or a config.json; trained in float32 weights")
     p.add_argument("--mla-impl", choices=["auto", "naive", "absorb"], default=None,
                    help="with --init/--preset: the MLA form to train and save (default: the model's)")
+    p.add_argument("--retrofit-dsa", action="store_true",
+                   help="with --init (a trained dense MLA model): add fresh DSA indexers and train "
+                   "as DeepSeek-V3.2 does, the indexer warm-up with everything else frozen for "
+                   "--dsa-warmup-steps, then sparse top-k (--index-topk: k, default seq-len / 16)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, ... (default: this rank's GPU when there is one, else cpu)")
     p.add_argument("--dim", type=int, default=None, help=f"hidden size ({size.dim})")
@@ -146,6 +150,23 @@ def _model_spec(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
                           "in --out)")
 
 
+def _retrofit(model: Any, topk: int | None, seq_len: int | None, seed: int) -> Any:
+    """The dense MLA ``model`` with fresh lightning indexers (train.dsa.retrofit_dsa): one
+    indexer head per attention head, each a query/key head wide, k = a sixteenth of the training
+    window unless --index-topk says (an average query then keeps under a quarter of its
+    visible keys: next-facts section 3.3's density (k + k ln(L/k)) / L)."""
+    from latentattn.config import IndexerConfig, MLAConfig
+    from latentattn.train.dsa import retrofit_dsa
+
+    a = model.config.attention
+    if not isinstance(a, MLAConfig):
+        raise LatentAttnError(f"--retrofit-dsa needs a dense MLA model; --init gave "
+                              f"{a.name.upper()}")
+    window = seq_len if seq_len is not None else min(256, model.config.max_seq_len)
+    k = topk if topk is not None else max(1, window // 16)
+    return retrofit_dsa(model, IndexerConfig(a.n_heads, a.qk_head_dim, k), seed=seed)
+
+
 def _device(arg: str | None) -> Any:
     import torch
 
@@ -181,9 +202,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _check_flags(args)
     spec, overrides = _model_spec(args)
+    retrofit_topk = None
+    if args.retrofit_dsa:
+        if args.init is None and not args.resume:
+            raise LatentAttnError("--retrofit-dsa adds indexers to a trained dense MLA model: give "
+                                  "it with --init RUN (or --resume the retrofitted run)")
+        if args.init is not None:
+            retrofit_topk = overrides.pop("index_topk", None)  # the new indexers' k, not an override
     # Master weights in fp32 whatever the checkpoint's dtype: --bf16 is autocast.
     model, tokenizer = load(spec, dtype=torch.float32, device=_device(args.device), seed=args.seed,
                             with_tokenizer=True, **overrides)
+    if args.retrofit_dsa and args.init is not None:
+        model = _retrofit(model, retrofit_topk, args.seq_len, args.seed)
     if args.resume and args.init is None and args.preset is None and args.attn is None:
         from latentattn.loading import load_tokenizer
 
@@ -207,6 +237,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, bf16=args.bf16, seed=args.seed,
         dsa_warmup_steps=args.dsa_warmup_steps, fsdp=args.fsdp,
         router_bias_rate=args.router_bias_rate, moe_aux_loss=args.moe_aux_loss,
+        dsa_freeze_warmup=args.retrofit_dsa,
     )
     _keep_tokenizer(tokenizer, Path(args.out), args.resume)
     model.train()

@@ -6,16 +6,19 @@ A training loop needs three calls::
     loss = indexer_loss(model)       # after a forward: sum over layers of the indexer KL
     set_dsa_stage(model, "sparse")   # top-k on, all weights train; add indexer_loss to the LM loss
 
-and ``attention_mass_recall`` tells whether the indexer has learnt anything.
+and ``attention_mass_recall`` tells whether the indexer has learnt anything. ``retrofit_dsa``
+is where V3.2 starts: a trained dense MLA model with an indexer added, fresh, beside its weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import torch
 
 from latentattn.attention.dsa import SparseLatentAttention
+from latentattn.config import IndexerConfig, MLAConfig
 from latentattn.errors import ConfigError
 from latentattn.model.transformer import Transformer
 
@@ -58,6 +61,28 @@ def set_dsa_stage(model: Transformer, stage: Stage, freeze: bool = True) -> None
     indexer_params = {id(p) for layer in layers for p in layer.indexer.parameters()}
     for p in model.parameters():
         p.requires_grad_(stage == "sparse" or not freeze or id(p) in indexer_params)
+
+
+def retrofit_dsa(model: Transformer, indexer: IndexerConfig, seed: int = 0) -> Transformer:
+    """DeepSeek-V3.2's starting point (arXiv 2512.02556 s2.1): the dense MLA ``model``'s weights,
+    unchanged, in a DSA model whose lightning indexers are freshly initialised (seeded by
+    ``seed``). Train it with ``set_dsa_stage(m, "warmup")`` (everything but the indexers
+    frozen) before ``"sparse"``; ``latentattn train --init RUN --retrofit-dsa`` does both."""
+    a = model.config.attention
+    if not isinstance(a, MLAConfig) or a.indexer is not None:
+        raise ConfigError(f"retrofit_dsa takes a dense MLA model; {model.config.name} is "
+                          + ("DSA already" if isinstance(a, MLAConfig) else a.name.upper()))
+    if a.q_lora_rank is None:
+        raise ConfigError("retrofit_dsa needs an MLA with query compression (q_lora_rank): the "
+                          "indexer's queries are projected from MLA's query latent")
+    cfg = model.config.replace(attention=dataclasses.replace(a, indexer=indexer))
+    torch.manual_seed(seed)
+    dsa = Transformer(cfg).to(device=model.device, dtype=model.dtype)
+    missing, unexpected = dsa.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(".indexer." not in k for k in missing):
+        raise ConfigError(f"retrofit_dsa: the weights do not map onto the DSA model (missing "
+                          f"{[k for k in missing if '.indexer.' not in k][:3]}, unexpected {unexpected[:3]})")
+    return dsa
 
 
 def indexer_loss(model: Transformer) -> torch.Tensor:

@@ -6,9 +6,11 @@ generator seeded with ``settings.seed``: every rank draws the same global batch 
 ``rank::world_size``, so one process and N ranks see the same data, and the data position is
 just the generator's state (saved in the checkpoint).
 
-DSA models (DeepSeek-V3.2 report s2.1, from scratch): steps ``< dsa_warmup_steps`` run the
-indexer warm-up with dense attention and nothing frozen (the model learns from the LM loss, the
-indexer from its KL; ``set_dsa_stage(..., freeze=False)``), later steps select top-k keys.
+DSA models (DeepSeek-V3.2 report s2.1): steps ``< dsa_warmup_steps`` run the indexer warm-up
+with dense attention, later steps select top-k keys. From scratch nothing is frozen in the
+warm-up (the model learns from the LM loss, the indexer from its KL); with
+``settings.dsa_freeze_warmup`` (a trained dense model retrofitted with indexers,
+:func:`latentattn.train.dsa.retrofit_dsa`) everything but the indexers is, as in V3.2.
 The loss is LM + indexer KL in both stages; ``train_losses`` records the LM part.
 
 MoE models (:mod:`latentattn.train.balance`): sigmoid routers' correction biases move after each
@@ -187,19 +189,19 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
         def set_stage(new: Stage) -> None:
             nonlocal stage
             if dsa and new != stage:
-                set_dsa_stage(model, new, freeze=False)
+                set_dsa_stage(model, new, freeze=settings.dsa_freeze_warmup)
                 stage = new
 
         def run_eval(done: int) -> float:
             if not dsa:
                 return evaluate(model, val_tokens, settings)
             saved = stage
-            set_dsa_stage(model, _eval_stage(done, warm), freeze=False)
+            set_dsa_stage(model, _eval_stage(done, warm), freeze=settings.dsa_freeze_warmup)
             try:
                 return evaluate(model, val_tokens, settings)
             finally:
                 if saved is not None:
-                    set_dsa_stage(model, saved, freeze=False)
+                    set_dsa_stage(model, saved, freeze=settings.dsa_freeze_warmup)
 
         def checkpoint(done: int) -> None:
             if out is None:
@@ -263,7 +265,7 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
             # Resumed at the end already: nothing trained, measure what there is.
             val_losses.append((settings.steps, run_eval(settings.steps)))
         if dsa:
-            set_dsa_stage(model, _eval_stage(settings.steps, warm), freeze=False)
+            set_dsa_stage(model, _eval_stage(settings.steps, warm), freeze=settings.dsa_freeze_warmup)
         model.eval()
         ran = settings.steps - start
         return TrainResult(

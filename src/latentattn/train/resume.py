@@ -18,11 +18,11 @@ from latentattn.train.settings import TrainSettings, lr_at, wsd_decay_start
 # after resolving None.
 RESUME_MUST_MATCH = ("batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "schedule",
                      "decay_frac", "weight_decay", "grad_clip", "bf16", "seed", "router_bias_rate",
-                     "moe_aux_loss")
+                     "moe_aux_loss", "dsa_freeze_warmup")
 MOE_ONLY = ("router_bias_rate", "moe_aux_loss")
 # What checkpoints written before a setting existed ran with.
 _SETTINGS_BEFORE: dict[str, Any] = {"schedule": "cosine", "decay_frac": 0.2, "router_bias_rate": 0.0,
-                                    "moe_aux_loss": 0.0}
+                                    "moe_aux_loss": 0.0, "dsa_freeze_warmup": False}
 
 
 def check_resumable(state: dict[str, Any], model: Transformer, settings: TrainSettings,

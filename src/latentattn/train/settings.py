@@ -35,6 +35,9 @@ class TrainSettings:
     eval_windows: int = 0
     seed: int = 0
     dsa_warmup_steps: int | None = None  # DSA models: steps of stage 1; None -> steps // 4
+    # DSA stage 1 with everything but the indexers frozen, as V3.2 trains a retrofitted dense
+    # model (train.dsa.retrofit_dsa); False: nothing frozen, for DSA trained from scratch.
+    dsa_freeze_warmup: bool = False
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (ignored in one process)
     checkpoint_every: int = 0  # 0 -> only at eval points and the end
     # MoE balancing (latentattn.train.balance). router_bias_rate: DeepSeek-V3's aux-loss-free
