@@ -163,6 +163,13 @@ def test_stopped_compare_continues_where_it_stopped(tmp_path: Path, text_file: P
     resumed = json.loads((out / "results.json").read_text())
     assert _outcome(resumed) == _outcome(whole)
 
+    # A protocol file from before a setting existed still matches (the field at its old value).
+    proto = json.loads((out / "protocol.json").read_text())
+    del proto["settings"]["train"]["dsa_freeze_warmup"]
+    (out / "protocol.json").write_text(json.dumps(proto))
+    trained.clear()
+    assert main(argv) == 0 and trained == []
+    capsys.readouterr()
     # Another protocol in the same --out: refused, and the finished runs are kept.
     kept = {p.name: p.read_bytes() for p in (out / "runs").iterdir()}
     msg = cli_error(capsys, [*argv, "--steps", "4"])

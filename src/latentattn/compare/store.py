@@ -50,6 +50,18 @@ def protocol(settings: CompareSettings, variants: list[Variant], train_tokens: t
             "variants": {v.label: config_to_dict(v.config) for v in variants}}
 
 
+# Settings added after a protocol file may have been written, with the value the runs it
+# describes trained with: a run started before the field existed continues (as train's resume).
+_TRAIN_FIELDS_BEFORE: dict[str, Any] = {"dsa_freeze_warmup": False}
+
+
+def _upgrade(saved: Any) -> None:
+    train = saved.get("settings", {}).get("train") if isinstance(saved, dict) else None
+    if isinstance(train, dict):
+        for name, value in _TRAIN_FIELDS_BEFORE.items():
+            train.setdefault(name, value)
+
+
 class DirStore(RunStore):
     """:class:`RunStore` on a directory (the module docstring has the layout)."""
 
@@ -63,6 +75,7 @@ class DirStore(RunStore):
                 raise ProtocolMismatch(f"{path} is not valid JSON ({e}); use another --out") from None
             # Round-trip through JSON so that tuples and lists compare alike.
             wanted = json.loads(json.dumps(proto))
+            _upgrade(saved)
             if saved != wanted:
                 diff = (first_difference(saved, wanted) or "a field differs").replace(
                     "in the checkpoint", "there")
