@@ -132,7 +132,9 @@ def _notes(settings: CompareSettings, variants: list[Variant]) -> list[str]:
     notes = [
         f"Parameters matched to MHA's within 3% through the SwiGLU width ({s.dim} dims, "
         f"{s.n_layers} layers, {s.n_heads} heads): "
-        + ", ".join(f"{v.label} {v.config.intermediate_size}" for v in variants) + ".",
+        + ", ".join(f"{v.label} {v.config.intermediate_size}" for v in variants if not v.control)
+        + (" (the positive control keeps MLA's width: the same model with a smaller latent, "
+           "fewer parameters)" if any(v.control for v in variants) else "") + ".",
         f"Same data, steps ({t.steps}), batch ({t.batch_size} x {t.seq_len} bytes), learning-rate "
         "schedule and seeds for every variant; the peak LR "
         + (f"is pinned for {', '.join(sorted(settings.lrs))} and " if settings.lrs else "")
