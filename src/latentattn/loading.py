@@ -30,7 +30,7 @@ from typing import Any, Literal, overload
 import torch
 
 from latentattn.attention.dsa import SparseLatentAttention
-from latentattn.config import ModelConfig
+from latentattn.config import MLAConfig, ModelConfig
 from latentattn.errors import CheckpointError, ConfigError
 from latentattn.model.transformer import Transformer
 from latentattn.precision import resolve_device, resolve_dtype
@@ -124,13 +124,19 @@ def _base_config(src: Source, spec: ModelSpec) -> ModelConfig:
     return config_from_hf(_read_json(path), source=str(path))
 
 
+def _config(src: Source, spec: ModelSpec, overrides: dict[str, Any]) -> tuple[ModelConfig, dict[str, Any]]:
+    """(the config with its overrides, the runtime overrides) for an already resolved spec."""
+    config_overrides, runtime = split_overrides(overrides)
+    cfg = _base_config(src, spec).replace(**config_overrides)
+    a = cfg.attention
+    if runtime and not (isinstance(a, MLAConfig) and a.indexer is not None):
+        raise ConfigError(f"{', '.join(runtime)} applies only to DSA models; {cfg.name} has no indexer")
+    return cfg, runtime
+
+
 def load_config(spec: ModelSpec, **overrides: Any) -> ModelConfig:
     """The config ``load(spec, **overrides)`` would build, without allocating anything."""
-    config_overrides, runtime = split_overrides(overrides)
-    cfg = _base_config(resolve(spec), spec).replace(**config_overrides)
-    if runtime and not (cfg.attention.kind == "mla" and getattr(cfg.attention, "indexer", None)):
-        raise ConfigError(f"{', '.join(runtime)} applies only to DSA models; {cfg.name} has no indexer")
-    return cfg
+    return _config(resolve(spec), spec, overrides)[0]
 
 
 def configure_dsa(model: Transformer, dsa_prefill: str | None = None,
@@ -207,8 +213,7 @@ def load(spec: ModelSpec, *, dtype: torch.dtype | str | None = None,
     wrong: an unknown preset, a missing file, a bad override, a checkpoint that does not match.
     """
     src = resolve(spec)
-    cfg = load_config(spec, **overrides)
-    _, runtime = split_overrides(overrides)
+    cfg, runtime = _config(src, spec, overrides)
     want = None if dtype is None else resolve_dtype(dtype)
     dev = resolve_device(device)
     if src.kind == "hf":
@@ -228,14 +233,18 @@ def load(spec: ModelSpec, *, dtype: torch.dtype | str | None = None,
     configure_dsa(model, **runtime)
     model.eval()
     if with_tokenizer:
-        return model, load_tokenizer(spec, cfg.vocab_size)
+        return model, _tokenizer(src, spec, cfg.vocab_size)
     return model
 
 
 def load_tokenizer(spec: ModelSpec, vocab_size: int | None = None) -> Tokenizer:
     """The spec's tokenizer: its directory's ``tokenizer.json`` (with config.json's
-    ``eos_token_id``), else UTF-8 bytes, which need ``vocab_size >= 256``."""
-    src = resolve(spec)
+    ``eos_token_id``), else UTF-8 bytes, which need ``vocab_size >= 256`` (read from the spec's
+    config when not given)."""
+    return _tokenizer(resolve(spec), spec, vocab_size)
+
+
+def _tokenizer(src: Source, spec: ModelSpec, vocab_size: int | None) -> Tokenizer:
     if src.path is not None and src.path.is_dir():
         tok_file = src.path / TOKENIZER_FILE
         if tok_file.is_file():
@@ -245,9 +254,7 @@ def load_tokenizer(spec: ModelSpec, vocab_size: int | None = None) -> Tokenizer:
                 # A list means several end ids (Llama 3 instruct): the first is the end of text.
                 eos = raw[0] if isinstance(raw, list) and raw else raw
             return HFTokenizer(tok_file, eos if isinstance(eos, int) else None)
-    if vocab_size is None:
-        vocab_size = load_config(spec).vocab_size
-    check_byte_vocab(vocab_size)
+    check_byte_vocab(vocab_size if vocab_size is not None else _base_config(src, spec).vocab_size)
     return ByteTokenizer()
 
 

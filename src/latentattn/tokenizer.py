@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from latentattn.data import byte_tokens
 from latentattn.errors import ConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -64,8 +65,6 @@ class HFTokenizer:
 def encode_corpus(tokenizer: Tokenizer, text: str) -> torch.Tensor:
     """A whole training text as one (N,) int64 token tensor."""
     if isinstance(tokenizer, ByteTokenizer):
-        from latentattn.data import byte_tokens
-
         return byte_tokens(text)
     return torch.tensor(tokenizer.encode(text), dtype=torch.long)
 

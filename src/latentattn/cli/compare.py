@@ -255,9 +255,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     # Runs still to train; an LR pilot counts as --pilot-fraction of a run in the estimate.
     pilots = {x.label: [pilot_label(x.label, lr) for lr in settings.lr_grid]
               for x in variants if x.label not in settings.lrs}
-    todo_seeds = {x.label: sum(store.load(x.label, seed) is None for seed in range(v["seeds"]))
+    todo_seeds = {x.label: sum(not store.has(x.label, seed) for seed in range(v["seeds"]))
                   for x in variants}
-    todo_pilots = {label: sum(store.load(p, PILOT_SEED) is None for p in names)
+    todo_pilots = {label: sum(not store.has(p, PILOT_SEED) for p in names)
                    for label, names in pilots.items()}
     todo = {label: n + settings.pilot_fraction * todo_pilots.get(label, 0)
             for label, n in todo_seeds.items()}

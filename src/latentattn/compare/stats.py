@@ -79,16 +79,20 @@ class Paired:
             raise ConfigError(f"the equivalence margin must be a positive number, got {self.margin}")
 
     @property
+    def summary(self) -> Summary:
+        return Summary.of(self.differences)
+
+    @property
     def n(self) -> int:
-        return len(self.differences)
+        return self.summary.n
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.differences)
+        return self.summary.mean
 
     @property
     def std(self) -> float | None:
-        return statistics.stdev(self.differences) if self.n > 1 else None
+        return self.summary.std
 
     def interval(self, level: float = 0.95) -> tuple[float, float] | None:
         """The two-sided ``level`` t interval of the mean difference; None under 2 seeds."""

@@ -91,6 +91,10 @@ class DirStore(RunStore):
         safe = "".join(c if c.isalnum() or c in "-_=,[]" else "_" for c in label)
         return self.out / RUNS_DIR / f"{safe}.seed{seed}.json"
 
+    def has(self, label: str, seed: int) -> bool:
+        """Whether (label, seed) finished, without reading it back."""
+        return self._path(label, seed).is_file()
+
     def load(self, label: str, seed: int) -> tuple[SeedRun, VariantResult | None] | None:
         path = self._path(label, seed)
         if not path.is_file():
