@@ -30,7 +30,7 @@ from latentattn.train.family import FamilySize
 
 KINDS = ["mha", "mqa", "gqa", "mla", "dsa"]
 # One LR for all: no pilots unless a test asks for a grid.
-TINY = ["--steps", "3", "--dim", "32", "--layers", "2", "--seq-len", "32", "--batch-size", "2",
+TINY = ["--steps", "8", "--dim", "32", "--layers", "2", "--seq-len", "32", "--batch-size", "2",
         "--lr", "3e-3", "--contexts", "16,32", "--quiet"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -63,17 +63,18 @@ def test_tiny_run_writes_every_variant(tmp_path: Path, text_file: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     data, out = _run(tmp_path, text_file, "--seeds", "2")
     variants = {v["label"]: v for v in data["variants"]}
-    assert list(variants) == [*KINDS, "control"]
+    assert list(variants) == [*KINDS, "dsa-retrofit", "control"]
     mha = variants["mha"]
     # tiny family: 4 heads of 8, d_c 16, d_r 4, indexer key 8, 2 layers, fp32 (4 B/value); the
-    # control's latent is half a head, d_c 4
+    # control's latent is an eighth of a head, d_c 1
     expected_kv_bytes = {"mha": 2 * 4 * 8, "mqa": 2 * 8, "gqa": 2 * 2 * 8, "mla": 16 + 4,
-                         "dsa": 16 + 4 + 8, "control": 4 + 4}
+                         "dsa": 16 + 4 + 8, "dsa-retrofit": 16 + 4 + 8, "control": 1 + 4}
     mla_kv = 32 * (16 + 4) + 16 + 16 * 4 * (8 + 8)  # kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
     expected_kv_params = {"mha": 2 * 32 * 32, "mqa": 2 * 32 * 8, "gqa": 2 * 32 * 16,
                           "mla": mla_kv, "dsa": mla_kv + 32 * 8 + 2 * 8,  # + indexer wk, k_norm
-                          "control": 32 * (4 + 4) + 4 + 4 * 4 * (8 + 8)}
-    assert variants["control"]["control"] and variants["control"]["latent"] == {"kv_lora_rank": 4}
+                          "dsa-retrofit": mla_kv + 32 * 8 + 2 * 8,
+                          "control": 32 * (1 + 4) + 1 + 1 * 4 * (8 + 8)}
+    assert variants["control"]["control"] and variants["control"]["latent"] == {"kv_lora_rank": 1}
     assert data["control"] == "control" and isinstance(data["control_resolved"], bool)
     if not data["control_resolved"]:
         assert "equivalent" not in {t["verdict"] for t in data["vs_mha"].values()}
@@ -81,17 +82,17 @@ def test_tiny_run_writes_every_variant(tmp_path: Path, text_file: Path,
         assert v["kv_bytes_per_token"] == expected_kv_bytes[label] * 4 * 2, label
         assert v["kv_bytes_per_token_bf16"] == expected_kv_bytes[label] * 2 * 2, label
         assert v["kv_params_per_layer"] == expected_kv_params[label], label
-        assert abs(v["params_vs_mha"]) <= 0.03 or label == "control"
+        assert abs(v["params_vs_mha"]) <= 0.03 or label in ("control", "dsa-retrofit")
         assert v["kv_bytes_ratio_vs_mha"] == v["kv_bytes_per_token"] / mha["kv_bytes_per_token"]
         assert [r["seed"] for r in v["runs"]] == [0, 1]
-        assert all(len(r["train_losses"]) == 3 and r["train_tokens_per_s"] > 0 for r in v["runs"])
+        assert all(len(r["train_losses"]) == 8 and r["train_tokens_per_s"] > 0 for r in v["runs"])
         loss = v["val_loss"]
         assert loss["n"] == 2 and loss["std"] is not None and 0 < loss["mean"] < 10
         assert math.isclose(v["bits_per_byte"]["mean"], loss["mean"] / math.log(2))
         assert set(v["decode_tokens_per_s"]) == {"16", "32"}
         assert all(x > 0 for x in v["decode_tokens_per_s"].values())
-        assert v["val_curve_mean"] and v["val_curve_mean"][-1][0] == 3
-        if label == "dsa":
+        assert v["val_curve_mean"] and v["val_curve_mean"][-1][0] == 8
+        if label in ("dsa", "dsa-retrofit"):
             assert len(v["dsa_recall"]) == 2  # per layer
             for layer in v["dsa_recall"]:
                 assert set(layer) == {"indexer", "recent", "uniform"}
@@ -100,17 +101,26 @@ def test_tiny_run_writes_every_variant(tmp_path: Path, text_file: Path,
         else:
             assert v["dsa_recall"] is None
     assert data["margin"] == 0.02 and "paired by seed" in data["rule"]
-    assert data["tokens_per_run"] == 3 * 2 * 32 and data["epochs"] == 3 * 2 * 32 / data["train_tokens"]
+    assert data["tokens_per_run"] == 8 * 2 * 32 and data["epochs"] == 8 * 2 * 32 / data["train_tokens"]
     assert all(v["train_flops_per_token"] > 0 and v["train_val_gap"]["n"] == 2 for v in data["variants"])
-    assert set(data["horizon"]) == set(KINDS) - {"mha"} | {"control"}
-    assert set(data["vs_mha"]) == set(KINDS) - {"mha"} | {"control"}
+    assert set(data["horizon"]) == set(KINDS) - {"mha"} | {"control"}  # a retrofit's half is MLA's
+    assert set(data["vs_mha"]) == set(KINDS) - {"mha"} | {"control", "dsa-retrofit"}
+    retro, mla = variants["dsa-retrofit"], variants["mla"]
+    assert retro["retrofit_of"] == "mla" and retro["lr"] == mla["lr"]
+    assert retro["dsa_density"]["topk"] == 2 and 0 < retro["dsa_density"]["per_query"] < 0.25
+    vs_dense = data["vs_dense"]["dsa-retrofit"]
+    assert vs_dense["dense"] == "mla" and vs_dense["differences"] == [
+        a["val_loss"] - b["val_loss"] for a, b in zip(retro["runs"], mla["runs"], strict=True)]
+    for a, b in zip(retro["runs"], mla["runs"], strict=True):  # forked at step 6 of 8
+        assert a["train_losses"][:6] == b["train_losses"][:6] and a["val_curve"][:2] == b["val_curve"][:2]
     by_label = {v["label"]: v for v in data["variants"]}
     for label, test in data["vs_mha"].items():
         assert test["seeds"] == [0, 1] and test["verdict"] in ("better", "worse", "equivalent",
                                                                 "inconclusive")
         own, ref = by_label[label]["runs"], by_label["mha"]["runs"]
         assert test["differences"] == [a["val_loss"] - b["val_loss"] for a, b in zip(own, ref, strict=True)]
-    assert data["command"].startswith("latentattn compare ") and "--steps 3" in data["command"]
+    assert data["command"].startswith("latentattn compare ") and "--steps 8 " in data["command"]
+    assert "--retrofit-at 0.75 --retrofit-warmup 0.05" in data["command"]
     md = (out / "results.md").read_text()
     for name in ("MHA", "MQA", "GQA-2", "MLA", "MLA+DSA", "KV params / layer", "bits/byte",
                  "decode tok/s @16", "decode tok/s @32", "vs MHA: Δ [95% CI]", "verdict",
@@ -158,8 +168,8 @@ def test_stopped_compare_continues_where_it_stopped(tmp_path: Path, text_file: P
     trained = []
     monkeypatch.setattr(run_mod, "_train_one", lambda *a, **k: trained.append(a[0]) or real(*a, **k))
     assert main(argv) == 0
-    assert "3 of 12 runs already finished" in capsys.readouterr().err
-    assert len(trained) == 12 - 3  # only the missing runs were trained
+    assert "3 of 14 runs already finished" in capsys.readouterr().err
+    assert len(trained) == 14 - 3  # only the missing runs were trained
     resumed = json.loads((out / "results.json").read_text())
     assert _outcome(resumed) == _outcome(whole)
 
@@ -172,12 +182,12 @@ def test_stopped_compare_continues_where_it_stopped(tmp_path: Path, text_file: P
     capsys.readouterr()
     # Another protocol in the same --out: refused, and the finished runs are kept.
     kept = {p.name: p.read_bytes() for p in (out / "runs").iterdir()}
-    msg = cli_error(capsys, [*argv, "--steps", "4"])
+    msg = cli_error(capsys, [*argv, "--steps", "9"])
     assert "holds results of another protocol" in msg and "steps" in msg
     assert {p.name: p.read_bytes() for p in (out / "runs").iterdir()} == kept
     trained.clear()
     assert main([*argv, "--restart", "--seeds", "1", "--no-control"]) == 0
-    assert len(trained) == 5
+    assert len(trained) == 6
 
 
 def test_lr_pilot_picks_the_lowest_pilot_loss(tmp_path: Path, text_file: Path) -> None:
@@ -224,16 +234,16 @@ def test_kv_bytes_equal_formula() -> None:
 def test_sweep_adds_points_and_pareto(tmp_path: Path, text_file: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     data, out = _run(tmp_path, text_file, "--seeds", "1", "--sweep", "kv_lora_rank=8,16",
-                     "--sweep", "index_topk=8,16", "--no-control")
+                     "--sweep", "index_topk=2,8", "--no-control", "--no-retrofit")
     labels = [v["label"] for v in data["variants"]]
-    # the tiny family's own values are kv_lora_rank 16 and index_topk 8: those points are the
+    # the tiny family's own values are kv_lora_rank 16 and index_topk 2: those points are the
     # base MLA / DSA variants and are not trained twice
-    assert labels == [*KINDS, "mla[kv_lora_rank=8]", "dsa[kv_lora_rank=8,index_topk=8]",
-                      "dsa[kv_lora_rank=8,index_topk=16]", "dsa[kv_lora_rank=16,index_topk=16]"]
+    assert labels == [*KINDS, "mla[kv_lora_rank=8]", "dsa[kv_lora_rank=8,index_topk=2]",
+                      "dsa[kv_lora_rank=8,index_topk=8]", "dsa[kv_lora_rank=16,index_topk=8]"]
     by_label = {v["label"]: v for v in data["variants"]}
     assert by_label["mla[kv_lora_rank=8]"]["latent"] == {"kv_lora_rank": 8}
     assert by_label["mla[kv_lora_rank=8]"]["kv_bytes_per_token"] == (8 + 4) * 4 * 2
-    assert by_label["dsa"]["latent"] == {"kv_lora_rank": 16, "index_topk": 8}
+    assert by_label["dsa"]["latent"] == {"kv_lora_rank": 16, "index_topk": 2}
     assert all(abs(v["params_vs_mha"]) <= 0.03 for v in data["variants"])
     front = data["pareto_front"]
     assert front and set(front) <= set(labels)
@@ -253,7 +263,7 @@ def test_sweep_adds_points_and_pareto(tmp_path: Path, text_file: Path,
                                   family_size(128, 4, 128)])
 def test_parameter_counts_matched(size: FamilySize) -> None:
     sweeps = parse_sweeps(["kv_lora_rank=8,16,32,64", "index_topk=16,32"])
-    variants = build_variants(size, sweeps, control=False)
+    variants = build_variants(size, sweeps, control=False, retrofit=False)
     counts = {v.label: Transformer(v.config).num_parameters() for v in variants}
     mha = counts["mha"]
     assert {v.kind for v in variants} == set(KINDS)
@@ -266,14 +276,30 @@ def test_parameter_counts_matched(size: FamilySize) -> None:
 def test_control_is_mla_with_a_starved_latent() -> None:
     # Nothing but the latent differs from the MLA variant: strictly less capacity, fewer params.
     mla, control = (v for v in build_variants(family_size()) if v.label in ("mla", "control"))
-    assert control.control and control.config.attention.kv_lora_rank == 16  # type: ignore[union-attr]
+    assert control.control and control.config.attention.kv_lora_rank == 4  # type: ignore[union-attr]
     same = dataclasses.replace(control.config.attention, kv_lora_rank=64)
     assert control.config.replace(attention=same, name="mla") == mla.config
     assert Transformer(control.config).num_parameters() < Transformer(mla.config).num_parameters()
 
 
+def test_retrofit_is_the_mla_variant_with_indexers() -> None:
+    """The retrofit forks the MLA runs, so its model must be MLA's (FFN width included) plus the
+    family's indexer: every MLA weight maps onto it and only indexer weights are new."""
+    size = family_size()
+    variants = {v.label: v for v in build_variants(size)}
+    mla, retro = variants["mla"], variants["dsa-retrofit"]
+    assert retro.retrofit_of == "mla" and retro.kind == "dsa" and "retrofit" in retro.mechanism
+    a = retro.config.attention
+    assert a.indexer is not None and a.indexer.index_topk == size.index_topk == 16  # type: ignore[union-attr]
+    plain = dataclasses.replace(a, indexer=None)
+    assert retro.config.replace(attention=plain, name="mla") == mla.config
+    dense, sparse = Transformer(mla.config).state_dict(), Transformer(retro.config).state_dict()
+    assert set(dense) < set(sparse) and all(".indexer." in k for k in set(sparse) - set(dense))
+    assert list(variants).index("dsa-retrofit") > list(variants).index("mla")
+
+
 def test_ablations_run(tmp_path: Path, text_file: Path) -> None:
-    data, out = _run(tmp_path, text_file, "--seeds", "1", "--ablations", "--no-control")
+    data, out = _run(tmp_path, text_file, "--seeds", "1", "--ablations", "--no-control", "--no-retrofit")
     labels = [v["label"] for v in data["variants"]]
     assert labels == [*KINDS, "mla-noq", "mla-mqa-bytes"] and "--ablations" in data["command"]
     assert "MLA (no query compression)" in (out / "results.md").read_text()
@@ -292,7 +318,7 @@ def test_ablations() -> None:
 
 def test_family_size_default_is_family_default() -> None:
     assert family_size() == FamilySize()
-    assert family_size(32, 2, 32).index_topk == 8
+    assert family_size(32, 2, 32).index_topk == 2  # a sixteenth of the window: 23% per query
 
 
 def test_parse_sweeps() -> None:
@@ -415,6 +441,10 @@ def test_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: b
     (["--lr-grid", "0,1e-3"], "learning rates must be positive"),
     (["--lr", "nope=1e-3"], "nope, which is not a variant"),
     (["--pilot-fraction", "0"], "--pilot-fraction must lie in (0, 1]"),
+    (["--retrofit-at", "1"], "--retrofit-at must lie in (0, 1), got 1.0"),
+    (["--retrofit-at", "0"], "--retrofit-at must lie in (0, 1)"),
+    (["--retrofit-warmup", "nan"], "--retrofit-warmup must lie in (0, 1)"),
+    (["--retrofit-at", "0.95"], "both must lie inside the run (or pass --no-retrofit)"),
 ])
 def test_bad_flags(tmp_path: Path, text_file: Path, capsys: pytest.CaptureFixture[str],
                    flags: list[str], message: str) -> None:

@@ -605,3 +605,63 @@ def test_train_retrofit_dsa_from_a_dense_run(tmp_path: Path, capsys: pytest.Capt
         capsys, ["train", "--retrofit-dsa", "--attn", "mla", *base, "--out", str(tmp_path / "x")])
     assert "needs a dense MLA model" in cli_error(
         capsys, ["train", "--init", "tiny-gqa", "--retrofit-dsa", *base, "--out", str(tmp_path / "y")])
+
+
+def test_a_run_stopped_with_until_resumes_as_one_run(tmp_path: Path) -> None:
+    s = _settings(steps=6, eval_every=2)
+    full = train(_model("mla"), TRAIN, VAL, s, out_dir=str(tmp_path / "full"), progress=False)
+    cut = train(_model("mla"), TRAIN, VAL, s, out_dir=str(tmp_path / "cut"), progress=False, until=3)
+    assert cut.steps_done == 3 and len(cut.train_losses) == 3 and read_state(tmp_path / "cut")["step"] == 3
+    resumed = train(_model("mla", seed=1), TRAIN, VAL, s, out_dir=str(tmp_path / "cut"), resume=True,
+                    progress=False)
+    _assert_same_run(resumed, full, tmp_path / "cut", tmp_path / "full")
+    with pytest.raises(ConfigError, match=r"until must lie in 1\.\.steps"):
+        train(_model("mla"), TRAIN, VAL, s, progress=False, until=7)
+
+
+def test_a_dense_run_forks_into_dsa_at_its_step(tmp_path: Path) -> None:
+    """V3.2's retrofit inside one schedule: MLA trains densely to step 4 of 8, then the DSA fork
+    warms its fresh indexers up to step 6 with the dense weights frozen, then trains sparse; the
+    data stream and the LR schedule go on from the fork."""
+    import shutil
+
+    from latentattn.config import IndexerConfig
+    from latentattn.train.dsa import retrofit_dsa
+
+    dense_s = _settings(steps=8, eval_every=2)
+    full = train(_model("mla"), TRAIN, VAL, dense_s, out_dir=str(tmp_path / "dense"), progress=False)
+    train(_model("mla"), TRAIN, VAL, dense_s, out_dir=str(tmp_path / "fork"), progress=False, until=4)
+    shutil.copytree(tmp_path / "fork", tmp_path / "warm")
+    shutil.copytree(tmp_path / "fork", tmp_path / "bad")
+    at_fork = load(tmp_path / "fork")
+    s = dataclasses.replace(dense_s, dsa_warmup_steps=6, dsa_freeze_warmup=True)
+
+    def fork(out: Path, until: int | None = None) -> tuple[Transformer, TrainResult]:
+        dsa = retrofit_dsa(at_fork, IndexerConfig(2, 8, 4), seed=5)
+        return dsa, train(dsa, TRAIN, VAL, s, out_dir=str(out), resume=True, retrofit=True,
+                          progress=False, until=until)
+
+    warm, warm_result = fork(tmp_path / "warm", until=6)
+    before, after = at_fork.state_dict(), warm.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # frozen in the warm-up
+    fresh = retrofit_dsa(at_fork, IndexerConfig(2, 8, 4), seed=5).state_dict()
+    assert any(not torch.equal(after[k], fresh[k]) for k in fresh if ".indexer." in k)
+    # The fork's first 4 steps are the dense run's; its warm-up steps draw the dense run's batches.
+    assert warm_result.train_losses[:4] == full.train_losses[:4]
+    assert warm_result.train_losses[4:6] == pytest.approx(full.train_losses[4:6], rel=0.05)
+    dsa, result = fork(tmp_path / "fork")
+    assert result.steps_done == 8 and len(result.train_losses) == 8
+    trained = dsa.state_dict()
+    assert any(not torch.equal(trained[k], v) for k, v in before.items())  # sparse: all train
+    state = read_state(tmp_path / "fork")
+    assert state["model"]["attention"]["indexer"]["index_topk"] == 4
+    assert state["settings"]["dsa_warmup_steps"] == 6
+    assert load(tmp_path / "fork").config == dsa.config
+    # Bad forks: the warm-up must end past the fork; the checkpoint must be this model's MLA.
+    with pytest.raises(ConfigError, match="needs dsa_warmup_steps past it"):
+        train(retrofit_dsa(at_fork, IndexerConfig(2, 8, 4)), TRAIN, VAL,
+              dataclasses.replace(s, dsa_warmup_steps=3), out_dir=str(tmp_path / "bad"),
+              resume=True, retrofit=True, progress=False)
+    with pytest.raises(CheckpointError, match="not this model's dense MLA"):
+        train(_model("dsa"), TRAIN, VAL, s, out_dir=str(tmp_path / "bad"), resume=True,
+              retrofit=True, progress=False)

@@ -1,9 +1,10 @@
 """``latentattn compare``: the subcommand's flags, presets and output files.
 
 Presets, sized on a 2-core CPU (torch 2.13, fp32, 2 threads); both train the same ~230K-parameter
-models (dim 64, 3 layers, 4 heads; the five variants and the positive control):
+models (dim 64, 3 layers, 4 heads; the five variants, DSA retrofitted onto the MLA runs, and the
+positive control):
 
-* default (the standard run): 5 seeds, 600 steps of 16 x 128 bytes (5.3 bytes per parameter),
+* default (the standard run): 7 seeds, 600 steps of 16 x 128 bytes (5.3 bytes per parameter),
   each variant's LR from a pilot over 1.5e-3, 3e-3, 6e-3, decode at 256 and 2048 tokens;
 * ``--quick`` (``make demo``): 1 seed (no intervals), 300 steps, LR 3e-3 for all.
 
@@ -32,6 +33,8 @@ from latentattn.compare.stats import DEFAULT_MARGIN
 from latentattn.errors import LatentAttnError
 
 DEFAULT_OUT = "compare-out"
+DEFAULT_RETROFIT_AT = 0.75  # next-facts 3.3: fork a trained dense run late
+DEFAULT_RETROFIT_WARMUP = 0.05  # V3.2: 1000 warm-up steps before 15000 sparse ones
 DEFAULT_LR = 3e-3
 CURVE_WINDOWS = 64  # validation windows of each point on the loss curves (the final loss uses all)
 
@@ -49,10 +52,11 @@ class Preset:
 
 
 # The standard run: ~230K-parameter models (dim 64, 3 layers) for 600 steps of 16 x 128 bytes,
-# 1.23M bytes = 5.3 bytes per parameter and 2.9 passes over the default text; 5 seeds; each
-# variant's LR picked from a x2 grid by a quarter-length pilot. A timing probe on the 2-core
-# machine estimated ~31 min for the 30 runs before DSA's slower sparse stage and the pilots.
-FULL = Preset(steps=600, batch_size=16, seq_len=128, seeds=5, contexts=(256, 2048), dim=64,
+# 1.23M bytes = 5.3 bytes per parameter and 2.9 passes over the default text; each variant's LR
+# picked from a x2 grid by a quarter-length pilot. 7 seeds: at 5, the paired MLA - MHA
+# difference's 95% interval was +/-0.029 (sd 0.023; t = 2.776 / sqrt 5); 7 narrow it by a
+# quarter (t = 2.447 / sqrt 7). 5 seeds took 37 min here.
+FULL = Preset(steps=600, batch_size=16, seq_len=128, seeds=7, contexts=(256, 2048), dim=64,
               layers=3, lr_grid=(1.5e-3, 3e-3, 6e-3))
 # make demo: the same models, half the steps, one seed, no pilots: a few minutes, no intervals.
 QUICK = Preset(steps=300, batch_size=16, seq_len=128, seeds=1, contexts=(256, 2048), dim=64,
@@ -97,7 +101,7 @@ def register(sub: Any) -> None:
                    help=f"sequences per step ({FULL.batch_size}; --quick {QUICK.batch_size})")
     c.add_argument("--seq-len", type=int, default=None,
                    help=f"bytes per sequence ({FULL.seq_len}; --quick {QUICK.seq_len}); "
-                   "DSA's index_topk is a quarter of it unless swept")
+                   "DSA's index_topk is a sixteenth of it unless swept")
     c.add_argument("--dim", type=int, default=None,
                    help=f"model width, a multiple of 8 ({FULL.dim}; --quick {QUICK.dim})")
     c.add_argument("--layers", type=int, default=None,
@@ -119,9 +123,19 @@ def register(sub: Any) -> None:
                    f"'equivalent' to MHA when the 90%% interval of the paired difference lies "
                    f"inside +/- this ({DEFAULT_MARGIN:g})")
     c.add_argument("--no-control", action="store_true",
-                   help="leave out the positive control (an MLA with its latent starved to half a "
-                   "head, which must come out worse than MHA; without it no run shows it could "
-                   "detect a difference)")
+                   help="leave out the positive control (an MLA with its latent starved to an "
+                   "eighth of a head, which must come out worse than MHA; without it no run shows "
+                   "it could detect a difference)")
+    c.add_argument("--retrofit-at", type=float, default=DEFAULT_RETROFIT_AT, metavar="F",
+                   help="DSA as DeepSeek-V3.2 trains it: fork each MLA run at this fraction of the "
+                   "steps into MLA+DSA with fresh indexers, warm them up with the model frozen, "
+                   "then train sparse to the end; compared with the dense continuation at equal "
+                   f"tokens ({DEFAULT_RETROFIT_AT:g})")
+    c.add_argument("--retrofit-warmup", type=float, default=DEFAULT_RETROFIT_WARMUP, metavar="F",
+                   help="share of the steps the retrofit's frozen indexer warm-up takes "
+                   f"({DEFAULT_RETROFIT_WARMUP:g})")
+    c.add_argument("--no-retrofit", action="store_true",
+                   help="leave out the DSA retrofit (MLA+DSA trained from scratch stays)")
     c.add_argument("--ablations", action="store_true",
                    help="add MLA without query compression and MLA at MQA's cache bytes (both "
                    "parameter-matched): what the MLA-vs-MHA claim should not hinge on")
@@ -156,6 +170,17 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
             raise CompareInputError(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
     if values["seq_len"] < 2:
         raise CompareInputError(f"--seq-len must be >= 2, got {values['seq_len']}")
+    for flag, value in (("--retrofit-at", args.retrofit_at), ("--retrofit-warmup", args.retrofit_warmup)):
+        if not (math.isfinite(value) and 0 < value < 1):
+            raise CompareInputError(f"{flag} must lie in (0, 1), got {value}")
+    if not args.no_retrofit:
+        fork = round(args.retrofit_at * values["steps"])
+        warm_end = fork + max(1, round(args.retrofit_warmup * values["steps"]))
+        if not 0 < fork < warm_end < values["steps"]:
+            raise CompareInputError(
+                f"--retrofit-at {args.retrofit_at:g} and --retrofit-warmup {args.retrofit_warmup:g} "
+                f"of {values['steps']} steps fork at step {fork} and end the warm-up at step "
+                f"{warm_end}: both must lie inside the run (or pass --no-retrofit)")
     if not (math.isfinite(values["margin"]) and values["margin"] > 0):
         raise CompareInputError(f"--margin must be a positive number of nats/byte, got {values['margin']}")
     return values
@@ -182,6 +207,11 @@ def _command(args: argparse.Namespace, v: dict[str, Any]) -> str:
         parts.append("--no-control")
     if args.ablations:
         parts.append("--ablations")
+    if args.no_retrofit:
+        parts.append("--no-retrofit")
+    else:
+        parts += ["--retrofit-at", f"{args.retrofit_at:g}", "--retrofit-warmup",
+                  f"{args.retrofit_warmup:g}"]
     parts += ["--out", str(args.out)]
     return " ".join(parts)
 
@@ -238,7 +268,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"10%), fewer than one window of --seq-len {v['seq_len']} + 1; use more text or a "
             "shorter --seq-len")
     size = family_size(v["dim"], v["layers"], v["seq_len"])
-    variants = build_variants(size, sweeps, control=not args.no_control, ablations=args.ablations)
+    variants = build_variants(size, sweeps, control=not args.no_control, ablations=args.ablations,
+                              retrofit=not args.no_retrofit)
     check_labels(v["lrs"], [x.label for x in variants])
     train_settings = TrainSettings(
         steps=v["steps"], batch_size=v["batch_size"], seq_len=v["seq_len"], lr=v["lr"],
@@ -247,19 +278,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     settings = CompareSettings(size=size, train=train_settings, seeds=v["seeds"],
                                contexts=tuple(v["contexts"]), sweeps=sweeps, margin=v["margin"],
-                               lrs=v["lrs"], lr_grid=v["lr_grid"], pilot_fraction=args.pilot_fraction)
+                               lrs=v["lrs"], lr_grid=v["lr_grid"], pilot_fraction=args.pilot_fraction,
+                               retrofit_at=args.retrofit_at, retrofit_warmup=args.retrofit_warmup)
     out = _prepare_out(args.out)
     if args.restart:
         _forget_runs(out)
     store = DirStore(out, protocol(settings, variants, train_tokens, val_tokens))
     # Runs still to train; an LR pilot counts as --pilot-fraction of a run in the estimate.
     pilots = {x.label: [pilot_label(x.label, lr) for lr in settings.lr_grid]
-              for x in variants if x.label not in settings.lrs}
+              for x in variants if x.label not in settings.lrs and not x.retrofit_of}
     todo_seeds = {x.label: sum(not store.has(x.label, seed) for seed in range(v["seeds"]))
                   for x in variants}
     todo_pilots = {label: sum(not store.has(p, PILOT_SEED) for p in names)
                    for label, names in pilots.items()}
-    todo = {label: n + settings.pilot_fraction * todo_pilots.get(label, 0)
+    # A retrofit trains the steps after its fork (and its dense run again up to the fork when
+    # that run is already finished).
+    share = {x.label: 1 - args.retrofit_at if x.retrofit_of else 1.0 for x in variants}
+    todo = {label: share[label] * n + settings.pilot_fraction * todo_pilots.get(label, 0)
             for label, n in todo_seeds.items()}
     total = len(variants) * v["seeds"] + sum(len(p) for p in pilots.values())
     left = sum(todo_seeds.values()) + sum(todo_pilots.values())

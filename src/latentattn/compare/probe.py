@@ -29,8 +29,8 @@ def estimate_seconds(settings: CompareSettings, variants: Sequence[Variant], tod
     """Seconds the ``todo[label]`` unfinished runs (an LR pilot counting as its share of one) of
     each variant should take on this machine:
     per variant, ``PROBE_STEPS`` timed training steps (after one untimed) and one timed
-    evaluation, scaled to the run's steps and evaluations. Decode timing and DSA's sparse stage
-    (the probe runs its dense warm-up) are not in it, so it errs low for DSA."""
+    evaluation, scaled to the run's steps and evaluations; DSA's steps are timed in its sparse
+    stage, which most of its steps train in. Decode timing is not in it."""
     t = settings.train
     total = 0.0
     for v in variants:
@@ -39,7 +39,7 @@ def estimate_seconds(settings: CompareSettings, variants: Sequence[Variant], tod
             continue
         model = load(v.config, seed=0)
         probe = dataclasses.replace(t, steps=PROBE_STEPS + 1, warmup_steps=0, eval_every=0,
-                                    eval_windows=1, dsa_warmup_steps=PROBE_STEPS + 1)
+                                    eval_windows=1, dsa_warmup_steps=1)
         result = train(model, train_tokens, val_tokens, probe, progress=False)
         step_s = t.batch_size * t.seq_len / result.tokens_per_s if result.tokens_per_s > 0 else 0.0
         started = time.perf_counter()

@@ -31,6 +31,17 @@ class CompareSettings:
     lrs: dict[str, float] = field(default_factory=dict)
     lr_grid: tuple[float, ...] = ()
     pilot_fraction: float = 0.25
+    # The DSA retrofit (variants.retrofit_variant): the dense MLA runs fork at retrofit_at of
+    # the steps; the indexer warm-up (model frozen) takes retrofit_warmup of the steps, then
+    # sparse training to the end.
+    retrofit_at: float = 0.75
+    retrofit_warmup: float = 0.05
+
+    def fork_steps(self) -> tuple[int, int]:
+        """(the step the dense runs fork at, the step the retrofit's indexer warm-up ends)."""
+        steps = self.train.steps
+        fork = round(self.retrofit_at * steps)
+        return fork, fork + max(1, round(self.retrofit_warmup * steps))
 
     def as_dict(self) -> dict[str, Any]:
         return {"size": dataclasses.asdict(self.size), "train": dataclasses.asdict(self.train),
@@ -38,7 +49,8 @@ class CompareSettings:
                 "sweeps": {k: list(v) for k, v in self.sweeps.items()},
                 "decode_steps": self.decode_steps, "recall_batches": self.recall_batches,
                 "margin": self.margin, "lrs": dict(sorted(self.lrs.items())),
-                "lr_grid": list(self.lr_grid), "pilot_fraction": self.pilot_fraction}
+                "lr_grid": list(self.lr_grid), "pilot_fraction": self.pilot_fraction,
+                "retrofit_at": self.retrofit_at, "retrofit_warmup": self.retrofit_warmup}
 
 
 @dataclass
@@ -84,6 +96,8 @@ class VariantResult:
     lr_source: str = "common"  # "pinned" (--lr label=...), "pilot" (--lr-grid) or "common"
     pilot_losses: dict[str, float] = field(default_factory=dict)  # LR (as text) -> pilot val loss
     train_flops_per_token: float = 0.0  # latentattn.calc.flops, at the training window
+    retrofit_of: str = ""  # a DSA retrofit: the label of the dense variant it forks
+    dsa_density: dict[str, float] | None = None  # DSA: latentattn.calc.topk_density at seq_len
 
     @property
     def train_val_gap(self) -> Summary:
@@ -206,6 +220,26 @@ class CompareReport:
         """``label``'s validation loss minus MHA's, paired by seed (:mod:`latentattn.compare.stats`)."""
         return paired(self.variant(label).val_by_seed, self.variant("mha").val_by_seed, self.margin)
 
+    def versus_dense(self, label: str) -> Paired:
+        """A DSA retrofit's validation loss minus its dense continuation's (the variant it forked
+        from, trained on the same tokens), paired by seed."""
+        v = self.variant(label)
+        return paired(v.val_by_seed, self.variant(v.retrofit_of).val_by_seed, self.margin)
+
+    def retrofit_verdict(self, label: str) -> Verdict:
+        """As :meth:`verdict`, for a retrofit against its dense continuation."""
+        v = self.versus_dense(label).verdict
+        return "inconclusive" if v == "equivalent" and self.control_resolved is False else v
+
+    @property
+    def train_seconds(self) -> float:
+        """Training seconds summed over every run of every variant (pilots not counted)."""
+        return sum(r.seconds for v in self.variants for r in v.runs)
+
+    @property
+    def retrofits(self) -> list[VariantResult]:
+        return [v for v in self.variants if v.retrofit_of]
+
     @property
     def control(self) -> VariantResult | None:
         return next((v for v in self.variants if v.control), None)
@@ -244,11 +278,15 @@ class CompareReport:
             "tokens_per_run": self.tokens_per_run, "train_tokens": self.train_tokens,
             "epochs": self.epochs,
             "bytes_per_parameter": {v.label: self.tokens_per_run / v.params for v in self.variants},
-            "horizon": {v.label: self.horizon(v.label) for v in self.variants if v.label != "mha"},
+            "horizon": {v.label: self.horizon(v.label) for v in self.variants
+                        if v.label != "mha" and not v.retrofit_of},
             "rule": RULE, "margin": self.margin,
             "vs_mha": {v.label: {**self.versus_mha(v.label).as_dict(), "verdict": self.verdict(v.label),
                                  "paired_verdict": self.versus_mha(v.label).verdict}
                        for v in self.variants if v.label != "mha"},
+            "vs_dense": {v.label: {**self.versus_dense(v.label).as_dict(), "dense": v.retrofit_of,
+                                   "verdict": self.retrofit_verdict(v.label)}
+                         for v in self.retrofits},
             "control": None if self.control is None else self.control.label,
             "control_resolved": self.control_resolved,
             "variants": variants, "notes": self.notes,

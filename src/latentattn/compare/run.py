@@ -5,17 +5,27 @@ its two V3.2 stages inside), then evaluate the validation loss (DSA in its top-k
 form; its dense-attention loss is kept beside it) and, for DSA, the attention-mass recall. The
 things that do not depend on the seed (parameters, KV bytes, decode speed) are measured on the
 first seed's model only.
+
+The DSA retrofit (``Variant.retrofit_of``) does not train from scratch: each seed's dense run
+stops at the fork step, its checkpoint is copied, and it goes on to the end (exactly as if it had
+not stopped: ``train(until=...)`` then resume); the copy is forked into DSA with fresh indexers
+(``train(..., retrofit=True)``): frozen indexer warm-up, then sparse training, on the same data
+stream and schedule, so the two end on equal tokens (:class:`Forks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from latentattn.calc.density import topk_density
 from latentattn.calc.flops import training_flops_per_token
 from latentattn.compare.lr import PILOT_SEED, on_edge, pick
 from latentattn.compare.measure import (
@@ -26,12 +36,14 @@ from latentattn.compare.measure import (
 )
 from latentattn.compare.report import CompareReport, CompareSettings, SeedRun, VariantResult
 from latentattn.compare.variants import Variant, build_variants
-from latentattn.errors import LatentAttnError
+from latentattn.config import MLAConfig
+from latentattn.errors import ConfigError, LatentAttnError
 from latentattn.loading import load
 from latentattn.model.transformer import Transformer
 from latentattn.timing import machine_info
-from latentattn.train.dsa import set_dsa_stage
+from latentattn.train.dsa import retrofit_dsa, set_dsa_stage
 from latentattn.train.loop import evaluate, train
+from latentattn.train.settings import TrainResult, TrainSettings
 
 
 class RunStore(Protocol):
@@ -43,12 +55,64 @@ class RunStore(Protocol):
     def save(self, label: str, seed: int, run: SeedRun, measured: VariantResult | None) -> None: ...
 
 
+class Forks:
+    """The dense runs' checkpoints at the fork step, in ``root``, one per seed, each used once by
+    the retrofit. ``train_dense`` makes one while the dense variant trains; ``checkpoint`` makes
+    it by training the dense run to the fork again when that run came from the store (the same
+    steps give the same weights)."""
+
+    def __init__(self, root: Path, dense: Variant, fork: int) -> None:
+        self.root, self.dense, self.fork = root, dense, fork
+
+    def path(self, seed: int) -> Path:
+        return self.root / f"fork.seed{seed}"
+
+    def train_dense(self, model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
+                    ts: TrainSettings, progress: bool) -> TrainResult:
+        run = self.root / f"dense.seed{ts.seed}"
+        shutil.rmtree(run, ignore_errors=True)
+        first = train(model, train_tokens, val_tokens, ts, out_dir=str(run), progress=progress,
+                      until=self.fork)
+        shutil.rmtree(self.path(ts.seed), ignore_errors=True)
+        shutil.copytree(run, self.path(ts.seed))
+        rest = train(model, train_tokens, val_tokens, ts, out_dir=str(run), resume=True,
+                     progress=progress)
+        shutil.rmtree(run)
+        seconds = first.seconds + rest.seconds
+        return dataclasses.replace(rest, seconds=seconds,
+                                   tokens_per_s=ts.steps * ts.batch_size * ts.seq_len / seconds)
+
+    def checkpoint(self, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
+                   ts: TrainSettings) -> Path:
+        path = self.path(ts.seed)
+        if not path.exists():
+            train(load(self.dense.config, seed=ts.seed), train_tokens, val_tokens, ts,
+                  out_dir=str(path), progress=False, until=self.fork)
+        return path
+
+
 def _train_one(variant: Variant, seed: int, settings: CompareSettings, train_tokens: torch.Tensor,
-               val_tokens: torch.Tensor, progress: bool, lr: float | None = None
-               ) -> tuple[Transformer, SeedRun]:
+               val_tokens: torch.Tensor, progress: bool, lr: float | None = None,
+               forks: Forks | None = None) -> tuple[Transformer, SeedRun]:
     ts = dataclasses.replace(settings.train, seed=seed, lr=settings.train.lr if lr is None else lr)
-    model = load(variant.config, seed=seed)
-    result = train(model, train_tokens, val_tokens, ts, progress=progress)
+    if variant.retrofit_of:
+        if forks is None:
+            raise LatentAttnError(f"{variant.label} forks the {variant.retrofit_of} runs: it needs "
+                                  "them in the same comparison")
+        fork_dir = forks.checkpoint(train_tokens, val_tokens, ts)
+        a = variant.config.attention
+        assert isinstance(a, MLAConfig) and a.indexer is not None
+        model = retrofit_dsa(load(fork_dir), a.indexer, seed=seed)
+        ts = dataclasses.replace(ts, dsa_warmup_steps=settings.fork_steps()[1], dsa_freeze_warmup=True)
+        result = train(model, train_tokens, val_tokens, ts, out_dir=str(fork_dir), resume=True,
+                       retrofit=True, progress=progress)
+        shutil.rmtree(fork_dir)
+    else:
+        model = load(variant.config, seed=seed)
+        if forks is not None and forks.dense.label == variant.label:
+            result = forks.train_dense(model, train_tokens, val_tokens, ts, progress)
+        else:
+            result = train(model, train_tokens, val_tokens, ts, progress=progress)
     # The curve during training may use the first eval_windows windows; the result uses them all.
     ts = dataclasses.replace(ts, eval_windows=0)
     dsa = variant.kind == "dsa"
@@ -87,8 +151,12 @@ def pilot_label(label: str, lr: float) -> str:
 
 def _choose_lr(variant: Variant, settings: CompareSettings, train_tokens: torch.Tensor,
                val_tokens: torch.Tensor, store: RunStore | None,
-               on_run: Callable[[str, int], None] | None) -> tuple[float, str, dict[str, float]]:
-    """(lr, source, pilot losses by LR text) for one variant (see latentattn.compare.lr)."""
+               on_run: Callable[[str, int], None] | None,
+               chosen: dict[str, float]) -> tuple[float, str, dict[str, float]]:
+    """(lr, source, pilot losses by LR text) for one variant (see latentattn.compare.lr); a
+    retrofit continues its dense runs' schedule, so it takes their LR (``chosen``)."""
+    if variant.retrofit_of:
+        return chosen[variant.retrofit_of], f"{variant.retrofit_of}'s", {}
     if variant.label in settings.lrs:
         return settings.lrs[variant.label], "pinned", {}
     if not settings.lr_grid:
@@ -124,6 +192,9 @@ def _measured(variant: Variant, model: Transformer, settings: CompareSettings) -
         decode_tokens_per_s={c: decode_tokens_per_s(model, c, settings.decode_steps)
                              for c in settings.contexts},
         train_flops_per_token=training_flops_per_token(cfg, settings.train.seq_len),
+        retrofit_of=variant.retrofit_of,
+        dsa_density=None if "index_topk" not in variant.latent_settings() else
+        topk_density(settings.train.seq_len, variant.latent_settings()["index_topk"]).as_dict(),
     )
 
 
@@ -156,12 +227,30 @@ def _notes(settings: CompareSettings, variants: list[Variant]) -> list[str]:
         if topk is not None and topk >= t.seq_len:
             notes.append(f"{v.label}: index_topk {topk} >= seq_len {t.seq_len}: the selection "
                          "holds every key, so this DSA variant trains as dense MLA.")
-    if any(v.kind == "dsa" for v in variants):
+    if any(v.kind == "dsa" and not v.retrofit_of for v in variants):
         warm = t.resolved_dsa_warmup()
-        notes.append(f"MLA+DSA trains {warm} steps of the V3.2 indexer warm-up (dense attention, "
-                     f"indexer KL) then {t.steps - warm} steps with top-k selection; its val loss "
-                     "is measured with top-k selection (the served form), its dense-attention loss "
-                     "is in results.json.")
+        notes.append(f"MLA+DSA trains from scratch: {warm} steps of the V3.2 indexer warm-up "
+                     f"(dense attention, nothing frozen, indexer KL) then {t.steps - warm} steps "
+                     "with top-k selection; its val loss is measured with top-k selection (the "
+                     "served form), its dense-attention loss is in results.json.")
+    for v in variants:
+        if v.retrofit_of:
+            fork, warm_end = settings.fork_steps()
+            notes.append(
+                f"{v.label}: DSA as DeepSeek-V3.2 trains it (arXiv 2512.02556 s2.1): each seed's "
+                f"{v.retrofit_of} run forks at step {fork} of {t.steps} into a model with fresh "
+                f"indexers, which warm up for {warm_end - fork} steps with everything else frozen "
+                f"(dense attention, indexer KL), then train sparse (top-k) for {t.steps - warm_end} "
+                f"steps on the same data stream and LR schedule: it ends on the same tokens as its "
+                f"dense continuation, the {v.retrofit_of} run itself, and is compared with it "
+                "paired by seed.")
+    for v in variants:
+        topk = v.latent_settings().get("index_topk")
+        if topk is not None and topk < t.seq_len:
+            d = topk_density(t.seq_len, topk)
+            notes.append(f"{v.label}: index_topk {topk} of a {t.seq_len}-token window: a query "
+                         f"keeps {d.per_query:.0%} of its visible keys on average ({d.pairs:.0%} "
+                         "of the causal pairs; DeepSeek-V3.2 at 128K keeps 8%).")
     return notes
 
 
@@ -181,12 +270,42 @@ def run_compare(
     start = time.perf_counter()
     if variants is None:
         variants = build_variants(settings.size, settings.sweeps)
+    with tempfile.TemporaryDirectory(prefix="latentattn-forks-") as tmp:
+        report = _run_all(settings, train_tokens, val_tokens, data, command, on_run, progress,
+                          variants, store, _forks(settings, variants, Path(tmp)))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _forks(settings: CompareSettings, variants: list[Variant], root: Path) -> Forks | None:
+    retro = [v for v in variants if v.retrofit_of]
+    if not retro:
+        return None
+    labels = [v.label for v in variants]
+    dense = retro[0].retrofit_of
+    if len(retro) > 1 or dense not in labels or labels.index(dense) > labels.index(retro[0].label):
+        raise ConfigError("a comparison holds one DSA retrofit, after the dense variant it forks")
+    fork, warm_end = settings.fork_steps()
+    if not 0 < fork < warm_end < settings.train.steps:
+        raise ConfigError(
+            f"the retrofit forks at step {fork} and warms its indexers up to step {warm_end}: both "
+            f"must lie inside the {settings.train.steps} steps (retrofit_at "
+            f"{settings.retrofit_at:g}, retrofit_warmup {settings.retrofit_warmup:g})")
+    return Forks(root, next(v for v in variants if v.label == dense), fork)
+
+
+def _run_all(settings: CompareSettings, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
+             data: str, command: str, on_run: Callable[[str, int], None] | None, progress: bool,
+             variants: list[Variant], store: RunStore | None, forks: Forks | None) -> CompareReport:
     report = CompareReport(machine=machine_info(), settings=settings.as_dict(), data=data,
                            data_bytes=len(train_tokens) + len(val_tokens), command=command,
                            notes=_notes(settings, variants), train_tokens=len(train_tokens))
+    chosen: dict[str, float] = {}
     for variant in variants:
         result: VariantResult | None = None
-        lr, source, pilot = _choose_lr(variant, settings, train_tokens, val_tokens, store, on_run)
+        lr, source, pilot = _choose_lr(variant, settings, train_tokens, val_tokens, store, on_run,
+                                       chosen)
+        chosen[variant.label] = lr
         for seed in range(settings.seeds):
             if on_run is not None:
                 on_run(variant.label, seed)
@@ -194,7 +313,8 @@ def run_compare(
             if stored is not None:
                 run, measured = stored
             else:
-                model, run = _train_one(variant, seed, settings, train_tokens, val_tokens, progress, lr)
+                model, run = _train_one(variant, seed, settings, train_tokens, val_tokens, progress, lr,
+                                        forks)
                 measured = None
                 if result is None:
                     measured = dataclasses.replace(_measured(variant, model, settings), lr=lr,
@@ -213,5 +333,4 @@ def run_compare(
     if edges:
         report.notes.append(f"The pilot picked an end of --lr-grid for {', '.join(edges)}: the best "
                             "LR may lie outside the grid; widen it.")
-    report.seconds = time.perf_counter() - start
     return report

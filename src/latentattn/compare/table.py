@@ -69,11 +69,21 @@ def verdict_lines(report: CompareReport) -> list[str]:
         extra = "" if p.p_value is None else f", p = {p.p_value:.3f}, TOST p = {p.tost_p:.3f}"
         lines.append(f"- {v.mechanism}: {p.fmt(3)} nats/byte{extra}: {report.verdict(v.label)}, with "
                      f"{v.kv_bytes_per_token / mha.kv_bytes_per_token:.3f}x MHA's KV cache.")
+    for v in report.retrofits:
+        p = report.versus_dense(v.label)
+        dense = report.variant(v.retrofit_of)
+        extra = "" if p.p_value is None else f", p = {p.p_value:.3f}, TOST p = {p.tost_p:.3f}"
+        d = v.dsa_density
+        kept = "" if d is None else (f"; its queries keep {d['per_query']:.0%} of their visible "
+                                     f"keys ({d['pairs']:.0%} of the causal pairs)")
+        lines.append(f"DSA retrofit against its dense continuation ({dense.mechanism}, the same "
+                     f"runs, equal tokens), paired by seed: {p.fmt(3)} nats/byte{extra}: "
+                     f"{report.retrofit_verdict(v.label)}{kept}.")
     mid = report.horizon_step()
     if mid is not None and n >= 2:
         flips = []
         for v in report.variants:
-            h = report.horizon(v.label) if v.label != "mha" else None
+            h = report.horizon(v.label) if v.label != "mha" and not v.retrofit_of else None
             if h is not None and h[1] != h[2]:
                 flips.append(f"{v.mechanism} ({h[1]} at step {h[0]}, {h[2]} at the end)")
         lines.append("Horizon check (the loss curves' fixed windows, half the steps vs the end): "
@@ -145,7 +155,8 @@ def markdown_report(report: CompareReport) -> str:
         "",
         f"Data: {report.data} ({report.data_bytes:,} bytes, last 10% held out). "
         f"{t['steps']} steps x {t['batch_size']} x {t['seq_len']} bytes, "
-        f"{report.n_seeds} seed(s), {report.seconds / 60:.1f} min on {m.get('processor')} "
+        f"{report.n_seeds} seed(s), {report.train_seconds / 60:.1f} min of training (all runs) on "
+        f"{m.get('processor')} "
         f"({m.get('torch_threads')} torch threads, torch {m.get('torch')}).",
         "",
         markdown_table(report),

@@ -34,7 +34,7 @@ class FamilySize:
     qk_rope_head_dim: int = 16
     index_n_heads: int = 4
     index_head_dim: int = 32
-    index_topk: int = 64
+    index_topk: int = 16  # of 256: a query keeps 23% of its visible keys (calc.topk_density)
     ffn_mult: int = 4
     vocab_size: int = 256
 

@@ -128,12 +128,20 @@ def _eval_stage(done: int, warm: int) -> Stage:
 
 def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
           settings: TrainSettings, out_dir: str | None = None, resume: bool = False,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, until: int | None = None, retrofit: bool = False) -> TrainResult:
     """Train ``model`` in place for ``settings.steps`` steps (counting resumed ones).
 
     ``out_dir``: where checkpoints go (see the module docstring); a directory that already holds
     one is only used with ``resume=True``, which continues from it up to ``settings.steps``
     exactly (another ``steps`` than the checkpoint's only where the LR allows: the module docstring).
+    ``until``: stop after that step (checkpointing it), on the ``settings.steps`` schedule; a
+    resume goes on from there exactly as if the run had never stopped.
+    ``retrofit`` (with ``resume``): fork a dense MLA checkpoint into the DSA ``model``
+    (:func:`latentattn.train.dsa.retrofit_dsa` of it): the shared weights, their optimizer
+    state, the data stream and the schedule go on from the checkpoint's step; the indexers start
+    fresh. Steps before ``settings.dsa_warmup_steps`` (counted from step 0, so it must lie past
+    the fork) are the indexer warm-up, then sparse training, as DeepSeek-V3.2 retrofits a dense
+    model (arXiv 2512.02556 s2.1); ``out_dir`` then holds the DSA run.
     Under torchrun (WORLD_SIZE > 1) the model must already be on this rank's device; the
     process group is created and destroyed here unless the caller made one.
     Raises LatentAttnError (CheckpointError, ConfigError) for unusable inputs before training.
@@ -149,13 +157,19 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
                           f"{model.config.max_seq_len}")
     dsa = is_dsa(model)
     warm = settings.resolved_dsa_warmup()
+    if retrofit and not (resume and dsa):
+        raise ConfigError("retrofit forks a dense MLA checkpoint into a DSA model: it needs "
+                          "resume=True and a model with indexers")
+    stop = settings.steps if until is None else until
+    if not 0 < stop <= settings.steps:
+        raise ConfigError(f"until must lie in 1..steps ({settings.steps}), got {until}")
     data_sha = tokens_sha256(train_tokens)
     out = Path(out_dir) if out_dir is not None else None
     state: dict[str, Any] | None = None
     if out is not None:
         if resume:
             state = read_state(out)
-            warm = check_resumable(state, model, settings, data_sha, out)
+            warm = check_resumable(state, model, settings, data_sha, out, retrofit=retrofit)
         elif (out / STATE_FILE).exists():
             raise LatentAttnError(f"{out} already holds a checkpoint; pass --resume to continue it "
                                   "or choose another --out")
@@ -175,6 +189,9 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
         start = 0
         if state is not None and out is not None:
             model_t = load_checkpoint_tensors(out, state, "model")
+            if retrofit:  # the dense run has no indexers: theirs are the model's fresh ones
+                model_t = {**{k: v for k, v in model.state_dict().items() if ".indexer." in k},
+                           **model_t}
             opt_t = load_checkpoint_tensors(out, state, "optimizer")
             load_full_state(model, opt, names, model_t, opt_t, settings, d, str(out))
             gen.set_state(torch.frombuffer(bytearray(base64.b64decode(state["data_generator"])),
@@ -226,9 +243,9 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
         from tqdm import tqdm
 
         model.train()
-        with tqdm(total=settings.steps, initial=start, desc="train", unit="step", file=sys.stderr,
+        with tqdm(total=stop, initial=start, desc="train", unit="step", file=sys.stderr,
                   disable=not progress or d.rank != 0, dynamic_ncols=True) as bar:
-            for step in range(start, settings.steps):
+            for step in range(start, stop):
                 t0 = time.perf_counter()
                 set_stage(_stage_for_step(step, warm))
                 lr = lr_at(step, settings)
@@ -259,19 +276,21 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
                 if at_eval:
                     val_losses.append((done, run_eval(done)))
                     bar.set_postfix(loss=f"{train_losses[-1]:.3f}", val=f"{val_losses[-1][1]:.3f}")
-                if at_eval or (settings.checkpoint_every > 0 and done % settings.checkpoint_every == 0):
+                if (at_eval or done == stop
+                        or (settings.checkpoint_every > 0 and done % settings.checkpoint_every == 0)):
                     checkpoint(done)
-        if not val_losses or val_losses[-1][0] != settings.steps:
+        if stop == settings.steps and (not val_losses or val_losses[-1][0] != settings.steps):
             # Resumed at the end already: nothing trained, measure what there is.
             val_losses.append((settings.steps, run_eval(settings.steps)))
         if dsa:
-            set_dsa_stage(model, _eval_stage(settings.steps, warm), freeze=settings.dsa_freeze_warmup)
+            set_dsa_stage(model, _eval_stage(stop, warm), freeze=settings.dsa_freeze_warmup)
         model.eval()
-        ran = settings.steps - start
+        ran = stop - start
         return TrainResult(
-            train_losses=train_losses, val_losses=val_losses, final_val_loss=val_losses[-1][1],
+            train_losses=train_losses, val_losses=val_losses,
+            final_val_loss=val_losses[-1][1] if val_losses else float("nan"),
             tokens_per_s=tokens_per_step * ran / train_seconds if train_seconds > 0 else 0.0,
-            steps_done=settings.steps, seconds=time.perf_counter() - started,
+            steps_done=stop, seconds=time.perf_counter() - started,
         )
 
 

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from latentattn.config import MLAConfig
 from latentattn.config_io import config_from_dict, config_to_dict
 from latentattn.errors import CheckpointError, ConfigError
 from latentattn.model.transformer import Transformer
@@ -25,15 +26,34 @@ _SETTINGS_BEFORE: dict[str, Any] = {"schedule": "cosine", "decay_frac": 0.2, "ro
                                     "moe_aux_loss": 0.0, "dsa_freeze_warmup": False}
 
 
+# Settings a retrofit (a dense run forked into DSA) sets anew: the DSA stages did not exist.
+RETROFIT_NEW = ("dsa_freeze_warmup",)
+
+
 def check_resumable(state: dict[str, Any], model: Transformer, settings: TrainSettings,
-                     data_sha: str, out: Path) -> int:
+                     data_sha: str, out: Path, retrofit: bool = False) -> int:
     """Raise unless ``state`` can be continued with this model, settings and data; return the
-    DSA warm-up length to use (the checkpoint's)."""
+    DSA warm-up length to use (the checkpoint's). With ``retrofit`` the checkpoint is a dense
+    MLA run and ``model`` the same MLA with indexers (``train(..., retrofit=True)``); the
+    warm-up then ends at ``settings.dsa_warmup_steps``, which must lie past the fork."""
     try:
         saved_cfg = config_from_dict(state["model"])
     except ConfigError as e:
         raise CheckpointError(f"corrupt checkpoint {out}: {e}") from None
-    if saved_cfg != model.config:
+    a = model.config.attention
+    if retrofit:
+        if not isinstance(a, MLAConfig) or a.indexer is None:
+            raise ConfigError("a retrofit trains a DSA model (MLA with indexers)")
+        model_cfg = model.config.replace(attention=dataclasses.replace(a, indexer=None))
+        if saved_cfg != model_cfg:
+            diff = first_difference(config_to_dict(saved_cfg), config_to_dict(model_cfg))
+            raise CheckpointError(f"cannot retrofit {out}: it is not this model's dense MLA "
+                                  f"({diff})")
+        step = int(state["step"])
+        if settings.dsa_warmup_steps is None or settings.dsa_warmup_steps <= step:
+            raise ConfigError(f"a retrofit at step {step} needs dsa_warmup_steps past it (the "
+                              f"step its indexer warm-up ends), got {settings.dsa_warmup_steps}")
+    elif saved_cfg != model.config:
         diff = first_difference(config_to_dict(saved_cfg), config_to_dict(model.config))
         raise CheckpointError(f"mismatched checkpoint {out}: model {diff}")
     saved = state["settings"]
@@ -42,12 +62,17 @@ def check_resumable(state: dict[str, Any], model: Transformer, settings: TrainSe
     for name in RESUME_MUST_MATCH:
         if name in MOE_ONLY and model.config.moe is None:
             continue  # the balancing settings do nothing without experts
+        if retrofit and name in RETROFIT_NEW:
+            continue
         value = saved.get(name, _SETTINGS_BEFORE.get(name))
         if value != getattr(settings, name):
             raise CheckpointError(f"mismatched checkpoint {out}: {name} is {value!r} in "
                                   f"the checkpoint, {getattr(settings, name)!r} here")
     warm = int(saved.get("dsa_warmup_steps") or 0)
-    if settings.dsa_warmup_steps is not None and settings.dsa_warmup_steps != warm:
+    if retrofit:
+        assert settings.dsa_warmup_steps is not None
+        warm = settings.dsa_warmup_steps
+    elif settings.dsa_warmup_steps is not None and settings.dsa_warmup_steps != warm:
         raise CheckpointError(f"mismatched checkpoint {out}: dsa_warmup_steps is {warm} in the "
                               f"checkpoint, {settings.dsa_warmup_steps} here")
     if state.get("data_sha256") != data_sha:
@@ -91,4 +116,4 @@ def check_horizon(done: int, old: TrainSettings, new: TrainSettings) -> None:
     raise CheckpointError(head + why)
 
 
-__all__ = ["RESUME_MUST_MATCH", "check_horizon", "check_resumable"]
+__all__ = ["RESUME_MUST_MATCH", "RETROFIT_NEW", "check_horizon", "check_resumable"]
