@@ -24,7 +24,7 @@ from latentattn.compare.report import CompareReport, SeedRun, VariantResult
 from latentattn.compare.stats import Paired, Summary, paired, pareto_front
 from latentattn.compare.sweep import SweepError, parse_sweeps, sweep_points
 from latentattn.compare.table import verdict_lines
-from latentattn.compare.variants import build_variants, family_size
+from latentattn.compare.variants import build_variants, family_size, scale_latent_norms
 from latentattn.errors import ConfigError
 from latentattn.train.family import FamilySize
 
@@ -301,7 +301,7 @@ def test_retrofit_is_the_mla_variant_with_indexers() -> None:
 def test_ablations_run(tmp_path: Path, text_file: Path) -> None:
     data, out = _run(tmp_path, text_file, "--seeds", "1", "--ablations", "--no-control", "--no-retrofit")
     labels = [v["label"] for v in data["variants"]]
-    assert labels == [*KINDS, "mla-noq", "mla-mqa-bytes"] and "--ablations" in data["command"]
+    assert labels == [*KINDS, "mla-noq", "mla-mqa-bytes", "mla-scaled"] and "--ablations" in data["command"]
     assert "MLA (no query compression)" in (out / "results.md").read_text()
 
 
@@ -314,6 +314,20 @@ def test_ablations() -> None:
     for cfg in (noq, same):
         assert abs(Transformer(cfg).num_parameters() - mha) / mha <= 0.03
     assert "no query compression" in variants["mla-noq"].mechanism
+    scaled = variants["mla-scaled"]
+    assert scaled.latent_gain and scaled.config.replace(name="mla") == variants["mla"].config
+    torch.manual_seed(0)
+    plain = Transformer(scaled.config)
+    gained = Transformer(scaled.config)
+    gained.load_state_dict(plain.state_dict())
+    scale_latent_norms(gained)
+    x = torch.randn(1, 5, 128)  # dim 128, d_c = d_q = 64: sqrt(2) after each latent norm
+    for a, b in zip(plain.blocks, gained.blocks, strict=True):
+        assert torch.equal(b.self_attn.kv_a_layernorm.weight, torch.full((64,), math.sqrt(2)))
+        assert torch.equal(b.self_attn.q_a_layernorm.weight, torch.full((64,), math.sqrt(2)))
+        _, c_plain = a.self_attn.project_query(x)
+        _, c_gained = b.self_attn.project_query(x)
+        torch.testing.assert_close(c_gained, math.sqrt(2) * c_plain)
 
 
 def test_family_size_default_is_family_default() -> None:

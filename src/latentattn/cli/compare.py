@@ -138,7 +138,8 @@ def register(sub: Any) -> None:
                    help="leave out the DSA retrofit (MLA+DSA trained from scratch stays)")
     c.add_argument("--ablations", action="store_true",
                    help="add MLA without query compression and MLA at MQA's cache bytes (both "
-                   "parameter-matched): what the MLA-vs-MHA claim should not hinge on")
+                   "parameter-matched), and MLA with DeepSeek-V2's latent scale sqrt(dim/rank): "
+                   "what the MLA-vs-MHA claim should not hinge on")
     c.add_argument("--restart", action="store_true",
                    help="train every run again: forget the finished runs kept in --out (by default "
                    "a rerun of the same command continues where it stopped)")
@@ -306,7 +307,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         est = estimate_seconds(settings, variants, todo, train_tokens, val_tokens)
         print(f"latentattn: {left} run(s) to train, estimated {est / 60:.1f} min on this machine "
-              "(from a short timing probe; decode timing and DSA's sparse stage not included)",
+              "(from a short timing probe; decode timing not included)",
               file=sys.stderr)
     with tqdm(total=total, file=sys.stderr, desc="compare", unit="run", disable=args.quiet) as bar:
         progress = on_start(bar)

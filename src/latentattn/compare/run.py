@@ -35,7 +35,7 @@ from latentattn.compare.measure import (
     kv_parameters_per_layer,
 )
 from latentattn.compare.report import CompareReport, CompareSettings, SeedRun, VariantResult
-from latentattn.compare.variants import Variant, build_variants
+from latentattn.compare.variants import Variant, build_variants, scale_latent_norms
 from latentattn.config import MLAConfig
 from latentattn.errors import ConfigError, LatentAttnError
 from latentattn.loading import load
@@ -109,6 +109,8 @@ def _train_one(variant: Variant, seed: int, settings: CompareSettings, train_tok
         shutil.rmtree(fork_dir)
     else:
         model = load(variant.config, seed=seed)
+        if variant.latent_gain:
+            scale_latent_norms(model)
         if forks is not None and forks.dense.label == variant.label:
             result = forks.train_dense(model, train_tokens, val_tokens, ts, progress)
         else:

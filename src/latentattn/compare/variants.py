@@ -5,11 +5,15 @@ MLA / MLA+DSA points."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+
+import torch
 
 from latentattn.compare.sweep import SweepPoint, sweep_points
 from latentattn.config import GQAConfig, IndexerConfig, MLAConfig, ModelConfig
 from latentattn.errors import ConfigError
+from latentattn.model.transformer import Transformer
 from latentattn.train.family import ATTN_KINDS, FamilySize, matched_configs
 
 N_HEADS = 4
@@ -47,6 +51,7 @@ class Variant:
     control: bool = False  # the positive control: an MLA built to lose (control_variant)
     ablation: str = ""  # what an ablation variant changes (ablation_variants), else ""
     retrofit_of: str = ""  # the dense variant whose runs this one forks (retrofit_variant)
+    latent_gain: bool = False  # start the latent norms' gains at sqrt(dim / rank): scale_latent_norms
 
     @property
     def mechanism(self) -> str:
@@ -113,6 +118,22 @@ def retrofit_variant(size: FamilySize, mla: ModelConfig) -> Variant:
     return Variant(RETROFIT, "dsa", cfg, retrofit_of="mla")
 
 
+def scale_latent_norms(model: Transformer) -> None:
+    """DeepSeek-V2's "additional scaling factors at the width bottlenecks" (arXiv 2405.04434
+    s2.1.3 and appendix on stability; a DeepSeek author names them in DeepSeek-V2 #23), in the
+    form Marin #7383 uses: sqrt(dim / rank) after the latent RMSNorm. Folded into the norms'
+    gains at initialisation (kv_a_layernorm and q_a_layernorm start at sqrt(dim / d_c) and
+    sqrt(dim / d_q) instead of 1), so the model, its checkpoints and its exports are plain MLA
+    (released DeepSeek-V2 checkpoints carry no separate factor either)."""
+    for blk in model.blocks:
+        attn = blk.self_attn
+        for name, rank in (("kv_a_layernorm", "kv_lora_rank"), ("q_a_layernorm", "q_lora_rank")):
+            norm = getattr(attn, name, None)
+            if norm is not None:
+                with torch.no_grad():
+                    norm.weight.fill_(math.sqrt(model.config.dim / getattr(attn.cfg, rank)))
+
+
 def ablation_variants(size: FamilySize) -> list[Variant]:
     """What the MLA-vs-MHA claim should not hinge on (next-facts section 3.3), parameters matched:
 
@@ -120,9 +141,12 @@ def ablation_variants(size: FamilySize) -> list[Variant]:
       compressing queries through dim / 2 is where this MLA has the least capacity.
     * ``mla-mqa-bytes``: MLA whose cache holds as many values per token as MQA's (2 d_h =
       d_c + d_r): which uses the same cache better, a latent or one shared K/V head.
+    * ``mla-scaled``: MLA with DeepSeek-V2's bottleneck scale factors (scale_latent_norms), the
+      same model otherwise: whether this MLA loses for want of them.
     """
     noq = matched_configs(dataclasses.replace(size, q_lora_rank=None), kinds=("mla",),
                           tolerance=PARAM_TOLERANCE)["mla"]
+    mla = matched_configs(size, kinds=("mla",), tolerance=PARAM_TOLERANCE)["mla"]
     rank = 2 * size.head_dim - size.qk_rope_head_dim
     if rank < 1:
         raise ConfigError(f"no MLA fits MQA's {2 * size.head_dim} cached values with a "
@@ -130,7 +154,9 @@ def ablation_variants(size: FamilySize) -> list[Variant]:
     same_bytes = _swept(size, SweepPoint("mla", (("kv_lora_rank", rank),)))
     return [Variant("mla-noq", "mla", noq.replace(name="mla-noq"), ablation="no query compression"),
             Variant("mla-mqa-bytes", "mla", same_bytes.replace(name="mla-mqa-bytes"),
-                    ablation=f"MQA's cache bytes, kv_lora_rank={rank}")]
+                    ablation=f"MQA's cache bytes, kv_lora_rank={rank}"),
+            Variant("mla-scaled", "mla", mla.replace(name="mla-scaled"), latent_gain=True,
+                    ablation="latent scale sqrt(dim/rank)")]
 
 
 def build_variants(size: FamilySize, sweeps: dict[str, tuple[int, ...]] | None = None,
