@@ -459,6 +459,11 @@ def test_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: b
     (["--retrofit-at", "0"], "--retrofit-at must lie in (0, 1)"),
     (["--retrofit-warmup", "nan"], "--retrofit-warmup must lie in (0, 1)"),
     (["--retrofit-at", "0.95"], "both must lie inside the run (or pass --no-retrofit)"),
+    (["--steps", "2000"], "would go over the training split 17 times (at most 8); give a --data "
+                          "text of at least 17,778 bytes"),
+    (["--quick", "--gpu"], "two presets"),
+    *([(["--device", "cuda"], "--device: device 'cuda': this torch sees no CUDA GPU"),
+       (["--gpu"], "--device: device 'cuda'")] if not torch.cuda.is_available() else []),
 ])
 def test_bad_flags(tmp_path: Path, text_file: Path, capsys: pytest.CaptureFixture[str],
                    flags: list[str], message: str) -> None:

@@ -61,6 +61,15 @@ FULL = Preset(steps=600, batch_size=16, seq_len=128, seeds=7, contexts=(256, 204
 # make demo: the same models, half the steps, one seed, no pilots: a few minutes, no intervals.
 QUICK = Preset(steps=300, batch_size=16, seq_len=128, seeds=1, contexts=(256, 2048), dim=64,
                layers=3)
+# --gpu: FamilySize's ~1.1M-parameter models (dim 128, 4 layers) for 1400 steps of 64 x 256
+# tokens, 22.9M = ~20 tokens per parameter (next-facts 3.3), 5 seeds, bf16 autocast on CUDA.
+# Sized for about 10 minutes on one H100-class GPU by an estimate (a 4-layer step of a few ms),
+# not yet measured. It needs a text of at least 22.9M / MAX_PASSES bytes: the default one
+# (~470 KB) is refused.
+GPU = Preset(steps=1400, batch_size=64, seq_len=256, seeds=5, contexts=(1024, 8192), dim=128,
+             layers=4, lr_grid=(1.5e-3, 3e-3, 6e-3))
+# A run that goes over its training text more often than this measures memorisation: refused.
+MAX_PASSES = 8
 
 
 class CompareInputError(LatentAttnError):
@@ -93,6 +102,17 @@ def register(sub: Any) -> None:
                    help=f"seeds 0..K-1 per variant ({FULL.seeds}; --quick {QUICK.seeds})")
     c.add_argument("--quick", action="store_true",
                    help="the small preset make demo runs (under 10 minutes on 2 CPU cores)")
+    c.add_argument("--gpu", action="store_true",
+                   help=f"the GPU protocol: ~1.1M-parameter models (dim {GPU.dim}, {GPU.layers} "
+                   f"layers), {GPU.steps} steps of {GPU.batch_size} x {GPU.seq_len} tokens (~20 "
+                   f"per parameter), {GPU.seeds} seeds, --device cuda --dtype bf16 unless given; "
+                   f"needs a --data text of at least "
+                   f"{GPU.steps * GPU.batch_size * GPU.seq_len / MAX_PASSES / 0.9 / 1e6:.1f} MB")
+    c.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where to train and measure: cpu or cuda[:N] (cpu; --gpu cuda)")
+    c.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                   help="training precision: fp32, or bf16 autocast with fp32 weights (fp32; "
+                   "--gpu bf16)")
     c.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help=f"output directory, created if missing ({DEFAULT_OUT})")
     c.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2,...",
@@ -148,8 +168,19 @@ def register(sub: Any) -> None:
 
 
 def _resolve(args: argparse.Namespace) -> dict[str, Any]:
-    preset = QUICK if args.quick else FULL
+    if args.quick and args.gpu:
+        raise CompareInputError("--quick and --gpu are two presets: give one")
+    preset = QUICK if args.quick else GPU if args.gpu else FULL
+    from latentattn.precision import resolve_device
+
+    device = args.device if args.device is not None else "cuda" if args.gpu else "cpu"
+    try:
+        resolved = resolve_device(device)
+    except LatentAttnError as e:
+        raise CompareInputError(f"--device: {e}") from None
     values: dict[str, Any] = {
+        "device": str(resolved),
+        "bf16": (args.dtype or ("bf16" if args.gpu else "fp32")) == "bf16",
         "steps": preset.steps if args.steps is None else args.steps,
         "seeds": preset.seeds if args.seeds is None else args.seeds,
         "batch_size": preset.batch_size if args.batch_size is None else args.batch_size,
@@ -192,6 +223,9 @@ def _command(args: argparse.Namespace, v: dict[str, Any]) -> str:
     parts = ["latentattn", "compare"]
     if args.quick:
         parts.append("--quick")
+    if args.gpu:
+        parts.append("--gpu")
+    parts += ["--device", v["device"], "--dtype", "bf16" if v["bf16"] else "fp32"]
     if args.data is not None:
         parts += ["--data", str(args.data)]
     parts += ["--steps", str(v["steps"]), "--seeds", str(v["seeds"]),
@@ -268,19 +302,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"data: {len(text.encode()):,} bytes leave {len(val_tokens):,} for validation (the last "
             f"10%), fewer than one window of --seq-len {v['seq_len']} + 1; use more text or a "
             "shorter --seq-len")
+    passes = v["steps"] * v["batch_size"] * v["seq_len"] / max(1, len(train_tokens))
+    if passes > MAX_PASSES:
+        need = v["steps"] * v["batch_size"] * v["seq_len"] / MAX_PASSES / 0.9
+        raise CompareInputError(
+            f"data: {len(text.encode()):,} bytes are too little for this protocol: "
+            f"{v['steps']} steps x {v['batch_size']} x {v['seq_len']} would go over the training "
+            f"split {passes:.0f} times (at most {MAX_PASSES}); give a --data text of at least "
+            f"{need:,.0f} bytes, or fewer --steps")
     size = family_size(v["dim"], v["layers"], v["seq_len"])
     variants = build_variants(size, sweeps, control=not args.no_control, ablations=args.ablations,
                               retrofit=not args.no_retrofit)
     check_labels(v["lrs"], [x.label for x in variants])
     train_settings = TrainSettings(
-        steps=v["steps"], batch_size=v["batch_size"], seq_len=v["seq_len"], lr=v["lr"],
+        steps=v["steps"], batch_size=v["batch_size"], seq_len=v["seq_len"], lr=v["lr"], bf16=v["bf16"],
         warmup_steps=min(20, v["steps"] // 10), eval_every=_eval_every(v["steps"]),
         eval_windows=CURVE_WINDOWS,
     )
     settings = CompareSettings(size=size, train=train_settings, seeds=v["seeds"],
                                contexts=tuple(v["contexts"]), sweeps=sweeps, margin=v["margin"],
                                lrs=v["lrs"], lr_grid=v["lr_grid"], pilot_fraction=args.pilot_fraction,
-                               retrofit_at=args.retrofit_at, retrofit_warmup=args.retrofit_warmup)
+                               retrofit_at=args.retrofit_at, retrofit_warmup=args.retrofit_warmup,
+                               device=v["device"])
     out = _prepare_out(args.out)
     if args.restart:
         _forget_runs(out)

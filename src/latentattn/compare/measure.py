@@ -60,21 +60,28 @@ def decode_tokens_per_s(model: Transformer, context: int, steps: int = 32, warmu
     cache in chunks. DSA runs in its inference form (indexer + top-k + gathered attention).
     """
     cfg = model.config.replace(max_seq_len=context + warmup + steps)
-    fresh = Transformer(cfg).to(model.dtype)
+    fresh = Transformer(cfg).to(device=model.device, dtype=model.dtype)
     fresh.load_state_dict(model.state_dict())
     fresh.eval()
     g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, cfg.vocab_size, (1, context), generator=g)
+    prompt = torch.randint(0, cfg.vocab_size, (1, context), generator=g).to(model.device)
     cache = fresh.make_cache(1, cfg.max_seq_len)
     for start in range(0, context, PREFILL_CHUNK):
         logits = fresh(prompt[:, start : start + PREFILL_CHUNK], cache)
     nxt = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
     for _ in range(warmup):
         nxt = fresh(nxt, cache)[:, -1].argmax(-1, keepdim=True)
+    _sync(model.device)
     t0 = time.perf_counter()
     for _ in range(steps):
         nxt = fresh(nxt, cache)[:, -1].argmax(-1, keepdim=True)
+    _sync(model.device)
     return steps / (time.perf_counter() - t0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: time them to their end
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -86,7 +93,7 @@ def dsa_recall(model: Transformer, val_tokens: torch.Tensor, seq_len: int, batch
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
-    runs = [selection_recall(model, random_batch(val_tokens, batch_size, seq_len, g)[:, :-1])
+    runs = [selection_recall(model, random_batch(val_tokens, batch_size, seq_len, g)[:, :-1].to(model.device))
             for _ in range(batches)]
     model.train(was_training)
     return [{key: statistics.mean(run[layer][key] for run in runs) for key in runs[0][layer]}

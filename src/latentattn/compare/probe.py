@@ -37,7 +37,7 @@ def estimate_seconds(settings: CompareSettings, variants: Sequence[Variant], tod
         runs = todo.get(v.label, 0)
         if runs == 0:
             continue
-        model = load(v.config, seed=0)
+        model = load(v.config, seed=0, device=settings.device)
         probe = dataclasses.replace(t, steps=PROBE_STEPS + 1, warmup_steps=0, eval_every=0,
                                     eval_windows=1, dsa_warmup_steps=1)
         result = train(model, train_tokens, val_tokens, probe, progress=False)

@@ -36,6 +36,7 @@ class CompareSettings:
     # sparse training to the end.
     retrofit_at: float = 0.75
     retrofit_warmup: float = 0.05
+    device: str = "cpu"  # where every run trains and is measured
 
     def fork_steps(self) -> tuple[int, int]:
         """(the step the dense runs fork at, the step the retrofit's indexer warm-up ends)."""
@@ -50,7 +51,8 @@ class CompareSettings:
                 "decode_steps": self.decode_steps, "recall_batches": self.recall_batches,
                 "margin": self.margin, "lrs": dict(sorted(self.lrs.items())),
                 "lr_grid": list(self.lr_grid), "pilot_fraction": self.pilot_fraction,
-                "retrofit_at": self.retrofit_at, "retrofit_warmup": self.retrofit_warmup}
+                "retrofit_at": self.retrofit_at, "retrofit_warmup": self.retrofit_warmup,
+                "device": self.device}
 
 
 @dataclass

@@ -61,8 +61,8 @@ class Forks:
     it by training the dense run to the fork again when that run came from the store (the same
     steps give the same weights)."""
 
-    def __init__(self, root: Path, dense: Variant, fork: int) -> None:
-        self.root, self.dense, self.fork = root, dense, fork
+    def __init__(self, root: Path, dense: Variant, fork: int, device: str = "cpu") -> None:
+        self.root, self.dense, self.fork, self.device = root, dense, fork, device
 
     def path(self, seed: int) -> Path:
         return self.root / f"fork.seed{seed}"
@@ -86,8 +86,8 @@ class Forks:
                    ts: TrainSettings) -> Path:
         path = self.path(ts.seed)
         if not path.exists():
-            train(load(self.dense.config, seed=ts.seed), train_tokens, val_tokens, ts,
-                  out_dir=str(path), progress=False, until=self.fork)
+            train(load(self.dense.config, seed=ts.seed, device=self.device), train_tokens, val_tokens,
+                  ts, out_dir=str(path), progress=False, until=self.fork)
         return path
 
 
@@ -102,13 +102,13 @@ def _train_one(variant: Variant, seed: int, settings: CompareSettings, train_tok
         fork_dir = forks.checkpoint(train_tokens, val_tokens, ts)
         a = variant.config.attention
         assert isinstance(a, MLAConfig) and a.indexer is not None
-        model = retrofit_dsa(load(fork_dir), a.indexer, seed=seed)
+        model = retrofit_dsa(load(fork_dir, device=settings.device), a.indexer, seed=seed)
         ts = dataclasses.replace(ts, dsa_warmup_steps=settings.fork_steps()[1], dsa_freeze_warmup=True)
         result = train(model, train_tokens, val_tokens, ts, out_dir=str(fork_dir), resume=True,
                        retrofit=True, progress=progress)
         shutil.rmtree(fork_dir)
     else:
-        model = load(variant.config, seed=seed)
+        model = load(variant.config, seed=seed, device=settings.device)
         if variant.latent_gain:
             scale_latent_norms(model)
         if forks is not None and forks.dense.label == variant.label:
@@ -293,7 +293,7 @@ def _forks(settings: CompareSettings, variants: list[Variant], root: Path) -> Fo
             f"the retrofit forks at step {fork} and warms its indexers up to step {warm_end}: both "
             f"must lie inside the {settings.train.steps} steps (retrofit_at "
             f"{settings.retrofit_at:g}, retrofit_warmup {settings.retrofit_warmup:g})")
-    return Forks(root, next(v for v in variants if v.label == dense), fork)
+    return Forks(root, next(v for v in variants if v.label == dense), fork, settings.device)
 
 
 def _run_all(settings: CompareSettings, train_tokens: torch.Tensor, val_tokens: torch.Tensor,

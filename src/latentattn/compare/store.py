@@ -55,8 +55,16 @@ def protocol(settings: CompareSettings, variants: list[Variant], train_tokens: t
 _TRAIN_FIELDS_BEFORE: dict[str, Any] = {"dsa_freeze_warmup": False}
 
 
+_SETTINGS_BEFORE: dict[str, Any] = {"device": "cpu"}
+
+
 def _upgrade(saved: Any) -> None:
-    train = saved.get("settings", {}).get("train") if isinstance(saved, dict) else None
+    settings = saved.get("settings") if isinstance(saved, dict) else None
+    if not isinstance(settings, dict):
+        return
+    for name, value in _SETTINGS_BEFORE.items():
+        settings.setdefault(name, value)
+    train = settings.get("train")
     if isinstance(train, dict):
         for name, value in _TRAIN_FIELDS_BEFORE.items():
             train.setdefault(name, value)
