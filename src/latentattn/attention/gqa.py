@@ -21,10 +21,10 @@ class GroupedQueryAttention(nn.Module):
         self.cfg = a
         self.interleaved = cfg.rope.interleaved
         self.scale = a.head_dim**-0.5
-        self.q_proj = nn.Linear(cfg.dim, a.n_heads * a.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, a.n_kv_heads * a.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, a.n_kv_heads * a.head_dim, bias=False)
-        self.o_proj = nn.Linear(a.n_heads * a.head_dim, cfg.dim, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, a.n_heads * a.head_dim, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(a.n_heads * a.head_dim, cfg.dim, bias=a.o_bias)
 
     def make_cache(self, batch: int, capacity: int, dtype: torch.dtype,
                    device: torch.device | str | None) -> LayerCache:

@@ -1,6 +1,6 @@
 """The ``latentattn`` command, one module per command group: ``info`` (kv-cache, info),
-``generate``, ``train``, ``compare``, ``bench``; ``common`` holds what they share. Every command
-that takes ``--model`` loads it through :func:`latentattn.load` (or ``load_config``).
+``generate``, ``evaluate`` (eval), ``train``, ``compare``, ``bench``; ``common`` holds what they
+share. Every command that takes ``--model`` loads it through :func:`latentattn.load` (or ``load_config``).
 
 User errors (any :class:`LatentAttnError`, a missing file) print one line
 ``latentattn: error: <message>`` on stderr and exit 2, as argparse does for its own errors;
@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from latentattn.cli import bench, compare, generate, info, train
+from latentattn.cli import bench, compare, evaluate, generate, info, train
 from latentattn.cli.common import PROG, UserError
 from latentattn.errors import LatentAttnError
 
@@ -23,10 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog=PROG, description="Multi-head latent attention: cache calculator, model info, "
-        "generation, training, comparison and benchmarks.")
+        "generation, evaluation, training, comparison and benchmarks.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (info, generate, train, compare, bench):
+    for group in (info, generate, evaluate, train, compare, bench):
         group.register(sub)
     return p
 

@@ -15,6 +15,7 @@ hour-long comparison killed at minute 50 loses one run, not fifty minutes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,8 +27,8 @@ import torch
 from latentattn.compare.report import CompareSettings, SeedRun, VariantResult
 from latentattn.compare.run import RunStore
 from latentattn.compare.variants import Variant
-from latentattn.config_io import config_to_dict
-from latentattn.errors import LatentAttnError
+from latentattn.config_io import config_from_dict, config_to_dict
+from latentattn.errors import ConfigError, LatentAttnError
 from latentattn.io import write_json
 from latentattn.train.checkpoint import first_difference
 
@@ -64,6 +65,12 @@ def _upgrade(saved: Any) -> None:
         return
     for name, value in _SETTINGS_BEFORE.items():
         settings.setdefault(name, value)
+    variants = saved.get("variants")
+    if isinstance(variants, dict):  # config fields added since (config_io.ADDED_FIELDS)
+        for label, cfg in variants.items():
+            # A dict this code cannot read stays as it is: the comparison below reports it.
+            with contextlib.suppress(ConfigError):
+                variants[label] = config_to_dict(config_from_dict(cfg))
     train = settings.get("train")
     if isinstance(train, dict):
         for name, value in _TRAIN_FIELDS_BEFORE.items():

@@ -11,10 +11,20 @@ from __future__ import annotations
 import math
 from typing import Any, TypeVar
 
-from latentattn.config import IndexerConfig, MLAConfig, ModelConfig, MoEConfig, RopeConfig, YarnConfig
+from latentattn.config import (
+    IndexerConfig,
+    MLAConfig,
+    ModelConfig,
+    MoEConfig,
+    RopeConfig,
+    RopeScaling,
+    YarnConfig,
+)
 from latentattn.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+# Read (into GQA attention) by latentattn.interop.llama_config; never written.
+LLAMA_MODEL_TYPES = ("llama", "qwen2", "mistral")
 CONFIG_NAME = "config.json"
 
 _MISSING = object()
@@ -93,10 +103,12 @@ class _Fields:
         return self._check(key, value, kind, "")
 
 
-def _rope_from_hf(f: _Fields, model_type: str) -> RopeConfig:
+def _rope_from_hf(f: _Fields, model_type: str, interleaved: bool | None = None) -> RopeConfig:
     """Both layouts: transformers-5 ``rope_parameters`` (theta inside) and the older
     ``rope_scaling`` + top-level ``rope_theta`` (what DeepSeek's own config.json files hold);
-    transformers' ``standardize_rope_params`` merges them the same way."""
+    transformers' ``standardize_rope_params`` merges them the same way. Types: default, linear,
+    llama3 and yarn. ``interleaved``: the pair layout when the caller knows it (Llama-family
+    models are half-split); None applies DeepSeek's rules below."""
     d = f.d
     params: dict[str, Any] = {}
     for key in ("rope_scaling", "rope_parameters"):
@@ -116,7 +128,8 @@ def _rope_from_hf(f: _Fields, model_type: str) -> RopeConfig:
     # else the half-split apply_rotary_pos_emb. DeepseekV32Attention always calls
     # apply_rotary_pos_emb_interleave (its config has no rope_interleave field); its indexer's
     # half-split RoPE is fixed by the architecture, not by the config.
-    interleaved = model_type == "deepseek_v2" or f.get("rope_interleave", bool, default=True)
+    if interleaved is None:
+        interleaved = model_type == "deepseek_v2" or f.get("rope_interleave", bool, default=True)
     if model_type == "deepseek_v32" and not interleaved:
         raise ConfigError(
             f"{f.source}: rope_interleave=false is not supported for deepseek_v32 (transformers' "
@@ -124,9 +137,22 @@ def _rope_from_hf(f: _Fields, model_type: str) -> RopeConfig:
         )
     if rope_type == "default":
         return _build(f.source, RopeConfig, theta=float(theta), interleaved=interleaved)
+    if rope_type in ("linear", "llama3"):
+        # transformers' _compute_linear_scaling_rope_parameters / _compute_llama3_parameters:
+        # llama3 needs all four of its fields.
+        scaling = _build(
+            f.source, RopeScaling, type=rope_type, factor=float(p.get("factor", (int, float))),
+            **({} if rope_type == "linear" else {
+                "low_freq_factor": float(p.get("low_freq_factor", (int, float))),
+                "high_freq_factor": float(p.get("high_freq_factor", (int, float))),
+                "original_max_position_embeddings": p.get("original_max_position_embeddings", int),
+            }))
+        return _build(f.source, RopeConfig, theta=float(theta), interleaved=interleaved,
+                      scaling=scaling)
     if rope_type != "yarn":
         raise ConfigError(
-            f"{f.source}: rope_type {rope_type!r} is not supported (supported: default, yarn)"
+            f"{f.source}: rope_type {rope_type!r} is not supported (supported: default, linear, "
+            "llama3, yarn)"
         )
     if params.get("truncate", True) is not True:
         raise ConfigError(f"{f.source}: YaRN with truncate=false is not supported")
@@ -254,7 +280,8 @@ def _moe_from_hf(f: _Fields, model_type: str, n_layers: int) -> MoEConfig | None
 
 
 def config_from_hf(d: dict[str, Any], *, source: str = CONFIG_NAME, **overrides: Any) -> ModelConfig:
-    """Map a Hugging Face DeepSeek-V2/V3/V3.2 config.json dict onto a :class:`ModelConfig`.
+    """Map a Hugging Face DeepSeek-V2/V3/V3.2 config.json dict onto a :class:`ModelConfig`
+    (Llama, Qwen2 and Mistral ones: :mod:`latentattn.interop.llama_config`).
 
     ``deepseek_v32`` (DeepSeek-V3.2: V3 plus DSA's lightning indexer in every layer) sets
     ``attention.indexer``; ``index_n_heads`` and ``index_head_dim`` are required (they shape
@@ -267,10 +294,14 @@ def config_from_hf(d: dict[str, Any], *, source: str = CONFIG_NAME, **overrides:
         raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
     f = _Fields(d, source)
     model_type = f.get("model_type", str)
+    if model_type in LLAMA_MODEL_TYPES:
+        from latentattn.interop.llama_config import llama_config_from_hf
+
+        return llama_config_from_hf(d, source=source, **overrides)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
             f"{source}: model_type {model_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES + LLAMA_MODEL_TYPES)})"
         )
     if f.get("attention_bias", bool, default=False):
         raise ConfigError(f"{source}: attention_bias=true is not supported (MLA has no biases)")
@@ -348,11 +379,33 @@ def mtp_layers_from_hf(d: dict[str, Any], *, source: str = CONFIG_NAME) -> range
     """
     f = _Fields(d, source)
     n_layers = f.get("num_hidden_layers", int)
+    if f.get("model_type", str) in LLAMA_MODEL_TYPES:
+        return range(n_layers, n_layers)  # no multi-token prediction
     default = _HF_DEFAULTS[f.get("model_type", str)]["num_nextn_predict_layers"]
     n_mtp = f.get("num_nextn_predict_layers", int, default=default)
     if n_mtp < 0:
         raise ConfigError(f"{source}: field 'num_nextn_predict_layers' must be >= 0, got {n_mtp}")
     return range(n_layers, n_layers + n_mtp)
+
+
+def rope_to_hf(rope_cfg: RopeConfig) -> dict[str, Any]:
+    """``rope_parameters`` (transformers 5) for ``rope_cfg``'s theta and scaling."""
+    rope: dict[str, Any] = {"rope_theta": rope_cfg.theta, "rope_type": "default"}
+    if rope_cfg.yarn is not None:
+        y = rope_cfg.yarn
+        rope.update(
+            rope_type="yarn", factor=y.factor,
+            original_max_position_embeddings=y.original_max_position_embeddings,
+            beta_fast=y.beta_fast, beta_slow=y.beta_slow, mscale=y.mscale,
+            mscale_all_dim=y.mscale_all_dim,
+        )
+    if rope_cfg.scaling is not None:
+        sc = rope_cfg.scaling
+        rope.update(rope_type=sc.type, factor=sc.factor)
+        if sc.type == "llama3":
+            rope.update(low_freq_factor=sc.low_freq_factor, high_freq_factor=sc.high_freq_factor,
+                        original_max_position_embeddings=sc.original_max_position_embeddings)
+    return rope
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -380,15 +433,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             f"{'deepseek_v32' if v32 else 'deepseek_v2'} always uses interleaved RoPE; "
             "this model does not"
         )
-    rope: dict[str, Any] = {"rope_theta": cfg.rope.theta, "rope_type": "default"}
-    if cfg.rope.yarn is not None:
-        y = cfg.rope.yarn
-        rope.update(
-            rope_type="yarn", factor=y.factor,
-            original_max_position_embeddings=y.original_max_position_embeddings,
-            beta_fast=y.beta_fast, beta_slow=y.beta_slow, mscale=y.mscale,
-            mscale_all_dim=y.mscale_all_dim,
-        )
+    rope = rope_to_hf(cfg.rope)
     model_type, arch = (
         ("deepseek_v32", "DeepseekV32ForCausalLM") if v32
         else ("deepseek_v2", "DeepseekV2ForCausalLM") if v2

@@ -1,0 +1,107 @@
+"""GGUF files (llama.cpp's format) of Llama-family models, read through transformers.
+
+transformers' GGUF support (``from_pretrained(dir, gguf_file=...)``, with the ``gguf`` package)
+dequantises every tensor to float and undoes llama.cpp's row permutation of q_proj / k_proj
+(``modeling_gguf_pytorch_utils``), which a hand-written reader would have to get right; its
+config and tokenizer come from the file's metadata. We take its config (mapped by
+:mod:`latentattn.interop.llama_config`), its weights (the same names as a Hugging Face Llama
+checkpoint) and its tokenizer. Needs ``pip install 'latentattn[gguf]'``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentattn.config import ModelConfig
+from latentattn.errors import CheckpointError, ConfigError
+from latentattn.model.transformer import Transformer
+
+GGUF_SUFFIX = ".gguf"
+
+
+def _short(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def _need_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ConfigError("reading GGUF files needs the gguf and transformers packages: "
+                          "pip install 'latentattn[gguf]'") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_config_cached(path: Path, mtime_ns: int) -> Any:
+    _need_gguf()
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, RuntimeError, NotImplementedError) as e:
+        raise CheckpointError(f"{path}: cannot read this GGUF file ({_short(e)})") from None
+
+
+def _hf_config(path: Path) -> Any:
+    # Parsing a GGUF file's metadata takes transformers ~15 s for a 135M model: once per file.
+    return _hf_config_cached(path.resolve(), path.stat().st_mtime_ns)
+
+
+def gguf_config(path: Path, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of the model in GGUF file ``path`` (metadata only, no weights)."""
+    from latentattn.interop.hf_config import config_from_hf
+
+    return config_from_hf(_hf_config(path).to_dict(), source=str(path), **overrides)
+
+
+def from_gguf(path: Path, cfg: ModelConfig, dtype: torch.dtype | None,
+              device: torch.device) -> Transformer:
+    """The model in GGUF file ``path`` as ``cfg`` (from :func:`gguf_config`), dequantised to
+    ``dtype`` (float32 when None: the quantised blocks have no dtype of their own)."""
+    _need_gguf()
+    from transformers import AutoModelForCausalLM
+
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                  config=_hf_config(path), dtype=torch.float32)
+    except (ValueError, KeyError, RuntimeError, NotImplementedError) as e:
+        # e.g. a quantisation type transformers' dequantiser does not know
+        raise CheckpointError(f"{path}: cannot read this GGUF file ({_short(e)})") from None
+    theirs = {k.removeprefix("model."): v for k, v in hf.state_dict().items()
+              if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
+    model = Transformer.empty(cfg, dtype or torch.float32, device)
+    state = model.state_dict()
+    ours = {k for k in state if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
+    missing, extra = sorted(ours - set(theirs)), sorted(set(theirs) - ours)
+    if missing or extra:
+        raise CheckpointError(f"{path}: its tensors do not match the model ("
+                              + (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}") + ")")
+    with torch.no_grad():
+        for k in ours:
+            if theirs[k].shape != state[k].shape:
+                raise CheckpointError(f"{path}: tensor {k} has shape {list(theirs[k].shape)}, "
+                                      f"expected {list(state[k].shape)}")
+            state[k].copy_(theirs[k])
+    del hf, theirs
+    return model.eval()
+
+
+def gguf_tokenizer(path: Path) -> tuple[Any, int | None]:
+    """(the ``tokenizers.Tokenizer`` in the file's metadata, its EOS id)."""
+    _need_gguf()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, RuntimeError, NotImplementedError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read its tokenizer ({_short(e)})") from None
+    eos = tok.eos_token_id
+    return tok.backend_tokenizer, eos if isinstance(eos, int) else None
+
+
+__all__ = ["GGUF_SUFFIX", "from_gguf", "gguf_config", "gguf_tokenizer"]
