@@ -34,6 +34,7 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
     ("info",): MODEL_KNOBS,
     ("generate",): LOAD_KNOBS | {"--prompt", "--max-new-tokens", "--temperature", "--top-p",
                                  "--top-k", "--seed"},
+    ("convert",): {"--kv-lora-rank", "--rope-dim", "--calib", "--calib-tokens", "--method"},
     ("eval",): LOAD_KNOBS | {"--data", "--seq-len", "--max-tokens", "--batch-size", "--seed", "--json",
                              "--quiet"},
     ("train",): {"--attn", "--preset", "--init", "--mla-impl", "--retrofit-dsa", "--device", "--dim",
@@ -72,7 +73,7 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
 def test_surface_is_frozen() -> None:
     top = build_parser()
     subs = _subparsers(top)
-    assert set(subs) == {"kv-cache", "info", "generate", "eval", "train", "compare", "bench"}
+    assert set(subs) == {"kv-cache", "info", "generate", "eval", "convert", "train", "compare", "bench"}
     assert set(_subparsers(subs["bench"])) == {"decode", "dsa", "indexer"}
     for path, flags in SURFACE.items():
         p = top

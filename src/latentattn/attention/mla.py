@@ -33,15 +33,17 @@ class MultiHeadLatentAttention(nn.Module):
         self.scale = softmax_scale(a.qk_head_dim, cfg.rope)
         h, dqk = a.n_heads, a.qk_head_dim
         if a.q_lora_rank is None:
-            self.q_proj = nn.Linear(cfg.dim, h * dqk, bias=False)
+            self.q_proj = nn.Linear(cfg.dim, h * dqk, bias=a.qkv_bias)
         else:
             self.q_a_proj = nn.Linear(cfg.dim, a.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(a.q_lora_rank)  # eps 1e-6 as DeepSeek, not norm_eps
             self.q_b_proj = nn.Linear(a.q_lora_rank, h * dqk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, a.kv_lora_rank + a.qk_rope_head_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(a.kv_lora_rank)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, a.kv_lora_rank + a.qk_rope_head_dim,
+                                            bias=a.qkv_bias)
+        # None: a converted GQA model, whose latent is a linear map of x (MLAConfig.latent_norm).
+        self.kv_a_layernorm = RMSNorm(a.kv_lora_rank) if a.latent_norm else None
         self.kv_b_proj = nn.Linear(a.kv_lora_rank, h * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * a.v_head_dim, cfg.dim, bias=False)
+        self.o_proj = nn.Linear(h * a.v_head_dim, cfg.dim, bias=a.o_bias)
 
     # ----------------------------------------------------------------- projections
     def project_query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -69,7 +71,7 @@ class MultiHeadLatentAttention(nn.Module):
         a = self.cfg
         c, k_rope = self.kv_a_proj_with_mqa(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         k_rope = apply_rope(k_rope.unsqueeze(2), *rope, self.interleaved).squeeze(2)
-        return self.kv_a_layernorm(c), k_rope
+        return (c if self.kv_a_layernorm is None else self.kv_a_layernorm(c)), k_rope
 
     def up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK (H, d_n, d_c) and W_UV (H, d_v, d_c): kv_b_proj viewed per head."""

@@ -16,18 +16,21 @@ def attention_parameters(cfg: ModelConfig) -> int:
     if isinstance(a, MLAConfig):
         h = a.n_heads
         if a.q_lora_rank is None:
-            q = d * h * a.qk_head_dim
+            q = d * h * a.qk_head_dim + h * a.qk_head_dim * a.qkv_bias
         else:
             q = d * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * h * a.qk_head_dim
-        kv_a = d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank  # + kv_a_layernorm
+        kv_a = (d * (a.kv_lora_rank + a.qk_rope_head_dim)
+                + a.kv_lora_rank * a.latent_norm  # kv_a_layernorm
+                + (a.kv_lora_rank + a.qk_rope_head_dim) * a.qkv_bias)
         kv_b = a.kv_lora_rank * h * (a.qk_nope_head_dim + a.v_head_dim)
         indexer = 0
         if a.indexer is not None and a.q_lora_rank is not None:
             hi, di = a.indexer.index_n_heads, a.indexer.index_head_dim
             # wq_b from the query latent, wk, LayerNorm (weight + bias), weights_proj
             indexer = a.q_lora_rank * hi * di + d * di + 2 * di + d * hi
-        return q + kv_a + kv_b + h * a.v_head_dim * d + indexer
-    return d * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads)
+        return q + kv_a + kv_b + h * a.v_head_dim * d + d * a.o_bias + indexer
+    biases = a.head_dim * (a.n_heads + 2 * a.n_kv_heads) * a.qkv_bias + d * a.o_bias
+    return d * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads) + biases
 
 
 def mlp_parameters(dim: int, hidden: int) -> int:

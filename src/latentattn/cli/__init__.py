@@ -1,5 +1,5 @@
 """The ``latentattn`` command, one module per command group: ``info`` (kv-cache, info),
-``generate``, ``evaluate`` (eval), ``train``, ``compare``, ``bench``; ``common`` holds what they
+``generate``, ``evaluate`` (eval), ``convert``, ``train``, ``compare``, ``bench``; ``common`` holds what they
 share. Every command that takes ``--model`` loads it through :func:`latentattn.load` (or ``load_config``).
 
 User errors (any :class:`LatentAttnError`, a missing file) print one line
@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from latentattn.cli import bench, compare, evaluate, generate, info, train
+from latentattn.cli import bench, compare, convert, evaluate, generate, info, train
 from latentattn.cli.common import PROG, UserError
 from latentattn.errors import LatentAttnError
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generation, evaluation, training, comparison and benchmarks.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (info, generate, evaluate, train, compare, bench):
+    for group in (info, generate, evaluate, convert, train, compare, bench):
         group.register(sub)
     return p
 

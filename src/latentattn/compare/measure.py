@@ -36,7 +36,9 @@ def kv_parameters_per_layer(model: Transformer) -> int:
         parts = [attn.k_proj, attn.v_proj]
     else:
         assert isinstance(attn, MultiHeadLatentAttention)
-        parts = [attn.kv_a_proj_with_mqa, attn.kv_a_layernorm, attn.kv_b_proj]
+        parts = [attn.kv_a_proj_with_mqa, attn.kv_b_proj]
+        if attn.kv_a_layernorm is not None:
+            parts.append(attn.kv_a_layernorm)
         if isinstance(attn, SparseLatentAttention):
             parts += [attn.indexer.wk, attn.indexer.k_norm]
     return sum(p.numel() for m in parts for p in m.parameters())
