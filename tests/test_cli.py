@@ -54,6 +54,9 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
                           "--no-hf", "--quiet", "--tiny"},
     ("bench", "dsa"): {"--json", "--plot", "--decode-contexts", "--prefill-contexts", "--topks",
                        "--repeats", "--dtype", "--quiet", "--tiny"},
+    ("bench", "convert"): {"--json", "--plot", "--quiet", "--model", "--data", "--calib",
+                           "--calib-tokens", "--ranks", "--rope-dim", "--method", "--seq-len",
+                           "--max-tokens"},
     ("bench", "indexer"): {"--json", "--plot", "--data", "--pretrain-steps", "--warmup-steps",
                            "--topk", "--seq-len", "--batch", "--seed", "--quiet"},
 }
@@ -74,7 +77,7 @@ def test_surface_is_frozen() -> None:
     top = build_parser()
     subs = _subparsers(top)
     assert set(subs) == {"kv-cache", "info", "generate", "eval", "convert", "train", "compare", "bench"}
-    assert set(_subparsers(subs["bench"])) == {"decode", "dsa", "indexer"}
+    assert set(_subparsers(subs["bench"])) == {"decode", "dsa", "indexer", "convert"}
     for path, flags in SURFACE.items():
         p = top
         for name in path:

@@ -152,3 +152,25 @@ def test_convert_cli_writes_a_loadable_mla(tmp_path: Path, capsys: pytest.Captur
     assert "not an empty directory" in cli_error(capsys, ["convert", str(src), str(out), "--kv-lora-rank",
                                                           "full", "--rope-dim", "full"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_bench_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    src = _saved_source(tmp_path)
+    data = tmp_path / "eval.txt"
+    data.write_text("Every query reads the latent once. " * 40)
+    out = tmp_path / "conv.json"
+    assert main(["bench", "convert", "--model", str(src), "--data", str(data), "--ranks", "4,16,full",
+                 "--rope-dim", "8", "--calib-tokens", "512", "--seq-len", "64", "--max-tokens", "257",
+                 "--json", str(out), "--plot", str(tmp_path / "conv.png"), "--quiet"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["label"] for r in rows] == ["source", "R=4", "R=16", "R=24"]  # full at rope 8: 2 x 12
+    assert [r["kv_bytes_per_token"] for r in rows] == [128, 48, 96, 128]  # (R + 8) x 2 B x 2 layers
+    assert all(r["eval_tokens"] == 256 for r in rows)
+    assert (tmp_path / "conv.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| R=16 |" in capsys.readouterr().out
+    assert "must lie in 1..16 (full rank at --rope-dim 16), got 99" in cli_error(
+        capsys, ["bench", "convert", "--model", str(src), "--data", str(data), "--ranks", "99",
+                 "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png"), "--quiet"])
+    assert not (tmp_path / "c.json").exists()

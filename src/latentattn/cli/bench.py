@@ -1,4 +1,4 @@
-"""``latentattn bench decode|dsa|indexer``: benchmarks that write JSON and a plot, with a progress
+"""``latentattn bench decode|dsa|indexer|convert``: benchmarks that write JSON and a plot, with a progress
 bar. The benchmarks themselves are :mod:`latentattn.bench`."""
 
 from __future__ import annotations
@@ -107,6 +107,52 @@ def cmd_bench_indexer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_convert(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from latentattn.bench.convert import convert_table, plot_convert_report, run_convert_bench
+    from latentattn.cli.convert import calib_text, parse_size
+    from latentattn.config import GQAConfig
+    from latentattn.convert import full_rank, full_rope_dim
+    from latentattn.data import load_text
+    from latentattn.loading import load, load_config
+    from latentattn.tokenizer import encode_corpus
+
+    check_parent(args.json, "--json")
+    check_parent(args.plot, "--plot")
+    cfg = load_config(args.model)
+    if not isinstance(cfg.attention, GQAConfig):
+        raise UserError(f"{args.model} is {cfg.attention.name.upper()} already: bench convert takes "
+                        "GQA, MHA or MQA models")
+    rope_dim = parse_size(args.rope_dim, "--rope-dim", full_rope_dim(cfg))
+    ranks = [parse_size(r, "--ranks", full_rank(cfg, rope_dim)) for r in args.ranks.split(",") if r]
+    if not ranks:
+        raise UserError("--ranks must name at least one rank")
+    from latentattn.convert import check_sizes
+
+    for rank in ranks:
+        check_sizes(cfg, rope_dim, rank)
+    text = load_text(args.data)
+    calib = calib_text(args.calib)
+    assert calib is not None  # --calib defaults to builtin
+    model, tokenizer = load(args.model, dtype="float32", with_tokenizer=True)
+    calib_ids = encode_corpus(tokenizer, calib)[: args.calib_tokens]
+    with tqdm(total=len(ranks) + 1, file=sys.stderr, desc="bench convert", unit="model",
+              disable=args.quiet) as bar:
+        def progress(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update(1)
+
+        report = run_convert_bench(model, tokenizer, calib_ids, text, ranks, rope_dim, args.method,
+                                   args.seq_len, args.max_tokens,
+                                   (str(args.model), args.data, args.calib), progress)
+    write_json(args.json, report.as_dict())
+    atomic_write(args.plot, lambda tmp: plot_convert_report(report, tmp), suffix=".png")
+    print(convert_table(report))
+    print(f"wrote {args.json} and {args.plot}")
+    return 0
+
+
 def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -153,6 +199,26 @@ def register(sub: Any) -> None:
     dsa.add_argument("--topks", type=int_list, default=[512, 2048], help="index_topk values (512,2048)")
     dsa.add_argument("--repeats", type=int, default=5, help="timed decode calls per point (5)")
     dsa.set_defaults(func=cmd_bench_dsa)
+
+    conv = bench_parser(
+        "convert", help="KV bytes and perplexity of a GQA model converted to MLA at each rank",
+        description="Calibrate --model (a GQA / MHA / MQA model) on --calib, convert it to MLA at "
+        "each of --ranks with --rope-dim rotary dims (latentattn convert), and evaluate the source "
+        "and each conversion on --data (which should not be the calibration text): KV cache bytes "
+        "per token against the source's, perplexity and nats per byte. No healing is run.")
+    conv.add_argument("--model", required=True, metavar="SPEC", help="the GQA / MHA / MQA model")
+    conv.add_argument("--data", required=True, metavar="FILE", help="UTF-8 evaluation text")
+    conv.add_argument("--calib", default="builtin", metavar="FILE|builtin",
+                      help="calibration text (builtin: CPython's pydoc prose)")
+    conv.add_argument("--calib-tokens", type=int, default=4096, metavar="N", help="(4096)")
+    conv.add_argument("--ranks", default="64,128,full", metavar="R1,R2,...",
+                      help="latent ranks, 'full' allowed (64,128,full)")
+    conv.add_argument("--rope-dim", default="full", metavar="D|full", help="rotary dims (full)")
+    conv.add_argument("--method", choices=["svd", "pca"], default="pca", help="factorisation (pca)")
+    conv.add_argument("--seq-len", type=int, default=512, metavar="N", help="eval window (512)")
+    conv.add_argument("--max-tokens", type=int, default=4097, metavar="N",
+                      help="evaluate the first N tokens of --data (4097: 8 windows of 512)")
+    conv.set_defaults(func=cmd_bench_convert)
 
     idx = bench_parser(
         "indexer", help="does the DSA indexer learn? attention-mass recall before/after warm-up",

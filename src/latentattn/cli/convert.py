@@ -15,7 +15,16 @@ DEFAULT_CALIB_TOKENS = 4096
 CALIB_WINDOW = 256
 
 
-def _size(text: str, flag: str, full: int) -> int:
+def calib_text(arg: str | None) -> str | None:
+    """The calibration text --calib names: a file, ``builtin`` (CPython's pydoc prose), or none."""
+    from latentattn.data import default_text, load_text
+
+    if arg is None:
+        return None
+    return default_text() if arg == "builtin" else load_text(arg)
+
+
+def parse_size(text: str, flag: str, full: int) -> int:
     if text == "full":
         return full
     try:
@@ -39,7 +48,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
         full_rope_dim,
         pair_scores,
     )
-    from latentattn.data import load_text
     from latentattn.interop.native import save_native
     from latentattn.loading import load, load_config
     from latentattn.tokenizer import encode_corpus
@@ -49,16 +57,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     a = cfg.attention
     if not isinstance(a, GQAConfig):
         raise UserError(f"{args.src} is {a.name.upper()} already: convert takes GQA, MHA or MQA models")
-    rope_dim = _size(args.rope_dim, "--rope-dim", full_rope_dim(cfg))
+    rope_dim = parse_size(args.rope_dim, "--rope-dim", full_rope_dim(cfg))
     if rope_dim % 2:
         raise UserError(f"--rope-dim must be even (rotary dims come in pairs), got {rope_dim}")
-    rank = _size(args.kv_lora_rank, "--kv-lora-rank", full_rank(cfg, rope_dim) if rope_dim > 0 else 0)
+    rank = parse_size(args.kv_lora_rank, "--kv-lora-rank", full_rank(cfg, rope_dim) if rope_dim > 0 else 0)
     check_sizes(cfg, rope_dim, rank)
     if args.method == "pca" and args.calib is None:
         raise UserError("--method pca factors the latent on calibration activations: give --calib FILE")
     if args.calib_tokens < CALIB_WINDOW:
         raise UserError(f"--calib-tokens must be >= {CALIB_WINDOW}, got {args.calib_tokens}")
-    text = load_text(args.calib) if args.calib is not None else None
+    text = calib_text(args.calib)
     model, tokenizer = load(args.src, dtype=torch.float32, with_tokenizer=True)
     inputs = None
     scores = None
@@ -109,8 +117,9 @@ def register(sub: Any) -> None:
     p.add_argument("--rope-dim", required=True, metavar="D|full",
                    help="rotary dims of the shared rope key, a multiple of 2 x KV heads (full: KV heads "
                    "x head_dim)")
-    p.add_argument("--calib", default=None, metavar="FILE",
-                   help="UTF-8 calibration text: chooses the rope pairs (2-norm) and feeds --method pca")
+    p.add_argument("--calib", default=None, metavar="FILE|builtin",
+                   help="UTF-8 calibration text (builtin: CPython's pydoc prose): chooses the rope "
+                   "pairs (2-norm) and feeds --method pca")
     p.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS, metavar="N",
                    help=f"calibration tokens ({DEFAULT_CALIB_TOKENS})")
     p.add_argument("--method", choices=["svd", "pca"], default="svd",

@@ -421,6 +421,12 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         raise ConfigError(
             "save_pretrained writes DeepSeek checkpoints; GQA models have no DeepSeek format"
         )
+    if not a.latent_norm or a.qkv_bias or a.o_bias or cfg.rope.blocks > 1 or cfg.rope.pairs:
+        what = ("it has no RMSNorm on the latent" if not a.latent_norm else
+                "it has attention biases" if a.qkv_bias or a.o_bias else
+                "its RoPE is per-KV-head blocks (a converted GQA model)")
+        raise ConfigError(f"DeepSeek's format cannot hold this MLA: {what}; save it with "
+                          "latentattn.interop.native.save_native (what latentattn convert writes)")
     moe = cfg.moe
     v2 = moe is not None and moe.scoring_func == "softmax"
     v32 = a.indexer is not None

@@ -1,0 +1,129 @@
+"""``latentattn bench convert``: what converting a GQA model to MLA costs, rank by rank.
+
+The source is calibrated once (its attention inputs on the calibration text, and the RoPE pair
+scores), converted at each latent rank, and every model (the source first) is evaluated on a text
+that is not the calibration text (:func:`latentattn.perplexity.evaluate_text`). Reported per
+rank: the KV cache per token (bf16, all layers) against the source's, the perplexity and nats
+per byte, and how long the conversion took.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from latentattn.calc.kv_bytes import cache_bytes_per_token_per_layer
+from latentattn.config import GQAConfig
+from latentattn.convert import Plan, attention_inputs, choose_pairs, convert, pair_scores
+from latentattn.convert.gqa_to_mla import Method, check_sizes
+from latentattn.model.transformer import Transformer
+from latentattn.perplexity import evaluate_text
+from latentattn.timing import machine_info
+from latentattn.tokenizer import Tokenizer
+
+
+@dataclass
+class ConvertRow:
+    label: str  # "source" or "R=<rank>"
+    kv_lora_rank: int | None
+    rope_dim: int | None
+    kv_bytes_per_token: float  # bf16, all layers
+    kv_vs_source: float
+    perplexity: float
+    nats_per_byte: float
+    eval_tokens: int
+    convert_seconds: float = 0.0
+
+
+@dataclass
+class ConvertReport:
+    model: str
+    data: str
+    calib: str
+    method: str
+    pairs: list[int]
+    seconds_calibration: float
+    rows: list[ConvertRow] = field(default_factory=list)
+    machine: dict[str, Any] = field(default_factory=machine_info)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**{k: v for k, v in asdict(self).items() if k != "rows"},
+                "rows": [asdict(r) for r in self.rows],
+                "units": {"kv_bytes_per_token": "bf16 bytes per cached token, all layers"}}
+
+
+def run_convert_bench(model: Transformer, tokenizer: Tokenizer, calib_ids: torch.Tensor, text: str,
+                      ranks: Sequence[int], rope_dim: int, method: Method, seq_len: int,
+                      max_tokens: int | None, names: tuple[str, str, str],
+                      progress: Callable[[str], None] | None = None) -> ConvertReport:
+    """Calibrate ``model`` on ``calib_ids``, convert it at each rank of ``ranks`` (each checked
+    against ``rope_dim``), evaluate it and the source on ``text``. ``names``: (model, data,
+    calib) as reported."""
+    cfg = model.config
+    a = cfg.attention
+    assert isinstance(a, GQAConfig)
+    for rank in ranks:
+        check_sizes(cfg, rope_dim, rank)
+    started = time.perf_counter()
+    inputs = attention_inputs(model, calib_ids, min(256, cfg.max_seq_len))
+    pairs = choose_pairs(rope_dim // (2 * a.n_kv_heads), a.head_dim // 2, pair_scores(model, inputs))
+    report = ConvertReport(model=names[0], data=names[1], calib=names[2], method=method,
+                           pairs=list(pairs), seconds_calibration=time.perf_counter() - started)
+    source_bytes = cache_bytes_per_token_per_layer(cfg, 2) * cfg.n_layers
+
+    def row(label: str, m: Transformer, rank: int | None, seconds: float) -> ConvertRow:
+        if progress is not None:
+            progress(label)
+        r = evaluate_text(m, tokenizer, text, seq_len=seq_len, max_tokens=max_tokens)
+        kv = cache_bytes_per_token_per_layer(m.config, 2) * cfg.n_layers
+        return ConvertRow(label, rank, None if rank is None else rope_dim, kv, kv / source_bytes,
+                          r.perplexity, r.nats_per_byte, r.tokens, seconds)
+
+    report.rows.append(row("source", model, None, 0.0))
+    for rank in ranks:
+        t0 = time.perf_counter()
+        mla = convert(model, Plan(pairs, rank, method), inputs)
+        report.rows.append(row(f"R={rank}", mla, rank, time.perf_counter() - t0))
+        del mla
+    return report
+
+
+def convert_table(report: ConvertReport) -> str:
+    lines = ["| model | latent R | rope dims | KV B/token (bf16) | vs source | perplexity | nats/byte |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in report.rows:
+        lines.append(f"| {r.label} | {r.kv_lora_rank if r.kv_lora_rank is not None else '-'} | "
+                     f"{r.rope_dim if r.rope_dim is not None else '-'} | {r.kv_bytes_per_token:,.0f} | "
+                     f"{r.kv_vs_source:.2f}x | {r.perplexity:,.2f} | {r.nats_per_byte:.4f} |")
+    return "\n".join(lines)
+
+
+def plot_convert_report(report: ConvertReport, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    src, rest = report.rows[0], report.rows[1:]
+    ax.plot([r.kv_bytes_per_token for r in rest], [r.nats_per_byte for r in rest], "o-",
+            label=f"MLA ({report.method}, rope {rest[0].rope_dim if rest else '-'})")
+    for r in rest:
+        ax.annotate(r.label, (r.kv_bytes_per_token, r.nats_per_byte), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.scatter([src.kv_bytes_per_token], [src.nats_per_byte], marker="*", s=120, color="k",
+               label="source (GQA)", zorder=3)
+    ax.set_xlabel("KV cache bytes per token (bf16, all layers)")
+    ax.set_ylabel(f"nats per byte on {report.data}")
+    ax.set_title(f"{report.model} converted to MLA, before healing")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["ConvertReport", "ConvertRow", "convert_table", "plot_convert_report", "run_convert_bench"]
