@@ -65,13 +65,19 @@ def from_gguf(path: Path, cfg: ModelConfig, dtype: torch.dtype | None,
     ``dtype`` (float32 when None: the quantised blocks have no dtype of their own)."""
     _need_gguf()
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its per-tensor bars: our commands have their own output
     try:
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                   config=_hf_config(path), dtype=torch.float32)
     except (ValueError, KeyError, RuntimeError, NotImplementedError) as e:
         # e.g. a quantisation type transformers' dequantiser does not know
         raise CheckpointError(f"{path}: cannot read this GGUF file ({_short(e)})") from None
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     theirs = {k.removeprefix("model."): v for k, v in hf.state_dict().items()
               if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
     model = Transformer.empty(cfg, dtype or torch.float32, device)
