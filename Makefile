@@ -29,6 +29,9 @@ demo: $(VENV)/.dev
 	$(BIN)/latentattn info --model tiny-mla
 	$(BIN)/latentattn generate --model tiny-mla --prompt "Latent attention" --max-new-tokens 24 --seed 0
 	$(BIN)/latentattn generate --model smollm2-135m --prompt "The capital of France is" --max-new-tokens 12
+	rm -rf demo-mla
+	$(BIN)/latentattn convert smollm2-135m demo-mla --kv-lora-rank 160 --rope-dim full --calib builtin --method pca
+	$(BIN)/latentattn generate --model demo-mla --prompt "The capital of France is" --max-new-tokens 12
 	$(BIN)/latentattn compare --quick --restart --out compare-out
 
 lint: $(VENV)/.dev

@@ -78,9 +78,12 @@ class Forks:
         rest = train(model, train_tokens, val_tokens, ts, out_dir=str(run), resume=True,
                      progress=progress)
         shutil.rmtree(run)
-        seconds = first.seconds + rest.seconds
-        return dataclasses.replace(rest, seconds=seconds,
-                                   tokens_per_s=ts.steps * ts.batch_size * ts.seq_len / seconds)
+        # Throughput over both legs' training time (train() counts steps, not evaluations).
+        per_step = ts.batch_size * ts.seq_len
+        legs = [(self.fork, first.tokens_per_s), (ts.steps - self.fork, rest.tokens_per_s)]
+        train_s = sum(n * per_step / tps for n, tps in legs if tps > 0)
+        return dataclasses.replace(rest, seconds=first.seconds + rest.seconds,
+                                   tokens_per_s=ts.steps * per_step / train_s if train_s else 0.0)
 
     def checkpoint(self, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
                    ts: TrainSettings) -> Path:
