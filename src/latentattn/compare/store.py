@@ -70,7 +70,7 @@ def _upgrade(saved: Any) -> None:
         for label, cfg in variants.items():
             # A dict this code cannot read stays as it is: the comparison below reports it.
             with contextlib.suppress(ConfigError):
-                variants[label] = config_to_dict(config_from_dict(cfg))
+                variants[label] = json.loads(json.dumps(config_to_dict(config_from_dict(cfg))))
     train = settings.get("train")
     if isinstance(train, dict):
         for name, value in _TRAIN_FIELDS_BEFORE.items():
