@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -60,6 +61,29 @@ class TextEval:
                 "tokens_per_s": self.tokens_per_s}
 
 
+@torch.no_grad()
+def window_nats(model: Transformer, windows: torch.Tensor, batch_size: int, bf16: bool = False,
+                on_batch: Callable[[int], object] | None = None) -> float:
+    """Summed next-token cross-entropy (nats) of ``model`` over (N, T + 1) token ``windows``,
+    ``batch_size`` windows per forward, in eval mode (the mode is restored after), with bf16
+    autocast if asked; ``on_batch(n)`` after each forward of n windows."""
+    was_training = model.training
+    model.eval()
+    nats = 0.0
+    try:
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            for batch in windows.split(batch_size):
+                batch = batch.to(model.device)
+                logits = model(batch[:, :-1])
+                nats += float(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(),
+                                              reduction="sum"))
+                if on_batch is not None:
+                    on_batch(batch.shape[0])
+    finally:
+        model.train(was_training)
+    return nats
+
+
 def default_seq_len(model: Transformer) -> int:
     """The evaluation window when none is asked for: the model's, capped at 1024 (CPU cost)."""
     return min(model.config.max_seq_len, 1024)
@@ -89,23 +113,12 @@ def evaluate_text(model: Transformer, tokenizer: Tokenizer, text: str, seq_len: 
     n_bytes = len(tokenizer.decode(predicted).encode("utf-8"))
     from tqdm import tqdm
 
-    was_training = model.training
-    model.eval()
-    nats = 0.0
     started = time.perf_counter()
-    try:
-        with tqdm(total=windows.shape[0], desc="eval", unit="window", file=sys.stderr,
-                  disable=not progress, dynamic_ncols=True) as bar:
-            for batch in windows.split(batch_size):
-                batch = batch.to(model.device)
-                logits = model(batch[:, :-1])
-                nats += float(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(),
-                                              reduction="sum"))
-                bar.update(batch.shape[0])
-    finally:
-        model.train(was_training)
+    with tqdm(total=windows.shape[0], desc="eval", unit="window", file=sys.stderr,
+              disable=not progress, dynamic_ncols=True) as bar:
+        nats = window_nats(model, windows, batch_size, on_batch=bar.update)
     return TextEval(windows=windows.shape[0], seq_len=seq_len, tokens=len(predicted),
                     bytes=max(1, n_bytes), nats=nats, seconds=time.perf_counter() - started)
 
 
-__all__ = ["TextEval", "default_seq_len", "evaluate_text"]
+__all__ = ["TextEval", "default_seq_len", "evaluate_text", "window_nats"]

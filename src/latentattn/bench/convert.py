@@ -18,7 +18,7 @@ import torch
 
 from latentattn.calc.kv_bytes import cache_bytes_per_token_per_layer
 from latentattn.config import GQAConfig
-from latentattn.convert import Plan, attention_inputs, choose_pairs, convert, pair_scores
+from latentattn.convert import Plan, calibrate, convert
 from latentattn.convert.gqa_to_mla import Method, check_sizes
 from latentattn.model.transformer import Transformer
 from latentattn.perplexity import evaluate_text
@@ -69,8 +69,7 @@ def run_convert_bench(model: Transformer, tokenizer: Tokenizer, calib_ids: torch
     for rank in ranks:
         check_sizes(cfg, rope_dim, rank)
     started = time.perf_counter()
-    inputs = attention_inputs(model, calib_ids, min(256, cfg.max_seq_len))
-    pairs = choose_pairs(rope_dim // (2 * a.n_kv_heads), a.head_dim // 2, pair_scores(model, inputs))
+    pairs, inputs = calibrate(model, rope_dim, calib_ids)
     report = ConvertReport(model=names[0], data=names[1], calib=names[2], method=method,
                            pairs=list(pairs), seconds_calibration=time.perf_counter() - started)
     source_bytes = cache_bytes_per_token_per_layer(cfg, 2) * cfg.n_layers

@@ -12,7 +12,6 @@ from typing import Any
 from latentattn.cli.common import UserError
 
 DEFAULT_CALIB_TOKENS = 4096
-CALIB_WINDOW = 256
 
 
 def calib_text(arg: str | None) -> str | None:
@@ -38,16 +37,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from latentattn.calc.kv_bytes import cache_bytes_per_token_per_layer
     from latentattn.config import GQAConfig
-    from latentattn.convert import (
-        Plan,
-        attention_inputs,
-        check_sizes,
-        choose_pairs,
-        convert,
-        full_rank,
-        full_rope_dim,
-        pair_scores,
-    )
+    from latentattn.convert import Plan, calibrate, check_sizes, convert, full_rank, full_rope_dim
+    from latentattn.convert.calibrate import CALIB_WINDOW
     from latentattn.interop.native import save_native
     from latentattn.loading import load, load_config
     from latentattn.tokenizer import encode_corpus
@@ -60,7 +51,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     rope_dim = parse_size(args.rope_dim, "--rope-dim", full_rope_dim(cfg))
     if rope_dim % 2:
         raise UserError(f"--rope-dim must be even (rotary dims come in pairs), got {rope_dim}")
-    rank = parse_size(args.kv_lora_rank, "--kv-lora-rank", full_rank(cfg, rope_dim) if rope_dim > 0 else 0)
+    rank = parse_size(args.kv_lora_rank, "--kv-lora-rank", full_rank(cfg, rope_dim))
     check_sizes(cfg, rope_dim, rank)
     if args.method == "pca" and args.calib is None:
         raise UserError("--method pca factors the latent on calibration activations: give --calib FILE")
@@ -68,21 +59,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UserError(f"--calib-tokens must be >= {CALIB_WINDOW}, got {args.calib_tokens}")
     text = calib_text(args.calib)
     model, tokenizer = load(args.src, dtype=torch.float32, with_tokenizer=True)
-    inputs = None
-    scores = None
+    ids = None
     if text is not None:
         ids = encode_corpus(tokenizer, text)[: args.calib_tokens]
         if len(ids) < args.calib_tokens:
             raise UserError(f"--calib: {args.calib} has {len(ids):,} tokens, fewer than --calib-tokens "
                             f"{args.calib_tokens:,}; give a longer text or fewer tokens")
-        inputs = attention_inputs(model, ids, min(CALIB_WINDOW, cfg.max_seq_len))
-        scores = pair_scores(model, inputs)
+    pairs, inputs = calibrate(model, rope_dim, ids)
     half = a.head_dim // 2
-    pairs = choose_pairs(rope_dim // (2 * a.n_kv_heads), half, scores)
     plan = Plan(pairs, rank, args.method)
     mla = convert(model, plan, inputs)
     info = {"source": str(args.src), "kv_lora_rank": rank, "rope_dim": rope_dim, "method": args.method,
-            "pairs": list(pairs), "pair_choice": "2-norm on --calib" if scores is not None
+            "pairs": list(pairs), "pair_choice": "2-norm on --calib" if ids is not None
             else "highest frequencies", "calib": args.calib, "calib_tokens": args.calib_tokens
             if text is not None else 0}
     out = save_native(mla, args.out, tokenizer, info)

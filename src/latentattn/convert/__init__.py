@@ -1,7 +1,7 @@
 """GQA / MHA / MQA models to MLA (:mod:`latentattn.convert.gqa_to_mla`), with calibration
 (:mod:`latentattn.convert.calibrate`)."""
 
-from latentattn.convert.calibrate import attention_inputs, choose_pairs, pair_scores
+from latentattn.convert.calibrate import attention_inputs, calibrate, choose_pairs, pair_scores
 from latentattn.convert.gqa_to_mla import (
     METHODS,
     Plan,
@@ -12,5 +12,5 @@ from latentattn.convert.gqa_to_mla import (
     mla_config,
 )
 
-__all__ = ["METHODS", "Plan", "attention_inputs", "check_sizes", "choose_pairs", "convert",
+__all__ = ["METHODS", "Plan", "attention_inputs", "calibrate", "check_sizes", "choose_pairs", "convert",
            "full_rank", "full_rope_dim", "mla_config", "pair_scores"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from latentattn.attention.gqa import GroupedQueryAttention
+from latentattn.config import GQAConfig
 from latentattn.errors import LatentAttnError
 from latentattn.model.transformer import Transformer
 
@@ -65,4 +66,21 @@ def choose_pairs(n_pairs: int, half: int, scores: torch.Tensor | None) -> tuple[
     return tuple(sorted(int(i) for i in torch.topk(scores, n_pairs).indices))
 
 
-__all__ = ["attention_inputs", "choose_pairs", "pair_scores"]
+CALIB_WINDOW = 256  # tokens per calibration window (capped at the model's max_seq_len)
+
+
+def calibrate(model: Transformer, rope_dim: int, ids: torch.Tensor | None
+              ) -> tuple[tuple[int, ...], list[torch.Tensor] | None]:
+    """(the frequency pairs to keep rotary for ``rope_dim`` rope dims, the per-layer attention
+    inputs) for a GQA ``model``: chosen by 2-norm on the calibration tokens ``ids``, or without
+    them the highest frequencies and no inputs."""
+    a = model.config.attention
+    assert isinstance(a, GQAConfig)
+    n_pairs, half = rope_dim // (2 * a.n_kv_heads), a.head_dim // 2
+    if ids is None:
+        return choose_pairs(n_pairs, half, None), None
+    inputs = attention_inputs(model, ids, min(CALIB_WINDOW, model.config.max_seq_len))
+    return choose_pairs(n_pairs, half, pair_scores(model, inputs)), inputs
+
+
+__all__ = ["CALIB_WINDOW", "attention_inputs", "calibrate", "choose_pairs", "pair_scores"]

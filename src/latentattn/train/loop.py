@@ -42,6 +42,7 @@ from latentattn.config_io import config_to_dict
 from latentattn.data import eval_windows, random_batch
 from latentattn.errors import ConfigError, LatentAttnError
 from latentattn.model.transformer import Transformer
+from latentattn.perplexity import window_nats
 from latentattn.train.balance import RouterBalancer
 from latentattn.train.checkpoint import (
     FORMAT,
@@ -81,20 +82,8 @@ def evaluate(model: Transformer, val_tokens: torch.Tensor, settings: TrainSettin
     Runs the model as it is configured (for DSA: whatever stage is set).
     """
     windows = eval_windows(val_tokens, settings.seq_len, settings.eval_windows)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    try:
-        with torch.no_grad(), _autocast(model, settings.bf16):
-            for batch in windows.split(settings.batch_size):
-                batch = batch.to(device)
-                logits = model(batch[:, :-1])
-                total += float(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(),
-                                               reduction="sum"))
-    finally:
-        model.train(was_training)
-    return total / (windows.shape[0] * settings.seq_len)
+    nats = window_nats(model, windows, settings.batch_size, settings.bf16)
+    return nats / (windows.shape[0] * settings.seq_len)
 
 
 # ---------------------------------------------------------------------------- optimizer
