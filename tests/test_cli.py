@@ -42,7 +42,7 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
                  "--heads", "--seq-len", "--kv-lora-rank", "--index-topk", "--data", "--steps",
                  "--batch-size", "--lr", "--warmup-steps", "--eval-every", "--bf16", "--seed", "--out",
                  "--resume", "--fsdp", "--dsa-warmup-steps", "--router-bias-rate", "--moe-aux-loss",
-                 "--schedule", "--decay-frac",
+                 "--schedule", "--decay-frac", "--teacher", "--distill-weight", "--trainable",
                  "--quiet"},
     ("compare",): {"--data", "--steps", "--seeds", "--quick", "--gpu", "--device", "--dtype", "--out",
                    "--sweep", "--batch-size",
@@ -56,7 +56,8 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
                        "--repeats", "--dtype", "--quiet", "--tiny"},
     ("bench", "convert"): {"--json", "--plot", "--quiet", "--model", "--data", "--calib",
                            "--calib-tokens", "--ranks", "--rope-dim", "--method", "--seq-len",
-                           "--max-tokens"},
+                           "--max-tokens", "--heal-steps", "--heal-data", "--heal-lr",
+                           "--heal-batch-size", "--heal-seq-len", "--heal-trainable"},
     ("bench", "indexer"): {"--json", "--plot", "--data", "--pretrain-steps", "--warmup-steps",
                            "--topk", "--seq-len", "--batch", "--seed", "--quiet"},
 }

@@ -162,7 +162,8 @@ def test_bench_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     data.write_text("Every query reads the latent once. " * 40)
     out = tmp_path / "conv.json"
     assert main(["bench", "convert", "--model", str(src), "--data", str(data), "--ranks", "4,16,full",
-                 "--rope-dim", "8", "--calib-tokens", "512", "--seq-len", "64", "--max-tokens", "257",
+                 "--heal-steps", "0", "--rope-dim", "8", "--calib-tokens", "512", "--seq-len", "64",
+                 "--max-tokens", "257",
                  "--json", str(out), "--plot", str(tmp_path / "conv.png"), "--quiet"]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["label"] for r in rows] == ["source", "R=4", "R=16", "R=24"]  # full at rope 8: 2 x 12

@@ -5,6 +5,10 @@ scores), converted at each latent rank, and every model (the source first) is ev
 that is not the calibration text (:func:`latentattn.perplexity.evaluate_text`). Reported per
 rank: the KV cache per token (bf16, all layers) against the source's, the perplexity and nats
 per byte, and how long the conversion took.
+
+With a :class:`Heal`, each converted model is then fine-tuned for a few steps on a healing text
+(by default the calibration text, so the evaluation text stays unseen), distilling from the
+source (:mod:`latentattn.train.distill`), and evaluated again: the "healed" columns.
 """
 
 from __future__ import annotations
@@ -24,6 +28,31 @@ from latentattn.model.transformer import Transformer
 from latentattn.perplexity import evaluate_text
 from latentattn.timing import machine_info
 from latentattn.tokenizer import Tokenizer
+from latentattn.train.loop import TrainSettings, train
+
+
+@dataclass(frozen=True)
+class Heal:
+    """A short heal of each converted model: ``steps`` AdamW steps of ``batch_size`` x
+    ``seq_len`` tokens drawn from ``tokens`` (the healing text's training split; ``val`` its
+    validation split), peak ``lr`` after ``warmup_steps``, cosine to a tenth, distilling from the
+    source with weight ``distill_weight``, training ``trainable`` weights."""
+
+    tokens: torch.Tensor
+    val: torch.Tensor
+    steps: int = 100
+    batch_size: int = 2
+    seq_len: int = 256
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    distill_weight: float = 1.0
+    trainable: str = "attention"
+
+    def settings(self) -> TrainSettings:
+        return TrainSettings(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
+                             lr=self.lr, warmup_steps=min(self.warmup_steps, self.steps),
+                             weight_decay=0.0, eval_every=0, eval_windows=4,
+                             distill_weight=self.distill_weight, trainable=self.trainable)
 
 
 @dataclass
@@ -37,6 +66,9 @@ class ConvertRow:
     nats_per_byte: float
     eval_tokens: int
     convert_seconds: float = 0.0
+    healed_perplexity: float | None = None
+    healed_nats_per_byte: float | None = None
+    heal_seconds: float | None = None
 
 
 @dataclass
@@ -47,6 +79,7 @@ class ConvertReport:
     method: str
     pairs: list[int]
     seconds_calibration: float
+    heal: dict[str, Any] | None = None  # the Heal's settings (no tokens), or None: not healed
     rows: list[ConvertRow] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=machine_info)
 
@@ -59,10 +92,11 @@ class ConvertReport:
 def run_convert_bench(model: Transformer, tokenizer: Tokenizer, calib_ids: torch.Tensor, text: str,
                       ranks: Sequence[int], rope_dim: int, method: Method, seq_len: int,
                       max_tokens: int | None, names: tuple[str, str, str],
-                      progress: Callable[[str], None] | None = None) -> ConvertReport:
+                      progress: Callable[[str], None] | None = None,
+                      heal: Heal | None = None) -> ConvertReport:
     """Calibrate ``model`` on ``calib_ids``, convert it at each rank of ``ranks`` (each checked
-    against ``rope_dim``), evaluate it and the source on ``text``. ``names``: (model, data,
-    calib) as reported."""
+    against ``rope_dim``), evaluate it and the source on ``text``; with ``heal``, heal each
+    converted model and evaluate it again. ``names``: (model, data, calib) as reported."""
     cfg = model.config
     a = cfg.attention
     assert isinstance(a, GQAConfig)
@@ -72,6 +106,8 @@ def run_convert_bench(model: Transformer, tokenizer: Tokenizer, calib_ids: torch
     pairs, inputs = calibrate(model, rope_dim, calib_ids)
     report = ConvertReport(model=names[0], data=names[1], calib=names[2], method=method,
                            pairs=list(pairs), seconds_calibration=time.perf_counter() - started)
+    if heal is not None:
+        report.heal = {k: v for k, v in asdict(heal).items() if k not in ("tokens", "val")}
     source_bytes = cache_bytes_per_token_per_layer(cfg, 2) * cfg.n_layers
 
     def row(label: str, m: Transformer, rank: int | None, seconds: float) -> ConvertRow:
@@ -87,17 +123,36 @@ def run_convert_bench(model: Transformer, tokenizer: Tokenizer, calib_ids: torch
         t0 = time.perf_counter()
         mla = convert(model, Plan(pairs, rank, method), inputs)
         report.rows.append(row(f"R={rank}", mla, rank, time.perf_counter() - t0))
+        if heal is not None:
+            t0 = time.perf_counter()
+            train(mla, heal.tokens, heal.val, heal.settings(), progress=False, teacher=model)
+            r = evaluate_text(mla, tokenizer, text, seq_len=seq_len, max_tokens=max_tokens)
+            last = report.rows[-1]
+            last.healed_perplexity, last.healed_nats_per_byte = r.perplexity, r.nats_per_byte
+            last.heal_seconds = time.perf_counter() - t0
+            if progress is not None:
+                progress(f"R={rank} healed")
         del mla
     return report
 
 
 def convert_table(report: ConvertReport) -> str:
-    lines = ["| model | latent R | rope dims | KV B/token (bf16) | vs source | perplexity | nats/byte |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    healed = report.heal is not None
+    head = "| model | latent R | rope dims | KV B/token (bf16) | vs source | perplexity | nats/byte |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|"
+    if healed:
+        head += " healed perplexity | healed nats/byte | heal s |"
+        rule += "---:|---:|---:|"
+    lines = [head, rule]
     for r in report.rows:
-        lines.append(f"| {r.label} | {r.kv_lora_rank if r.kv_lora_rank is not None else '-'} | "
-                     f"{r.rope_dim if r.rope_dim is not None else '-'} | {r.kv_bytes_per_token:,.0f} | "
-                     f"{r.kv_vs_source:.2f}x | {r.perplexity:,.2f} | {r.nats_per_byte:.4f} |")
+        line = (f"| {r.label} | {r.kv_lora_rank if r.kv_lora_rank is not None else '-'} | "
+                f"{r.rope_dim if r.rope_dim is not None else '-'} | {r.kv_bytes_per_token:,.0f} | "
+                f"{r.kv_vs_source:.2f}x | {r.perplexity:,.2f} | {r.nats_per_byte:.4f} |")
+        if healed:
+            line += (" - | - | - |" if r.healed_perplexity is None else
+                     f" {r.healed_perplexity:,.2f} | {r.healed_nats_per_byte:.4f} | "
+                     f"{r.heal_seconds:,.0f} |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -114,15 +169,19 @@ def plot_convert_report(report: ConvertReport, path: str) -> None:
     for r in rest:
         ax.annotate(r.label, (r.kv_bytes_per_token, r.nats_per_byte), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
+    healed = [r for r in rest if r.healed_nats_per_byte is not None]
+    if healed:
+        ax.plot([r.kv_bytes_per_token for r in healed], [r.healed_nats_per_byte or 0.0 for r in healed],
+                "s--", label=f"MLA healed ({report.heal['steps'] if report.heal else '?'} steps)")
     ax.scatter([src.kv_bytes_per_token], [src.nats_per_byte], marker="*", s=120, color="k",
                label="source (GQA)", zorder=3)
     ax.set_xlabel("KV cache bytes per token (bf16, all layers)")
     ax.set_ylabel(f"nats per byte on {report.data}")
-    ax.set_title(f"{report.model} converted to MLA, before healing")
+    ax.set_title(f"{report.model} converted to MLA" + ("" if healed else ", before healing"))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
 
 
-__all__ = ["ConvertReport", "ConvertRow", "convert_table", "plot_convert_report", "run_convert_bench"]
+__all__ = ["ConvertReport", "ConvertRow", "Heal", "convert_table", "plot_convert_report", "run_convert_bench"]

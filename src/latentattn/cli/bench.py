@@ -4,6 +4,7 @@ bar. The benchmarks themselves are :mod:`latentattn.bench`."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
@@ -110,11 +111,11 @@ def cmd_bench_indexer(args: argparse.Namespace) -> int:
 def cmd_bench_convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from latentattn.bench.convert import convert_table, plot_convert_report, run_convert_bench
+    from latentattn.bench.convert import Heal, convert_table, plot_convert_report, run_convert_bench
     from latentattn.cli.convert import calib_text, parse_size
     from latentattn.config import GQAConfig
     from latentattn.convert import full_rank, full_rope_dim
-    from latentattn.data import load_text
+    from latentattn.data import load_text, train_val_split
     from latentattn.loading import load, load_config
     from latentattn.tokenizer import encode_corpus
 
@@ -135,9 +136,28 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
     text = load_text(args.data)
     calib = calib_text(args.calib)
     assert calib is not None  # --calib defaults to builtin
+    for flag in ("heal_steps", "heal_batch_size", "heal_seq_len"):
+        if getattr(args, flag) < (0 if flag == "heal_steps" else 1):
+            raise UserError(f"--{flag.replace('_', '-')} must be >= "
+                            f"{0 if flag == 'heal_steps' else 1}, got {getattr(args, flag)}")
+    if not (math.isfinite(args.heal_lr) and args.heal_lr > 0):
+        raise UserError(f"--heal-lr must be a positive number, got {args.heal_lr}")
     model, tokenizer = load(args.model, dtype="float32", with_tokenizer=True)
     calib_ids = encode_corpus(tokenizer, calib)[: args.calib_tokens]
-    with tqdm(total=len(ranks) + 1, file=sys.stderr, desc="bench convert", unit="model",
+    heal = None
+    if args.heal_steps > 0:
+        heal_text = calib_text(args.heal_data)
+        assert heal_text is not None
+        heal_tokens, heal_val = train_val_split(encode_corpus(tokenizer, heal_text))
+        if min(len(heal_tokens), len(heal_val)) < args.heal_seq_len + 1:
+            raise UserError(f"--heal-data {args.heal_data} is too short for one window of "
+                            f"--heal-seq-len {args.heal_seq_len} + 1 in its validation tenth")
+        if args.heal_seq_len > model.config.max_seq_len:
+            raise UserError(f"--heal-seq-len {args.heal_seq_len} exceeds the model's max_seq_len "
+                            f"{model.config.max_seq_len}")
+        heal = Heal(heal_tokens, heal_val, steps=args.heal_steps, batch_size=args.heal_batch_size,
+                    seq_len=args.heal_seq_len, lr=args.heal_lr, trainable=args.heal_trainable)
+    with tqdm(total=len(ranks) * (2 if heal else 1) + 1, file=sys.stderr, desc="bench convert", unit="model",
               disable=args.quiet) as bar:
         def progress(label: str) -> None:
             bar.set_postfix_str(label)
@@ -145,7 +165,7 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
 
         report = run_convert_bench(model, tokenizer, calib_ids, text, ranks, rope_dim, args.method,
                                    args.seq_len, args.max_tokens,
-                                   (str(args.model), args.data, args.calib), progress)
+                                   (str(args.model), args.data, args.calib), progress, heal)
     write_json(args.json, report.as_dict())
     atomic_write(args.plot, lambda tmp: plot_convert_report(report, tmp), suffix=".png")
     print(convert_table(report))
@@ -205,7 +225,9 @@ def register(sub: Any) -> None:
         description="Calibrate --model (a GQA / MHA / MQA model) on --calib, convert it to MLA at "
         "each of --ranks with --rope-dim rotary dims (latentattn convert), and evaluate the source "
         "and each conversion on --data (which should not be the calibration text): KV cache bytes "
-        "per token against the source's, perplexity and nats per byte. No healing is run.")
+        "per token against the source's, perplexity and nats per byte; then heal each conversion for "
+        "--heal-steps steps on --heal-data, distilling from the source (latentattn train --teacher), "
+        "and evaluate it again.")
     conv.add_argument("--model", required=True, metavar="SPEC", help="the GQA / MHA / MQA model")
     conv.add_argument("--data", required=True, metavar="FILE", help="UTF-8 evaluation text")
     conv.add_argument("--calib", default="builtin", metavar="FILE|builtin",
@@ -216,6 +238,19 @@ def register(sub: Any) -> None:
     conv.add_argument("--rope-dim", default="full", metavar="D|full", help="rotary dims (full)")
     conv.add_argument("--method", choices=["svd", "pca"], default="pca", help="factorisation (pca)")
     conv.add_argument("--seq-len", type=int, default=512, metavar="N", help="eval window (512)")
+    conv.add_argument("--heal-steps", type=int, default=100, metavar="N",
+                      help="heal each converted model for N steps, distilling from the source "
+                      "(100; 0: no heal)")
+    conv.add_argument("--heal-data", default="builtin", metavar="FILE|builtin",
+                      help="the healing text (builtin: CPython's pydoc prose, the default "
+                      "calibration text); keep it apart from --data")
+    conv.add_argument("--heal-lr", type=float, default=1e-4, metavar="LR", help="peak LR (1e-4)")
+    conv.add_argument("--heal-batch-size", type=int, default=2, metavar="N",
+                      help="sequences per heal step (2)")
+    conv.add_argument("--heal-seq-len", type=int, default=256, metavar="N",
+                      help="tokens per heal sequence (256)")
+    conv.add_argument("--heal-trainable", choices=["all", "attention"], default="attention",
+                      help="the weights a heal trains (attention)")
     conv.add_argument("--max-tokens", type=int, default=4097, metavar="N",
                       help="evaluate the first N tokens of --data (4097: 8 windows of 512)")
     conv.set_defaults(func=cmd_bench_convert)

@@ -83,7 +83,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
           f"({after / before:.2f}x); wrote {out} in {time.perf_counter() - started:.1f} s")
     if rank < full_rank(cfg, rope_dim) or rope_dim < full_rope_dim(cfg):
         print("below full rank or rope the model is an approximation: heal it with "
-              f"`latentattn train --init {out} --data FILE`", file=sys.stderr)
+              f"`latentattn train --init {out} --teacher {args.src} --trainable attention "
+              "--lr 1e-4 --data FILE --out DIR`", file=sys.stderr)
     return 0
 
 

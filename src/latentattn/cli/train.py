@@ -39,7 +39,9 @@ def register(sub: Any) -> None:
         "both the old and the new --steps (cosine: only within the warm-up), and it refuses "
         "otherwise. A resumed DSA run keeps the checkpoint's indexer warm-up length. DSA models "
         "run the indexer warm-up (dense) for --dsa-warmup-steps, then sparse top-k. Under torchrun "
-        "the same command trains with DDP, or FSDP2 with --fsdp.")
+        "the same command trains with DDP, or FSDP2 with --fsdp. Healing a converted model "
+        "(latentattn convert): --init CONVERTED --teacher SOURCE distils from the source, "
+        "--trainable attention trains only the converted layers.")
     p.add_argument("--attn", metavar="KIND", default=None,
                    help=f"attention variant of the model family: {', '.join(ATTN_KINDS)}")
     p.add_argument("--preset", default=None, help="a latentattn preset with vocab_size >= 256 "
@@ -54,6 +56,15 @@ def register(sub: Any) -> None:
                    help="with --init (a trained dense MLA model): add fresh DSA indexers and train "
                    "as DeepSeek-V3.2 does, the indexer warm-up with everything else frozen for "
                    "--dsa-warmup-steps, then sparse top-k (--index-topk: k, default seq-len / 16)")
+    p.add_argument("--teacher", default=None, metavar="SPEC",
+                   help="heal by distillation: any model latentattn.load reads over the same "
+                   "tokenizer (typically the source of a converted --init); the loss becomes "
+                   "(1 - W) LM + W KL(teacher || model), W from --distill-weight")
+    p.add_argument("--distill-weight", type=float, default=None, metavar="W",
+                   help="with --teacher: the weight of the KL term, in (0, 1] (1: pure distillation)")
+    p.add_argument("--trainable", choices=["all", "attention"], default="all",
+                   help="which weights train: all (default), or only the attention layers (healing "
+                   "a conversion: no gradients or optimizer state for the rest)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, ... (default: this rank's GPU when there is one, else cpu)")
     p.add_argument("--dim", type=int, default=None, help=f"hidden size ({size.dim})")
@@ -113,6 +124,11 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise LatentAttnError(f"--{flag.replace('_', '-')} must be a number >= 0, got {value}")
     if not 0 <= args.decay_frac <= 1:  # False for NaN too
         raise LatentAttnError(f"--decay-frac must be in [0, 1], got {args.decay_frac}")
+    if args.distill_weight is not None:
+        if args.teacher is None:
+            raise LatentAttnError("--distill-weight goes with --teacher")
+        if not 0 < args.distill_weight <= 1:
+            raise LatentAttnError(f"--distill-weight must be in (0, 1], got {args.distill_weight}")
 
 
 def _model_spec(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
@@ -214,6 +230,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                             with_tokenizer=True, **overrides)
     if args.retrofit_dsa and args.init is not None:
         model = _retrofit(model, retrofit_topk, args.seq_len, args.seed)
+    teacher = None
+    if args.teacher is not None:
+        teacher = load(args.teacher, dtype=torch.float32, device=model.device)
     if args.resume and args.init is None and args.preset is None and args.attn is None:
         from latentattn.loading import load_tokenizer
 
@@ -237,12 +256,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, bf16=args.bf16, seed=args.seed,
         dsa_warmup_steps=args.dsa_warmup_steps, fsdp=args.fsdp,
         router_bias_rate=args.router_bias_rate, moe_aux_loss=args.moe_aux_loss,
-        dsa_freeze_warmup=args.retrofit_dsa,
+        dsa_freeze_warmup=args.retrofit_dsa, trainable=args.trainable,
+        distill_weight=0.0 if teacher is None else (args.distill_weight or 1.0),
     )
     _keep_tokenizer(tokenizer, Path(args.out), args.resume)
     model.train()
     result = train(model, train_t, val_t, settings, out_dir=args.out, resume=args.resume,
-                   progress=not args.quiet)
+                   progress=not args.quiet, teacher=teacher)
     if int(os.environ.get("RANK", "0")) == 0:
         loss = result.final_val_loss
         unit = "byte" if isinstance(tokenizer, ByteTokenizer) else "token"

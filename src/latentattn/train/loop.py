@@ -54,6 +54,7 @@ from latentattn.train.checkpoint import (
     save_checkpoint,
     tokens_sha256,
 )
+from latentattn.train.distill import check_teacher, kl_to_teacher, set_trainable
 from latentattn.train.distributed import distributed, full_state, global_mean, load_full_state, wrap
 from latentattn.train.dsa import Stage, indexer_loss, set_dsa_stage
 from latentattn.train.resume import check_resumable
@@ -90,10 +91,13 @@ def evaluate(model: Transformer, val_tokens: torch.Tensor, settings: TrainSettin
 def _param_groups(
     model: Transformer, settings: TrainSettings
 ) -> tuple[list[dict[str, Any]], list[list[str]]]:
-    """Weight decay on matrices (and embeddings), none on norms and biases (nanoGPT)."""
+    """Weight decay on matrices (and embeddings), none on norms and biases (nanoGPT); frozen
+    parameters (``settings.trainable``) are left out."""
     decay: list[tuple[str, nn.Parameter]] = []
     no_decay: list[tuple[str, nn.Parameter]] = []
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         (decay if p.dim() >= 2 else no_decay).append((name, p))
     groups = [{"params": [p for _, p in decay], "weight_decay": settings.weight_decay},
               {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
@@ -117,7 +121,8 @@ def _eval_stage(done: int, warm: int) -> Stage:
 
 def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
           settings: TrainSettings, out_dir: str | None = None, resume: bool = False,
-          progress: bool = True, until: int | None = None, retrofit: bool = False) -> TrainResult:
+          progress: bool = True, until: int | None = None, retrofit: bool = False,
+          teacher: Transformer | None = None) -> TrainResult:
     """Train ``model`` in place for ``settings.steps`` steps (counting resumed ones).
 
     ``out_dir``: where checkpoints go (see the module docstring); a directory that already holds
@@ -144,7 +149,17 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
     if settings.seq_len > model.config.max_seq_len:
         raise ConfigError(f"seq_len {settings.seq_len} exceeds the model's max_seq_len "
                           f"{model.config.max_seq_len}")
+    if (teacher is None) != (settings.distill_weight == 0):
+        raise ConfigError("distillation needs both a teacher and distill_weight > 0; got "
+                          + ("a teacher and distill_weight 0" if teacher is not None else
+                             f"distill_weight {settings.distill_weight} and no teacher"))
+    if teacher is not None:
+        check_teacher(model, teacher)
+        teacher.eval()
     dsa = is_dsa(model)
+    if dsa and settings.trainable != "all":
+        raise ConfigError("a DSA model trains with trainable='all': its stages choose what is frozen")
+    set_trainable(model, settings.trainable)
     warm = settings.resolved_dsa_warmup()
     if retrofit and not (resume and dsa):
         raise ConfigError("retrofit forks a dense MLA checkpoint into a DSA model: it needs "
@@ -243,8 +258,15 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
                 batch = random_batch(train_tokens, settings.batch_size, settings.seq_len, gen)
                 batch = batch[d.rank :: d.world].to(device)  # (B / world, T + 1)
                 with _autocast(model, settings.bf16):
-                    lm = lm_loss(fwd(batch[:, :-1]), batch[:, 1:])
+                    logits = fwd(batch[:, :-1])
+                    lm = lm_loss(logits, batch[:, 1:])
                     loss = (lm + indexer_loss(model)) if dsa else lm
+                    if teacher is not None:
+                        with torch.no_grad():
+                            target = teacher(batch[:, :-1])
+                        w = settings.distill_weight
+                        loss = loss + w * (kl_to_teacher(logits, target) - lm)
+                    del logits
                 aux = balancer.loss()
                 if aux is not None:
                     loss = loss + aux

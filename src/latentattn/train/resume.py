@@ -19,11 +19,12 @@ from latentattn.train.settings import TrainSettings, lr_at, wsd_decay_start
 # after resolving None.
 RESUME_MUST_MATCH = ("batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "schedule",
                      "decay_frac", "weight_decay", "grad_clip", "bf16", "seed", "router_bias_rate",
-                     "moe_aux_loss", "dsa_freeze_warmup")
+                     "moe_aux_loss", "dsa_freeze_warmup", "distill_weight", "trainable")
 MOE_ONLY = ("router_bias_rate", "moe_aux_loss")
 # What checkpoints written before a setting existed ran with.
 _SETTINGS_BEFORE: dict[str, Any] = {"schedule": "cosine", "decay_frac": 0.2, "router_bias_rate": 0.0,
-                                    "moe_aux_loss": 0.0, "dsa_freeze_warmup": False}
+                                    "moe_aux_loss": 0.0, "dsa_freeze_warmup": False,
+                                    "distill_weight": 0.0, "trainable": "all"}
 
 
 # Settings a retrofit (a dense run forked into DSA) sets anew: the DSA stages did not exist.

@@ -11,6 +11,7 @@ from latentattn.errors import ConfigError
 
 SCHEDULES = ("cosine", "wsd")
 Schedule = Literal["cosine", "wsd"]
+TRAINABLE = ("all", "attention")  # which weights a run trains (train.distill.set_trainable)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class TrainSettings:
     # alpha of DeepSeek-V2's expert-level balance loss (0: off; V2 used 0.003).
     router_bias_rate: float = 1e-3
     moe_aux_loss: float = 0.0
+    # Healing (latentattn.train.distill): the weight w of the KL to a teacher's logits in
+    # (1 - w) LM + w KL (0: no teacher), and which weights train ("all" or "attention").
+    distill_weight: float = 0.0
+    trainable: str = "all"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len"):
@@ -68,6 +73,12 @@ class TrainSettings:
         for name in ("router_bias_rate", "moe_aux_loss"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ConfigError(f"TrainSettings.{name} must be >= 0, got {getattr(self, name)}")
+
+        if not 0 <= self.distill_weight <= 1:  # False for NaN too
+            raise ConfigError(f"TrainSettings.distill_weight must be in [0, 1], got {self.distill_weight}")
+        if self.trainable not in TRAINABLE:
+            raise ConfigError(f"TrainSettings.trainable must be one of {', '.join(TRAINABLE)}, got "
+                              f"{self.trainable!r}")
 
     def resolved_dsa_warmup(self) -> int:
         return self.steps // 4 if self.dsa_warmup_steps is None else self.dsa_warmup_steps
@@ -116,4 +127,4 @@ def lr_at(step: int, s: TrainSettings) -> float:
     return low + 0.5 * (1.0 + math.cos(math.pi * progress)) * (s.lr - low)
 
 
-__all__ = ["SCHEDULES", "Schedule", "TrainResult", "TrainSettings", "lr_at", "wsd_decay_start"]
+__all__ = ["SCHEDULES", "TRAINABLE", "Schedule", "TrainResult", "TrainSettings", "lr_at", "wsd_decay_start"]
