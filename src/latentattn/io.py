@@ -81,6 +81,32 @@ def atomic_write(path: str | Path, write: Callable[[str], object], suffix: str =
     fsync_dir(target.parent)
 
 
+def new_directory(out: str | os.PathLike[str], fill: Callable[[Path], object]) -> Path:
+    """Create the directory ``out`` (which must not exist, or be empty) all at once: ``fill``
+    writes its files into a temporary sibling, which is fsynced and renamed to ``out``; on any
+    error the sibling is removed and ``out`` is left as it was."""
+    import shutil
+
+    dest = Path(out)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise LatentAttnError(f"{dest} exists and is not an empty directory: choose a new OUT")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        fill(tmp)
+        for p in tmp.iterdir():
+            fsync_file(p)
+        fsync_dir(tmp)
+        if dest.exists():
+            dest.rmdir()
+        tmp.rename(dest)
+        fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
 def write_json(path: str | Path, data: Any) -> None:
     text = json.dumps(data, indent=2) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

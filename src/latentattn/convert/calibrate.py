@@ -69,17 +69,20 @@ def choose_pairs(n_pairs: int, half: int, scores: torch.Tensor | None) -> tuple[
 CALIB_WINDOW = 256  # tokens per calibration window (capped at the model's max_seq_len)
 
 
-def calibrate(model: Transformer, rope_dim: int, ids: torch.Tensor | None
+def calibrate(model: Transformer, rope_dim: int, ids: torch.Tensor | None, rorope: bool = False
               ) -> tuple[tuple[int, ...], list[torch.Tensor] | None]:
     """(the frequency pairs to keep rotary for ``rope_dim`` rope dims, the per-layer attention
     inputs) for a GQA ``model``: chosen by 2-norm on the calibration tokens ``ids``, or without
-    them the highest frequencies and no inputs."""
+    them the highest frequencies and no inputs. ``rorope``: every pair (RoRoPE keeps them all)."""
     a = model.config.attention
     assert isinstance(a, GQAConfig)
-    n_pairs, half = rope_dim // (2 * a.n_kv_heads), a.head_dim // 2
+    half = a.head_dim // 2
+    n_pairs = half if rorope else rope_dim // (2 * a.n_kv_heads)
     if ids is None:
         return choose_pairs(n_pairs, half, None), None
     inputs = attention_inputs(model, ids, min(CALIB_WINDOW, model.config.max_seq_len))
+    if rorope:
+        return choose_pairs(n_pairs, half, None), inputs
     return choose_pairs(n_pairs, half, pair_scores(model, inputs)), inputs
 
 

@@ -44,28 +44,39 @@ from latentattn.rope import yarn_attention_factor
 
 Method = Literal["svd", "pca"]
 METHODS = ("svd", "pca")
+RopeMode = Literal["blocks", "rorope"]
+ROPE_MODES = ("blocks", "rorope")
 
 
 @dataclass(frozen=True)
 class Plan:
     """What a conversion keeps: ``pairs`` (frequency pair indices of a source head, r of them),
-    ``kv_lora_rank`` R, and the factorisation ``method``."""
+    ``kv_lora_rank`` R, and the factorisation ``method``. ``rope_mode``: ``blocks`` (the module
+    docstring) or ``rorope`` (TransMLA's, :func:`_rorope_split`: one plain head-wide rope key,
+    every pair; what DeepSeek's format can hold). ``latent_norm``: give the MLA DeepSeek's
+    RMSNorm on the latent, its gains fitted on calibration (:func:`latent_norm_gains`)."""
 
     pairs: tuple[int, ...]
     kv_lora_rank: int
     method: Method = "svd"
+    rope_mode: RopeMode = "blocks"
+    latent_norm: bool = False
 
 
-def full_rank(cfg: ModelConfig, rope_dim: int) -> int:
-    """The latent rank that drops nothing at ``rope_dim``: G (2d - rope_dim / G) rows of M."""
+def full_rank(cfg: ModelConfig, rope_dim: int, rope_mode: RopeMode = "blocks") -> int:
+    """The latent rank that drops nothing at ``rope_dim``: the rows of M, G (2d - rope_dim / G)
+    for block RoPE, 2 G d for RoRoPE (every key head's residual and every value head)."""
     a = _gqa(cfg)
+    if rope_mode == "rorope":
+        return 2 * a.n_kv_heads * a.head_dim
     return a.n_kv_heads * (2 * a.head_dim - rope_dim // a.n_kv_heads)
 
 
-def full_rope_dim(cfg: ModelConfig) -> int:
-    """Every rotary dim of every KV head: G * d (can exceed one head's width)."""
+def full_rope_dim(cfg: ModelConfig, rope_mode: RopeMode = "blocks") -> int:
+    """Every rotary dim: of every KV head, G * d (can exceed one head's width), for block RoPE;
+    one head's d for RoRoPE."""
     a = _gqa(cfg)
-    return a.n_kv_heads * a.head_dim
+    return a.head_dim if rope_mode == "rorope" else a.n_kv_heads * a.head_dim
 
 
 def _gqa(cfg: ModelConfig) -> GQAConfig:
@@ -75,13 +86,19 @@ def _gqa(cfg: ModelConfig) -> GQAConfig:
     return a
 
 
-def check_sizes(cfg: ModelConfig, rope_dim: int, kv_lora_rank: int) -> None:
+def check_sizes(cfg: ModelConfig, rope_dim: int, kv_lora_rank: int,
+                rope_mode: RopeMode = "blocks") -> None:
     a = _gqa(cfg)
     g, d = a.n_kv_heads, a.head_dim
-    if rope_dim < 2 * g or rope_dim > g * d or rope_dim % (2 * g):
+    if rope_mode not in ROPE_MODES:
+        raise ConfigError(f"rope mode must be one of {', '.join(ROPE_MODES)}, got {rope_mode!r}")
+    if rope_mode == "rorope" and rope_dim != d:
+        raise ConfigError(f"--rope-mode rorope keeps one head's every rotary dim: --rope-dim must be "
+                          f"{d} (the head dim) or full, got {rope_dim}")
+    if rope_mode == "blocks" and (rope_dim < 2 * g or rope_dim > g * d or rope_dim % (2 * g)):
         raise ConfigError(f"--rope-dim must be a multiple of 2 x {g} KV heads (a pair per head) "
                           f"between {2 * g} and {g} x {d} = {g * d} (full), got {rope_dim}")
-    top = full_rank(cfg, rope_dim)
+    top = full_rank(cfg, rope_dim, rope_mode)
     if not 1 <= kv_lora_rank <= top:
         raise ConfigError(f"--kv-lora-rank must lie in 1..{top} (full rank at --rope-dim {rope_dim}), "
                           f"got {kv_lora_rank}")
@@ -91,12 +108,15 @@ def mla_config(cfg: ModelConfig, plan: Plan) -> ModelConfig:
     """The converted model's config (the source's everything but attention and RoPE blocks)."""
     a = _gqa(cfg)
     r = len(plan.pairs)
+    d = a.head_dim
+    rorope = plan.rope_mode == "rorope"
     attention = MLAConfig(
-        n_heads=a.n_heads, kv_lora_rank=plan.kv_lora_rank, qk_nope_head_dim=a.head_dim - 2 * r,
-        qk_rope_head_dim=a.n_kv_heads * 2 * r, v_head_dim=a.head_dim, q_lora_rank=None,
-        impl="auto", latent_norm=False, qkv_bias=a.qkv_bias, o_bias=a.o_bias)
-    rope = dataclasses.replace(cfg.rope, blocks=a.n_kv_heads, source_dim=a.head_dim,
-                               pairs=tuple(plan.pairs))
+        n_heads=a.n_heads, kv_lora_rank=plan.kv_lora_rank,
+        qk_nope_head_dim=d if rorope else d - 2 * r,
+        qk_rope_head_dim=d if rorope else a.n_kv_heads * 2 * r, v_head_dim=d, q_lora_rank=None,
+        impl="auto", latent_norm=plan.latent_norm, qkv_bias=a.qkv_bias, o_bias=a.o_bias)
+    rope = cfg.rope if rorope else dataclasses.replace(
+        cfg.rope, blocks=a.n_kv_heads, source_dim=d, pairs=tuple(plan.pairs))
     return cfg.replace(attention=attention, rope=rope, name=f"{cfg.name}-mla")
 
 
@@ -109,16 +129,67 @@ def _dims(d: int, pairs: tuple[int, ...]) -> tuple[list[int], list[int]]:
     return [*pairs, *(p + half for p in pairs)], [*rest, *(p + half for p in rest)]
 
 
+def _blocks_split(wq: torch.Tensor, wk: torch.Tensor, plan: Plan, g: int, d: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Block RoPE (the module docstring, step 1): per query head its (qk_dim, d) map from its
+    source head's q to the new query [nope | G rope blocks, zero outside its group's], and per
+    KV group the maps from its k to the key's nope part (d_n, d) and its rope block (2r, d).
+    Returned: (q maps (G, qk_dim, d), k nope maps (G, d_n, d), k rope maps (G, G 2r, d), d_n);
+    the q map is the same for every head of a group."""
+    rope_idx, nope_idx = _dims(d, plan.pairs)
+    d_n, r2 = len(nope_idx), len(rope_idx)
+    eye = torch.eye(d, dtype=wq.dtype)
+    qmap = torch.zeros(g, d_n + g * r2, d, dtype=wq.dtype)
+    krope = torch.zeros(g, g * r2, d, dtype=wq.dtype)
+    for grp in range(g):
+        qmap[grp, :d_n] = eye[nope_idx]
+        qmap[grp, d_n + grp * r2 : d_n + (grp + 1) * r2] = eye[rope_idx]
+        krope[grp, grp * r2 : (grp + 1) * r2] = eye[rope_idx]
+    knope = eye[nope_idx].expand(g, d_n, d)
+    return qmap, knope, krope, d_n
+
+
+def _rorope_split(wk: torch.Tensor, bk: torch.Tensor | None, g: int, d: int,
+                  inputs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """RoRoPE (TransMLA, arXiv 2502.07864 s4): for each frequency pair i the G KV heads' 2-D
+    rotary parts k_g,i are mixed by a unit vector u_i over heads (rotation by position is the
+    same for every head, so it commutes with the mixing): the shared rope key is
+    k_i = sum_g u_i[g] k_g,i, head_dim wide with exactly the source's frequencies (a plain RoPE
+    that DeepSeek's format can state), u_i the top eigenvector of the heads' rotary covariance on
+    calibration keys (on the weights without them). Query head h of group g reads it through
+    u_i[g] q_h,i. What u_i misses, k_g,i - u_i[g] k_i, goes to the nope part, where it loses its
+    rotation (the approximation; none for MQA, G = 1). Same return as :func:`_blocks_split`."""
+    half = d // 2
+    if inputs is not None:
+        keys = inputs.to(wk.dtype) @ wk.reshape(g * d, -1).T
+        if bk is not None:
+            keys = keys + bk.reshape(-1)
+        pairs = keys.view(-1, g, 2, half)  # (N, G, c, i): half-split pair i is dims (i, i + d/2)
+    else:
+        pairs = wk.permute(2, 0, 1).reshape(-1, g, 2, half)  # white inputs: the weights' Gram
+    cov = torch.einsum("ngci,nhci->igh", pairs, pairs)  # (half, G, G)
+    u = torch.linalg.eigh(cov).eigenvectors[..., -1]  # (half, G), unit norm
+    u_dim = torch.cat((u, u)).T  # (G, d): the weight of dim t of head g in the shared key
+    eye = torch.eye(d, dtype=wk.dtype)
+    qmap = torch.cat((eye.expand(g, d, d), torch.diag_embed(u_dim)), dim=1)  # (G, 2d, d)
+    krope = torch.diag_embed(u_dim).transpose(0, 1).reshape(d, g * d)  # rope key from all heads
+    # knope[g] (d, G d): k_g minus its share of the shared key, a map on the concatenated heads.
+    knope = torch.zeros(g, d, g * d, dtype=wk.dtype)
+    for grp in range(g):
+        knope[grp, :, grp * d : (grp + 1) * d] = eye
+        knope[grp] -= torch.diag(u_dim[grp]) @ krope
+    return qmap, knope, krope.unsqueeze(0), d
+
+
 @torch.no_grad()
 def convert_layer(src: GroupedQueryAttention, dst: MultiHeadLatentAttention, cfg: ModelConfig,
                   plan: Plan, inputs: torch.Tensor | None = None) -> None:
     """Fill ``dst`` (built from :func:`mla_config`) from ``src``. ``inputs`` (N, dim): the
-    layer's attention inputs on calibration text, needed by ``method="pca"``."""
+    layer's attention inputs on calibration text, needed by ``method="pca"``, by the latent
+    norm's gains and used by RoRoPE's mixing when given."""
     a = src.cfg
     h, g, d = a.n_heads, a.n_kv_heads, a.head_dim
     per_group = h // g
-    rope_idx, nope_idx = _dims(d, plan.pairs)
-    d_n, r2 = len(nope_idx), len(rope_idx)
     dim = cfg.dim
     f64 = torch.float64
     wq = src.q_proj.weight.to(f64).view(h, d, dim)
@@ -127,49 +198,77 @@ def convert_layer(src: GroupedQueryAttention, dst: MultiHeadLatentAttention, cfg
     bq = src.q_proj.bias.to(f64).view(h, d) if src.q_proj.bias is not None else None
     bk = src.k_proj.bias.to(f64).view(g, d) if src.k_proj.bias is not None else None
     bv = src.v_proj.bias.to(f64).view(g, d) if src.v_proj.bias is not None else None
+    zero_b = torch.zeros(g, d, dtype=f64)
+    if plan.rope_mode == "rorope":
+        qmap, knope, krope, d_n = _rorope_split(wk, bk, g, d, inputs)
+        k_src, kb_src = wk.reshape(g * d, dim), (bk if bk is not None else zero_b).reshape(-1)
+    else:
+        qmap, knope, krope, d_n = _blocks_split(wq, wk, plan, g, d)
+        k_src, kb_src = wk, (bk if bk is not None else zero_b)
+    # Key maps act on one head's k (blocks) or on all heads' k concatenated (rorope).
+    def key_rows(maps: torch.Tensor, grp: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if plan.rope_mode == "rorope":
+            return maps @ k_src, maps @ kb_src
+        assert grp is not None
+        return maps @ k_src[grp], maps @ kb_src[grp]
 
-    # Queries: [nope | rope blocks], rope zero outside the head's own group's block.
-    qk_dim = d_n + g * r2
+    # Queries: qmap of the head's group, the nope part times the scale change (and YaRN's cos/sin
+    # factor, which MLA applies to the rope part only), the rope part times the scale change.
+    qk_dim = qmap.shape[1]
     scale = math.sqrt(qk_dim / d)
     factor = yarn_attention_factor(cfg.rope.yarn) if cfg.rope.yarn is not None else 1.0
-    nope_scale = scale * factor * factor  # the source's cos/sin factor, on both q and k
-    q_new = torch.zeros(h, qk_dim, dim, dtype=f64)
-    b_new = torch.zeros(h, qk_dim, dtype=f64)
-    for head in range(h):
-        grp = head // per_group
-        block = slice(d_n + grp * r2, d_n + (grp + 1) * r2)
-        q_new[head, :d_n] = wq[head, nope_idx] * nope_scale
-        q_new[head, block] = wq[head, rope_idx] * scale
-        if bq is not None:
-            b_new[head, :d_n] = bq[head, nope_idx] * nope_scale
-            b_new[head, block] = bq[head, rope_idx] * scale
+    part = torch.full((qk_dim, 1), scale, dtype=f64)
+    part[:d_n] *= factor * factor
+    q_new = torch.stack([part * (qmap[hd // per_group] @ wq[hd]) for hd in range(h)])
     dst.q_proj.weight.copy_(q_new.reshape(h * qk_dim, dim))
     if dst.q_proj.bias is not None:
+        b_q = bq if bq is not None else torch.zeros(h, d, dtype=f64)
+        b_new = torch.stack([part[:, 0] * (qmap[hd // per_group] @ b_q[hd]) for hd in range(h)])
         dst.q_proj.bias.copy_(b_new.reshape(-1))
 
-    # The latent: M = [alpha W_k,nope (all groups); W_v (all groups)], balanced, factored.
-    k_nope = wk[:, nope_idx].reshape(g * d_n, dim)
+    # The latent: M = [alpha K_nope (all groups); W_v (all groups)], balanced, factored.
+    k_rows = [key_rows(knope[grp], grp) for grp in range(g)]
+    k_nope = torch.cat([w for w, _ in k_rows]) if d_n else torch.zeros(0, dim, dtype=f64)
     v_all = wv.reshape(g * d, dim)
     alpha = (v_all.norm() / k_nope.norm()).item() if d_n and k_nope.norm() > 0 else 1.0
     m = torch.cat((alpha * k_nope, v_all))
-    zero_b = torch.zeros(g, d, dtype=f64)
-    b_m = torch.cat(((bk if bk is not None else zero_b)[:, nope_idx].reshape(-1) * alpha,
+    b_m = torch.cat((torch.cat([b for _, b in k_rows]) * alpha if d_n else torch.zeros(0, dtype=f64),
                      (bv if bv is not None else zero_b).reshape(-1)))
     u = _basis(m, b_m, plan, inputs)  # (rows, R), orthonormal columns
     w_dkv, c_bias = u.T @ m, u.T @ b_m
-    k_rope = wk[:, rope_idx].reshape(g * r2, dim)
+    if plan.rope_mode == "rorope":
+        k_rope, kb_rope = key_rows(krope[0], None)
+    else:
+        rope_rows = [key_rows(krope[grp], grp) for grp in range(g)]  # each zero outside its block
+        k_rope = torch.stack([w for w, _ in rope_rows]).sum(0)
+        kb_rope = torch.stack([b for _, b in rope_rows]).sum(0)
     dst.kv_a_proj_with_mqa.weight.copy_(torch.cat((w_dkv, k_rope)))
     if dst.kv_a_proj_with_mqa.bias is not None:
-        kb = bk if bk is not None else zero_b
-        dst.kv_a_proj_with_mqa.bias.copy_(torch.cat((c_bias, kb[:, rope_idx].reshape(-1))))
+        dst.kv_a_proj_with_mqa.bias.copy_(torch.cat((c_bias, kb_rope)))
+    if dst.kv_a_layernorm is not None:
+        if inputs is None:
+            raise ConfigError("a latent RMSNorm's gains come from calibration: give --calib")
+        dst.kv_a_layernorm.weight.copy_(latent_norm_gains(inputs, w_dkv, c_bias,
+                                                          dst.kv_a_layernorm.eps))
     # kv_b_proj: per query head [k_nope rows of its group (alpha undone) ; v rows of its group].
     u_k = u[: g * d_n].reshape(g, d_n, u.shape[1]) / alpha
     u_v = u[g * d_n :].reshape(g, d, u.shape[1])
-    up = torch.cat([torch.cat((u_k[head // per_group], u_v[head // per_group])) for head in range(h)])
+    up = torch.cat([torch.cat((u_k[hd // per_group], u_v[hd // per_group])) for hd in range(h)])
     dst.kv_b_proj.weight.copy_(up)
     dst.o_proj.weight.copy_(src.o_proj.weight)
     if src.o_proj.bias is not None and dst.o_proj.bias is not None:
         dst.o_proj.bias.copy_(src.o_proj.bias)
+
+
+def latent_norm_gains(inputs: torch.Tensor, w_dkv: torch.Tensor, c_bias: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """DeepSeek's RMSNorm on the latent, gamma * c / rms(c), cannot equal the linear latent c
+    (its scale differs token by token); the per-dim gains gamma_k that make it closest in the
+    least-squares sense on calibration latents c: gamma_k = E[c_k^2 / rms] / E[c_k^2 / rms^2]."""
+    c = inputs.to(w_dkv.dtype) @ w_dkv.T + c_bias
+    inv = torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
+    num, den = (c.pow(2) * inv).sum(0), (c.pow(2) * inv.pow(2)).sum(0)
+    return torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(num))
 
 
 def _basis(m: torch.Tensor, b_m: torch.Tensor, plan: Plan, inputs: torch.Tensor | None) -> torch.Tensor:
@@ -207,5 +306,5 @@ def convert(model: Transformer, plan: Plan, inputs: list[torch.Tensor] | None = 
     return out.eval()
 
 
-__all__ = ["METHODS", "Method", "Plan", "check_sizes", "convert", "convert_layer", "full_rank",
-           "full_rope_dim", "mla_config"]
+__all__ = ["METHODS", "ROPE_MODES", "Method", "Plan", "RopeMode", "check_sizes", "convert",
+           "convert_layer", "full_rank", "full_rope_dim", "latent_norm_gains", "mla_config"]

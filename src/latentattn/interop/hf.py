@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from latentattn.config import ModelConfig
-from latentattn.errors import CheckpointError, ConfigError
+from latentattn.errors import CheckpointError, ConfigError, LatentAttnError
 from latentattn.interop.hf_config import (
     CONFIG_NAME,
     SUPPORTED_MODEL_TYPES,
@@ -44,7 +44,7 @@ DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' default "5GB" (decimal units
 
 __all__ = [
     "CONFIG_NAME", "SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf", "dequantize_fp8",
-    "from_pretrained", "save_pretrained",
+    "from_pretrained", "save_pretrained", "save_pretrained_dir",
 ]
 
 
@@ -349,3 +349,29 @@ def save_pretrained(
             removed = True
     if removed:
         fsync_dir(root)  # or a crash could bring the stale shards back beside the new ones
+
+
+def save_pretrained_dir(model: Transformer, out: str | os.PathLike[str], tokenizer: Any = None) -> Path:
+    """A new DeepSeek checkpoint directory ``out`` (which must not exist, or be empty), written
+    whole or not at all (:func:`latentattn.io.new_directory`): :func:`save_pretrained`'s files
+    and the tokenizer's tokenizer.json, its EOS id in config.json (``eos_token_id``, as
+    transformers' and vLLM's generation read it)."""
+    from latentattn.interop.native import save_tokenizer
+    from latentattn.io import new_directory
+
+    config_to_hf(model.config)  # refuse before creating anything
+
+    def fill(tmp: Path) -> None:
+        save_pretrained(model, tmp)
+        eos = save_tokenizer(tokenizer, tmp)
+        if eos is not None:
+            config = json.loads((tmp / CONFIG_NAME).read_text())
+            config["eos_token_id"] = eos
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    try:
+        return new_directory(out, fill)
+    except LatentAttnError as e:
+        if isinstance(e, ConfigError | CheckpointError):
+            raise
+        raise CheckpointError(str(e)) from None

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +18,8 @@ import torch
 
 from latentattn.config import ModelConfig
 from latentattn.config_io import config_from_dict, config_to_dict
-from latentattn.errors import CheckpointError, ConfigError
-from latentattn.io import fsync_dir, fsync_file
+from latentattn.errors import CheckpointError, ConfigError, LatentAttnError
+from latentattn.io import new_directory
 from latentattn.model.transformer import Transformer
 
 NATIVE_CONFIG = "latentattn.json"
@@ -37,35 +35,31 @@ def save_native(model: Transformer, out: str | os.PathLike[str], tokenizer: Any 
     latentattn.json (how the model was made)."""
     from safetensors.torch import save_file
 
-    dest = Path(out)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise CheckpointError(f"{dest} exists and is not an empty directory: choose a new OUT")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    def fill(tmp: Path) -> None:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
                  if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        eos = None
-        tok = getattr(tokenizer, "tok", None)
-        if tok is not None:
-            tok.save(str(tmp / "tokenizer.json"))
-            eos = tokenizer.eos_token_id
+        eos = save_tokenizer(tokenizer, tmp)
         meta = {"format": FORMAT, "version": VERSION, "model": config_to_dict(model.config),
                 "dtype": str(model.dtype).removeprefix("torch."), "eos_token_id": eos,
                 "info": info or {}}
         (tmp / NATIVE_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
-        for p in tmp.iterdir():
-            fsync_file(p)
-        fsync_dir(tmp)
-        if dest.exists():
-            dest.rmdir()
-        tmp.rename(dest)
-        fsync_dir(dest.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+
+    try:
+        return new_directory(out, fill)
+    except LatentAttnError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def save_tokenizer(tokenizer: Any, directory: Path) -> int | None:
+    """Write an :class:`latentattn.tokenizer.HFTokenizer`'s tokenizer.json into ``directory``
+    (anything else: nothing); return its EOS id."""
+    tok = getattr(tokenizer, "tok", None)
+    if tok is None:
+        return None
+    tok.save(str(directory / "tokenizer.json"))
+    eos: int | None = tokenizer.eos_token_id
+    return eos
 
 
 def read_native(path: Path) -> dict[str, Any]:
