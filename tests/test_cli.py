@@ -58,7 +58,7 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
     ("bench", "convert"): {"--json", "--plot", "--quiet", "--model", "--data", "--calib",
                            "--calib-tokens", "--ranks", "--rope-dim", "--method", "--seq-len",
                            "--max-tokens", "--heal-steps", "--heal-data", "--heal-lr",
-                           "--heal-batch-size", "--heal-seq-len", "--heal-trainable"},
+                           "--heal-batch-size", "--heal-seq-len", "--heal-trainable", "--rope-mode", "--format"},
     ("bench", "indexer"): {"--json", "--plot", "--data", "--pretrain-steps", "--warmup-steps",
                            "--topk", "--seq-len", "--batch", "--seed", "--quiet"},
 }

@@ -157,6 +157,14 @@ def test_bench_convert_heals_each_rank(tmp_path: Path, capsys: pytest.CaptureFix
         assert r["healed_perplexity"] > 1 and r["heal_seconds"] > 0
         assert r["healed_perplexity"] != r["perplexity"]
     assert "healed perplexity" in capsys.readouterr().out
+    # The DeepSeek format's conversion: RoRoPE (a head-wide rope key) and the fitted latent norm.
+    assert main(["bench", "convert", "--model", str(src), "--data", str(data), "--ranks", "8,full",
+                 "--format", "deepseek", "--calib-tokens", "1024", "--seq-len", "64",
+                 "--max-tokens", "513", "--heal-steps", "0", "--json", str(out),
+                 "--plot", str(tmp_path / "conv.png"), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert report["rope_mode"] == "rorope" and report["latent_norm"] and report["heal"] is None
+    assert [(r["kv_lora_rank"], r["rope_dim"]) for r in report["rows"][1:]] == [(8, 8), (32, 8)]
     assert "--heal-steps must be >= 0" in cli_error(
         capsys, ["bench", "convert", "--model", str(src), "--data", str(data), "--ranks", "4",
                  "--heal-steps", "-1", "--json", str(tmp_path / "c.json"),

@@ -23,7 +23,7 @@ import torch
 from latentattn.calc.kv_bytes import cache_bytes_per_token_per_layer
 from latentattn.config import GQAConfig
 from latentattn.convert import Plan, calibrate, convert
-from latentattn.convert.gqa_to_mla import Method, check_sizes
+from latentattn.convert.gqa_to_mla import Method, RopeMode, check_sizes
 from latentattn.model.transformer import Transformer
 from latentattn.perplexity import evaluate_text
 from latentattn.timing import machine_info
@@ -77,6 +77,8 @@ class ConvertReport:
     data: str
     calib: str
     method: str
+    rope_mode: str
+    latent_norm: bool  # DeepSeek's RMSNorm on the latent (convert --format deepseek)
     pairs: list[int]
     seconds_calibration: float
     heal: dict[str, Any] | None = None  # the Heal's settings (no tokens), or None: not healed
@@ -93,19 +95,23 @@ def run_convert_bench(model: Transformer, tokenizer: Tokenizer, calib_ids: torch
                       ranks: Sequence[int], rope_dim: int, method: Method, seq_len: int,
                       max_tokens: int | None, names: tuple[str, str, str],
                       progress: Callable[[str], None] | None = None,
-                      heal: Heal | None = None) -> ConvertReport:
+                      heal: Heal | None = None, rope_mode: RopeMode = "blocks",
+                      latent_norm: bool = False) -> ConvertReport:
     """Calibrate ``model`` on ``calib_ids``, convert it at each rank of ``ranks`` (each checked
     against ``rope_dim``), evaluate it and the source on ``text``; with ``heal``, heal each
-    converted model and evaluate it again. ``names``: (model, data, calib) as reported."""
+    converted model and evaluate it again. ``names``: (model, data, calib) as reported.
+    ``rope_mode`` and ``latent_norm``: as in :class:`latentattn.convert.Plan` (both
+    ``"rorope"`` and True: what ``convert --format deepseek`` writes)."""
     cfg = model.config
     a = cfg.attention
     assert isinstance(a, GQAConfig)
     for rank in ranks:
-        check_sizes(cfg, rope_dim, rank)
+        check_sizes(cfg, rope_dim, rank, rope_mode)
     started = time.perf_counter()
-    pairs, inputs = calibrate(model, rope_dim, calib_ids)
+    pairs, inputs = calibrate(model, rope_dim, calib_ids, rorope=rope_mode == "rorope")
     report = ConvertReport(model=names[0], data=names[1], calib=names[2], method=method,
-                           pairs=list(pairs), seconds_calibration=time.perf_counter() - started)
+                           rope_mode=rope_mode, latent_norm=latent_norm, pairs=list(pairs),
+                           seconds_calibration=time.perf_counter() - started)
     if heal is not None:
         report.heal = {k: v for k, v in asdict(heal).items() if k not in ("tokens", "val")}
     source_bytes = cache_bytes_per_token_per_layer(cfg, 2) * cfg.n_layers
@@ -121,7 +127,7 @@ def run_convert_bench(model: Transformer, tokenizer: Tokenizer, calib_ids: torch
     report.rows.append(row("source", model, None, 0.0))
     for rank in ranks:
         t0 = time.perf_counter()
-        mla = convert(model, Plan(pairs, rank, method), inputs)
+        mla = convert(model, Plan(pairs, rank, method, rope_mode, latent_norm), inputs)
         report.rows.append(row(f"R={rank}", mla, rank, time.perf_counter() - t0))
         if heal is not None:
             t0 = time.perf_counter()
@@ -165,7 +171,8 @@ def plot_convert_report(report: ConvertReport, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     src, rest = report.rows[0], report.rows[1:]
     ax.plot([r.kv_bytes_per_token for r in rest], [r.nats_per_byte for r in rest], "o-",
-            label=f"MLA ({report.method}, rope {rest[0].rope_dim if rest else '-'})")
+            label=f"MLA ({report.method}, {report.rope_mode} rope {rest[0].rope_dim if rest else '-'}"
+            + (", latent norm)" if report.latent_norm else ")"))
     for r in rest:
         ax.annotate(r.label, (r.kv_bytes_per_token, r.nats_per_byte), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)

@@ -115,6 +115,7 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
     from latentattn.cli.convert import calib_text, parse_size
     from latentattn.config import GQAConfig
     from latentattn.convert import full_rank, full_rope_dim
+    from latentattn.convert.gqa_to_mla import RopeMode
     from latentattn.data import load_text, train_val_split
     from latentattn.loading import load, load_config
     from latentattn.tokenizer import encode_corpus
@@ -125,14 +126,18 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
     if not isinstance(cfg.attention, GQAConfig):
         raise UserError(f"{args.model} is {cfg.attention.name.upper()} already: bench convert takes "
                         "GQA, MHA or MQA models")
-    rope_dim = parse_size(args.rope_dim, "--rope-dim", full_rope_dim(cfg))
-    ranks = [parse_size(r, "--ranks", full_rank(cfg, rope_dim)) for r in args.ranks.split(",") if r]
+    deepseek = args.format == "deepseek"
+    mode: RopeMode = "rorope" if deepseek else args.rope_mode
+    if deepseek and (cfg.attention.qkv_bias or cfg.attention.o_bias):
+        raise UserError(f"{args.model} has attention biases, which DeepSeek's format cannot hold")
+    rope_dim = parse_size(args.rope_dim, "--rope-dim", full_rope_dim(cfg, mode))
+    ranks = [parse_size(r, "--ranks", full_rank(cfg, rope_dim, mode)) for r in args.ranks.split(",") if r]
     if not ranks:
         raise UserError("--ranks must name at least one rank")
     from latentattn.convert import check_sizes
 
     for rank in ranks:
-        check_sizes(cfg, rope_dim, rank)
+        check_sizes(cfg, rope_dim, rank, mode)
     text = load_text(args.data)
     calib = calib_text(args.calib)
     assert calib is not None  # --calib defaults to builtin
@@ -165,7 +170,8 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
 
         report = run_convert_bench(model, tokenizer, calib_ids, text, ranks, rope_dim, args.method,
                                    args.seq_len, args.max_tokens,
-                                   (str(args.model), args.data, args.calib), progress, heal)
+                                   (str(args.model), args.data, args.calib), progress, heal,
+                                   mode, deepseek)
     write_json(args.json, report.as_dict())
     atomic_write(args.plot, lambda tmp: plot_convert_report(report, tmp), suffix=".png")
     print(convert_table(report))
@@ -237,6 +243,11 @@ def register(sub: Any) -> None:
                       help="latent ranks, 'full' allowed (64,128,full)")
     conv.add_argument("--rope-dim", default="full", metavar="D|full", help="rotary dims (full)")
     conv.add_argument("--method", choices=["svd", "pca"], default="pca", help="factorisation (pca)")
+    conv.add_argument("--rope-mode", choices=["blocks", "rorope"], default="blocks",
+                      help="as latentattn convert's (blocks; --format deepseek implies rorope)")
+    conv.add_argument("--format", choices=["native", "deepseek"], default="native",
+                      help="deepseek: convert as convert --format deepseek does (RoRoPE and the "
+                      "fitted latent RMSNorm), to measure what that format costs (native)")
     conv.add_argument("--seq-len", type=int, default=512, metavar="N", help="eval window (512)")
     conv.add_argument("--heal-steps", type=int, default=100, metavar="N",
                       help="heal each converted model for N steps, distilling from the source "
