@@ -24,6 +24,12 @@ For each source layer (H query heads, G KV heads of width d, RoPE half-split ove
 At R = G (2d - 2r) and every pair kept (``full``) nothing is dropped: the converted model's
 logits equal the source's up to rounding. Biases (Qwen2's q/k/v, Llama's o) carry over. The
 converted MLA has no latent RMSNorm (MLAConfig.latent_norm False): no linear map reproduces it.
+
+For DeepSeek's format (``Plan.rope_mode="rorope"``, ``Plan.latent_norm``), step 1 is TransMLA's
+RoRoPE instead (:func:`_rorope_split`: one plain d-dim rope key mixed from the KV heads, their
+residual in a d-dim nope part) and the latent gets an RMSNorm whose gains are fitted on the
+calibration latents (:func:`latent_norm_gains`); both are approximations for G > 1 that healing
+(``latentattn train --teacher``) recovers from.
 """
 
 from __future__ import annotations
