@@ -16,6 +16,11 @@ from typing import Any
 import pytest
 import torch
 
+# The Triton kernels run in Triton's interpreter on CPU tensors here (tests/test_triton_decode.py).
+# Triton reads this when it is imported, so it is set before any test module can import it; on
+# a CUDA machine export TRITON_INTERPRET=0 to run the kernels compiled.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
 TOL: dict[torch.dtype, dict[str, float]] = {
     torch.float64: {"atol": 1e-10, "rtol": 1e-10},
     torch.float32: {"atol": 2e-5, "rtol": 1e-4},

@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from latentattn.cli import bench, compare, convert, evaluate, generate, info, train
+from latentattn.cli import bench, compare, convert, evaluate, generate, info, kernels, train
 from latentattn.cli.common import PROG, UserError
 from latentattn.errors import LatentAttnError
 
@@ -23,10 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog=PROG, description="Multi-head latent attention: cache calculator, model info, "
-        "generation, evaluation, training, comparison and benchmarks.")
+        "generation, evaluation, conversion, training, comparison, benchmarks and kernels.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (info, generate, evaluate, convert, train, compare, bench):
+    for group in (info, generate, evaluate, convert, train, compare, bench, kernels):
         group.register(sub)
     return p
 

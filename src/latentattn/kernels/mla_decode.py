@@ -1,0 +1,122 @@
+"""Absorbed MLA decode over a latent cache: the PyTorch reference and the Triton kernel.
+
+One query token per sequence, queries already absorbed (``MultiHeadLatentAttention.absorb_query``):
+q (B, H, R + Dr) = [W_UK^T q_nope | q_rope]. Every head reads the same cached rows
+kv[t] = [c_t | k_rope_t] (R + Dr wide), as key, and their first R columns, the latent c_t, as
+value (DeepSeek-V2 s2.1.2's absorption; FlashMLA #46: V is a view of the latent, not a second
+cache). The output is the latent-space o (B, H, R), which ``unabsorb`` maps through W_UV, and the
+log-sum-exp of the scaled scores (B, H), natural log.
+
+The cache is contiguous, kv (B, S, R + Dr), or paged, kv (pages, page_size, R + Dr) with
+``block_table`` (B, max_pages) int32: token n of sequence b lives at row n % page_size of page
+block_table[b, n // page_size] (vLLM's and FlashMLA's layout). ``lengths`` (B,) int32 are the
+cached tokens per sequence (ragged batches); rows past a sequence's length are never read.
+
+The kernel (after SGLang's grouped decode kernel and vLLM's TRITON_MLA, next-facts s1.1): one
+program per (sequence, block of BLOCK_H heads, KV split); each tile of BLOCK_N cached rows is
+loaded once and used for every head in the block, as key (two dot products: the R latent columns
+and the Dr rope columns) and as value; an online softmax in base 2 runs over the split's tiles;
+each split stores its normalised partial output and LSE, and a second kernel merges the splits
+by their LSEs. A split past a sequence's end stores LSE -inf and no output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from latentattn.errors import ConfigError
+
+BLOCK_H = 16  # heads per program: tl.dot needs >= 16 rows (SGLang's grouped kernel uses 16)
+BLOCK_N = 32  # cached rows per tile (SGLang: 32 at width 576)
+LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------------------- reference
+def mla_decode_ref(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, scale: float,
+                   kv_lora_rank: int, block_table: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The obviously-correct form, in fp32, one sequence at a time: (o (B, H, R), lse (B, H))."""
+    b, _, width = q.shape
+    outs, lses = [], []
+    for i in range(b):
+        n = int(lengths[i])
+        rows = _rows(kv, i, n, block_table).float()  # (n, R + Dr)
+        s = (q[i].float() @ rows.T) * scale  # (H, n)
+        lses.append(torch.logsumexp(s, dim=-1))
+        outs.append(torch.softmax(s, dim=-1) @ rows[:, :kv_lora_rank])
+    assert width == kv.shape[-1]
+    return torch.stack(outs), torch.stack(lses)
+
+
+def _rows(kv: torch.Tensor, i: int, n: int, block_table: torch.Tensor | None) -> torch.Tensor:
+    """Sequence i's first n cached rows, contiguous or through its pages."""
+    if block_table is None:
+        return kv[i, :n]
+    page = kv.shape[1]
+    pages = block_table[i, : math.ceil(n / page)].long()
+    return kv[pages].reshape(-1, kv.shape[-1])[:n]
+
+
+# ---------------------------------------------------------------------------- checks
+def check_decode_inputs(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, kv_lora_rank: int,
+                        block_table: torch.Tensor | None) -> None:
+    """One clear error for inputs the kernel cannot take (the PyTorch path can still)."""
+    if q.dim() != 3 or kv.dim() != 3 or q.shape[-1] != kv.shape[-1]:
+        raise ConfigError(f"mla_decode takes q (B, H, R + Dr) and kv (B or pages, S, R + Dr); got q "
+                          f"{tuple(q.shape)}, kv {tuple(kv.shape)}")
+    if not 0 < kv_lora_rank < kv.shape[-1]:
+        raise ConfigError(f"kv_lora_rank {kv_lora_rank} must lie inside the cache row ({kv.shape[-1]})")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or kv.dtype != q.dtype:
+        raise ConfigError(f"mla_decode supports fp32/bf16/fp16 caches with queries of the same "
+                          f"dtype; got q {q.dtype}, kv {kv.dtype}")
+    if lengths.shape != (q.shape[0],):
+        raise ConfigError(f"lengths must be ({q.shape[0]},), got {tuple(lengths.shape)}")
+    if bool((lengths < 1).any()):
+        raise ConfigError("every sequence needs at least one cached token")
+    if block_table is None:
+        if kv.shape[0] != q.shape[0] or int(lengths.max()) > kv.shape[1]:
+            raise ConfigError(f"lengths (max {int(lengths.max())}) exceed the contiguous cache "
+                              f"({kv.shape[1]} rows)")
+        return
+    if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
+        raise ConfigError(f"block_table must be (B, max_pages), got {tuple(block_table.shape)}")
+    needed = (lengths.long() + kv.shape[1] - 1) // kv.shape[1]
+    if bool((needed > block_table.shape[1]).any()):
+        raise ConfigError("lengths need more pages than the block table holds")
+    cols = torch.arange(block_table.shape[1], device=block_table.device)
+    used = block_table[cols[None, :] < needed[:, None].to(block_table.device)]
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= kv.shape[0]):
+        raise ConfigError(f"the block table points outside the pool of {kv.shape[0]} pages")
+
+
+# ---------------------------------------------------------------------------- the kernel
+def mla_decode_triton(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, scale: float,
+                      kv_lora_rank: int, block_table: torch.Tensor | None = None,
+                      num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernel (module docstring): (o (B, H, R) in q's dtype, lse (B, H) fp32).
+    ``num_splits``: KV splits per sequence (None: :func:`default_splits`). Needs Triton, and
+    CUDA tensors or ``TRITON_INTERPRET=1`` set before the first call."""
+    check_decode_inputs(q, kv, lengths, kv_lora_rank, block_table)
+    from latentattn.kernels.triton_mla import launch_decode
+
+    splits = num_splits if num_splits is not None else default_splits(q.shape[0], q.shape[1],
+                                                                      int(lengths.max()))
+    if splits < 1:
+        raise ConfigError(f"num_splits must be >= 1, got {splits}")
+    return launch_decode(q, kv, lengths, scale, kv_lora_rank, block_table, splits)
+
+
+def default_splits(batch: int, heads: int, max_len: int, programs: int = 132) -> int:
+    """KV splits per sequence: enough programs to fill ``programs`` (an H100's 132 SMs) when
+    batch x head blocks cannot, never splits under 4 tiles, at most 16 (vLLM PR #50629 caps
+    them near SMs / (batch x head blocks): the fp32 partials grow with the count)."""
+    head_blocks = -(-heads // BLOCK_H)
+    want = max(1, programs // max(1, batch * head_blocks))
+    most = max(1, max_len // (4 * BLOCK_N))
+    return max(1, min(want, most, 16))
+
+
+__all__ = ["BLOCK_H", "BLOCK_N", "check_decode_inputs", "default_splits", "mla_decode_ref",
+           "mla_decode_triton"]

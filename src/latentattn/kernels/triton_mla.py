@@ -1,0 +1,142 @@
+"""Triton kernels for absorbed MLA decode (:mod:`latentattn.kernels.mla_decode` documents the
+maths and the layout; that module checks the inputs and holds the PyTorch reference). Imported
+only when a Triton kernel runs or compiles: importing this module needs Triton."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from latentattn.kernels.mla_decode import BLOCK_H, BLOCK_N
+
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def mla_decode_stage1(Q, KV, LENGTHS, TABLE, O_PART, LSE_PART, sm_scale_log2, heads, split_len,
+                      stride_qb, stride_qh, stride_kvp, stride_kvn, stride_tb,
+                      stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                      RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_DR: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One (sequence, head block, split): online softmax over the split's cached rows."""
+    b = tl.program_id(0)
+    hb = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(LENGTHS + b)
+    start = split * split_len
+    end = tl.minimum(start + split_len, length)
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    r = tl.arange(0, BLOCK_R)
+    dr = tl.arange(0, BLOCK_DR)
+    h_ok = h < heads
+    q_row = Q + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh
+    q_lat = tl.load(q_row + r[None, :], mask=h_ok[:, None] & (r[None, :] < RANK), other=0.0)
+    q_rope = tl.load(q_row + RANK + dr[None, :], mask=h_ok[:, None] & (dr[None, :] < ROPE), other=0.0)
+    m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    denom = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_R), tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        if PAGED:
+            page = tl.load(TABLE + b.to(tl.int64) * stride_tb + n // PAGE, mask=n_ok, other=0)
+            row = KV + page.to(tl.int64) * stride_kvp + (n % PAGE).to(tl.int64) * stride_kvn
+        else:
+            row = KV + b.to(tl.int64) * stride_kvp + n.to(tl.int64) * stride_kvn
+        c = tl.load(row[:, None] + r[None, :], mask=n_ok[:, None] & (r[None, :] < RANK), other=0.0)
+        k_rope = tl.load(row[:, None] + RANK + dr[None, :], mask=n_ok[:, None] & (dr[None, :] < ROPE),
+                         other=0.0)
+        # The 512 + 64 split: two dot products summed; scores in base 2 for exp2.
+        s = tl.dot(q_lat, tl.trans(c), input_precision=PRECISION)
+        s += tl.dot(q_rope, tl.trans(k_rope), input_precision=PRECISION)
+        s = tl.where(n_ok[None, :], s * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        denom = denom * alpha + tl.sum(p, axis=1)
+        # The latent tile, loaded once as the key, is the value.
+        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
+        m = m_new
+    has = denom > 0
+    safe = tl.where(has, denom, 1.0)
+    out = acc / safe[:, None]
+    lse = tl.where(has, (m + tl.log2(safe)) * 0.6931471805599453, float("-inf"))
+    o_ptr = O_PART + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + split * stride_os + r[None, :]
+    tl.store(o_ptr, out, mask=h_ok[:, None] & (r[None, :] < RANK))
+    tl.store(LSE_PART + b * stride_lb + h * stride_lh + split, lse, mask=h_ok)
+
+
+@triton.jit
+def mla_decode_stage2(O_PART, LSE_PART, OUT, LSE, splits, heads,
+                      stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+                      RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One (sequence, head): merge the splits' partial outputs by their log-sum-exps."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    r = tl.arange(0, BLOCK_R)
+    lse = tl.load(LSE_PART + b * stride_lb + h * stride_lh + s, mask=s < splits, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    w = tl.where(lse > float("-inf"), tl.exp(lse - top), 0.0)  # an empty split weighs 0
+    total = tl.sum(w, axis=0)
+    part = tl.load(O_PART + b.to(tl.int64) * stride_ob + h * stride_oh + s[:, None] * stride_os
+                   + r[None, :], mask=(s[:, None] < splits) & (r[None, :] < RANK) & (w[:, None] > 0),
+                   other=0.0)
+    out = tl.sum(part * w[:, None], axis=0) / total
+    tl.store(OUT + b.to(tl.int64) * stride_outb + h * stride_outh + r, out.to(OUT.dtype.element_ty),
+             mask=r < RANK)
+    tl.store(LSE + b * heads + h, top + tl.log(total))
+
+
+def decode_constexprs(rank: int, rope: int, page: int, paged: bool, dtype: torch.dtype
+                      ) -> dict[str, Any]:
+    """The compile-time constants of stage 1 for one cache shape (shared with kernels compile)."""
+    return {"RANK": rank, "ROPE": rope, "BLOCK_R": triton.next_power_of_2(rank),
+            "BLOCK_DR": max(16, triton.next_power_of_2(rope)), "PAGE": page, "PAGED": paged,
+            "BLOCK_H": BLOCK_H, "BLOCK_N": BLOCK_N,
+            # fp32 caches: exact fp32 products (TF32 would lose 13 mantissa bits).
+            "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+
+
+def decode_warps(rank: int) -> int:
+    """Warps of stage 1: 8 once the latent tile is 512 wide (FlagGems' choice at DeepSeek's
+    width; with 4, the fp32 accumulator and the tile alone take over 128 registers a thread)."""
+    return 8 if triton.next_power_of_2(rank) >= 512 else 4
+
+
+def launch_decode(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, scale: float, rank: int,
+                  block_table: torch.Tensor | None, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b, heads, width = q.shape
+    rope = width - rank
+    paged = block_table is not None
+    page = kv.shape[1] if paged else 1
+    max_len = int(lengths.max())
+    split_len = triton.cdiv(triton.cdiv(max_len, splits), BLOCK_N) * BLOCK_N
+    o_part = torch.empty(b, heads, splits, rank, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(b, heads, splits, dtype=torch.float32, device=q.device)
+    table = block_table.to(torch.int32) if block_table is not None else lengths  # unused then
+    lengths = lengths.to(device=q.device, dtype=torch.int32)
+    q = q.contiguous()
+    if kv.stride(-1) != 1:
+        kv = kv.contiguous()
+    consts = decode_constexprs(rank, rope, page, paged, q.dtype)
+    mla_decode_stage1[(b, triton.cdiv(heads, BLOCK_H), splits)](
+        q, kv, lengths, table, o_part, lse_part, scale * LOG2E, heads, split_len,
+        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), table.stride(0) if paged else 0,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        **consts, num_warps=decode_warps(rank), num_stages=2)
+    out = torch.empty(b, heads, rank, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, heads, dtype=torch.float32, device=q.device)
+    mla_decode_stage2[(b, heads)](
+        o_part, lse_part, out, lse, splits, heads, o_part.stride(0), o_part.stride(1),
+        o_part.stride(2), lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1),
+        RANK=rank, BLOCK_R=consts["BLOCK_R"], BLOCK_S=max(2, triton.next_power_of_2(splits)))
+    return out, lse
+
+
+__all__ = ["decode_constexprs", "decode_warps", "launch_decode", "mla_decode_stage1", "mla_decode_stage2"]

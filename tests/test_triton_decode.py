@@ -1,0 +1,127 @@
+"""The Triton absorbed-decode kernel against its PyTorch reference in Triton's interpreter (fp32:
+bf16 tl.dot is wrong there, triton #11584), and the kernels compiled for sm_80 and sm_90.
+
+Shapes are odd on purpose (heads 1, 3, 16 and 20; latent ranks that are not powers of two;
+cached lengths 1, 63, 97, 1025; pages of 16 and 64 in a shuffled pool; ragged batches), and
+every cache slot past a sequence's end is NaN, so an over-read shows (FlashMLA's tests)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # conftest set TRITON_INTERPRET=1 before anything imported it
+from latentattn.errors import ConfigError
+from latentattn.kernels import triton_mla
+from latentattn.kernels.mla_decode import default_splits, mla_decode_ref, mla_decode_triton
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    importlib.reload(triton_mla)  # kernels defined as interpreted, whoever imported them first
+
+
+def _case(batch: int, heads: int, rank: int, rope: int, lengths: list[int], seed: int = 0
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, rank + rope, generator=g)
+    kv = torch.randn(batch, max(lengths) + 5, rank + rope, generator=g)
+    for b, n in enumerate(lengths):
+        kv[b, n:] = float("nan")
+    return q, kv, torch.tensor(lengths, dtype=torch.int32)
+
+
+def _paged(kv: torch.Tensor, lengths: torch.Tensor, page: int, seed: int = 0
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same rows in pages of a shuffled pool (unused pool slots NaN, unused table cells -1)."""
+    need = [-(-int(n) // page) for n in lengths]
+    pool = torch.full((sum(need) + 3, page, kv.shape[-1]), float("nan"))
+    order = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))
+    table = torch.full((kv.shape[0], max(need) + 1), -1, dtype=torch.int32)
+    k = 0
+    for b, n in enumerate(lengths.tolist()):
+        for p in range(need[b]):
+            pid = int(order[k])
+            k += 1
+            table[b, p] = pid
+            rows = kv[b, p * page : min((p + 1) * page, n)]
+            pool[pid, : rows.shape[0]] = rows
+    return pool, table
+
+
+def _check(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> None:
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("heads", "rank", "rope", "lengths"), [
+    (1, 16, 16, [1]), (3, 40, 8, [1, 63, 97]), (16, 64, 16, [97, 1]), (20, 24, 10, [33, 64]),
+])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_contiguous_matches_reference(heads: int, rank: int, rope: int, lengths: list[int],
+                                      splits: int) -> None:
+    q, kv, n = _case(len(lengths), heads, rank, rope, lengths)
+    _check(mla_decode_triton(q, kv, n, 0.21, rank, num_splits=splits),
+           mla_decode_ref(q, kv, n, 0.21, rank))
+
+
+@pytest.mark.parametrize("page", [16, 64])
+def test_paged_matches_reference_and_the_contiguous_cache(page: int) -> None:
+    q, kv, n = _case(3, 3, 40, 8, [1, 63, 97], seed=1)
+    pool, table = _paged(kv, n, page)
+    want = mla_decode_ref(q, kv, n, 0.3, 40)
+    _check(mla_decode_ref(q, pool, n, 0.3, 40, block_table=table), want)
+    _check(mla_decode_triton(q, pool, n, 0.3, 40, block_table=table, num_splits=2), want)
+
+
+def test_split_kv_equals_no_split_at_a_long_context() -> None:
+    q, kv, n = _case(1, 3, 32, 16, [1025], seed=2)
+    one = mla_decode_triton(q, kv, n, 0.2, 32, num_splits=1)
+    _check(mla_decode_triton(q, kv, n, 0.2, 32, num_splits=5), one)  # the 5th split is short
+    _check(one, mla_decode_ref(q, kv, n, 0.2, 32))
+
+
+def test_more_splits_than_rows_leave_empty_splits_out() -> None:
+    q, kv, n = _case(2, 3, 16, 16, [1, 40], seed=3)
+    _check(mla_decode_triton(q, kv, n, 0.5, 16, num_splits=4), mla_decode_ref(q, kv, n, 0.5, 16))
+
+
+def test_split_policy() -> None:
+    assert default_splits(1, 128, 65536) == 16  # one sequence: split to fill the GPU
+    assert default_splits(128, 128, 65536) == 1  # 1,024 head blocks fill it already
+    assert default_splits(1, 16, 64) == 1  # never splits under 4 tiles
+
+
+def test_bad_inputs_are_refused() -> None:
+    q, kv, n = _case(2, 3, 16, 16, [5, 9])
+    pool, table = _paged(kv, n, 16)
+    for call, message in [
+        (lambda: mla_decode_triton(q, kv.double(), n, 0.5, 16), "same dtype"),
+        (lambda: mla_decode_triton(q, kv, torch.tensor([5, 99], dtype=torch.int32), 0.5, 16),
+         "exceed the contiguous cache"),
+        (lambda: mla_decode_triton(q, kv, n, 0.5, 32), "must lie inside the cache row"),
+        (lambda: mla_decode_triton(q, pool, n, 0.5, 16, block_table=table + 100),
+         "points outside the pool"),
+        (lambda: mla_decode_triton(q, pool, n, 0.5, 16, block_table=table[:, :0]), "more pages"),
+        (lambda: mla_decode_triton(q, kv, n, 0.5, 16, num_splits=0), "num_splits must be >= 1"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            call()
+
+
+def test_kernels_compile_for_sm80_and_sm90() -> None:
+    """No GPU needed: Triton's compiler and the wheel's ptxas lower every kernel to a cubin."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "latentattn", "kernels", "compile", "--arch",
+                          "sm_80,sm_90"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "12 of 12 kernel configurations compiled within the limits of sm_80, sm_90" in run.stdout
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| mla_decode")]
+    assert len(rows) == 12 and all(line.endswith("| ok |") for line in rows)
+    bad = subprocess.run([sys.executable, "-m", "latentattn", "kernels", "compile", "--arch", "sm_70"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "--arch takes a comma-separated list of sm_80, sm_90" in bad.stderr
