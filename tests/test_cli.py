@@ -58,7 +58,9 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
     ("bench", "convert"): {"--json", "--plot", "--quiet", "--model", "--data", "--calib",
                            "--calib-tokens", "--ranks", "--rope-dim", "--method", "--seq-len",
                            "--max-tokens", "--heal-steps", "--heal-data", "--heal-lr",
-                           "--heal-batch-size", "--heal-seq-len", "--heal-trainable", "--rope-mode", "--format"},
+                           "--heal-batch-size", "--heal-seq-len", "--heal-trainable", "--rope-mode",
+                           "--format"},
+    ("kernels", "compile"): {"--arch"},
     ("bench", "indexer"): {"--json", "--plot", "--data", "--pretrain-steps", "--warmup-steps",
                            "--topk", "--seq-len", "--batch", "--seed", "--quiet"},
 }
@@ -78,7 +80,8 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
 def test_surface_is_frozen() -> None:
     top = build_parser()
     subs = _subparsers(top)
-    assert set(subs) == {"kv-cache", "info", "generate", "eval", "convert", "train", "compare", "bench"}
+    assert set(subs) == {"kv-cache", "info", "generate", "eval", "convert", "train", "compare", "bench",
+                         "kernels"}
     assert set(_subparsers(subs["bench"])) == {"decode", "dsa", "indexer", "convert"}
     for path, flags in SURFACE.items():
         p = top
