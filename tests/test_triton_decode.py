@@ -125,3 +125,40 @@ def test_kernels_compile_for_sm80_and_sm90() -> None:
     bad = subprocess.run([sys.executable, "-m", "latentattn", "kernels", "compile", "--arch", "sm_70"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "--arch takes a comma-separated list of sm_80, sm_90" in bad.stderr
+
+
+def test_a_tiny_model_generates_through_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from latentattn import load
+    from latentattn.kernels.backend import get_backend, use_backend
+
+    calls = []
+    launch = triton_mla.launch_decode
+    monkeypatch.setattr(triton_mla, "launch_decode", lambda *a: calls.append(a[0].shape) or launch(*a))
+    model = load("tiny-mla", seed=0)
+    prompt = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    want = model.generate(prompt, 6)
+    assert not calls and get_backend() == "torch"  # CPU default: PyTorch
+    with use_backend("triton"):
+        got = model.generate(prompt, 6)
+    assert get_backend() == "torch"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    layers = model.config.n_layers
+    assert len(calls) == 5 * layers and calls[0] == (2, 4, 40)  # 5 decode steps, (B, H, R + Dr)
+
+
+def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from latentattn.kernels import backend
+
+    with pytest.raises(ConfigError, match="unknown kernel backend 'cuda'"):
+        backend.set_backend("cuda")
+    monkeypatch.setattr(backend, "_backend", None)
+    monkeypatch.setenv("LATENTATTN_BACKEND", "triton")
+    assert backend.get_backend() == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="set LATENTATTN_BACKEND=torch"):
+        backend.runs_triton(torch.zeros(1))
+    monkeypatch.setattr(backend, "_backend", None)
+    monkeypatch.setenv("LATENTATTN_BACKEND", "fast")
+    with pytest.raises(ConfigError, match="LATENTATTN_BACKEND must be one of triton, torch"):
+        backend.get_backend()
+    monkeypatch.setattr(backend, "_backend", "torch")

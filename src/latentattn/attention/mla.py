@@ -20,6 +20,8 @@ from latentattn.attention.norm import RMSNorm
 from latentattn.cache.kv import DenseKV, LatentKV, LayerCache, Step
 from latentattn.config import MLAConfig, ModelConfig
 from latentattn.kernels import attention
+from latentattn.kernels.backend import runs_triton
+from latentattn.kernels.mla_decode import mla_decode_triton
 from latentattn.rope import apply_rope, softmax_scale
 
 
@@ -162,6 +164,13 @@ class MultiHeadLatentAttention(nn.Module):
             cache.write(step, latent)
             if not step.causal:
                 (latent,) = cache.read(step, latent.dtype)
+        if (x.shape[1] == 1 and type(cache) is LatentKV and step.valid is None
+                and cache.kv.dtype == q.dtype and self.use_absorbed(1) and runs_triton(q)):
+            # Decode through the Triton kernel, straight from the cache (no read copy).
+            lengths = (step.positions[:, 0] + 1).to(torch.int32)
+            o_lat, _ = mla_decode_triton(self.absorb_query(q)[:, :, 0], cache.kv, lengths,
+                                         self.scale, a.kv_lora_rank)
+            return self.o_proj(self.unabsorb(o_lat.unsqueeze(2)))
         if self.use_absorbed(x.shape[1]):
             return self.o_proj(self.absorbed(q, latent, step))
         c_all, k_rope_all = latent.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
