@@ -58,11 +58,13 @@ def parse_archs(text: str) -> list[str]:
 def _jobs() -> list[tuple[str, str, object, dict[str, str], dict[str, object], int]]:
     """(kernel, config, fn, signature, constexprs, num_warps) for every launched configuration."""
     from latentattn.kernels import triton_mla as k
+    from latentattn.kernels import triton_sparse as sp
 
     jobs: list[tuple[str, str, object, dict[str, str], dict[str, object], int]] = []
     dtype, ptr = torch.bfloat16, "*bf16"
     pointers = {"Q": ptr, "KV": ptr, "LENGTHS": "*i32", "TABLE": "*i32", "O_PART": "*fp32",
-                "LSE_PART": "*fp32", "OUT": ptr, "LSE": "*fp32"}
+                "LSE_PART": "*fp32", "OUT": ptr, "LSE": "*fp32", "IDX": "*i32", "DO": ptr,
+                "DELTA": "*fp32", "DQ": "*fp32", "DKV": "*fp32"}
     for name, (rank, rope) in CACHE_SHAPES.items():
         for paged in (False, True):
             consts = k.decode_constexprs(rank, rope, PAGE if paged else 1, paged, dtype)
@@ -74,6 +76,11 @@ def _jobs() -> list[tuple[str, str, object, dict[str, str], dict[str, object], i
         sig2 = _signature(k.mla_decode_stage2, pointers, consts2, floats=set())
         jobs.append(("mla_decode_stage2", f"{name}, R {rank}, up to 16 splits, bf16",
                      k.mla_decode_stage2, sig2, consts2, 4))
+        sc = sp.sparse_constexprs(rank, rope, dtype)
+        for kernel, fn, floats in (("sparse_mla_fwd", sp.sparse_mla_fwd, {"sm_scale_log2"}),
+                                   ("sparse_mla_bwd", sp.sparse_mla_bwd, {"sm_scale"})):
+            jobs.append((kernel, f"{name}, R {rank} + {rope}, top-k tiles of {sp.BLOCK_K}, bf16", fn,
+                         _signature(fn, pointers, sc, floats), sc, sp.sparse_warps(rank)))
     return jobs
 
 
@@ -122,7 +129,8 @@ def compile_all(archs: list[str]) -> list[Compiled]:
                 results.append(Compiled(kernel, config, arch, True, int(out.metadata.shared), regs,
                                         spill))
             except Exception as e:  # a kernel that does not lower is a result, not a crash
-                results.append(Compiled(kernel, config, arch, False, error=str(e).splitlines()[0]))
+                detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+                results.append(Compiled(kernel, config, arch, False, error=detail[:300]))
     return results
 
 

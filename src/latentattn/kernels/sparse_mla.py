@@ -1,0 +1,87 @@
+"""Sparse MLA attention over top-k indices (DSA's main attention, DeepSeek-V3.2 s2): each query
+token reads only the latents its indexer selected, in the absorbed form.
+
+q (B, H, T, R + Dr) absorbed queries; kv (B, S, R + Dr) the latent cache rows [c | k_rope], the
+value being c; idx (B, T, K) the selected rows, -1 (or anything outside 0..S-1) marking an
+invalid slot that is never read. Output o (B, H, T, R) and the log-sum-exp (B, H, T) of the
+scaled scores; a token with no valid index gets o = 0 and LSE -inf.
+
+:func:`sparse_mla_ref` is the obviously-correct fp32 form; :func:`sparse_mla_triton` runs the
+Triton kernels (:mod:`latentattn.kernels.triton_sparse`; one program per token and block of 16
+heads, 16 selected latents per tile gathered by index inside the kernel, each loaded once as key
+and value) with a backward, so DSA trains on a GPU: gradients for the absorbed queries and the
+latents (scattered with atomics, since many tokens select the same latent).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from latentattn.errors import ConfigError
+from latentattn.kernels.sparse import gather_rows
+
+
+def sparse_mla_ref(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float, rank: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o (B, H, T, R), lse (B, H, T)) in fp32 through a gather; differentiable."""
+    sel = gather_rows(kv.float(), idx.long())  # (B, T, K, D)
+    ok = (idx >= 0) & (idx < kv.shape[1])
+    s = torch.einsum("bhtd,btkd->bhtk", q.float(), sel) * scale
+    s = s.masked_fill(~ok[:, None], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return torch.einsum("bhtk,btkc->bhtc", p, sel[..., :rank]), lse
+
+
+def check_sparse_inputs(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, rank: int) -> None:
+    if q.dim() != 4 or kv.dim() != 3 or idx.dim() != 3 or q.shape[-1] != kv.shape[-1]:
+        raise ConfigError(f"sparse_mla takes q (B, H, T, R + Dr), kv (B, S, R + Dr), idx (B, T, K); "
+                          f"got {tuple(q.shape)}, {tuple(kv.shape)}, {tuple(idx.shape)}")
+    if idx.shape[:2] != (q.shape[0], q.shape[2]) or kv.shape[0] != q.shape[0]:
+        raise ConfigError(f"idx {tuple(idx.shape)} and kv {tuple(kv.shape)} do not match q "
+                          f"{tuple(q.shape)}'s batch and tokens")
+    if not 0 < rank < kv.shape[-1]:
+        raise ConfigError(f"rank {rank} must lie inside the cache row ({kv.shape[-1]})")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or kv.dtype != q.dtype:
+        raise ConfigError(f"sparse_mla supports fp32/bf16/fp16 with q and kv of one dtype; got "
+                          f"{q.dtype}, {kv.dtype}")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise ConfigError(f"idx must be int32 or int64, got {idx.dtype}")
+    if idx.numel() and int(idx.max()) >= kv.shape[1]:
+        raise ConfigError(f"idx selects row {int(idx.max())} of a cache of {kv.shape[1]} rows")
+
+
+class _SparseMLA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float,
+                rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from latentattn.kernels.triton_sparse import launch_fwd
+
+        q, kv, idx = q.contiguous(), kv.contiguous(), idx.to(torch.int32).contiguous()
+        o, lse = launch_fwd(q, kv, idx, scale, rank)
+        ctx.save_for_backward(q, kv, idx, o, lse)
+        ctx.scale, ctx.rank = scale, rank
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx: Any, do: torch.Tensor, _dlse: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
+        from latentattn.kernels.triton_sparse import launch_bwd
+
+        q, kv, idx, o, lse = ctx.saved_tensors
+        dq, dkv = launch_bwd(q, kv, idx, o, lse, do.contiguous(), ctx.scale, ctx.rank)
+        return dq.to(q.dtype), dkv.to(kv.dtype), None, None, None
+
+
+def sparse_mla_triton(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float, rank: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernels (module docstring): (o, lse), differentiable in q and kv."""
+    check_sparse_inputs(q, kv, idx, rank)
+    o, lse = _SparseMLA.apply(q, kv, idx, scale, rank)
+    return o, lse
+
+
+__all__ = ["check_sparse_inputs", "sparse_mla_ref", "sparse_mla_triton"]

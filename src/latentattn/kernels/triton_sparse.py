@@ -1,0 +1,165 @@
+"""Triton kernels for sparse MLA attention over top-k indices (DSA's main attention), forward
+and backward (:mod:`latentattn.kernels.sparse_mla` documents the maths, checks the inputs and
+wraps them in an autograd Function). Importing this module needs Triton."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_H = 16  # heads per program (tl.dot needs 16 rows); vLLM's sparse kernel also takes 16
+BLOCK_K = 16  # selected latents per tile (vLLM: 16 or 32)
+# Finite: a tile whose every slot is invalid gives no NaN (next-facts s1.2). A tl.constexpr,
+# since a @triton.jit kernel reads no plain globals when compiled (the interpreter would).
+MASKED = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def sparse_mla_fwd(Q, KV, IDX, OUT, LSE, sm_scale_log2, heads, seq_kv, topk,
+                   stride_qb, stride_qh, stride_qt, stride_kvb, stride_kvs,
+                   stride_ib, stride_it, stride_ob, stride_oh, stride_ot, stride_lb, stride_lh,
+                   RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """One (sequence, query token, head block): softmax over the token's selected latents."""
+    b = tl.program_id(0)
+    t = tl.program_id(1)
+    h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    r = tl.arange(0, BLOCK_R)
+    dr = tl.arange(0, BLOCK_DR)
+    h_ok = h < heads
+    q_row = Q + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + t * stride_qt
+    q_lat = tl.load(q_row + r[None, :], mask=h_ok[:, None] & (r[None, :] < RANK), other=0.0)
+    q_rope = tl.load(q_row + RANK + dr[None, :], mask=h_ok[:, None] & (dr[None, :] < ROPE), other=0.0)
+    m = tl.full((BLOCK_H,), MASKED, tl.float32)
+    denom = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_R), tl.float32)
+    for k0 in range(0, topk, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        idx = tl.load(IDX + b.to(tl.int64) * stride_ib + t * stride_it + kk, mask=kk < topk, other=-1)
+        ok = (idx >= 0) & (idx < seq_kv)
+        row = KV + b.to(tl.int64) * stride_kvb + tl.where(ok, idx, 0).to(tl.int64) * stride_kvs
+        c = tl.load(row[:, None] + r[None, :], mask=ok[:, None] & (r[None, :] < RANK), other=0.0)
+        k_rope = tl.load(row[:, None] + RANK + dr[None, :], mask=ok[:, None] & (dr[None, :] < ROPE),
+                         other=0.0)
+        s = tl.dot(q_lat, tl.trans(c), input_precision=PRECISION)
+        s += tl.dot(q_rope, tl.trans(k_rope), input_precision=PRECISION)
+        s = tl.where(ok[None, :], s * sm_scale_log2, MASKED)
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.where(ok[None, :], tl.exp2(s - m_new[:, None]), 0.0)
+        denom = denom * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
+        m = m_new
+    has = denom > 0
+    safe = tl.where(has, denom, 1.0)
+    out = acc / safe[:, None]  # no valid index: 0
+    lse = tl.where(has, (m + tl.log2(safe)) * 0.6931471805599453, float("-inf"))
+    o_ptr = OUT + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + t * stride_ot + r[None, :]
+    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=h_ok[:, None] & (r[None, :] < RANK))
+    tl.store(LSE + b * stride_lb + h * stride_lh + t, lse, mask=h_ok)
+
+
+@triton.jit
+def sparse_mla_bwd(Q, KV, IDX, DO, LSE, DELTA, DQ, DKV, sm_scale, heads, seq_kv, topk,
+                   stride_qb, stride_qh, stride_qt, stride_kvb, stride_kvs, stride_ib, stride_it,
+                   stride_lb, stride_lh, stride_dkb, stride_dks,
+                   RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """One (sequence, query token, head block): dq in registers; dkv scattered with atomics
+    (many queries select the same latent). P is rebuilt from the forward's LSE; with
+    dP = dO V^T and delta = rowsum(dO * O), dS = P (dP - delta) (FlashAttention-2, Alg. 2)."""
+    b = tl.program_id(0)
+    t = tl.program_id(1)
+    h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    r = tl.arange(0, BLOCK_R)
+    dr = tl.arange(0, BLOCK_DR)
+    h_ok = h < heads
+    lat_ok = h_ok[:, None] & (r[None, :] < RANK)
+    rope_ok = h_ok[:, None] & (dr[None, :] < ROPE)
+    off_q = b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + t * stride_qt
+    q_lat = tl.load(Q + off_q + r[None, :], mask=lat_ok, other=0.0)
+    q_rope = tl.load(Q + off_q + RANK + dr[None, :], mask=rope_ok, other=0.0)
+    # dO and O share Q's layout over the first RANK columns (the wrapper makes them so).
+    do = tl.load(DO + off_q + r[None, :], mask=lat_ok, other=0.0)
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + t, mask=h_ok, other=0.0)
+    delta = tl.load(DELTA + b * stride_lb + h * stride_lh + t, mask=h_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)  # no valid index: P is all 0 anyway
+    dq_lat = tl.zeros((BLOCK_H, BLOCK_R), tl.float32)
+    dq_rope = tl.zeros((BLOCK_H, BLOCK_DR), tl.float32)
+    for k0 in range(0, topk, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        idx = tl.load(IDX + b.to(tl.int64) * stride_ib + t * stride_it + kk, mask=kk < topk, other=-1)
+        ok = (idx >= 0) & (idx < seq_kv)
+        safe_idx = tl.where(ok, idx, 0).to(tl.int64)
+        row = KV + b.to(tl.int64) * stride_kvb + safe_idx * stride_kvs
+        c = tl.load(row[:, None] + r[None, :], mask=ok[:, None] & (r[None, :] < RANK), other=0.0)
+        k_rope = tl.load(row[:, None] + RANK + dr[None, :], mask=ok[:, None] & (dr[None, :] < ROPE),
+                         other=0.0)
+        s = tl.dot(q_lat, tl.trans(c), input_precision=PRECISION)
+        s += tl.dot(q_rope, tl.trans(k_rope), input_precision=PRECISION)
+        p = tl.where(ok[None, :] & h_ok[:, None], tl.exp(s * sm_scale - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(c), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None]) * sm_scale
+        dq_lat += tl.dot(ds.to(c.dtype), c, input_precision=PRECISION)
+        dq_rope += tl.dot(ds.to(c.dtype), k_rope, input_precision=PRECISION)
+        # The latent is key and value: dc = P^T dO + dS^T q_lat; d k_rope = dS^T q_rope.
+        d_c = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        d_c += tl.dot(tl.trans(ds.to(q_lat.dtype)), q_lat, input_precision=PRECISION)
+        d_rope = tl.dot(tl.trans(ds.to(q_rope.dtype)), q_rope, input_precision=PRECISION)
+        drow = DKV + b.to(tl.int64) * stride_dkb + safe_idx * stride_dks
+        tl.atomic_add(drow[:, None] + r[None, :], d_c, mask=ok[:, None] & (r[None, :] < RANK))
+        tl.atomic_add(drow[:, None] + RANK + dr[None, :], d_rope,
+                      mask=ok[:, None] & (dr[None, :] < ROPE))
+    tl.store(DQ + off_q + r[None, :], dq_lat, mask=lat_ok)
+    tl.store(DQ + off_q + RANK + dr[None, :], dq_rope, mask=rope_ok)
+
+
+def sparse_constexprs(rank: int, rope: int, dtype: torch.dtype) -> dict[str, Any]:
+    return {"RANK": rank, "ROPE": rope, "BLOCK_R": triton.next_power_of_2(rank),
+            "BLOCK_DR": max(16, triton.next_power_of_2(rope)), "BLOCK_H": BLOCK_H, "BLOCK_K": BLOCK_K,
+            "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+
+
+def sparse_warps(rank: int) -> int:
+    return 8 if triton.next_power_of_2(rank) >= 512 else 4
+
+
+def launch_fwd(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float, rank: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, T, D) contiguous, kv (B, S, D), idx (B, T, K) int32 -> o (B, H, T, R), lse fp32."""
+    b, heads, t, width = q.shape
+    o = torch.empty(b, heads, t, rank, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, heads, t, dtype=torch.float32, device=q.device)
+    sparse_mla_fwd[(b, t, triton.cdiv(heads, BLOCK_H))](
+        q, kv, idx, o, lse, scale * 1.4426950408889634, heads, kv.shape[1], idx.shape[-1],
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
+        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        **sparse_constexprs(rank, width - rank, q.dtype), num_warps=sparse_warps(rank))
+    return o, lse
+
+
+def launch_bwd(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, o: torch.Tensor,
+               lse: torch.Tensor, do: torch.Tensor, scale: float, rank: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (dq (B, H, T, D), dkv (B, S, D) fp32) of sparse_mla_fwd's o."""
+    b, heads, t, width = q.shape
+    delta = (do.float() * o.float()).sum(-1).contiguous()  # (B, H, T)
+    do_full = torch.zeros_like(q)
+    do_full[..., :rank] = do  # dO in q's layout, so one set of strides serves both
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+    sparse_mla_bwd[(b, t, triton.cdiv(heads, BLOCK_H))](
+        q, kv, idx, do_full, lse, delta, dq, dkv, scale, heads, kv.shape[1], idx.shape[-1],
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
+        lse.stride(0), lse.stride(1), dkv.stride(0), dkv.stride(1),
+        **sparse_constexprs(rank, width - rank, q.dtype), num_warps=sparse_warps(rank))
+    return dq, dkv
+
+
+__all__ = ["BLOCK_H", "BLOCK_K", "MASKED", "launch_bwd", "launch_fwd", "sparse_constexprs",
+           "sparse_mla_bwd", "sparse_mla_fwd", "sparse_warps"]

@@ -1,0 +1,82 @@
+"""The Triton sparse MLA kernels (DSA's attention over top-k indices), forward and backward,
+against their PyTorch reference in Triton's interpreter (fp32), on odd shapes: heads 1, 3, 16
+and 20; -1 slots, a token with no valid index at all, prefill and decode; every cache row no
+token selects is NaN, so a read outside the selection shows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # conftest set TRITON_INTERPRET=1 before anything imported it
+from latentattn.errors import ConfigError
+from latentattn.kernels.sparse import sparse_mqa
+from latentattn.kernels.sparse_mla import sparse_mla_ref, sparse_mla_triton
+
+
+def _case(b: int, h: int, t: int, s: int, k: int, rank: int, rope: int, seed: int = 0
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, t, rank + rope, generator=g)
+    kv = torch.randn(b, s, rank + rope, generator=g)
+    idx = torch.randint(0, s, (b, t, k), generator=g)
+    idx[..., ::3] = -1  # invalid slots
+    idx[0, 0] = -1  # a token that selects nothing
+    chosen = torch.zeros(b, s, dtype=torch.bool)
+    for i in range(b):
+        chosen[i, idx[i][idx[i] >= 0]] = True
+    kv[~chosen] = float("nan")  # rows nobody selected: an over-read would show
+    return q, kv, idx
+
+
+SHAPES = [(1, 1, 1, 9, 5, 16, 16), (2, 3, 5, 40, 20, 24, 8), (1, 16, 3, 70, 33, 32, 16),
+          (2, 20, 2, 30, 17, 40, 10)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_reference(shape: tuple[int, ...]) -> None:
+    q, kv, idx = _case(*shape)
+    o, lse = sparse_mla_triton(q, kv, idx, 0.25, shape[5])
+    want_o, want_lse = sparse_mla_ref(q, kv.nan_to_num(), idx, 0.25, shape[5])
+    torch.testing.assert_close(o, want_o, atol=2e-5, rtol=1e-5)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))  # -inf exactly where nothing is valid
+    finite = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[finite], want_lse[finite], atol=2e-5, rtol=1e-5)
+    assert (o[0, :, 0] == 0).all()  # the token that selects nothing attends to nothing
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:3])
+def test_gradients_match_reference(shape: tuple[int, ...]) -> None:
+    q, kv, idx = _case(*shape, seed=1)
+    kv = kv.nan_to_num()  # the reference's gather reads row 0 for -1 slots
+    do = torch.randn(*q.shape[:3], shape[5], generator=torch.Generator().manual_seed(2))
+    grads = []
+    for fn in (sparse_mla_triton, sparse_mla_ref):
+        qq, kk = q.clone().requires_grad_(), kv.clone().requires_grad_()
+        o, _ = fn(qq, kk, idx, 0.25, shape[5])
+        grads.append(torch.autograd.grad(o, (qq, kk), do))
+    for got, want in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+
+
+def test_agrees_with_the_models_sparse_path() -> None:
+    """The PyTorch path DSA runs today (kernels.sparse.sparse_mqa) is the same function."""
+    q, kv, idx = _case(2, 3, 6, 50, 12, 24, 8, seed=3)
+    idx[0, 0, 0] = 4  # sparse_mqa needs one valid slot per token
+    kv = kv.nan_to_num()
+    o, _ = sparse_mla_triton(q, kv, idx, 0.3, 24)
+    want, _ = sparse_mqa(q, kv, idx, 0.3, 24)
+    torch.testing.assert_close(o, want, atol=2e-5, rtol=1e-5)
+
+
+def test_bad_inputs_are_refused() -> None:
+    q, kv, idx = _case(1, 3, 2, 9, 4, 16, 16)
+    for args, message in [
+        ((q, kv, idx + 100, 0.5, 16), "selects row"),
+        ((q, kv.double(), idx, 0.5, 16), "one dtype"),
+        ((q, kv, idx.float(), 0.5, 16), "int32 or int64"),
+        ((q, kv, idx[:, :1], 0.5, 16), "do not match"),
+        ((q, kv, idx, 0.5, 40), "inside the cache row"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            sparse_mla_triton(*args)  # type: ignore[arg-type]
