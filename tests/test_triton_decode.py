@@ -119,11 +119,13 @@ def test_kernels_compile_for_sm80_and_sm90() -> None:
     run = subprocess.run([sys.executable, "-m", "latentattn", "kernels", "compile", "--arch",
                           "sm_80,sm_90"], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "20 of 20 kernel configurations compiled within the limits of sm_80, sm_90" in run.stdout
-    rows = [line for line in run.stdout.splitlines() if line.startswith(("| mla_decode", "| sparse_mla"))]
-    assert len(rows) == 20 and all(line.endswith("| ok |") for line in rows)
+    assert "24 of 24 kernel configurations compiled within the limits of sm_80, sm_90" in run.stdout
+    rows = [line for line in run.stdout.splitlines()
+            if line.startswith(("| mla_decode", "| sparse_mla", "| indexer"))]
+    assert len(rows) == 24 and all(line.endswith(("| ok |", "| ok, spills |")) for line in rows)
     assert {line.split(" | ")[0] for line in rows} == {"| mla_decode_stage1", "| mla_decode_stage2",
-                                                        "| sparse_mla_fwd", "| sparse_mla_bwd"}
+                                                        "| sparse_mla_fwd", "| sparse_mla_bwd",
+                                                        "| indexer_logits"}
     bad = subprocess.run([sys.executable, "-m", "latentattn", "kernels", "compile", "--arch", "sm_70"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "--arch takes a comma-separated list of sm_80, sm_90" in bad.stderr

@@ -7,7 +7,8 @@ kernel lowers for that architecture, and reports its shared memory (Triton's met
 registers and spills (``cuobjdump -res-usage``, also in the wheel). The configurations are the
 ones the library launches: the cache shapes of the DeepSeek models (V2-Lite, V3 and V3.2 share
 a 512 + 64 latent row) and of a converted SmolLM2-135M (128 + 64), contiguous and in 64-token
-pages, bf16.
+pages, bf16, for dense decode and sparse attention (forward and backward); V3.2's indexer with
+bf16 and fp8 keys (decoded in software, so it compiles for sm_80 too).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def parse_archs(text: str) -> list[str]:
 
 def _jobs() -> list[tuple[str, str, object, dict[str, str], dict[str, object], int]]:
     """(kernel, config, fn, signature, constexprs, num_warps) for every launched configuration."""
+    from latentattn.kernels import triton_indexer as ix
     from latentattn.kernels import triton_mla as k
     from latentattn.kernels import triton_sparse as sp
 
@@ -81,6 +83,15 @@ def _jobs() -> list[tuple[str, str, object, dict[str, str], dict[str, object], i
                                    ("sparse_mla_bwd", sp.sparse_mla_bwd, {"sm_scale"})):
             jobs.append((kernel, f"{name}, R {rank} + {rope}, top-k tiles of {sp.BLOCK_K}, bf16", fn,
                          _signature(fn, pointers, sc, floats), sc, sp.sparse_warps(rank)))
+    # DeepSeek-V3.2's indexer: 64 heads of 128, keys in bf16 or fp8 (e4m3 bytes + fp32 scales).
+    for keys, fp8 in (("bf16", False), ("fp8 e4m3", True)):
+        ic: dict[str, object] = {"DIM": 128, "BLOCK_D": 128, "BLOCK_HI": 64, "BLOCK_S": ix.BLOCK_S,
+                                 "FP8": fp8, "QBLOCK": 128, "DOT_BF16": True}
+        iptr = {"Q": "*fp32", "W": "*fp32", "K": "*u8" if fp8 else ptr, "KSCALE": "*fp32",
+                "POS": "*i32", "OUT": "*fp32"}
+        jobs.append(("indexer_logits", f"deepseek-v3.2, 64 heads x 128, {keys} keys",
+                     ix.indexer_logits_kernel, _signature(ix.indexer_logits_kernel, iptr, ic, {"scale"}),
+                     ic, 4))
     return jobs
 
 
@@ -138,7 +149,8 @@ def compile_table(results: list[Compiled]) -> str:
     lines = ["| kernel | configuration | arch | shared B (limit) | registers | spills B | status |",
              "|---|---|---|---:|---:|---:|---|"]
     for r in results:
-        status = ("ok" if r.within_limits else "over the limit") if r.ok else f"FAILED: {r.error}"
+        status = (("ok, spills" if r.spill_bytes else "ok") if r.within_limits else "over the limit"
+                  ) if r.ok else f"FAILED: {r.error}"
         lines.append(f"| {r.kernel} | {r.config} | {r.arch} | {r.shared_bytes:,} "
                      f"({ARCHS[r.arch][1]:,}) | {r.registers} | {r.spill_bytes} | {status} |")
     return "\n".join(lines)
