@@ -10,7 +10,7 @@ from torch import nn
 
 from latentattn.attention import GroupedQueryAttention, MultiHeadLatentAttention, RMSNorm
 from latentattn.attention.dsa import SparseLatentAttention
-from latentattn.cache.kv import KVCache, fresh_step
+from latentattn.cache.kv import FP8LatentKV, KVCache, LayerCache, fresh_step
 from latentattn.config import MLAConfig, ModelConfig
 from latentattn.errors import ConfigError
 from latentattn.model.ffn import MLP, MoE, Router
@@ -88,15 +88,28 @@ class Transformer(nn.Module):
 
     def make_cache(
         self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        device: torch.device | str | None = None, latent_fp8: bool = False,
     ) -> KVCache:
-        """Preallocate every layer's cache: the form follows the attention (and ``mla.impl``)."""
+        """Preallocate every layer's cache: the form follows the attention (and ``mla.impl``).
+        ``latent_fp8``: MLA's latent in FlashMLA's fp8 record (cache.kv.FP8LatentKV; dense
+        absorbed/auto MLA only), ``dtype`` then being what it is read back as."""
         capacity = capacity or self.config.max_seq_len
         if capacity > self.config.max_seq_len:
             raise ConfigError(
                 f"cache capacity {capacity} exceeds the model's max_seq_len {self.config.max_seq_len}"
             )
         dtype, device = dtype or self.dtype, device or self.device
+        if latent_fp8:
+            mla = [blk.self_attn for blk in self.blocks
+                   if isinstance(blk.self_attn, MultiHeadLatentAttention)
+                   and not isinstance(blk.self_attn, SparseLatentAttention)
+                   and blk.self_attn.cfg.impl != "naive"]
+            if len(mla) != len(self.blocks):
+                raise ConfigError("the fp8 latent cache holds dense MLA's latent (impl auto or "
+                                  f"absorb); {self.config.name} has other attention")
+            fp8: list[LayerCache] = [FP8LatentKV(batch, capacity, a.cfg.kv_lora_rank,
+                                                 a.cfg.qk_rope_head_dim, device) for a in mla]
+            return KVCache(fp8, batch, capacity, device)
         layers = [blk.self_attn.make_cache(batch, capacity, dtype, device) for blk in self.blocks]
         return KVCache(layers, batch, capacity, device)
 

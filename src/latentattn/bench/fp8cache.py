@@ -1,0 +1,121 @@
+"""``latentattn bench fp8-cache``: what MLA's fp8 latent cache (FlashMLA's 656-byte record,
+cache.kv.FP8LatentKV) costs in accuracy against a bf16 latent cache, on a model's own text.
+
+Two measurements over the same tokens of a text:
+* teacher-forced: the first ``prompt`` tokens are prefilled, then the next ``tokens`` are fed one
+  at a time through both caches; at every step the two next-token distributions are compared
+  (max |logit error|, KL(bf16 || fp8), whether the argmax agrees);
+* free-running: both caches generate ``tokens`` greedy tokens from the same prompt; reported are
+  the share of equal tokens and the first step at which the two continuations part.
+Prefill attends over the exact latent in both runs (the cache is only read back at decode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from latentattn.model.transformer import Transformer
+from latentattn.timing import machine_info
+
+
+@dataclass
+class FP8CacheReport:
+    model: str
+    data: str
+    prompt_tokens: int
+    decode_tokens: int
+    bytes_per_token_per_layer_bf16: float
+    bytes_per_token_per_layer_fp8: float
+    max_abs_logit_error: float
+    mean_kl: float
+    max_kl: float
+    argmax_agreement: float  # teacher-forced share of steps whose argmax is equal
+    greedy_equal_share: float  # free-running share of equal tokens
+    greedy_first_divergence: int | None  # step of the first different token (None: none)
+    per_step_kl: list[float] = field(default_factory=list)
+    machine: dict[str, Any] = field(default_factory=machine_info)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def run_fp8_cache_bench(model: Transformer, ids: torch.Tensor, prompt: int, tokens: int,
+                        names: tuple[str, str], progress: bool = True) -> FP8CacheReport:
+    """``ids`` (N,) token ids with N >= prompt + tokens; see the module docstring."""
+    import sys
+
+    from tqdm import tqdm
+
+    model.eval()
+    seq = ids[: prompt + tokens].to(model.device)[None]
+    caches = {"bf16": model.make_cache(1, prompt + tokens, dtype=torch.bfloat16),
+              "fp8": model.make_cache(1, prompt + tokens, latent_fp8=True)}
+    logits = {k: [model(seq[:, :prompt], c)[:, -1].float()] for k, c in caches.items()}
+    for i in tqdm(range(prompt, prompt + tokens - 1), desc="fp8-cache", unit="token",
+                  file=sys.stderr, disable=not progress):
+        for k, c in caches.items():
+            logits[k].append(model(seq[:, i : i + 1], c)[:, -1].float())
+    ref, got = torch.cat(logits["bf16"]), torch.cat(logits["fp8"])
+    lp_ref, lp_got = ref.log_softmax(-1), got.log_softmax(-1)
+    kl = (lp_ref.exp() * (lp_ref - lp_got)).sum(-1)
+    fp8_tokens = model.generate(seq[:, :prompt], tokens, latent_fp8=True)[0, prompt:]
+    same = _greedy_bf16(model, seq[:, :prompt], tokens) == fp8_tokens
+    diverge = None if bool(same.all()) else int((~same).nonzero()[0, 0])
+    return FP8CacheReport(
+        model=names[0], data=names[1], prompt_tokens=prompt, decode_tokens=tokens,
+        bytes_per_token_per_layer_bf16=caches["bf16"].bytes_per_token_per_layer,
+        bytes_per_token_per_layer_fp8=caches["fp8"].bytes_per_token_per_layer,
+        max_abs_logit_error=float((ref - got).abs().max()), mean_kl=float(kl.mean()),
+        max_kl=float(kl.max()), argmax_agreement=float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+        greedy_equal_share=float(same.float().mean()), greedy_first_divergence=diverge,
+        per_step_kl=[float(x) for x in kl])
+
+
+def _greedy_bf16(model: Transformer, prompt: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Greedy tokens decoded over a bf16 latent cache (the baseline the fp8 record replaces)."""
+    cache = model.make_cache(1, prompt.shape[1] + tokens, dtype=torch.bfloat16)
+    logits = model(prompt, cache)[:, -1]
+    out = []
+    for _ in range(tokens):
+        nxt = logits.argmax(-1, keepdim=True)
+        out.append(nxt)
+        logits = model(nxt, cache)[:, -1]
+    return torch.cat(out, dim=1)[0]
+
+
+def fp8_headline(r: FP8CacheReport) -> list[str]:
+    return [
+        f"{r.model}: fp8 latent cache {r.bytes_per_token_per_layer_fp8:,.0f} B/token/layer against "
+        f"{r.bytes_per_token_per_layer_bf16:,.0f} in bf16 "
+        f"({r.bytes_per_token_per_layer_fp8 / r.bytes_per_token_per_layer_bf16:.2f}x)",
+        f"teacher-forced over {r.decode_tokens} decoded tokens after a {r.prompt_tokens}-token "
+        f"prompt: max |logit error| {r.max_abs_logit_error:.4f}, KL(bf16 || fp8) mean "
+        f"{r.mean_kl:.2e} max {r.max_kl:.2e} nats, argmax agreement {r.argmax_agreement:.1%}",
+        f"free-running greedy: {r.greedy_equal_share:.1%} equal tokens, first divergence at "
+        + ("none" if r.greedy_first_divergence is None else f"step {r.greedy_first_divergence}"),
+    ]
+
+
+
+
+def plot_fp8_report(r: FP8CacheReport, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.semilogy(range(len(r.per_step_kl)), [max(x, 1e-12) for x in r.per_step_kl], lw=0.8)
+    ax.set_xlabel("decode step (teacher-forced)")
+    ax.set_ylabel("KL(bf16 cache || fp8 cache), nats")
+    ax.set_title(f"{r.model}: fp8 latent cache vs bf16")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["FP8CacheReport", "fp8_headline", "plot_fp8_report", "run_fp8_cache_bench"]

@@ -1,0 +1,78 @@
+"""MLA's fp8 latent cache (FlashMLA's record: e4m3 latent, one fp32 scale per 128 values, bf16
+rope part): its byte count, its round trip, decoding through it, and ``bench fp8-cache``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cli_error
+from latentattn import load
+from latentattn.cache import FP8LatentKV
+from latentattn.cache.kv import fresh_step
+from latentattn.cli import main
+from latentattn.errors import ConfigError
+
+
+def test_the_record_is_656_bytes_at_deepseek_dims() -> None:
+    cache = FP8LatentKV(2, 8, 512, 64)
+    assert cache.nbytes == 2 * 8 * 656  # 512 e4m3 + 4 fp32 scales + 64 bf16
+    with pytest.raises(ConfigError, match="multiple of 128"):
+        FP8LatentKV(1, 8, 160, 64)
+
+
+def test_round_trip_is_e4m3_close_and_keeps_rope_in_bf16() -> None:
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(2, 5, 256 + 16, generator=g) * torch.logspace(-2, 1, 272)
+    cache = FP8LatentKV(2, 5, 256, 16)
+    step = fresh_step(2, 5, torch.device("cpu"))
+    cache.write(step, latent)
+    (back,) = cache.read(step, torch.float32)
+    c, rope = latent[..., :256], latent[..., 256:]
+    # e4m3 keeps 3 mantissa bits: at most 2^-4 relative error for normal values, and half the
+    # smallest subnormal step (2^-9, times the block's scale) for the tiny ones.
+    scale = cache.c_scale.repeat_interleave(128, dim=-1)
+    err = (back[..., :256] - c).abs()
+    assert (err <= c.abs() / 16 + scale * 2**-10 * 1.0001).all() and err.max() > 0
+    torch.testing.assert_close(back[..., 256:], rope.bfloat16().float(), rtol=0, atol=0)
+
+
+def test_decode_through_the_fp8_cache_stays_close() -> None:
+    model = load("tiny-mla", seed=0)
+    prompt = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    caches = [model.make_cache(2, 20), model.make_cache(2, 20, latent_fp8=True)]
+    outs = [model(prompt, c) for c in caches]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # prefill reads the exact latent
+    nxt = prompt[:, -1:]
+    a, b = (model(nxt, c) for c in caches)
+    assert 0 < (a - b).abs().max() < 0.05
+    assert caches[1].bytes_per_token_per_layer == 32 + 4 + 8 * 2  # R 32, one scale, rope 8 in bf16
+    with pytest.raises(ConfigError, match="dense MLA's latent"):
+        load("tiny-gqa").make_cache(1, 8, latent_fp8=True)
+
+
+def test_bench_fp8_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "fp8.json"
+    assert main(["bench", "fp8-cache", "--model", "tiny-mla", "--tokens", "12", "--prompt-tokens", "8",
+                 "--json", str(out), "--plot", str(tmp_path / "fp8.png"), "--quiet"]) == 0
+    r = json.loads(out.read_text())
+    assert r["decode_tokens"] == 12 and len(r["per_step_kl"]) == 12
+    assert 0 <= r["mean_kl"] <= r["max_kl"] and 0 <= r["argmax_agreement"] <= 1
+    assert r["bytes_per_token_per_layer_fp8"] == 52 and r["bytes_per_token_per_layer_bf16"] == 80
+    assert "fp8 latent cache 52 B/token/layer" in capsys.readouterr().out
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    assert "max_seq_len 512" in cli_error(
+        capsys, ["bench", "fp8-cache", "--model", "tiny-mla", "--tokens", "30000", "--json",
+                 str(tmp_path / "x.json"), "--plot", str(tmp_path / "x.png")])
+    assert "fewer than --prompt-tokens + --tokens = 72" in cli_error(
+        capsys, ["bench", "fp8-cache", "--model", "tiny-mla", "--data", str(short), "--tokens", "8",
+                 "--json",
+                 str(tmp_path / "x.json"), "--plot", str(tmp_path / "x.png")])
+    assert "dense MLA's latent" in cli_error(
+        capsys, ["bench", "fp8-cache", "--model", "tiny-gqa", "--tokens", "8", "--json",
+                 str(tmp_path / "x.json"), "--plot", str(tmp_path / "x.png"), "--quiet"])
+    assert not (tmp_path / "x.json").exists()
