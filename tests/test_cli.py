@@ -61,6 +61,8 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
                            "--heal-batch-size", "--heal-seq-len", "--heal-trainable", "--rope-mode",
                            "--format"},
     ("kernels", "compile"): {"--arch"},
+    ("bench", "kernels"): {"--json", "--plot", "--quiet", "--device", "--dtype", "--contexts",
+                           "--batches", "--heads", "--topk", "--repeats"},
     ("bench", "fp8-cache"): {"--json", "--plot", "--quiet", "--model", "--data", "--prompt-tokens",
                              "--tokens"},
     ("bench", "indexer"): {"--json", "--plot", "--data", "--pretrain-steps", "--warmup-steps",
@@ -84,7 +86,8 @@ def test_surface_is_frozen() -> None:
     subs = _subparsers(top)
     assert set(subs) == {"kv-cache", "info", "generate", "eval", "convert", "train", "compare", "bench",
                          "kernels"}
-    assert set(_subparsers(subs["bench"])) == {"decode", "dsa", "indexer", "convert", "fp8-cache"}
+    assert set(_subparsers(subs["bench"])) == {"decode", "dsa", "indexer", "convert", "fp8-cache",
+                                                "kernels"}
     for path, flags in SURFACE.items():
         p = top
         for name in path:

@@ -208,6 +208,43 @@ def cmd_bench_fp8(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from latentattn.bench.kernels import (
+        V3_DIMS,
+        check_device,
+        kernel_table,
+        plot_kernel_report,
+        run_kernel_bench,
+    )
+
+    check_parent(args.json, "--json")
+    check_parent(args.plot, "--plot")
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    contexts = args.contexts or ([4096, 8192, 16384, 32768, 65536] if gpu else [1024, 4096])
+    batches = args.batches or ([1, 32, 64, 128] if gpu else [1, 4])
+    heads = args.heads or (V3_DIMS["heads"] if gpu else 16)
+    if min(contexts) < 1 or min(batches) < 1 or heads < 1 or args.topk < 1 or args.repeats < 1:
+        raise UserError("--contexts, --batches, --heads, --topk and --repeats must be positive")
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" or (args.dtype is None and gpu) else torch.float32
+    with tqdm(total=len(contexts) * len(batches), file=sys.stderr, desc="bench kernels",
+              disable=args.quiet) as bar:
+        def progress(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update(1)
+
+        report = run_kernel_bench(device, dtype, contexts, batches, args.topk, args.repeats,
+                                  {**V3_DIMS, "heads": heads}, progress)
+    write_json(args.json, report.as_dict())
+    atomic_write(args.plot, lambda tmp: plot_kernel_report(report, tmp), suffix=".png")
+    print(kernel_table(report))
+    print(f"wrote {args.json} and {args.plot}")
+    return 0
+
+
 def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -294,6 +331,25 @@ def register(sub: Any) -> None:
     conv.add_argument("--max-tokens", type=int, default=4097, metavar="N",
                       help="evaluate the first N tokens of --data (4097: 8 windows of 512)")
     conv.set_defaults(func=cmd_bench_convert)
+
+    ker = bench_parser(
+        "kernels", help="Triton kernels against the PyTorch path: GB/s, TFLOP/s, time",
+        description="Dense absorbed MLA decode (bytes moved per step with the latent counted once, "
+        "as FlashMLA counts it, and GB/s against this device's measured copy bandwidth) and sparse "
+        "top-k decode (TFLOP/s and time against the dense kernel) at DeepSeek-V3/V3.2 dims "
+        "(512 + 64 latent, --heads query heads), Triton kernels and the PyTorch path on the same "
+        "device. On a CPU only the PyTorch path runs: the kernels need a GPU.")
+    ker.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ker.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                     help="(default: bfloat16 on a GPU, float32 on a CPU)")
+    ker.add_argument("--contexts", type=int_list, default=None,
+                     help="cached tokens per sequence (GPU: 4096,...,65536; CPU: 1024,4096)")
+    ker.add_argument("--batches", type=int_list, default=None,
+                     help="sequences (GPU: 1,32,64,128; CPU: 1,4)")
+    ker.add_argument("--heads", type=int, default=None, help="query heads (GPU: 128; CPU: 16)")
+    ker.add_argument("--topk", type=int, default=2048, help="sparse: selected latents (2048)")
+    ker.add_argument("--repeats", type=int, default=10, help="timed calls, median (10)")
+    ker.set_defaults(func=cmd_bench_kernels)
 
     fp8 = bench_parser(
         "fp8-cache", help="accuracy of MLA's fp8 latent cache against a bf16 one",
