@@ -18,6 +18,7 @@ from torch import nn
 
 from latentattn.attention.norm import RMSNorm
 from latentattn.cache.kv import DenseKV, LatentKV, LayerCache, Step
+from latentattn.cache.paged import PagedLatentKV
 from latentattn.config import MLAConfig, ModelConfig
 from latentattn.kernels import attention
 from latentattn.kernels.backend import runs_triton
@@ -164,12 +165,15 @@ class MultiHeadLatentAttention(nn.Module):
             cache.write(step, latent)
             if not step.causal:
                 (latent,) = cache.read(step, latent.dtype)
-        if (x.shape[1] == 1 and type(cache) is LatentKV and step.valid is None
-                and cache.kv.dtype == q.dtype and self.use_absorbed(1) and runs_triton(q)):
+        kernel_cache = (cache.kv if type(cache) is LatentKV else
+                        cache.pages if isinstance(cache, PagedLatentKV) else None)
+        if (x.shape[1] == 1 and kernel_cache is not None and step.valid is None
+                and kernel_cache.dtype == q.dtype and self.use_absorbed(1) and runs_triton(q)):
             # Decode through the Triton kernel, straight from the cache (no read copy).
             lengths = (step.positions[:, 0] + 1).to(torch.int32)
-            o_lat, _ = mla_decode_triton(self.absorb_query(q)[:, :, 0], cache.kv, lengths,
-                                         self.scale, a.kv_lora_rank)
+            table = cache.pool.table if isinstance(cache, PagedLatentKV) else None
+            o_lat, _ = mla_decode_triton(self.absorb_query(q)[:, :, 0], kernel_cache, lengths,
+                                         self.scale, a.kv_lora_rank, block_table=table)
             return self.o_proj(self.unabsorb(o_lat.unsqueeze(2)))
         if self.use_absorbed(x.shape[1]):
             return self.o_proj(self.absorbed(q, latent, step))

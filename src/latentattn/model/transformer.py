@@ -11,6 +11,7 @@ from torch import nn
 from latentattn.attention import GroupedQueryAttention, MultiHeadLatentAttention, RMSNorm
 from latentattn.attention.dsa import SparseLatentAttention
 from latentattn.cache.kv import FP8LatentKV, KVCache, LayerCache, fresh_step
+from latentattn.cache.paged import PagedKVCache, PagedLatentKV, PagePool
 from latentattn.config import MLAConfig, ModelConfig
 from latentattn.errors import ConfigError
 from latentattn.model.ffn import MLP, MoE, Router
@@ -89,27 +90,41 @@ class Transformer(nn.Module):
     def make_cache(
         self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None,
         device: torch.device | str | None = None, latent_fp8: bool = False,
+        page_size: int | None = None, num_pages: int | None = None,
     ) -> KVCache:
         """Preallocate every layer's cache: the form follows the attention (and ``mla.impl``).
         ``latent_fp8``: MLA's latent in FlashMLA's fp8 record (cache.kv.FP8LatentKV; dense
-        absorbed/auto MLA only), ``dtype`` then being what it is read back as."""
+        absorbed/auto MLA only), ``dtype`` then being what it is read back as. ``page_size``: the
+        latent in pages of that many tokens from a pool of ``num_pages`` (default: room for every
+        row at ``capacity``; cache.paged, dense absorbed/auto MLA only)."""
         capacity = capacity or self.config.max_seq_len
         if capacity > self.config.max_seq_len:
             raise ConfigError(
                 f"cache capacity {capacity} exceeds the model's max_seq_len {self.config.max_seq_len}"
             )
         dtype, device = dtype or self.dtype, device or self.device
-        if latent_fp8:
+        if latent_fp8 or page_size is not None:
+            if latent_fp8 and page_size is not None:
+                raise ConfigError("the fp8 latent cache is not paged yet: choose one of latent_fp8 "
+                                  "and page_size")
             mla = [blk.self_attn for blk in self.blocks
                    if isinstance(blk.self_attn, MultiHeadLatentAttention)
                    and not isinstance(blk.self_attn, SparseLatentAttention)
                    and blk.self_attn.cfg.impl != "naive"]
             if len(mla) != len(self.blocks):
-                raise ConfigError("the fp8 latent cache holds dense MLA's latent (impl auto or "
-                                  f"absorb); {self.config.name} has other attention")
-            fp8: list[LayerCache] = [FP8LatentKV(batch, capacity, a.cfg.kv_lora_rank,
-                                                 a.cfg.qk_rope_head_dim, device) for a in mla]
-            return KVCache(fp8, batch, capacity, device)
+                raise ConfigError(f"the {'fp8' if latent_fp8 else 'paged'} latent cache holds dense "
+                                  f"MLA's latent (impl auto or absorb); {self.config.name} has "
+                                  "other attention")
+            if latent_fp8:
+                fp8: list[LayerCache] = [FP8LatentKV(batch, capacity, a.cfg.kv_lora_rank,
+                                                     a.cfg.qk_rope_head_dim, device) for a in mla]
+                return KVCache(fp8, batch, capacity, device)
+            assert page_size is not None
+            pool = PagePool(num_pages or batch * -(-capacity // max(1, page_size)), page_size, batch,
+                            capacity, device)
+            paged: list[LayerCache] = [PagedLatentKV(pool, a.cfg.kv_lora_rank, a.cfg.qk_rope_head_dim,
+                                                     dtype, device) for a in mla]
+            return PagedKVCache(paged, pool, batch, capacity, device)
         layers = [blk.self_attn.make_cache(batch, capacity, dtype, device) for blk in self.blocks]
         return KVCache(layers, batch, capacity, device)
 
