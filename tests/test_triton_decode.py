@@ -90,6 +90,40 @@ def test_more_splits_than_rows_leave_empty_splits_out() -> None:
     _check(mla_decode_triton(q, kv, n, 0.5, 16, num_splits=4), mla_decode_ref(q, kv, n, 0.5, 16))
 
 
+@pytest.mark.parametrize(("rank", "lengths"), [(40, [1, 63, 97]), (256, [97, 1025])])
+def test_fp8_record_matches_the_reference_on_its_dequantised_cache(rank: int, lengths: list[int]) -> None:
+    """FlashMLA's practice: the reference reads the same dequantised cache, so quantisation
+    error stays out of the tolerance (its size is bench fp8-cache's business)."""
+    from latentattn.cache.fp8 import dequantize_e4m3, quantize_e4m3
+    from latentattn.kernels.mla_decode import mla_decode_fp8_triton
+
+    g = torch.Generator().manual_seed(rank)
+    b, s = len(lengths), max(lengths) + 3
+    q = torch.randn(b, 3, rank + 16, generator=g)
+    c8, scale = quantize_e4m3(torch.randn(b, s, rank, generator=g))
+    k_rope = torch.randn(b, s, 16, generator=g).bfloat16()
+    n = torch.tensor(lengths, dtype=torch.int32)
+    kv = torch.cat((dequantize_e4m3(c8, scale), k_rope.float()), dim=-1)
+    _check(mla_decode_fp8_triton(q, c8, scale, k_rope, n, 0.2, num_splits=2),
+           mla_decode_ref(q, kv, n, 0.2, rank))
+    with pytest.raises(ConfigError, match="multiple of 128"):
+        mla_decode_fp8_triton(q, c8, scale[..., :0], k_rope, n, 0.2)
+
+
+def test_a_tiny_model_decodes_through_the_fp8_kernel() -> None:
+    from latentattn import load
+    from latentattn.kernels.backend import use_backend
+
+    model = load("tiny-mla", seed=0)
+    prompt = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    caches = [model.make_cache(2, 16, latent_fp8=True) for _ in range(2)]
+    want = [model(prompt, caches[0]), model(prompt[:, -1:], caches[0])]
+    with use_backend("triton"):
+        got = [model(prompt, caches[1]), model(prompt[:, -1:], caches[1])]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
 def test_split_policy() -> None:
     assert default_splits(1, 128, 65536) == 16  # one sequence: split to fill the GPU
     assert default_splits(128, 128, 65536) == 1  # 1,024 head blocks fill it already
@@ -119,10 +153,11 @@ def test_kernels_compile_for_sm80_and_sm90() -> None:
     run = subprocess.run([sys.executable, "-m", "latentattn", "kernels", "compile", "--arch",
                           "sm_80,sm_90"], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "24 of 24 kernel configurations compiled within the limits of sm_80, sm_90" in run.stdout
+    assert "28 of 28 kernel configurations compiled within the limits of sm_80, sm_90" in run.stdout
     rows = [line for line in run.stdout.splitlines()
             if line.startswith(("| mla_decode", "| sparse_mla", "| indexer"))]
-    assert len(rows) == 24 and all(line.endswith(("| ok |", "| ok, spills |")) for line in rows)
+    assert len(rows) == 28 and all(line.endswith(("| ok |", "| ok, spills |")) for line in rows)
+    assert sum("fp8 record" in line for line in rows) == 4
     assert {line.split(" | ")[0] for line in rows} == {"| mla_decode_stage1", "| mla_decode_stage2",
                                                         "| sparse_mla_fwd", "| sparse_mla_bwd",
                                                         "| indexer_logits"}

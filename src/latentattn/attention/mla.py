@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from latentattn.attention.norm import RMSNorm
-from latentattn.cache.kv import DenseKV, LatentKV, LayerCache, Step
+from latentattn.cache.kv import DenseKV, FP8LatentKV, LatentKV, LayerCache, Step
 from latentattn.cache.paged import PagedLatentKV
 from latentattn.config import MLAConfig, ModelConfig
 from latentattn.kernels import attention
 from latentattn.kernels.backend import runs_triton
-from latentattn.kernels.mla_decode import mla_decode_triton
+from latentattn.kernels.mla_decode import mla_decode_fp8_triton, mla_decode_triton
 from latentattn.rope import apply_rope, softmax_scale
 
 
@@ -165,6 +165,12 @@ class MultiHeadLatentAttention(nn.Module):
             cache.write(step, latent)
             if not step.causal:
                 (latent,) = cache.read(step, latent.dtype)
+        if (x.shape[1] == 1 and isinstance(cache, FP8LatentKV) and step.valid is None
+                and self.use_absorbed(1) and runs_triton(q)):
+            lengths = (step.positions[:, 0] + 1).to(torch.int32)
+            o_lat, _ = mla_decode_fp8_triton(self.absorb_query(q)[:, :, 0], cache.c, cache.c_scale,
+                                             cache.k_rope, lengths, self.scale)
+            return self.o_proj(self.unabsorb(o_lat.unsqueeze(2)))
         kernel_cache = (cache.kv if type(cache) is LatentKV else
                         cache.pages if isinstance(cache, PagedLatentKV) else None)
         if (x.shape[1] == 1 and kernel_cache is not None and step.valid is None

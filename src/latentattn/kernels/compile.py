@@ -7,8 +7,9 @@ kernel lowers for that architecture, and reports its shared memory (Triton's met
 registers and spills (``cuobjdump -res-usage``, also in the wheel). The configurations are the
 ones the library launches: the cache shapes of the DeepSeek models (V2-Lite, V3 and V3.2 share
 a 512 + 64 latent row) and of a converted SmolLM2-135M (128 + 64), contiguous and in 64-token
-pages, bf16, for dense decode and sparse attention (forward and backward); V3.2's indexer with
-bf16 and fp8 keys (decoded in software, so it compiles for sm_80 too).
+pages, bf16, and FlashMLA's fp8 record, for dense decode; sparse attention (forward and
+backward) in bf16; V3.2's indexer with bf16 and fp8 keys (fp8 is decoded in software, so it
+compiles for sm_80 too).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def _jobs() -> list[tuple[str, str, object, dict[str, str], dict[str, object], i
     dtype, ptr = torch.bfloat16, "*bf16"
     pointers = {"Q": ptr, "KV": ptr, "LENGTHS": "*i32", "TABLE": "*i32", "O_PART": "*fp32",
                 "LSE_PART": "*fp32", "OUT": ptr, "LSE": "*fp32", "IDX": "*i32", "DO": ptr,
-                "DELTA": "*fp32", "DQ": "*fp32", "DKV": "*fp32"}
+                "DELTA": "*fp32", "DQ": "*fp32", "DKV": "*fp32", "C8": "*u8", "C_SCALE": "*fp32"}
     for name, (rank, rope) in CACHE_SHAPES.items():
         for paged in (False, True):
             consts = k.decode_constexprs(rank, rope, PAGE if paged else 1, paged, dtype)
@@ -74,6 +75,12 @@ def _jobs() -> list[tuple[str, str, object, dict[str, str], dict[str, object], i
             where = f"{PAGE}-token pages" if paged else "contiguous"
             jobs.append(("mla_decode_stage1", f"{name}, R {rank} + {rope}, {where}, bf16",
                          k.mla_decode_stage1, sig, consts, k.decode_warps(rank)))
+        # FlashMLA's fp8 record (contiguous): e4m3 latent decoded in software, bf16 rope.
+        c8 = k.decode_constexprs(rank, rope, 1, False, dtype, fp8=True)
+        jobs.append(("mla_decode_stage1", f"{name}, R {rank} + {rope}, contiguous, fp8 record",
+                     k.mla_decode_stage1, _signature(k.mla_decode_stage1, pointers, c8,
+                                                     floats={"sm_scale_log2"}),
+                     c8, k.decode_warps(rank)))
         consts2: dict[str, object] = {"RANK": rank, "BLOCK_R": consts["BLOCK_R"], "BLOCK_S": 16}
         sig2 = _signature(k.mla_decode_stage2, pointers, consts2, floats=set())
         jobs.append(("mla_decode_stage2", f"{name}, R {rank}, up to 16 splits, bf16",

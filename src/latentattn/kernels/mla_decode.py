@@ -108,6 +108,30 @@ def mla_decode_triton(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, 
     return launch_decode(q, kv, lengths, scale, kv_lora_rank, block_table, splits)
 
 
+def mla_decode_fp8_triton(q: torch.Tensor, c8: torch.Tensor, c_scale: torch.Tensor,
+                          k_rope: torch.Tensor, lengths: torch.Tensor, scale: float,
+                          num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel over FlashMLA's fp8 record, as :class:`latentattn.cache.kv.FP8LatentKV`
+    holds it (contiguous): c8 (B, S, R) e4m3 bytes, c_scale (B, S, R / 128) fp32, k_rope
+    (B, S, Dr) bf16; the latent is decoded in the kernel, the products run in q's dtype."""
+    rank = c8.shape[-1]
+    if (c8.dtype != torch.uint8 or c_scale.dtype != torch.float32 or c8.shape[:2] != k_rope.shape[:2]
+            or c_scale.shape[:2] != c8.shape[:2] or q.shape[-1] != rank + k_rope.shape[-1]
+            or c_scale.shape[-1] != (rank // 128 if rank >= 128 else 1) or (rank >= 128 and rank % 128)):
+        raise ConfigError("the fp8 decode takes c8 (B, S, R) uint8 with R a multiple of 128 (or "
+                          "under 128), c_scale (B, S, R / 128) fp32 and k_rope (B, S, Dr), with q "
+                          "(B, H, R + Dr)")
+    check_decode_inputs(q, torch.empty(c8.shape[0], c8.shape[1], q.shape[-1], dtype=q.dtype,
+                                       device="meta"), lengths, rank, None)
+    from latentattn.kernels.triton_mla import launch_decode
+
+    splits = num_splits if num_splits is not None else default_splits(q.shape[0], q.shape[1],
+                                                                      int(lengths.max()))
+    if splits < 1:
+        raise ConfigError(f"num_splits must be >= 1, got {splits}")
+    return launch_decode(q, k_rope, lengths, scale, rank, None, splits, fp8=(c8, c_scale))
+
+
 def default_splits(batch: int, heads: int, max_len: int, programs: int = 132) -> int:
     """KV splits per sequence: enough programs to fill ``programs`` (an H100's 132 SMs) when
     batch x head blocks cannot, never splits under 4 tiles, at most 16 (vLLM PR #50629 caps
@@ -118,5 +142,5 @@ def default_splits(batch: int, heads: int, max_len: int, programs: int = 132) ->
     return max(1, min(want, most, 16))
 
 
-__all__ = ["BLOCK_H", "BLOCK_N", "check_decode_inputs", "default_splits", "mla_decode_ref",
-           "mla_decode_triton"]
+__all__ = ["BLOCK_H", "BLOCK_N", "check_decode_inputs", "default_splits", "mla_decode_fp8_triton",
+           "mla_decode_ref", "mla_decode_triton"]

@@ -11,19 +11,25 @@ import triton
 import triton.language as tl
 
 from latentattn.kernels.mla_decode import BLOCK_H, BLOCK_N
+from latentattn.kernels.triton_indexer import e4m3_to_fp32
 
 LN2 = 0.6931471805599453
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def mla_decode_stage1(Q, KV, LENGTHS, TABLE, O_PART, LSE_PART, sm_scale_log2, heads, split_len,
-                      stride_qb, stride_qh, stride_kvp, stride_kvn, stride_tb,
+def mla_decode_stage1(Q, KV, LENGTHS, TABLE, O_PART, LSE_PART, C8, C_SCALE, sm_scale_log2, heads,
+                      split_len, stride_qb, stride_qh, stride_kvp, stride_kvn, stride_tb,
                       stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                      stride_c8b, stride_c8n, stride_csb, stride_csn,
                       RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_DR: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """One (sequence, head block, split): online softmax over the split's cached rows."""
+                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                      FP8: tl.constexpr, QBLOCK: tl.constexpr):
+    """One (sequence, head block, split): online softmax over the split's cached rows. With
+    FP8 (FlashMLA's record, contiguous): the latent is e4m3 bytes C8 with one fp32 scale per
+    QBLOCK values (C_SCALE), decoded in software (sm_80 has no e4m3), and KV holds only the
+    bf16 rope part (its column 0 is rope dim 0)."""
     b = tl.program_id(0)
     hb = tl.program_id(1)
     split = tl.program_id(2)
@@ -48,9 +54,23 @@ def mla_decode_stage1(Q, KV, LENGTHS, TABLE, O_PART, LSE_PART, sm_scale_log2, he
             row = KV + page.to(tl.int64) * stride_kvp + (n % PAGE).to(tl.int64) * stride_kvn
         else:
             row = KV + b.to(tl.int64) * stride_kvp + n.to(tl.int64) * stride_kvn
-        c = tl.load(row[:, None] + r[None, :], mask=n_ok[:, None] & (r[None, :] < RANK), other=0.0)
-        k_rope = tl.load(row[:, None] + RANK + dr[None, :], mask=n_ok[:, None] & (dr[None, :] < ROPE),
-                         other=0.0)
+        c_ok = n_ok[:, None] & (r[None, :] < RANK)
+        if FP8:
+            tok = n.to(tl.int64)[:, None]
+            c8 = tl.load(C8 + b.to(tl.int64) * stride_c8b + tok * stride_c8n + r[None, :], mask=c_ok,
+                         other=0)
+            # One scale per QBLOCK values: load (BLOCK_N, blocks), broadcast over each block.
+            blk = tl.arange(0, BLOCK_R // QBLOCK)
+            sc = tl.load(C_SCALE + b.to(tl.int64) * stride_csb + tok * stride_csn + blk[None, :],
+                         mask=n_ok[:, None] & (blk[None, :] < (RANK + QBLOCK - 1) // QBLOCK), other=0.0)
+            c = tl.reshape(tl.reshape(e4m3_to_fp32(c8), (BLOCK_N, BLOCK_R // QBLOCK, QBLOCK))
+                           * sc[:, :, None], (BLOCK_N, BLOCK_R)).to(q_lat.dtype)
+            k_rope = tl.load(row[:, None] + dr[None, :], mask=n_ok[:, None] & (dr[None, :] < ROPE),
+                             other=0.0).to(q_lat.dtype)
+        else:
+            c = tl.load(row[:, None] + r[None, :], mask=c_ok, other=0.0)
+            k_rope = tl.load(row[:, None] + RANK + dr[None, :],
+                             mask=n_ok[:, None] & (dr[None, :] < ROPE), other=0.0)
         # The 512 + 64 split: two dot products summed; scores in base 2 for exp2.
         s = tl.dot(q_lat, tl.trans(c), input_precision=PRECISION)
         s += tl.dot(q_rope, tl.trans(k_rope), input_precision=PRECISION)
@@ -93,14 +113,17 @@ def mla_decode_stage2(O_PART, LSE_PART, OUT, LSE, splits, heads,
     tl.store(LSE + b * heads + h, top + tl.log(total))
 
 
-def decode_constexprs(rank: int, rope: int, page: int, paged: bool, dtype: torch.dtype
-                      ) -> dict[str, Any]:
-    """The compile-time constants of stage 1 for one cache shape (shared with kernels compile)."""
+def decode_constexprs(rank: int, rope: int, page: int, paged: bool, dtype: torch.dtype,
+                      fp8: bool = False) -> dict[str, Any]:
+    """The compile-time constants of stage 1 for one cache shape (shared with kernels compile);
+    ``dtype``: the queries' (the compute dtype)."""
     return {"RANK": rank, "ROPE": rope, "BLOCK_R": triton.next_power_of_2(rank),
             "BLOCK_DR": max(16, triton.next_power_of_2(rope)), "PAGE": page, "PAGED": paged,
             "BLOCK_H": BLOCK_H, "BLOCK_N": BLOCK_N,
             # fp32 caches: exact fp32 products (TF32 would lose 13 mantissa bits).
-            "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+            "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            # fp8: blocks of 128 values (one for a latent under 128, a power of two here).
+            "FP8": fp8, "QBLOCK": min(128, triton.next_power_of_2(rank))}
 
 
 def decode_warps(rank: int) -> int:
@@ -110,7 +133,11 @@ def decode_warps(rank: int) -> int:
 
 
 def launch_decode(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, scale: float, rank: int,
-                  block_table: torch.Tensor | None, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  block_table: torch.Tensor | None, splits: int,
+                  fp8: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp8``: (latent bytes (B, S, R) uint8, scales (B, S, R / 128) fp32), ``kv`` then the bf16
+    rope part (B, S, Dr)."""
     b, heads, width = q.shape
     rope = width - rank
     paged = block_table is not None
@@ -124,11 +151,13 @@ def launch_decode(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, scal
     q = q.contiguous()
     if kv.stride(-1) != 1:
         kv = kv.contiguous()
-    consts = decode_constexprs(rank, rope, page, paged, q.dtype)
+    consts = decode_constexprs(rank, rope, page, paged, q.dtype, fp8 is not None)
+    c8, c_scale = fp8 if fp8 is not None else (kv, kv)  # unused without fp8
     mla_decode_stage1[(b, triton.cdiv(heads, BLOCK_H), splits)](
-        q, kv, lengths, table, o_part, lse_part, scale * LOG2E, heads, split_len,
+        q, kv, lengths, table, o_part, lse_part, c8, c_scale, scale * LOG2E, heads, split_len,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), table.stride(0) if paged else 0,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        c8.stride(0), c8.stride(1), c_scale.stride(0), c_scale.stride(1),
         **consts, num_warps=decode_warps(rank), num_stages=2)
     out = torch.empty(b, heads, rank, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, heads, dtype=torch.float32, device=q.device)
