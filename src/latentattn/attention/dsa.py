@@ -28,14 +28,18 @@ from latentattn.attention.indexer import Indexer
 from latentattn.attention.mla import MultiHeadLatentAttention
 from latentattn.cache.kv import IndexedLatentKV, LayerCache, Step
 from latentattn.config import MLAConfig, ModelConfig
+from latentattn.kernels.backend import runs_triton
+from latentattn.kernels.indexer_logits import indexer_logits_triton
 from latentattn.kernels.sparse import (
     gather_rows,
     index_scores,
     select_topk,
     selection_mask,
     sparse_mqa,
+    topk_reference,
     visible,
 )
+from latentattn.kernels.sparse_mla import sparse_mla_triton
 
 
 def kl_to_indexer(target: torch.Tensor, logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -89,8 +93,12 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         k_i = k_i.float()
         t, s = x.shape[1], latent.shape[1]
         need_selection = self.mode == "sparse" or self.record
-        idx = (select_topk(q_i, w, k_i, step.positions, self.topk, self.indexer.scale)
-               if need_selection else None)
+        idx = None
+        if need_selection and t == 1 and runs_triton(q_i):  # decode: the Triton indexer kernel
+            idx = topk_reference(indexer_logits_triton(q_i, w, k_i, step.positions, self.indexer.scale),
+                                 step.positions, self.topk)
+        elif need_selection:
+            idx = select_topk(q_i, w, k_i, step.positions, self.topk, self.indexer.scale)
 
         if self.mode == "dense":
             if self.use_absorbed(t):
@@ -118,8 +126,18 @@ class SparseLatentAttention(MultiHeadLatentAttention):
             masked = Step(step.positions, step.valid, step.kv_len, selection_mask(idx, s))
             c_all, k_rope_all = latent.split([a.kv_lora_rank, a.qk_rope_head_dim], -1)
             return self.o_proj(self.naive(q, c_all, k_rope_all, masked))
-        o_lat, probs = sparse_mqa(q_abs, latent, idx, self.scale, a.kv_lora_rank,
-                                  return_probs=self.train_indexer)
+        if runs_triton(q_abs) and q_abs.dtype == latent.dtype:
+            # The Triton kernel (forward and backward); the indexer's target, the selection's
+            # head-mean probabilities, needs no gradient.
+            o_lat, _ = sparse_mla_triton(q_abs, latent, idx, self.scale, a.kv_lora_rank)
+            probs = None
+            if self.train_indexer:
+                with torch.no_grad():
+                    _, probs = sparse_mqa(q_abs, latent, idx, self.scale, a.kv_lora_rank,
+                                          return_probs=True)
+        else:
+            o_lat, probs = sparse_mqa(q_abs, latent, idx, self.scale, a.kv_lora_rank,
+                                      return_probs=self.train_indexer)
         if self.train_indexer:
             assert probs is not None
             k_sel = gather_rows(k_i, idx)  # (B, T, K, d_I)
