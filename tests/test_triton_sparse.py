@@ -73,7 +73,7 @@ def test_bad_inputs_are_refused() -> None:
     q, kv, idx = _case(1, 3, 2, 9, 4, 16, 16)
     for args, message in [
         ((q, kv, idx + 100, 0.5, 16), "selects row"),
-        ((q, kv.double(), idx, 0.5, 16), "one dtype"),
+        ((q, kv.double(), idx, 0.5, 16), "of the same dtype"),
         ((q, kv, idx.float(), 0.5, 16), "int32 or int64"),
         ((q, kv, idx[:, :1], 0.5, 16), "do not match"),
         ((q, kv, idx, 0.5, 40), "inside the cache row"),

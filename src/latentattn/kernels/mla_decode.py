@@ -60,17 +60,23 @@ def _rows(kv: torch.Tensor, i: int, n: int, block_table: torch.Tensor | None) ->
 
 
 # ---------------------------------------------------------------------------- checks
+def check_rank_and_dtypes(q: torch.Tensor, kv: torch.Tensor, rank: int, kernel: str) -> None:
+    """What every latent kernel needs: the latent rank inside the cache row, and q and the cache
+    in one of the float dtypes the kernels are built for."""
+    if not 0 < rank < kv.shape[-1]:
+        raise ConfigError(f"kv_lora_rank {rank} must lie inside the cache row ({kv.shape[-1]})")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or kv.dtype != q.dtype:
+        raise ConfigError(f"{kernel} supports fp32/bf16/fp16 caches with queries of the same "
+                          f"dtype; got q {q.dtype}, kv {kv.dtype}")
+
+
 def check_decode_inputs(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, kv_lora_rank: int,
                         block_table: torch.Tensor | None) -> None:
     """One clear error for inputs the kernel cannot take (the PyTorch path can still)."""
     if q.dim() != 3 or kv.dim() != 3 or q.shape[-1] != kv.shape[-1]:
         raise ConfigError(f"mla_decode takes q (B, H, R + Dr) and kv (B or pages, S, R + Dr); got q "
                           f"{tuple(q.shape)}, kv {tuple(kv.shape)}")
-    if not 0 < kv_lora_rank < kv.shape[-1]:
-        raise ConfigError(f"kv_lora_rank {kv_lora_rank} must lie inside the cache row ({kv.shape[-1]})")
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or kv.dtype != q.dtype:
-        raise ConfigError(f"mla_decode supports fp32/bf16/fp16 caches with queries of the same "
-                          f"dtype; got q {q.dtype}, kv {kv.dtype}")
+    check_rank_and_dtypes(q, kv, kv_lora_rank, "mla_decode")
     if lengths.shape != (q.shape[0],):
         raise ConfigError(f"lengths must be ({q.shape[0]},), got {tuple(lengths.shape)}")
     if bool((lengths < 1).any()):
@@ -142,5 +148,5 @@ def default_splits(batch: int, heads: int, max_len: int, programs: int = 132) ->
     return max(1, min(want, most, 16))
 
 
-__all__ = ["BLOCK_H", "BLOCK_N", "check_decode_inputs", "default_splits", "mla_decode_fp8_triton",
-           "mla_decode_ref", "mla_decode_triton"]
+__all__ = ["BLOCK_H", "BLOCK_N", "check_decode_inputs", "check_rank_and_dtypes", "default_splits",
+           "mla_decode_fp8_triton", "mla_decode_ref", "mla_decode_triton"]

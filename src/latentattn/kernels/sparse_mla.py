@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from latentattn.errors import ConfigError
+from latentattn.kernels.mla_decode import check_rank_and_dtypes
 from latentattn.kernels.sparse import gather_rows
 
 
@@ -42,11 +43,7 @@ def check_sparse_inputs(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, ra
     if idx.shape[:2] != (q.shape[0], q.shape[2]) or kv.shape[0] != q.shape[0]:
         raise ConfigError(f"idx {tuple(idx.shape)} and kv {tuple(kv.shape)} do not match q "
                           f"{tuple(q.shape)}'s batch and tokens")
-    if not 0 < rank < kv.shape[-1]:
-        raise ConfigError(f"rank {rank} must lie inside the cache row ({kv.shape[-1]})")
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or kv.dtype != q.dtype:
-        raise ConfigError(f"sparse_mla supports fp32/bf16/fp16 with q and kv of one dtype; got "
-                          f"{q.dtype}, {kv.dtype}")
+    check_rank_and_dtypes(q, kv, rank, "sparse_mla")
     if idx.dtype not in (torch.int32, torch.int64):
         raise ConfigError(f"idx must be int32 or int64, got {idx.dtype}")
     if idx.numel() and int(idx.max()) >= kv.shape[1]:

@@ -18,6 +18,22 @@ MASKED = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _gather_tile(KV, IDX, b, t, k0, seq_kv, topk, stride_kvb, stride_kvs, stride_ib, stride_it,
+                 r, dr, RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The token's selected latents k0..k0+BLOCK_K: (c (BLOCK_K, BLOCK_R), k_rope, valid, rows);
+    invalid slots (index < 0 or >= seq_kv) are never read and load as 0."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    idx = tl.load(IDX + b.to(tl.int64) * stride_ib + t * stride_it + kk, mask=kk < topk, other=-1)
+    ok = (idx >= 0) & (idx < seq_kv)
+    rows = tl.where(ok, idx, 0).to(tl.int64)
+    row = KV + b.to(tl.int64) * stride_kvb + rows * stride_kvs
+    c = tl.load(row[:, None] + r[None, :], mask=ok[:, None] & (r[None, :] < RANK), other=0.0)
+    k_rope = tl.load(row[:, None] + RANK + dr[None, :], mask=ok[:, None] & (dr[None, :] < ROPE),
+                     other=0.0)
+    return c, k_rope, ok, rows
+
+
+@triton.jit
 def sparse_mla_fwd(Q, KV, IDX, OUT, LSE, sm_scale_log2, heads, seq_kv, topk,
                    stride_qb, stride_qh, stride_qt, stride_kvb, stride_kvs,
                    stride_ib, stride_it, stride_ob, stride_oh, stride_ot, stride_lb, stride_lh,
@@ -38,13 +54,8 @@ def sparse_mla_fwd(Q, KV, IDX, OUT, LSE, sm_scale_log2, heads, seq_kv, topk,
     denom = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_R), tl.float32)
     for k0 in range(0, topk, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        idx = tl.load(IDX + b.to(tl.int64) * stride_ib + t * stride_it + kk, mask=kk < topk, other=-1)
-        ok = (idx >= 0) & (idx < seq_kv)
-        row = KV + b.to(tl.int64) * stride_kvb + tl.where(ok, idx, 0).to(tl.int64) * stride_kvs
-        c = tl.load(row[:, None] + r[None, :], mask=ok[:, None] & (r[None, :] < RANK), other=0.0)
-        k_rope = tl.load(row[:, None] + RANK + dr[None, :], mask=ok[:, None] & (dr[None, :] < ROPE),
-                         other=0.0)
+        c, k_rope, ok, _ = _gather_tile(KV, IDX, b, t, k0, seq_kv, topk, stride_kvb, stride_kvs,
+                                        stride_ib, stride_it, r, dr, RANK, ROPE, BLOCK_K)
         s = tl.dot(q_lat, tl.trans(c), input_precision=PRECISION)
         s += tl.dot(q_rope, tl.trans(k_rope), input_precision=PRECISION)
         s = tl.where(ok[None, :], s * sm_scale_log2, MASKED)
@@ -92,14 +103,9 @@ def sparse_mla_bwd(Q, KV, IDX, DO, LSE, DELTA, DQ, DKV, sm_scale, heads, seq_kv,
     dq_lat = tl.zeros((BLOCK_H, BLOCK_R), tl.float32)
     dq_rope = tl.zeros((BLOCK_H, BLOCK_DR), tl.float32)
     for k0 in range(0, topk, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        idx = tl.load(IDX + b.to(tl.int64) * stride_ib + t * stride_it + kk, mask=kk < topk, other=-1)
-        ok = (idx >= 0) & (idx < seq_kv)
-        safe_idx = tl.where(ok, idx, 0).to(tl.int64)
-        row = KV + b.to(tl.int64) * stride_kvb + safe_idx * stride_kvs
-        c = tl.load(row[:, None] + r[None, :], mask=ok[:, None] & (r[None, :] < RANK), other=0.0)
-        k_rope = tl.load(row[:, None] + RANK + dr[None, :], mask=ok[:, None] & (dr[None, :] < ROPE),
-                         other=0.0)
+        c, k_rope, ok, safe_idx = _gather_tile(KV, IDX, b, t, k0, seq_kv, topk, stride_kvb,
+                                               stride_kvs, stride_ib, stride_it, r, dr, RANK, ROPE,
+                                               BLOCK_K)
         s = tl.dot(q_lat, tl.trans(c), input_precision=PRECISION)
         s += tl.dot(q_rope, tl.trans(k_rope), input_precision=PRECISION)
         p = tl.where(ok[None, :] & h_ok[:, None], tl.exp(s * sm_scale - lse[:, None]), 0.0)
