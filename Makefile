@@ -32,6 +32,7 @@ demo: $(VENV)/.dev
 	rm -rf demo-mla
 	$(BIN)/latentattn convert smollm2-135m demo-mla --kv-lora-rank 160 --rope-dim full --calib builtin --method pca
 	$(BIN)/latentattn generate --model demo-mla --prompt "The capital of France is" --max-new-tokens 12
+	$(BIN)/latentattn kernels compile --arch sm_80,sm_90
 	$(BIN)/latentattn compare --quick --restart --out compare-out
 
 lint: $(VENV)/.dev
