@@ -142,6 +142,8 @@ def test_bad_inputs_are_refused() -> None:
          "points outside the pool"),
         (lambda: mla_decode_triton(q, pool, n, 0.5, 16, block_table=table[:, :0]), "more pages"),
         (lambda: mla_decode_triton(q, kv, n, 0.5, 16, num_splits=0), "num_splits must be >= 1"),
+        (lambda: mla_decode_triton(torch.zeros(2, 3, 1100), torch.zeros(2, 9, 1100), n, 0.5, 1040),
+         "latents up to 1024"),
     ]:
         with pytest.raises(ConfigError, match=message):
             call()

@@ -60,11 +60,17 @@ def _rows(kv: torch.Tensor, i: int, n: int, block_table: torch.Tensor | None) ->
 
 
 # ---------------------------------------------------------------------------- checks
+MAX_RANK, MAX_ROPE = 1024, 256  # one tile row of the latent / rope part must fit on chip
+
+
 def check_rank_and_dtypes(q: torch.Tensor, kv: torch.Tensor, rank: int, kernel: str) -> None:
-    """What every latent kernel needs: the latent rank inside the cache row, and q and the cache
-    in one of the float dtypes the kernels are built for."""
+    """What every latent kernel needs: the latent rank inside the cache row, head sizes a tile
+    holds, and q and the cache in one of the float dtypes the kernels are built for."""
     if not 0 < rank < kv.shape[-1]:
         raise ConfigError(f"kv_lora_rank {rank} must lie inside the cache row ({kv.shape[-1]})")
+    if rank > MAX_RANK or kv.shape[-1] - rank > MAX_ROPE:
+        raise ConfigError(f"{kernel} takes latents up to {MAX_RANK} and rope parts up to {MAX_ROPE} "
+                          f"dims, got {rank} + {kv.shape[-1] - rank}; use the PyTorch backend")
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or kv.dtype != q.dtype:
         raise ConfigError(f"{kernel} supports fp32/bf16/fp16 caches with queries of the same "
                           f"dtype; got q {q.dtype}, kv {kv.dtype}")
