@@ -43,7 +43,7 @@ class Heal:
     steps: int = 100
     batch_size: int = 2
     seq_len: int = 256
-    lr: float = 1e-4
+    lr: float = 3e-4
     warmup_steps: int = 10
     distill_weight: float = 1.0
     trainable: str = "attention"

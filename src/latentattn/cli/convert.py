@@ -106,7 +106,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             or (rorope and a.n_kv_heads > 1)):
         print("below full rank or rope the model is an approximation: heal it with "
               f"`latentattn train --init {out} --teacher {args.src} --trainable attention "
-              "--lr 1e-4 --data FILE --out DIR`", file=sys.stderr)
+              "--lr 3e-4 --data FILE --out DIR`", file=sys.stderr)
     return 0
 
 
