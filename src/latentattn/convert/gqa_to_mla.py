@@ -135,7 +135,7 @@ def _dims(d: int, pairs: tuple[int, ...]) -> tuple[list[int], list[int]]:
     return [*pairs, *(p + half for p in pairs)], [*rest, *(p + half for p in rest)]
 
 
-def _blocks_split(wq: torch.Tensor, wk: torch.Tensor, plan: Plan, g: int, d: int
+def _blocks_split(plan: Plan, g: int, d: int, dtype: torch.dtype
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Block RoPE (the module docstring, step 1): per query head its (qk_dim, d) map from its
     source head's q to the new query [nope | G rope blocks, zero outside its group's], and per
@@ -144,9 +144,9 @@ def _blocks_split(wq: torch.Tensor, wk: torch.Tensor, plan: Plan, g: int, d: int
     the q map is the same for every head of a group."""
     rope_idx, nope_idx = _dims(d, plan.pairs)
     d_n, r2 = len(nope_idx), len(rope_idx)
-    eye = torch.eye(d, dtype=wq.dtype)
-    qmap = torch.zeros(g, d_n + g * r2, d, dtype=wq.dtype)
-    krope = torch.zeros(g, g * r2, d, dtype=wq.dtype)
+    eye = torch.eye(d, dtype=dtype)
+    qmap = torch.zeros(g, d_n + g * r2, d, dtype=dtype)
+    krope = torch.zeros(g, g * r2, d, dtype=dtype)
     for grp in range(g):
         qmap[grp, :d_n] = eye[nope_idx]
         qmap[grp, d_n + grp * r2 : d_n + (grp + 1) * r2] = eye[rope_idx]
@@ -209,7 +209,7 @@ def convert_layer(src: GroupedQueryAttention, dst: MultiHeadLatentAttention, cfg
         qmap, knope, krope, d_n = _rorope_split(wk, bk, g, d, inputs)
         k_src, kb_src = wk.reshape(g * d, dim), (bk if bk is not None else zero_b).reshape(-1)
     else:
-        qmap, knope, krope, d_n = _blocks_split(wq, wk, plan, g, d)
+        qmap, knope, krope, d_n = _blocks_split(plan, g, d, f64)
         k_src, kb_src = wk, (bk if bk is not None else zero_b)
     # Key maps act on one head's k (blocks) or on all heads' k concatenated (rorope).
     def key_rows(maps: torch.Tensor, grp: int | None) -> tuple[torch.Tensor, torch.Tensor]:

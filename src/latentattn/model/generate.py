@@ -36,14 +36,15 @@ def generate(
     top_p: float = 1.0, top_k: int = 0, eos_token_id: int | None = None,
     prompt_lengths: torch.Tensor | None = None, use_cache: bool = True,
     generator: torch.Generator | None = None, pad_token_id: int = 0, latent_fp8: bool = False,
-    page_size: int | None = None,
+    page_size: int | None = None, cache_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Extend each prompt by up to max_new_tokens tokens; returns (B, T + max_new_tokens) ids.
 
     input_ids (B, T). A ragged batch is right-padded with ``prompt_lengths`` (B,) giving each
     row's real length; row b of the result is its prompt, its new tokens, then ``pad_token_id``.
     After ``eos_token_id`` a row emits only padding. ``latent_fp8``: decode over MLA's latent
-    in FlashMLA's fp8 record, ``page_size``: over a paged latent cache (Transformer.make_cache).
+    in FlashMLA's fp8 record, ``page_size``: over a paged latent cache, ``cache_dtype``: a cache
+    kept in that dtype (None: the model's) (Transformer.make_cache).
     """
     if max_new_tokens < 0:
         raise LatentAttnError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -70,8 +71,8 @@ def generate(
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     ragged = prompt_lengths is not None and bool((lengths != t).any())
 
-    cache = (model.make_cache(b, total, latent_fp8=latent_fp8, page_size=page_size)
-             if use_cache else None)
+    cache = (model.make_cache(b, total, dtype=cache_dtype, latent_fp8=latent_fp8,
+                              page_size=page_size) if use_cache else None)
     logits = model(input_ids, cache, lengths if ragged else None)[rows, lengths - 1]
     for i in range(max_new_tokens):
         nxt = sample(logits, temperature, top_p, top_k, generator)
