@@ -12,6 +12,7 @@ import torch
 from conftest import cli_error
 from latentattn import load
 from latentattn.cache import FP8LatentKV
+from latentattn.cache.fp8 import dequantize_e4m3, pack_record, quantize_e4m3, record_parts, unpack_record
 from latentattn.cache.kv import fresh_step
 from latentattn.cli import main
 from latentattn.errors import ConfigError
@@ -20,8 +21,36 @@ from latentattn.errors import ConfigError
 def test_the_record_is_656_bytes_at_deepseek_dims() -> None:
     cache = FP8LatentKV(2, 8, 512, 64)
     assert cache.nbytes == 2 * 8 * 656  # 512 e4m3 + 4 fp32 scales + 64 bf16
-    with pytest.raises(ConfigError, match="multiple of 128"):
-        FP8LatentKV(1, 8, 160, 64)
+    assert cache.records.shape == (2, 8, 656) and cache.records.dtype == torch.uint8
+    for rank in (160, 42):
+        with pytest.raises(ConfigError, match="multiple of 128"):
+            FP8LatentKV(1, 8, rank, 64)
+
+
+def test_the_record_layout_is_flashmla_s() -> None:
+    """Bytes 0..511 the e4m3 latent, 512..527 four fp32 scales, 528..655 the bf16 rope part."""
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(3, 576, generator=g)
+    rec = pack_record(latent, 512)
+    c8, scales = quantize_e4m3(latent[:, :512])
+    assert torch.equal(rec[:, :512], c8)
+    assert torch.equal(rec[:, 512:528].contiguous().view(torch.float32), scales)
+    assert torch.equal(rec[:, 528:].contiguous().view(torch.bfloat16), latent[:, 512:].bfloat16())
+    parts = record_parts(rec, 512)
+    assert torch.equal(parts[0], c8) and torch.equal(parts[1], scales)
+    torch.testing.assert_close(unpack_record(rec, 512)[:, :512], dequantize_e4m3(c8, scales))
+
+
+def test_a_paged_fp8_cache_reads_back_what_the_contiguous_one_does() -> None:
+    model = load("tiny-mla", seed=0)
+    prompt = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    flat, paged = model.make_cache(2, 20, latent_fp8=True), model.make_cache(2, 20, latent_fp8=True,
+                                                                              page_size=8)
+    a, b = model(prompt, flat), model(prompt, paged)
+    a2, b2 = model(prompt[:, -1:], flat), model(prompt[:, -1:], paged)
+    torch.testing.assert_close(a2, b2, rtol=0, atol=0)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert paged.layers[0].pages.shape == (6, 8, 52) and paged.used_bytes == 2 * 2 * 2 * 8 * 52
 
 
 def test_round_trip_is_e4m3_close_and_keeps_rope_in_bf16() -> None:
@@ -34,7 +63,7 @@ def test_round_trip_is_e4m3_close_and_keeps_rope_in_bf16() -> None:
     c, rope = latent[..., :256], latent[..., 256:]
     # e4m3 keeps 3 mantissa bits: at most 2^-4 relative error for normal values, and half the
     # smallest subnormal step (2^-9, times the block's scale) for the tiny ones.
-    scale = cache.c_scale.repeat_interleave(128, dim=-1)
+    scale = record_parts(cache.records, 256)[1].repeat_interleave(128, dim=-1)
     err = (back[..., :256] - c).abs()
     assert (err <= c.abs() / 16 + scale * 2**-10 * 1.0001).all() and err.max() > 0
     torch.testing.assert_close(back[..., 256:], rope.bfloat16().float(), rtol=0, atol=0)

@@ -1,7 +1,7 @@
 """The Triton absorbed-decode kernel against its PyTorch reference in Triton's interpreter (fp32:
 bf16 tl.dot is wrong there, triton #11584), and the kernels compiled for sm_80 and sm_90.
 
-Shapes are odd on purpose (heads 1, 3, 16 and 20; latent ranks that are not powers of two;
+Shapes are odd on purpose (heads 1, 3, 16, 20 and 128; latent ranks that are not powers of two;
 cached lengths 1, 63, 97, 1025; pages of 16 and 64 in a shuffled pool; ragged batches), and
 every cache slot past a sequence's end is NaN, so an over-read shows (FlashMLA's tests)."""
 
@@ -60,6 +60,7 @@ def _check(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, tor
 
 @pytest.mark.parametrize(("heads", "rank", "rope", "lengths"), [
     (1, 16, 16, [1]), (3, 40, 8, [1, 63, 97]), (16, 64, 16, [97, 1]), (20, 24, 10, [33, 64]),
+    (128, 16, 16, [5, 40]),  # DeepSeek-V3's head count: 8 head blocks per sequence
 ])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_contiguous_matches_reference(heads: int, rank: int, rope: int, lengths: list[int],
@@ -90,33 +91,72 @@ def test_more_splits_than_rows_leave_empty_splits_out() -> None:
     _check(mla_decode_triton(q, kv, n, 0.5, 16, num_splits=4), mla_decode_ref(q, kv, n, 0.5, 16))
 
 
-@pytest.mark.parametrize(("rank", "lengths"), [(40, [1, 63, 97]), (256, [97, 1025])])
-def test_fp8_record_matches_the_reference_on_its_dequantised_cache(rank: int, lengths: list[int]) -> None:
+def _records(rank: int, rope: int, lengths: list[int], seed: int) -> torch.Tensor:
+    """FlashMLA's fp8 records of random latents, every byte past a sequence's end 0xFF (its
+    scales then read as NaN, so an over-read shows)."""
+    from latentattn.cache.fp8 import pack_record
+
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(len(lengths), max(lengths) + 3, rank + rope, generator=g)
+    records = pack_record(latent * torch.logspace(-1, 1, rank + rope), rank)
+    for b, n in enumerate(lengths):
+        records[b, n:] = 255
+    return records
+
+
+@pytest.mark.parametrize(("heads", "rank", "lengths"), [(3, 40, [1, 63, 97]), (16, 256, [97, 1025]),
+                                                         (1, 128, [5])])
+def test_fp8_records_match_the_reference_on_their_dequantised_cache(heads: int, rank: int,
+                                                                    lengths: list[int]) -> None:
     """FlashMLA's practice: the reference reads the same dequantised cache, so quantisation
     error stays out of the tolerance (its size is bench fp8-cache's business)."""
-    from latentattn.cache.fp8 import dequantize_e4m3, quantize_e4m3
+    from latentattn.kernels.mla_decode import mla_decode_fp8_ref, mla_decode_fp8_triton
+
+    records = _records(rank, 16, lengths, seed=rank)
+    q = torch.randn(len(lengths), heads, rank + 16, generator=torch.Generator().manual_seed(1))
+    n = torch.tensor(lengths, dtype=torch.int32)
+    want = mla_decode_fp8_ref(q, records, n, 0.2, rank)
+    assert torch.isfinite(want[0]).all()
+    _check(mla_decode_fp8_triton(q, records, n, 0.2, rank, num_splits=2), want)
+
+
+@pytest.mark.parametrize("page", [16, 64])
+def test_paged_fp8_records_match_the_contiguous_ones(page: int) -> None:
+    from latentattn.kernels.mla_decode import mla_decode_fp8_ref, mla_decode_fp8_triton
+
+    records = _records(48, 8, [1, 63, 97], seed=3)
+    n = torch.tensor([1, 63, 97], dtype=torch.int32)
+    pool, table = _paged(records.float(), n, page, seed=page)
+    pool = pool.nan_to_num(255).to(torch.uint8)  # unused pool bytes 0xFF, as past the ends
+    q = torch.randn(3, 5, 56, generator=torch.Generator().manual_seed(2))
+    want = mla_decode_fp8_ref(q, records, n, 0.3, 48)
+    _check(mla_decode_fp8_ref(q, pool, n, 0.3, 48, block_table=table), want)
+    _check(mla_decode_fp8_triton(q, pool, n, 0.3, 48, block_table=table, num_splits=3), want)
+
+
+def test_fp8_records_refuse_what_they_cannot_hold() -> None:
     from latentattn.kernels.mla_decode import mla_decode_fp8_triton
 
-    g = torch.Generator().manual_seed(rank)
-    b, s = len(lengths), max(lengths) + 3
-    q = torch.randn(b, 3, rank + 16, generator=g)
-    c8, scale = quantize_e4m3(torch.randn(b, s, rank, generator=g))
-    k_rope = torch.randn(b, s, 16, generator=g).bfloat16()
-    n = torch.tensor(lengths, dtype=torch.int32)
-    kv = torch.cat((dequantize_e4m3(c8, scale), k_rope.float()), dim=-1)
-    _check(mla_decode_fp8_triton(q, c8, scale, k_rope, n, 0.2, num_splits=2),
-           mla_decode_ref(q, kv, n, 0.2, rank))
-    with pytest.raises(ConfigError, match="multiple of 128"):
-        mla_decode_fp8_triton(q, c8, scale[..., :0], k_rope, n, 0.2)
+    records = _records(40, 16, [4, 5], seed=0)
+    q, n = torch.zeros(2, 3, 56), torch.tensor([4, 5], dtype=torch.int32)
+    for call, message in [
+        (lambda: mla_decode_fp8_triton(q, records[..., :-2], n, 0.2, 40), "holds 76 bytes, not 74"),
+        (lambda: mla_decode_fp8_triton(q, records.float(), n, 0.2, 40), "uint8 records"),
+        (lambda: mla_decode_fp8_triton(torch.zeros(2, 3, 176), records, n, 0.2, 160), "multiple of 128"),
+        (lambda: mla_decode_fp8_triton(q, records, n + 9, 0.2, 40), "exceed the contiguous cache"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            call()
 
 
-def test_a_tiny_model_decodes_through_the_fp8_kernel() -> None:
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_a_tiny_model_decodes_through_the_fp8_kernel(page_size: int | None) -> None:
     from latentattn import load
     from latentattn.kernels.backend import use_backend
 
     model = load("tiny-mla", seed=0)
     prompt = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
-    caches = [model.make_cache(2, 16, latent_fp8=True) for _ in range(2)]
+    caches = [model.make_cache(2, 16, latent_fp8=True, page_size=page_size) for _ in range(2)]
     want = [model(prompt, caches[0]), model(prompt[:, -1:], caches[0])]
     with use_backend("triton"):
         got = [model(prompt, caches[1]), model(prompt[:, -1:], caches[1])]
@@ -155,11 +195,11 @@ def test_kernels_compile_for_sm80_and_sm90() -> None:
     run = subprocess.run([sys.executable, "-m", "latentattn", "kernels", "compile", "--arch",
                           "sm_80,sm_90"], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "28 of 28 kernel configurations compiled within the limits of sm_80, sm_90" in run.stdout
+    assert "32 of 32 kernel configurations compiled within the limits of sm_80, sm_90" in run.stdout
     rows = [line for line in run.stdout.splitlines()
             if line.startswith(("| mla_decode", "| sparse_mla", "| indexer"))]
-    assert len(rows) == 28 and all(line.endswith(("| ok |", "| ok, spills |")) for line in rows)
-    assert sum("fp8 record" in line for line in rows) == 4
+    assert len(rows) == 32 and all(line.endswith(("| ok |", "| ok, spills |")) for line in rows)
+    assert sum("fp8 record" in line for line in rows) == 8  # 2 shapes x contiguous/paged x 2 archs
     assert {line.split(" | ")[0] for line in rows} == {"| mla_decode_stage1", "| mla_decode_stage2",
                                                         "| sparse_mla_fwd", "| sparse_mla_bwd",
                                                         "| indexer_logits"}

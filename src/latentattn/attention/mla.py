@@ -163,25 +163,39 @@ class MultiHeadLatentAttention(nn.Module):
         latent = torch.cat((c, k_rope), dim=-1)  # (B, T, d_c + d_r)
         if cache is not None:
             cache.write(step, latent)
+            # Decode through the kernel before any read: it reads the cache in place, and a read
+            # would copy (or dequantise) the whole cache for nothing.
+            if x.shape[1] == 1 and step.valid is None and self.use_absorbed(1):
+                o_lat = self._decode_kernel(q, cache, step)
+                if o_lat is not None:
+                    return self.o_proj(self.unabsorb(o_lat.unsqueeze(2)))
             if not step.causal:
                 (latent,) = cache.read(step, latent.dtype)
-        if (x.shape[1] == 1 and isinstance(cache, FP8LatentKV) and step.valid is None
-                and self.use_absorbed(1) and runs_triton(q)):
-            lengths = (step.positions[:, 0] + 1).to(torch.int32)
-            o_lat, _ = mla_decode_fp8_triton(self.absorb_query(q)[:, :, 0], cache.c, cache.c_scale,
-                                             cache.k_rope, lengths, self.scale)
-            return self.o_proj(self.unabsorb(o_lat.unsqueeze(2)))
-        kernel_cache = (cache.kv if type(cache) is LatentKV else
-                        cache.pages if isinstance(cache, PagedLatentKV) else None)
-        if (x.shape[1] == 1 and kernel_cache is not None and step.valid is None
-                and kernel_cache.dtype == q.dtype and self.use_absorbed(1) and runs_triton(q)):
-            # Decode through the Triton kernel, straight from the cache (no read copy).
-            lengths = (step.positions[:, 0] + 1).to(torch.int32)
-            table = cache.pool.table if isinstance(cache, PagedLatentKV) else None
-            o_lat, _ = mla_decode_triton(self.absorb_query(q)[:, :, 0], kernel_cache, lengths,
-                                         self.scale, a.kv_lora_rank, block_table=table)
-            return self.o_proj(self.unabsorb(o_lat.unsqueeze(2)))
         if self.use_absorbed(x.shape[1]):
             return self.o_proj(self.absorbed(q, latent, step))
         c_all, k_rope_all = latent.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         return self.o_proj(self.naive(q, c_all, k_rope_all, step))
+
+    def _decode_kernel(self, q: torch.Tensor, cache: LayerCache, step: Step
+                       ) -> torch.Tensor | None:
+        """One decode step through the Triton kernel, straight from the cache (no read copy):
+        the latent-space output (B, H, R), or None when the backend is torch or the cache is not
+        one the kernel reads (a latent cache in q's dtype, or fp8 records; contiguous or paged)."""
+        if isinstance(cache, FP8LatentKV):
+            buf, table, fp8 = cache.records, None, True
+        elif isinstance(cache, PagedLatentKV):
+            buf, table, fp8 = cache.pages, cache.pool.table, cache.fp8
+        elif type(cache) is LatentKV:
+            buf, table, fp8 = cache.kv, None, False
+        else:
+            return None
+        if (not fp8 and buf.dtype != q.dtype) or not runs_triton(q):
+            return None
+        lengths = (step.positions[:, 0] + 1).to(torch.int32)
+        qa = self.absorb_query(q)[:, :, 0]
+        rank = self.cfg.kv_lora_rank
+        if fp8:
+            o_lat, _ = mla_decode_fp8_triton(qa, buf, lengths, self.scale, rank, block_table=table)
+        else:
+            o_lat, _ = mla_decode_triton(qa, buf, lengths, self.scale, rank, block_table=table)
+        return o_lat

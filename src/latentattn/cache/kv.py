@@ -17,8 +17,16 @@ from dataclasses import dataclass
 
 import torch
 
-from latentattn.cache.fp8 import block_size, dequantize_e4m3, quantize_e4m3
-from latentattn.errors import CacheOverflowError, ConfigError
+from latentattn.cache.fp8 import (
+    block_size,
+    check_record_rank,
+    dequantize_e4m3,
+    pack_record,
+    quantize_e4m3,
+    record_bytes,
+    unpack_record,
+)
+from latentattn.errors import CacheOverflowError
 
 
 @dataclass(frozen=True)
@@ -106,36 +114,30 @@ class LatentKV(LayerCache):
 
 
 class FP8LatentKV(LayerCache):
-    """MLA's latent cache in FlashMLA's fp8 record: c as e4m3 bytes with one fp32 scale per 128
-    values (:func:`latentattn.cache.fp8.quantize_e4m3`), the rotated k_rope kept in bf16 (RoPE
-    parts are position-sensitive, so DeepSeek and FlashMLA do not quantise them): 512 + 4 x 4 +
-    64 x 2 = 656 bytes per token at DeepSeek's 512 + 64, against 1,152 in bf16. ``read``
-    dequantises to one (B, S, d_c + d_r) latent, so every attention form reads it unchanged."""
+    """MLA's latent cache in FlashMLA's fp8 record, one uint8 row per token
+    (:func:`latentattn.cache.fp8.pack_record`): c as e4m3 bytes, one fp32 scale per 128 values,
+    then the rotated k_rope in bf16 (RoPE parts are position-sensitive, so DeepSeek and FlashMLA
+    do not quantise them): 512 + 4 x 4 + 64 x 2 = 656 bytes per token at DeepSeek's 512 + 64,
+    against 1,152 in bf16. ``read`` dequantises to one (B, S, d_c + d_r) latent, so every
+    attention form reads it unchanged; the Triton decode reads the records in place."""
 
     def __init__(
         self, batch: int, capacity: int, kv_lora_rank: int, rope_dim: int,
         device: torch.device | str | None = None,
     ) -> None:
-        blk = block_size(kv_lora_rank)
-        if kv_lora_rank % blk:
-            raise ConfigError(f"the fp8 latent cache quantises blocks of 128 values: kv_lora_rank "
-                              f"{kv_lora_rank} must be a multiple of 128 (or below it)")
+        check_record_rank(kv_lora_rank)
         self.kv_lora_rank = kv_lora_rank
-        self.c = torch.zeros(batch, capacity, kv_lora_rank, dtype=torch.uint8, device=device)
-        self.c_scale = torch.ones(batch, capacity, kv_lora_rank // blk, dtype=torch.float32,
-                                  device=device)
-        self.k_rope = torch.zeros(batch, capacity, rope_dim, dtype=torch.bfloat16, device=device)
-        self.buffers = (self.c, self.c_scale, self.k_rope)
+        self.records = torch.zeros(batch, capacity, record_bytes(kv_lora_rank, rope_dim),
+                                   dtype=torch.uint8, device=device)
+        self.buffers = (self.records,)
 
     def write(self, step: Step, *values: torch.Tensor) -> None:
         (latent,) = values
-        c, k_rope = latent.split([self.kv_lora_rank, latent.shape[-1] - self.kv_lora_rank], dim=-1)
-        super().write(step, *quantize_e4m3(c), k_rope)
+        super().write(step, pack_record(latent, self.kv_lora_rank))
 
     def read(self, step: Step, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
-        c, scale, k_rope = self.views(step)
-        out = dtype or torch.bfloat16
-        return (torch.cat((dequantize_e4m3(c, scale, out), k_rope.to(out)), dim=-1),)
+        (records,) = self.views(step)
+        return (unpack_record(records, self.kv_lora_rank, dtype or torch.bfloat16),)
 
 
 class IndexedLatentKV(LatentKV):

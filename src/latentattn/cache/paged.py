@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from latentattn.cache.fp8 import check_record_rank, pack_record, record_bytes, unpack_record
 from latentattn.cache.kv import KVCache, LayerCache, Step
 from latentattn.errors import CacheOverflowError, ConfigError
 
@@ -58,14 +59,21 @@ class PagePool:
 
 
 class PagedLatentKV(LayerCache):
-    """One layer's latent rows [c | k_rope] in pages (num_pages, page_size, d_c + d_r)."""
+    """One layer's latent rows [c | k_rope] in pages (num_pages, page_size, d_c + d_r); with
+    ``fp8``, FlashMLA's fp8 record per token instead (pages of uint8 rows,
+    :func:`latentattn.cache.fp8.pack_record`: 656 bytes at DeepSeek's dims), FlashMLA's own
+    paged fp8 layout."""
 
     def __init__(self, pool: PagePool, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, fp8: bool = False) -> None:
         self.pool = pool
         self.kv_lora_rank = kv_lora_rank
-        self.pages = torch.zeros(pool.num_pages, pool.page_size, kv_lora_rank + rope_dim, dtype=dtype,
-                                 device=device)
+        self.fp8 = fp8
+        if fp8:
+            check_record_rank(kv_lora_rank)
+        width = record_bytes(kv_lora_rank, rope_dim) if fp8 else kv_lora_rank + rope_dim
+        self.pages = torch.zeros(pool.num_pages, pool.page_size, width,
+                                 dtype=torch.uint8 if fp8 else dtype, device=device)
         self.buffers = (self.pages,)
 
     def _slots(self, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,16 +88,23 @@ class PagedLatentKV(LayerCache):
         if step.valid is not None:
             rows, pos, val = rows[step.valid], pos[step.valid], latent[step.valid]
         page, slot = self._slots(rows, pos)
-        self.pages[page, slot] = val.to(self.pages.dtype)
+        self.pages[page, slot] = (pack_record(val, self.kv_lora_rank) if self.fp8
+                                  else val.to(self.pages.dtype))
 
     def views(self, step: Step) -> tuple[torch.Tensor, ...]:
-        """Each row's first kv_len tokens gathered through the table, (B, kv_len, d_c + d_r);
-        positions past a row's pages read page 0 (the attention mask hides them)."""
+        """Each row's first kv_len tokens gathered through the table, (B, kv_len, width) as
+        stored; positions past a row's pages read page 0 (the attention mask hides them)."""
         b = self.pool.table.shape[0]
         j = torch.arange(step.kv_len, device=self.pages.device)
         rows = torch.arange(b, device=self.pages.device)[:, None].expand(b, step.kv_len)
         page, slot = self._slots(rows, j[None, :].expand(b, step.kv_len))
         return (self.pages[page.clamp(min=0), slot],)
+
+    def read(self, step: Step, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+        if not self.fp8:
+            return super().read(step, dtype)
+        (records,) = self.views(step)
+        return (unpack_record(records, self.kv_lora_rank, dtype or torch.bfloat16),)
 
     @property
     def used_bytes(self) -> int:

@@ -67,20 +67,20 @@ def _jobs() -> list[tuple[str, str, object, dict[str, str], dict[str, object], i
     dtype, ptr = torch.bfloat16, "*bf16"
     pointers = {"Q": ptr, "KV": ptr, "LENGTHS": "*i32", "TABLE": "*i32", "O_PART": "*fp32",
                 "LSE_PART": "*fp32", "OUT": ptr, "LSE": "*fp32", "IDX": "*i32", "DO": ptr,
-                "DELTA": "*fp32", "DQ": "*fp32", "DKV": "*fp32", "C8": "*u8", "C_SCALE": "*fp32"}
+                "DELTA": "*fp32", "DQ": "*fp32", "DKV": "*fp32"}
     for name, (rank, rope) in CACHE_SHAPES.items():
-        for paged in (False, True):
-            consts = k.decode_constexprs(rank, rope, PAGE if paged else 1, paged, dtype)
-            sig = _signature(k.mla_decode_stage1, pointers, consts, floats={"sm_scale_log2"})
-            where = f"{PAGE}-token pages" if paged else "contiguous"
-            jobs.append(("mla_decode_stage1", f"{name}, R {rank} + {rope}, {where}, bf16",
-                         k.mla_decode_stage1, sig, consts, k.decode_warps(rank)))
-        # FlashMLA's fp8 record (contiguous): e4m3 latent decoded in software, bf16 rope.
-        c8 = k.decode_constexprs(rank, rope, 1, False, dtype, fp8=True)
-        jobs.append(("mla_decode_stage1", f"{name}, R {rank} + {rope}, contiguous, fp8 record",
-                     k.mla_decode_stage1, _signature(k.mla_decode_stage1, pointers, c8,
-                                                     floats={"sm_scale_log2"}),
-                     c8, k.decode_warps(rank)))
+        # bf16 latent rows, and FlashMLA's fp8 record (e4m3 latent decoded in software, fp32
+        # scales, bf16 rope: the KV pointer is then bytes); each contiguous and in pages.
+        for fp8 in (False, True):
+            for paged in (False, True):
+                consts = k.decode_constexprs(rank, rope, PAGE if paged else 1, paged, dtype, fp8=fp8)
+                sig = _signature(k.mla_decode_stage1, {**pointers, "KV": "*u8"} if fp8 else pointers,
+                                 consts, floats={"sm_scale_log2"})
+                where = f"{PAGE}-token pages" if paged else "contiguous"
+                jobs.append(("mla_decode_stage1",
+                             f"{name}, R {rank} + {rope}, {where}, {'fp8 record' if fp8 else 'bf16'}",
+                             k.mla_decode_stage1, sig, consts, k.decode_warps(rank)))
+        consts = k.decode_constexprs(rank, rope, 1, False, dtype)
         consts2: dict[str, object] = {"RANK": rank, "BLOCK_R": consts["BLOCK_R"], "BLOCK_S": 16}
         sig2 = _signature(k.mla_decode_stage2, pointers, consts2, floats=set())
         jobs.append(("mla_decode_stage2", f"{name}, R {rank}, up to 16 splits, bf16",

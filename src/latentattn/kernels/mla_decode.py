@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from latentattn.cache.fp8 import check_record_rank, record_bytes, unpack_record
 from latentattn.errors import ConfigError
 
 BLOCK_H = 16  # heads per program: tl.dot needs >= 16 rows (SGLang's grouped kernel uses 16)
@@ -113,35 +114,52 @@ def mla_decode_triton(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, 
     check_decode_inputs(q, kv, lengths, kv_lora_rank, block_table)
     from latentattn.kernels.triton_mla import launch_decode
 
-    splits = num_splits if num_splits is not None else default_splits(q.shape[0], q.shape[1],
-                                                                      int(lengths.max()))
-    if splits < 1:
-        raise ConfigError(f"num_splits must be >= 1, got {splits}")
-    return launch_decode(q, kv, lengths, scale, kv_lora_rank, block_table, splits)
+    return launch_decode(q, kv, lengths, scale, kv_lora_rank, block_table,
+                         _splits(q, lengths, num_splits))
 
 
-def mla_decode_fp8_triton(q: torch.Tensor, c8: torch.Tensor, c_scale: torch.Tensor,
-                          k_rope: torch.Tensor, lengths: torch.Tensor, scale: float,
+def mla_decode_fp8_triton(q: torch.Tensor, records: torch.Tensor, lengths: torch.Tensor, scale: float,
+                          kv_lora_rank: int, block_table: torch.Tensor | None = None,
                           num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel over FlashMLA's fp8 record, as :class:`latentattn.cache.kv.FP8LatentKV`
-    holds it (contiguous): c8 (B, S, R) e4m3 bytes, c_scale (B, S, R / 128) fp32, k_rope
-    (B, S, Dr) bf16; the latent is decoded in the kernel, the products run in q's dtype."""
-    rank = c8.shape[-1]
-    if (c8.dtype != torch.uint8 or c_scale.dtype != torch.float32 or c8.shape[:2] != k_rope.shape[:2]
-            or c_scale.shape[:2] != c8.shape[:2] or q.shape[-1] != rank + k_rope.shape[-1]
-            or c_scale.shape[-1] != (rank // 128 if rank >= 128 else 1) or (rank >= 128 and rank % 128)):
-        raise ConfigError("the fp8 decode takes c8 (B, S, R) uint8 with R a multiple of 128 (or "
-                          "under 128), c_scale (B, S, R / 128) fp32 and k_rope (B, S, Dr), with q "
-                          "(B, H, R + Dr)")
-    check_decode_inputs(q, torch.empty(c8.shape[0], c8.shape[1], q.shape[-1], dtype=q.dtype,
-                                       device="meta"), lengths, rank, None)
+    """The kernel over FlashMLA's fp8 records (:func:`latentattn.cache.fp8.pack_record`), as
+    :class:`~latentattn.cache.kv.FP8LatentKV` (B, S, bytes) or a paged fp8
+    :class:`~latentattn.cache.paged.PagedLatentKV` (pages, page_size, bytes) holds them; the
+    latent is decoded in the kernel and the products run in q's dtype."""
+    check_fp8_records(q, records, kv_lora_rank)
+    check_decode_inputs(q, torch.empty(*records.shape[:2], q.shape[-1], dtype=q.dtype, device="meta"),
+                        lengths, kv_lora_rank, block_table)
     from latentattn.kernels.triton_mla import launch_decode
 
+    return launch_decode(q, records, lengths, scale, kv_lora_rank, block_table,
+                         _splits(q, lengths, num_splits), fp8=True)
+
+
+def mla_decode_fp8_ref(q: torch.Tensor, records: torch.Tensor, lengths: torch.Tensor, scale: float,
+                       kv_lora_rank: int, block_table: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference over the same records, dequantised (FlashMLA's test practice, facts s1.4)."""
+    return mla_decode_ref(q, unpack_record(records, kv_lora_rank), lengths, scale, kv_lora_rank,
+                          block_table)
+
+
+def check_fp8_records(q: torch.Tensor, records: torch.Tensor, rank: int) -> None:
+    if q.dim() != 3 or records.dim() != 3 or records.dtype != torch.uint8:
+        raise ConfigError(f"the fp8 decode takes q (B, H, R + Dr) and uint8 records (B or pages, S, "
+                          f"bytes); got q {tuple(q.shape)}, records {tuple(records.shape)} "
+                          f"{records.dtype}")
+    check_record_rank(rank)
+    want = record_bytes(rank, q.shape[-1] - rank) if 0 < rank < q.shape[-1] else -1
+    if records.shape[-1] != want:
+        raise ConfigError(f"a record for kv_lora_rank {rank} and q width {q.shape[-1]} holds {want} "
+                          f"bytes, not {records.shape[-1]}")
+
+
+def _splits(q: torch.Tensor, lengths: torch.Tensor, num_splits: int | None) -> int:
     splits = num_splits if num_splits is not None else default_splits(q.shape[0], q.shape[1],
                                                                       int(lengths.max()))
     if splits < 1:
         raise ConfigError(f"num_splits must be >= 1, got {splits}")
-    return launch_decode(q, k_rope, lengths, scale, rank, None, splits, fp8=(c8, c_scale))
+    return splits
 
 
 def default_splits(batch: int, heads: int, max_len: int, programs: int = 132) -> int:
@@ -154,5 +172,6 @@ def default_splits(batch: int, heads: int, max_len: int, programs: int = 132) ->
     return max(1, min(want, most, 16))
 
 
-__all__ = ["BLOCK_H", "BLOCK_N", "check_decode_inputs", "check_rank_and_dtypes", "default_splits",
-           "mla_decode_fp8_triton", "mla_decode_ref", "mla_decode_triton"]
+__all__ = ["BLOCK_H", "BLOCK_N", "check_decode_inputs", "check_fp8_records", "check_rank_and_dtypes",
+           "default_splits", "mla_decode_fp8_ref", "mla_decode_fp8_triton", "mla_decode_ref",
+           "mla_decode_triton"]

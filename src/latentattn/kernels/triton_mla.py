@@ -18,18 +18,16 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def mla_decode_stage1(Q, KV, LENGTHS, TABLE, O_PART, LSE_PART, C8, C_SCALE, sm_scale_log2, heads,
+def mla_decode_stage1(Q, KV, LENGTHS, TABLE, O_PART, LSE_PART, sm_scale_log2, heads,
                       split_len, stride_qb, stride_qh, stride_kvp, stride_kvn, stride_tb,
                       stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                      stride_c8b, stride_c8n, stride_csb, stride_csn,
                       RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_DR: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
                       BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                       FP8: tl.constexpr, QBLOCK: tl.constexpr):
     """One (sequence, head block, split): online softmax over the split's cached rows. With
-    FP8 (FlashMLA's record, contiguous): the latent is e4m3 bytes C8 with one fp32 scale per
-    QBLOCK values (C_SCALE), decoded in software (sm_80 has no e4m3), and KV holds only the
-    bf16 rope part (its column 0 is rope dim 0)."""
+    FP8, each KV row is FlashMLA's record (uint8): RANK e4m3 bytes, one fp32 scale per QBLOCK
+    values, then the bf16 rope part; the latent is decoded in software (sm_80 has no e4m3)."""
     b = tl.program_id(0)
     hb = tl.program_id(1)
     split = tl.program_id(2)
@@ -56,16 +54,16 @@ def mla_decode_stage1(Q, KV, LENGTHS, TABLE, O_PART, LSE_PART, C8, C_SCALE, sm_s
             row = KV + b.to(tl.int64) * stride_kvp + n.to(tl.int64) * stride_kvn
         c_ok = n_ok[:, None] & (r[None, :] < RANK)
         if FP8:
-            tok = n.to(tl.int64)[:, None]
-            c8 = tl.load(C8 + b.to(tl.int64) * stride_c8b + tok * stride_c8n + r[None, :], mask=c_ok,
-                         other=0)
-            # One scale per QBLOCK values: load (BLOCK_N, blocks), broadcast over each block.
+            c8 = tl.load(row[:, None] + r[None, :], mask=c_ok, other=0)
+            # One scale per QBLOCK values, stored after the bytes: load (BLOCK_N, blocks) through
+            # a float pointer into the record, broadcast over each block.
             blk = tl.arange(0, BLOCK_R // QBLOCK)
-            sc = tl.load(C_SCALE + b.to(tl.int64) * stride_csb + tok * stride_csn + blk[None, :],
+            sc = tl.load((row + RANK).to(tl.pointer_type(tl.float32))[:, None] + blk[None, :],
                          mask=n_ok[:, None] & (blk[None, :] < (RANK + QBLOCK - 1) // QBLOCK), other=0.0)
             c = tl.reshape(tl.reshape(e4m3_to_fp32(c8), (BLOCK_N, BLOCK_R // QBLOCK, QBLOCK))
                            * sc[:, :, None], (BLOCK_N, BLOCK_R)).to(q_lat.dtype)
-            k_rope = tl.load(row[:, None] + dr[None, :], mask=n_ok[:, None] & (dr[None, :] < ROPE),
+            rope_row = (row + RANK + 4 * ((RANK + QBLOCK - 1) // QBLOCK)).to(tl.pointer_type(tl.bfloat16))
+            k_rope = tl.load(rope_row[:, None] + dr[None, :], mask=n_ok[:, None] & (dr[None, :] < ROPE),
                              other=0.0).to(q_lat.dtype)
         else:
             c = tl.load(row[:, None] + r[None, :], mask=c_ok, other=0.0)
@@ -107,10 +105,12 @@ def mla_decode_stage2(O_PART, LSE_PART, OUT, LSE, splits, heads,
     part = tl.load(O_PART + b.to(tl.int64) * stride_ob + h * stride_oh + s[:, None] * stride_os
                    + r[None, :], mask=(s[:, None] < splits) & (r[None, :] < RANK) & (w[:, None] > 0),
                    other=0.0)
-    out = tl.sum(part * w[:, None], axis=0) / total
+    # Every split empty (sparse attention with no valid index): o = 0 and LSE -inf, not NaN.
+    has = total > 0
+    out = tl.sum(part * w[:, None], axis=0) / tl.where(has, total, 1.0)
     tl.store(OUT + b.to(tl.int64) * stride_outb + h * stride_outh + r, out.to(OUT.dtype.element_ty),
              mask=r < RANK)
-    tl.store(LSE + b * heads + h, top + tl.log(total))
+    tl.store(LSE + b * heads + h, tl.where(has, top + tl.log(tl.where(has, total, 1.0)), float("-inf")))
 
 
 def decode_constexprs(rank: int, rope: int, page: int, paged: bool, dtype: torch.dtype,
@@ -133,11 +133,10 @@ def decode_warps(rank: int) -> int:
 
 
 def launch_decode(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, scale: float, rank: int,
-                  block_table: torch.Tensor | None, splits: int,
-                  fp8: tuple[torch.Tensor, torch.Tensor] | None = None
+                  block_table: torch.Tensor | None, splits: int, fp8: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fp8``: (latent bytes (B, S, R) uint8, scales (B, S, R / 128) fp32), ``kv`` then the bf16
-    rope part (B, S, Dr)."""
+    """``kv``: latent rows (B or pages, S, R + Dr) in q's dtype, or with ``fp8`` FlashMLA's
+    records (B or pages, S, record bytes) uint8."""
     b, heads, width = q.shape
     rope = width - rank
     paged = block_table is not None
@@ -151,21 +150,28 @@ def launch_decode(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, scal
     q = q.contiguous()
     if kv.stride(-1) != 1:
         kv = kv.contiguous()
-    consts = decode_constexprs(rank, rope, page, paged, q.dtype, fp8 is not None)
-    c8, c_scale = fp8 if fp8 is not None else (kv, kv)  # unused without fp8
+    consts = decode_constexprs(rank, rope, page, paged, q.dtype, fp8)
     mla_decode_stage1[(b, triton.cdiv(heads, BLOCK_H), splits)](
-        q, kv, lengths, table, o_part, lse_part, c8, c_scale, scale * LOG2E, heads, split_len,
+        q, kv, lengths, table, o_part, lse_part, scale * LOG2E, heads, split_len,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), table.stride(0) if paged else 0,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        c8.stride(0), c8.stride(1), c_scale.stride(0), c_scale.stride(1),
         **consts, num_warps=decode_warps(rank), num_stages=2)
-    out = torch.empty(b, heads, rank, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, heads, dtype=torch.float32, device=q.device)
-    mla_decode_stage2[(b, heads)](
+    return merge_splits(o_part, lse_part, q.dtype)
+
+
+def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 2: o_part (N, H, splits, R) fp32 and lse_part (N, H, splits) -> (o (N, H, R) in
+    ``dtype``, lse (N, H) fp32), each split weighted by exp(lse_i - max lse)."""
+    n, heads, splits, rank = o_part.shape
+    out = torch.empty(n, heads, rank, dtype=dtype, device=o_part.device)
+    lse = torch.empty(n, heads, dtype=torch.float32, device=o_part.device)
+    mla_decode_stage2[(n, heads)](
         o_part, lse_part, out, lse, splits, heads, o_part.stride(0), o_part.stride(1),
         o_part.stride(2), lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1),
-        RANK=rank, BLOCK_R=consts["BLOCK_R"], BLOCK_S=max(2, triton.next_power_of_2(splits)))
+        RANK=rank, BLOCK_R=triton.next_power_of_2(rank), BLOCK_S=max(2, triton.next_power_of_2(splits)))
     return out, lse
 
 
-__all__ = ["decode_constexprs", "decode_warps", "launch_decode", "mla_decode_stage1", "mla_decode_stage2"]
+__all__ = ["decode_constexprs", "decode_warps", "launch_decode", "merge_splits", "mla_decode_stage1",
+           "mla_decode_stage2"]

@@ -96,7 +96,8 @@ class Transformer(nn.Module):
         ``latent_fp8``: MLA's latent in FlashMLA's fp8 record (cache.kv.FP8LatentKV; dense
         absorbed/auto MLA only), ``dtype`` then being what it is read back as. ``page_size``: the
         latent in pages of that many tokens from a pool of ``num_pages`` (default: room for every
-        row at ``capacity``; cache.paged, dense absorbed/auto MLA only)."""
+        row at ``capacity``; cache.paged, dense absorbed/auto MLA only); both together: pages of
+        fp8 records, FlashMLA's paged fp8 layout."""
         capacity = capacity or self.config.max_seq_len
         if capacity > self.config.max_seq_len:
             raise ConfigError(
@@ -104,9 +105,6 @@ class Transformer(nn.Module):
             )
         dtype, device = dtype or self.dtype, device or self.device
         if latent_fp8 or page_size is not None:
-            if latent_fp8 and page_size is not None:
-                raise ConfigError("the fp8 latent cache is not paged yet: choose one of latent_fp8 "
-                                  "and page_size")
             mla = [blk.self_attn for blk in self.blocks
                    if isinstance(blk.self_attn, MultiHeadLatentAttention)
                    and not isinstance(blk.self_attn, SparseLatentAttention)
@@ -115,15 +113,14 @@ class Transformer(nn.Module):
                 raise ConfigError(f"the {'fp8' if latent_fp8 else 'paged'} latent cache holds dense "
                                   f"MLA's latent (impl auto or absorb); {self.config.name} has "
                                   "other attention")
-            if latent_fp8:
+            if page_size is None:
                 fp8: list[LayerCache] = [FP8LatentKV(batch, capacity, a.cfg.kv_lora_rank,
                                                      a.cfg.qk_rope_head_dim, device) for a in mla]
                 return KVCache(fp8, batch, capacity, device)
-            assert page_size is not None
             pool = PagePool(num_pages or batch * -(-capacity // max(1, page_size)), page_size, batch,
                             capacity, device)
             paged: list[LayerCache] = [PagedLatentKV(pool, a.cfg.kv_lora_rank, a.cfg.qk_rope_head_dim,
-                                                     dtype, device) for a in mla]
+                                                     dtype, device, fp8=latent_fp8) for a in mla]
             return PagedKVCache(paged, pool, batch, capacity, device)
         layers = [blk.self_attn.make_cache(batch, capacity, dtype, device) for blk in self.blocks]
         return KVCache(layers, batch, capacity, device)
