@@ -1,6 +1,6 @@
 """The Triton sparse MLA kernels (DSA's attention over top-k indices), forward and backward,
-against their PyTorch reference in Triton's interpreter (fp32), on odd shapes: heads 1, 3, 16
-and 20; -1 slots, a token with no valid index at all, prefill and decode; every cache row no
+against their PyTorch reference in Triton's interpreter (fp32), on odd shapes: heads 1, 3, 16,
+20 and 128; -1 slots, a token with no valid index at all, prefill and decode; every cache row no
 token selects is NaN, so a read outside the selection shows."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _case(b: int, h: int, t: int, s: int, k: int, rank: int, rope: int, seed: in
 
 
 SHAPES = [(1, 1, 1, 9, 5, 16, 16), (2, 3, 5, 40, 20, 24, 8), (1, 16, 3, 70, 33, 32, 16),
-          (2, 20, 2, 30, 17, 40, 10)]
+          (2, 20, 2, 30, 17, 40, 10), (1, 128, 1, 50, 21, 16, 16)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -59,6 +59,39 @@ def test_gradients_match_reference(shape: tuple[int, ...]) -> None:
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_split_top_k_equals_no_split(splits: int) -> None:
+    """Decode splits each token's top-k list (vLLM's policy) and merges the parts by LSE: the
+    same output, a split whose every slot is invalid weighs nothing, and a token with nothing
+    valid anywhere still gets 0 and LSE -inf."""
+    q, kv, idx = _case(2, 3, 1, 300, 100, 24, 8, seed=4)
+    idx[1, 0, 16:48] = -1  # a whole split of 16 (at 7 splits) with nothing valid
+    kv = kv.nan_to_num()
+    one = sparse_mla_triton(q, kv, idx, 0.2, 24, num_splits=1)
+    got = sparse_mla_triton(q, kv, idx, 0.2, 24, num_splits=splits)
+    torch.testing.assert_close(got[0], one[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], one[1], atol=2e-5, rtol=1e-5)
+    assert (got[0][0, :, 0] == 0).all() and torch.isneginf(got[1][0, :, 0]).all()
+    want = sparse_mla_ref(q, kv, idx, 0.2, 24)
+    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-5)
+    qq, kk = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    do = torch.randn(2, 3, 1, 24, generator=torch.Generator().manual_seed(5))
+    split_grads = torch.autograd.grad(sparse_mla_triton(qq, kk, idx, 0.2, 24, num_splits=splits)[0],
+                                      (qq, kk), do)
+    ref_grads = torch.autograd.grad(sparse_mla_ref(qq, kk, idx, 0.2, 24)[0], (qq, kk), do)
+    for a, b in zip(split_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
+def test_split_policy() -> None:
+    from latentattn.kernels.sparse_mla import default_sparse_splits
+
+    assert default_sparse_splits(1, 128, 2048) == 16  # one decode token, 8 head blocks: split
+    assert default_sparse_splits(1, 16, 256) == 2  # never under 128 entries a split
+    assert default_sparse_splits(64, 128, 2048) == 1  # 512 programs fill 132 SMs already
+    assert default_sparse_splits(4096, 128, 2048) == 1  # prefill and training never split
+
+
 def test_agrees_with_the_models_sparse_path() -> None:
     """The PyTorch path DSA runs today (kernels.sparse.sparse_mqa) is the same function."""
     q, kv, idx = _case(2, 3, 6, 50, 12, 24, 8, seed=3)
@@ -77,6 +110,7 @@ def test_bad_inputs_are_refused() -> None:
         ((q, kv, idx.float(), 0.5, 16), "int32 or int64"),
         ((q, kv, idx[:, :1], 0.5, 16), "do not match"),
         ((q, kv, idx, 0.5, 40), "inside the cache row"),
+        ((q, kv, idx, 0.5, 16, 0), "num_splits must be >= 1"),
     ]:
         with pytest.raises(ConfigError, match=message):
             sparse_mla_triton(*args)  # type: ignore[arg-type]

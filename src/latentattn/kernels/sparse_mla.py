@@ -23,6 +23,8 @@ from latentattn.errors import ConfigError
 from latentattn.kernels.mla_decode import check_rank_and_dtypes
 from latentattn.kernels.sparse import gather_rows
 
+BLOCK_H = 16  # heads per program (tl.dot needs 16 rows); vLLM's sparse kernel also takes 16
+
 
 def sparse_mla_ref(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float, rank: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,11 +55,11 @@ def check_sparse_inputs(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, ra
 class _SparseMLA(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float,
-                rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+                rank: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
         from latentattn.kernels.triton_sparse import launch_fwd
 
         q, kv, idx = q.contiguous(), kv.contiguous(), idx.to(torch.int32).contiguous()
-        o, lse = launch_fwd(q, kv, idx, scale, rank)
+        o, lse = launch_fwd(q, kv, idx, scale, rank, splits)
         ctx.save_for_backward(q, kv, idx, o, lse)
         ctx.scale, ctx.rank = scale, rank
         ctx.mark_non_differentiable(lse)
@@ -65,20 +67,36 @@ class _SparseMLA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, do: torch.Tensor, _dlse: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, None, None, None, None]:
         from latentattn.kernels.triton_sparse import launch_bwd
 
         q, kv, idx, o, lse = ctx.saved_tensors
         dq, dkv = launch_bwd(q, kv, idx, o, lse, do.contiguous(), ctx.scale, ctx.rank)
-        return dq.to(q.dtype), dkv.to(kv.dtype), None, None, None
+        return dq.to(q.dtype), dkv.to(kv.dtype), None, None, None, None
 
 
-def sparse_mla_triton(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float, rank: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton kernels (module docstring): (o, lse), differentiable in q and kv."""
+def sparse_mla_triton(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float, rank: int,
+                      num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernels (module docstring): (o, lse), differentiable in q and kv.
+    ``num_splits``: parts each token's top-k list is split into in the forward, merged by their
+    LSEs (None: :func:`default_sparse_splits`; decode at small batch needs them to fill a GPU)."""
     check_sparse_inputs(q, kv, idx, rank)
-    o, lse = _SparseMLA.apply(q, kv, idx, scale, rank)
+    splits = (num_splits if num_splits is not None
+              else default_sparse_splits(q.shape[0] * q.shape[2], q.shape[1], idx.shape[-1]))
+    if splits < 1:
+        raise ConfigError(f"num_splits must be >= 1, got {splits}")
+    o, lse = _SparseMLA.apply(q, kv, idx, scale, rank, splits)
     return o, lse
 
 
-__all__ = ["check_sparse_inputs", "sparse_mla_ref", "sparse_mla_triton"]
+def default_sparse_splits(tokens: int, heads: int, topk: int, programs: int = 132) -> int:
+    """Splits of each token's top-k list: none once tokens x head blocks fill ``programs`` (an
+    H100's 132 SMs) four times over, else enough to fill them, each split at least 128 entries,
+    at most 16 (vLLM's TRITON_MLA_SPARSE policy, next-facts s1.2)."""
+    blocks = tokens * -(-heads // BLOCK_H)
+    if 4 * blocks >= programs:
+        return 1
+    return max(1, min(programs // blocks, topk // 128, 16))
+
+
+__all__ = ["BLOCK_H", "check_sparse_inputs", "default_sparse_splits", "sparse_mla_ref", "sparse_mla_triton"]

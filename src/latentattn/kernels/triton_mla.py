@@ -100,6 +100,7 @@ def mla_decode_stage2(O_PART, LSE_PART, OUT, LSE, splits, heads,
     r = tl.arange(0, BLOCK_R)
     lse = tl.load(LSE_PART + b * stride_lb + h * stride_lh + s, mask=s < splits, other=float("-inf"))
     top = tl.max(lse, axis=0)
+    top = tl.where(top > float("-inf"), top, 0.0)  # every split empty: no -inf - -inf
     w = tl.where(lse > float("-inf"), tl.exp(lse - top), 0.0)  # an empty split weighs 0
     total = tl.sum(w, axis=0)
     part = tl.load(O_PART + b.to(tl.int64) * stride_ob + h * stride_oh + s[:, None] * stride_os

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_H = 16  # heads per program (tl.dot needs 16 rows); vLLM's sparse kernel also takes 16
+from latentattn.kernels.sparse_mla import BLOCK_H  # heads per program
+
 BLOCK_K = 16  # selected latents per tile (vLLM: 16 or 32)
 # Finite: a tile whose every slot is invalid gives no NaN (next-facts s1.2). A tl.constexpr,
 # since a @triton.jit kernel reads no plain globals when compiled (the interpreter would).
@@ -34,16 +35,23 @@ def _gather_tile(KV, IDX, b, t, k0, seq_kv, topk, stride_kvb, stride_kvs, stride
 
 
 @triton.jit
-def sparse_mla_fwd(Q, KV, IDX, OUT, LSE, sm_scale_log2, heads, seq_kv, topk,
+def sparse_mla_fwd(Q, KV, IDX, OUT, LSE, sm_scale_log2, heads, seq_kv, topk, splits, split_len,
                    stride_qb, stride_qh, stride_qt, stride_kvb, stride_kvs,
-                   stride_ib, stride_it, stride_ob, stride_oh, stride_ot, stride_lb, stride_lh,
+                   stride_ib, stride_it, stride_ob, stride_oh, stride_ot, stride_os,
+                   stride_lb, stride_lh, stride_lt, stride_ls,
                    RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                    PRECISION: tl.constexpr):
-    """One (sequence, query token, head block): softmax over the token's selected latents."""
+    """One (sequence, query token, head block, split of the top-k list): softmax over the
+    split's selected latents. With one split OUT/LSE are the result; with several, each split
+    stores its normalised partial output and LSE (split stride ``stride_os`` / ``stride_ls``)
+    for :func:`latentattn.kernels.triton_mla.merge_splits` (vLLM's sparse kernel splits the
+    top-k list, not the sequence, when batch x head blocks cannot fill the GPU)."""
     b = tl.program_id(0)
     t = tl.program_id(1)
-    h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hb = tl.program_id(2) // splits
+    split = tl.program_id(2) % splits
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     r = tl.arange(0, BLOCK_R)
     dr = tl.arange(0, BLOCK_DR)
     h_ok = h < heads
@@ -53,8 +61,10 @@ def sparse_mla_fwd(Q, KV, IDX, OUT, LSE, sm_scale_log2, heads, seq_kv, topk,
     m = tl.full((BLOCK_H,), MASKED, tl.float32)
     denom = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_R), tl.float32)
-    for k0 in range(0, topk, BLOCK_K):
-        c, k_rope, ok, _ = _gather_tile(KV, IDX, b, t, k0, seq_kv, topk, stride_kvb, stride_kvs,
+    start = split * split_len
+    end = tl.minimum(start + split_len, topk)
+    for k0 in range(start, end, BLOCK_K):
+        c, k_rope, ok, _ = _gather_tile(KV, IDX, b, t, k0, seq_kv, end, stride_kvb, stride_kvs,
                                         stride_ib, stride_it, r, dr, RANK, ROPE, BLOCK_K)
         s = tl.dot(q_lat, tl.trans(c), input_precision=PRECISION)
         s += tl.dot(q_rope, tl.trans(k_rope), input_precision=PRECISION)
@@ -67,11 +77,12 @@ def sparse_mla_fwd(Q, KV, IDX, OUT, LSE, sm_scale_log2, heads, seq_kv, topk,
         m = m_new
     has = denom > 0
     safe = tl.where(has, denom, 1.0)
-    out = acc / safe[:, None]  # no valid index: 0
+    out = acc / safe[:, None]  # no valid index: 0 (and a zero-weight split in the merge)
     lse = tl.where(has, (m + tl.log2(safe)) * 0.6931471805599453, float("-inf"))
-    o_ptr = OUT + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + t * stride_ot + r[None, :]
+    o_ptr = (OUT + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + t * stride_ot
+             + split * stride_os + r[None, :])
     tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=h_ok[:, None] & (r[None, :] < RANK))
-    tl.store(LSE + b * stride_lb + h * stride_lh + t, lse, mask=h_ok)
+    tl.store(LSE + b * stride_lb + h * stride_lh + t * stride_lt + split * stride_ls, lse, mask=h_ok)
 
 
 @triton.jit
@@ -135,18 +146,35 @@ def sparse_warps(rank: int) -> int:
     return 8 if triton.next_power_of_2(rank) >= 512 else 4
 
 
-def launch_fwd(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float, rank: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, H, T, D) contiguous, kv (B, S, D), idx (B, T, K) int32 -> o (B, H, T, R), lse fp32."""
+def launch_fwd(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float, rank: int,
+               splits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, T, D) contiguous, kv (B, S, D), idx (B, T, K) int32 -> o (B, H, T, R), lse fp32;
+    ``splits`` > 1 splits each token's top-k list and merges the parts by their LSEs."""
+    from latentattn.kernels.triton_mla import merge_splits
+
     b, heads, t, width = q.shape
-    o = torch.empty(b, heads, t, rank, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, heads, t, dtype=torch.float32, device=q.device)
-    sparse_mla_fwd[(b, t, triton.cdiv(heads, BLOCK_H))](
-        q, kv, idx, o, lse, scale * 1.4426950408889634, heads, kv.shape[1], idx.shape[-1],
+    topk = idx.shape[-1]
+    split_len = triton.cdiv(triton.cdiv(topk, splits), BLOCK_K) * BLOCK_K
+    splits = triton.cdiv(topk, split_len) if topk else 1  # no split left empty by the rounding
+    if splits == 1:
+        o = torch.empty(b, heads, t, rank, dtype=q.dtype, device=q.device)
+        lse = torch.empty(b, heads, t, dtype=torch.float32, device=q.device)
+        o_strides, l_strides = (*o.stride()[:3], 0), (*lse.stride(), 0)
+    else:  # (B, T, H, splits, ...): the merge reads it as (B T, H, splits, ...)
+        o = torch.empty(b, t, heads, splits, rank, dtype=torch.float32, device=q.device)
+        lse = torch.empty(b, t, heads, splits, dtype=torch.float32, device=q.device)
+        o_strides = (o.stride(0), o.stride(2), o.stride(1), o.stride(3))
+        l_strides = (lse.stride(0), lse.stride(2), lse.stride(1), lse.stride(3))
+    sparse_mla_fwd[(b, t, triton.cdiv(heads, BLOCK_H) * splits)](
+        q, kv, idx, o, lse, scale * 1.4426950408889634, heads, kv.shape[1], topk, splits, split_len,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
-        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        *o_strides, *l_strides,
         **sparse_constexprs(rank, width - rank, q.dtype), num_warps=sparse_warps(rank))
-    return o, lse
+    if splits == 1:
+        return o, lse
+    out, merged = merge_splits(o.flatten(0, 1), lse.flatten(0, 1), q.dtype)
+    return (out.view(b, t, heads, rank).transpose(1, 2).contiguous(),
+            merged.view(b, t, heads).transpose(1, 2).contiguous())
 
 
 def launch_bwd(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, o: torch.Tensor,
