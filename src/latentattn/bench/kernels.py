@@ -4,11 +4,14 @@ Dense absorbed decode (one query token per sequence over a latent cache, every s
 same context): bytes moved per step counted as FlashMLA's benchmark does, the latent ONCE (not
 again as the value) plus the queries and outputs, (B S (R + Dr) + B H (R + Dr + R)) x element
 size, and the achieved GB/s against the device's copy bandwidth measured here (a large
-device-to-device copy reads and writes every byte: 2 x bytes / time). Sparse attention (DSA's
-top-k): time and TFLOP/s, 2 B H k (R + Dr + R) per step, against the dense kernel at the same
-context. The PyTorch path is what the model runs without the kernels (the fused SDPA over the
-latent; for sparse, the gathered ``kernels.sparse.sparse_mqa``). On a CPU only the PyTorch path
-runs (the kernels need a GPU) and the report says so; no kernel speed is claimed there.
+device-to-device copy reads and writes every byte: 2 x bytes / time); the same over FlashMLA's
+fp8 records (656 bytes a token at DeepSeek's dims), and on 64-token pages. Sparse attention
+(DSA's top-k): time and TFLOP/s, 2 B H k (R + Dr + R) per step, against the dense kernel at the
+same context. The PyTorch path is what the model runs without the kernels (the fused SDPA over
+the latent, after dequantising an fp8 cache; for sparse, the gathered
+``kernels.sparse.sparse_mqa``). The speed-up table divides times measured in the same run. On a
+CPU only the PyTorch path runs (the kernels need a GPU) and the report says so; no kernel speed
+is claimed there.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import torch
 
+from latentattn.cache.fp8 import pack_record, record_bytes, unpack_record
 from latentattn.errors import LatentAttnError
 from latentattn.kernels import attention
 from latentattn.kernels.sparse import sparse_mqa
@@ -31,8 +35,8 @@ V3_DIMS = {"heads": 128, "rank": 512, "rope": 64}  # DeepSeek-V3 / V3.2 attentio
 
 @dataclass
 class KernelPoint:
-    kind: str  # "dense decode" or "sparse decode"
-    impl: str  # "triton" or "torch"
+    kind: str  # "dense decode", "dense decode fp8" (FlashMLA's records) or "sparse decode"
+    impl: str  # "torch", "triton" or "triton paged" (64-token pages, shuffled block table)
     batch: int
     context: int
     topk: int | None
@@ -42,6 +46,7 @@ class KernelPoint:
     gb_s: float
     tflops: float
     share_of_copy_bandwidth: float | None
+    max_abs_diff_vs_torch: float | None = None  # a kernel's output against the PyTorch path's
 
 
 @dataclass
@@ -88,74 +93,136 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 def run_kernel_bench(device: torch.device, dtype: torch.dtype, contexts: Sequence[int],
                      batches: Sequence[int], topk: int, repeats: int = 10,
                      dims: dict[str, int] | None = None,
-                     progress: Callable[[str], None] | None = None) -> KernelReport:
+                     progress: Callable[[str], None] | None = None,
+                     interpreted: bool = False) -> KernelReport:
+    """``interpreted``: on a CPU, run the kernels too, in Triton's interpreter (TRITON_INTERPRET=1
+    set before Triton was imported): a check that every path runs, whose times mean nothing."""
     d = dims or V3_DIMS
     h, r, dr = d["heads"], d["rank"], d["rope"]
-    kernels = device.type == "cuda"
-    copy = copy_bandwidth(device, (1 << 30) if kernels else (1 << 26))
+    gpu = device.type == "cuda"
+    kernels = gpu or interpreted
+    copy = copy_bandwidth(device, (1 << 30) if gpu else (1 << 26))
     report = KernelReport(
         device=str(device), dtype=str(dtype).removeprefix("torch."), dims=dict(d), copy_gb_s=copy,
         kernels_ran=kernels,
-        note="Triton kernels and the PyTorch path, timed on the same device" if kernels else
+        note="Triton kernels and the PyTorch path, timed on the same device" if gpu else
+        "CPU: the kernels ran in Triton's interpreter; their times mean nothing" if kernels else
         "CPU: only the PyTorch path ran; the Triton kernels need a GPU (no kernel speed measured)")
     for b in batches:
         for s in contexts:
             if progress is not None:
                 progress(f"B={b} S={s}")
-            report.points.extend(_measure(b, s, topk, h, r, dr, dtype, device, repeats, copy))
+            report.points.extend(_measure(b, s, topk, h, r, dr, dtype, device, repeats, copy,
+                                          kernels))
     return report
 
 
 def _measure(b: int, s: int, topk: int, h: int, r: int, dr: int, dtype: torch.dtype,
-             device: torch.device, repeats: int, copy: float) -> list[KernelPoint]:
-    """Dense and sparse decode at batch ``b`` and context ``s``: PyTorch, and Triton on CUDA."""
+             device: torch.device, repeats: int, copy: float, kernels: bool) -> list[KernelPoint]:
+    """Dense decode (bf16 rows; FlashMLA's fp8 records), and sparse decode, at batch ``b`` and
+    context ``s``: the PyTorch path, and with ``kernels`` the Triton kernels (bf16 rows
+    contiguous and in 64-token pages, as FlashMLA's benchmark pages them)."""
     width = r + dr
     scale = width**-0.5
     elt = torch.empty(0, dtype=dtype).element_size()
     g = torch.Generator(device=device).manual_seed(s * 1000 + b)
     q = torch.randn(b, h, 1, width, generator=g, device=device, dtype=dtype)
     kv = torch.randn(b, s, width, generator=g, device=device, dtype=dtype)
+    records = pack_record(kv, r)
     lengths = torch.full((b,), s, dtype=torch.int32, device=device)
     k = min(topk, s)
     idx = torch.stack([torch.randperm(s, generator=g, device=device)[:k] for _ in range(b)])[:, None]
     key = kv.unsqueeze(1)
-    runs: list[tuple[str, str, Callable[[], object], int, int]] = [
-        ("dense decode", "torch", lambda: attention(q, key, key, scale),
-         (b * s * width + b * h * (width + r)) * elt, 2 * b * h * s * (width + r)),
-        ("sparse decode", "torch", lambda: sparse_mqa(q, kv, idx, scale, r),
-         (b * k * width + b * h * (width + r)) * elt, 2 * b * h * k * (width + r)),
+    qo = b * h * (width + r) * elt  # the queries read and the outputs written
+    dense = (b * s * width * elt + qo, 2 * b * h * s * (width + r))
+    fp8 = (b * s * record_bytes(r, dr) + qo, dense[1])
+    sparse = (b * k * width * elt + qo, 2 * b * h * k * (width + r))
+    # The PyTorch path over fp8 records is what the model runs without the kernel: dequantise
+    # the cache, then the fused SDPA over the latent.
+    runs: list[tuple[str, str, Callable[[], object], tuple[int, int]]] = [
+        ("dense decode", "torch", lambda: attention(q, key, key, scale), dense),
+        ("dense decode fp8", "torch", lambda: attention(
+            q, *(2 * (unpack_record(records, r, dtype).unsqueeze(1),)), scale), fp8),
+        ("sparse decode", "torch", lambda: sparse_mqa(q, kv, idx, scale, r), sparse),
     ]
-    if device.type == "cuda":
-        from latentattn.kernels.mla_decode import mla_decode_triton
+    if kernels:
+        from latentattn.kernels.mla_decode import mla_decode_fp8_triton, mla_decode_triton
         from latentattn.kernels.sparse_mla import sparse_mla_triton
 
-        runs.insert(1, ("dense decode", "triton",
-                        lambda: mla_decode_triton(q[:, :, 0], kv, lengths, scale, r),
-                        runs[0][3], runs[0][4]))
-        runs.append(("sparse decode", "triton", lambda: sparse_mla_triton(q, kv, idx, scale, r),
-                     runs[-1][3], runs[-1][4]))
+        page = 64
+        pages = kv.view(b * (s // page), page, width) if s % page == 0 else None
+        table = torch.arange(b * (s // page), dtype=torch.int32, device=device).view(b, -1)
+        # A shuffled block table, so that pages are not read in address order.
+        table = table.flatten()[torch.randperm(table.numel(), generator=g, device=device)].view_as(table)
+        runs += [
+            ("dense decode", "triton", lambda: mla_decode_triton(q[:, :, 0], kv, lengths, scale, r),
+             dense),
+            ("dense decode fp8", "triton",
+             lambda: mla_decode_fp8_triton(q[:, :, 0], records, lengths, scale, r), fp8),
+            ("sparse decode", "triton", lambda: sparse_mla_triton(q, kv, idx, scale, r), sparse),
+        ]
+        if pages is not None:
+            runs.append(("dense decode", "triton paged", lambda: mla_decode_triton(
+                q[:, :, 0], pages, lengths, scale, r, block_table=table), dense))
     points = []
-    for kind, impl, fn, moved, flops in runs:
+    torch_out: dict[str, torch.Tensor] = {}
+    for kind, impl, fn, (moved, flops) in runs:
         try:
+            # Each kernel's output against the PyTorch path's on the same input, as FlashMLA's
+            # benchmark checks its backends against each other before timing them.
+            out = _latent(fn(), b, h, r)
+            if impl == "torch":
+                torch_out[kind] = out
+            diff = float((out - torch_out[kind]).abs().max()) if kind in torch_out else None
             ms = _time(fn, device, repeats)
         except torch.OutOfMemoryError:  # the PyTorch path's scores at long context and big batch
             torch.cuda.empty_cache()
             continue
         gb = moved / (ms * 1e-3) / 1e9
         points.append(KernelPoint(kind, impl, b, s, k if kind == "sparse decode" else None, ms, moved,
-                                  flops, gb, flops / (ms * 1e-3) / 1e12, gb / copy))
+                                  flops, gb, flops / (ms * 1e-3) / 1e12, gb / copy,
+                                  None if impl == "torch" else diff))
     return points
+
+
+def _latent(result: object, b: int, h: int, r: int) -> torch.Tensor:
+    """The latent-space output (B, H, R) fp32 of any path: a tensor, or an (o, lse) pair."""
+    o = result[0] if isinstance(result, tuple) else result
+    assert isinstance(o, torch.Tensor)
+    return o.reshape(b, h, -1)[..., :r].float()
+
+
+def speedups(report: KernelReport) -> list[tuple[int, int, str, float]]:
+    """(batch, context, what, ratio of times) for the ratios the issue's targets name: each
+    Triton kernel against the PyTorch path on the same input, and sparse against dense decode
+    (each implementation against itself)."""
+    ms = {(p.kind, p.impl, p.batch, p.context): p.median_ms for p in report.points}
+    out = []
+    for b, s in sorted({(p.batch, p.context) for p in report.points}):
+        pairs = [(f"{kind}: triton vs torch", (kind, "torch"), (kind, "triton"))
+                 for kind in ("dense decode", "dense decode fp8", "sparse decode")]
+        pairs += [(f"sparse vs dense decode ({impl})", ("dense decode", impl), ("sparse decode", impl))
+                  for impl in ("torch", "triton")]
+        for what, slow, fast in pairs:
+            t_slow, t_fast = ms.get((*slow, b, s)), ms.get((*fast, b, s))
+            if t_slow is not None and t_fast is not None:
+                out.append((b, s, what, t_slow / t_fast))
+    return out
 
 
 def kernel_table(report: KernelReport) -> str:
     lines = [f"{report.note}. Device copy bandwidth {report.copy_gb_s:,.0f} GB/s; dims "
              f"{report.dims}, {report.dtype}.", "",
-             "| kind | impl | batch | context | top-k | ms | GB/s | share of copy BW | TFLOP/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| kind | impl | batch | context | top-k | ms | GB/s | share of copy BW | TFLOP/s "
+             "| max abs diff vs torch |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in report.points:
         share = "-" if p.share_of_copy_bandwidth is None else f"{p.share_of_copy_bandwidth:.0%}"
+        diff = "-" if p.max_abs_diff_vs_torch is None else f"{p.max_abs_diff_vs_torch:.1e}"
         lines.append(f"| {p.kind} | {p.impl} | {p.batch} | {p.context:,} | {p.topk or '-'} | "
-                     f"{p.median_ms:.3f} | {p.gb_s:,.1f} | {share} | {p.tflops:.3f} |")
+                     f"{p.median_ms:.3f} | {p.gb_s:,.1f} | {share} | {p.tflops:.3f} | {diff} |")
+    lines += ["", "| batch | context | speed-up | x |", "|---:|---:|---|---:|"]
+    lines += [f"| {b} | {s:,} | {what} | {x:.2f} |" for b, s, what, x in speedups(report)]
     return "\n".join(lines)
 
 
@@ -165,9 +232,10 @@ def plot_kernel_report(report: KernelReport, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, kind in zip(axes, ("dense decode", "sparse decode"), strict=True):
-        for impl in ("torch", "triton"):
+    kinds = ("dense decode", "dense decode fp8", "sparse decode")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, kind in zip(axes, kinds, strict=True):
+        for impl in sorted({p.impl for p in report.points}):
             for b in sorted({p.batch for p in report.points}):
                 pts = [p for p in report.points if p.kind == kind and p.impl == impl and p.batch == b]
                 if pts:
@@ -202,4 +270,5 @@ __all__ = [
     "kernel_table",
     "plot_kernel_report",
     "run_kernel_bench",
+    "speedups",
 ]
