@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
@@ -33,7 +34,7 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
     ("kv-cache",): MODEL_KNOBS | {"--context", "--batch", "--json"},
     ("info",): MODEL_KNOBS,
     ("generate",): LOAD_KNOBS | {"--prompt", "--max-new-tokens", "--temperature", "--top-p",
-                                 "--top-k", "--seed"},
+                                 "--top-k", "--seed", "--latent-fp8", "--page-size", "--backend"},
     ("convert",): {"--kv-lora-rank", "--rope-dim", "--calib", "--calib-tokens", "--method", "--rope-mode",
                    "--format"},
     ("eval",): LOAD_KNOBS | {"--data", "--seq-len", "--max-tokens", "--batch-size", "--seed", "--json",
@@ -228,6 +229,25 @@ def test_generate_deterministic(capsys: pytest.CaptureFixture[str]) -> None:
     model, tokenizer = latentattn.load("tiny-mla", seed=0, with_tokenizer=True)  # what --seed 0 builds
     assert min_greedy_margin(model, torch.tensor([tokenizer.encode("Hello")]), 8) > NEAR_TIE
     assert greedy_naive == greedy_absorb
+
+
+def test_generate_over_paged_fp8_caches_and_the_triton_backend(capsys: pytest.CaptureFixture[str]
+                                                                ) -> None:
+    """The cache and backend flags: paged bf16 reads back exactly, so it generates what the
+    contiguous cache does; the Triton backend (here in the interpreter) what the torch one does
+    over the same fp8 pages."""
+    plain = _gen(capsys, "--mla-impl", "absorb")
+    assert _gen(capsys, "--mla-impl", "absorb", "--page-size", "4") == plain
+    fp8 = _gen(capsys, "--mla-impl", "absorb", "--latent-fp8", "--page-size", "4")
+    assert fp8.strip()
+    if importlib.util.find_spec("triton") is not None:
+        assert _gen(capsys, "--mla-impl", "absorb", "--latent-fp8", "--page-size", "4",
+                    "--backend", "triton") == fp8
+    assert "dense MLA's latent" in _error(capsys, ["generate", "--model", "tiny-gqa", "--prompt", "hi",
+                                                   "--max-new-tokens", "2", "--latent-fp8"])
+    assert "--page-size must be >= 1" in _error(capsys, ["generate", "--model", "tiny-mla", "--prompt",
+                                                         "hi", "--max-new-tokens", "2", "--page-size",
+                                                         "0"])
 
 
 def test_generate_from_checkpoint_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

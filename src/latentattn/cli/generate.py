@@ -12,6 +12,7 @@ from latentattn.cli.common import UserError, add_model_args, model_overrides
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from latentattn.kernels.backend import get_backend, use_backend
     from latentattn.loading import load, resolve
     from latentattn.model import generate
 
@@ -28,11 +29,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if max(ids) >= model.config.vocab_size:
         raise UserError(f"token id {max(ids)} is outside the model's vocab_size "
                         f"{model.config.vocab_size}")
+    if args.page_size is not None and args.page_size < 1:
+        raise UserError(f"--page-size must be >= 1, got {args.page_size}")
     eos = tokenizer.eos_token_id
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
-    out = generate(model, torch.tensor([ids], device=model.device), args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   eos_token_id=eos, generator=gen)
+    with use_backend(args.backend or get_backend()):
+        out = generate(model, torch.tensor([ids], device=model.device), args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                       eos_token_id=eos, generator=gen, latent_fp8=args.latent_fp8,
+                       page_size=args.page_size)
     new = out[0, len(ids):].tolist()
     if eos is not None and eos in new:
         new = new[: new.index(eos)]
@@ -58,4 +63,12 @@ def register(sub: Any) -> None:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0)")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
     gen.add_argument("--seed", type=int, default=0, help="seed for init and sampling (0)")
+    gen.add_argument("--latent-fp8", action="store_true",
+                     help="dense MLA: keep the latent cache in FlashMLA's fp8 record (656 B a token "
+                     "at DeepSeek's dims against 1,152 in bf16)")
+    gen.add_argument("--page-size", type=int, default=None, metavar="N",
+                     help="dense MLA: keep the latent cache in pages of N tokens (FlashMLA: 64)")
+    gen.add_argument("--backend", choices=["triton", "torch"], default=None,
+                     help="kernels for MLA decode and DSA (default: triton on CUDA when it "
+                     "imports, torch elsewhere; LATENTATTN_BACKEND sets it too)")
     gen.set_defaults(func=cmd_generate)

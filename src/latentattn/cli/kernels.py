@@ -38,8 +38,10 @@ def register(sub: Any) -> None:
     c = ksub.add_parser(
         "compile", help="compile every kernel for sm_80 / sm_90, no GPU needed",
         description="Compile every Triton kernel at the configurations latentattn launches "
-        "(DeepSeek's 512 + 64 latent row and a converted SmolLM2's 128 + 64; contiguous and "
-        "64-token pages; bf16) for each --arch with Triton's own compiler and ptxas, on this "
+        "(DeepSeek's 512 + 64 latent row and a converted SmolLM2's 128 + 64; dense decode over "
+        "bf16 rows and FlashMLA's fp8 records, contiguous and in 64-token pages; sparse attention "
+        "forward, split forward and backward; V3.2's indexer with bf16 and fp8 keys) for each "
+        "--arch with Triton's own compiler and ptxas, on this "
         "machine whether or not it has a GPU, and print each kernel's shared memory, registers "
         "and spills against the architecture's limits. Exit status 1 if any configuration fails "
         "to compile or exceeds a limit.")
