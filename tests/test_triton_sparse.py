@@ -111,6 +111,8 @@ def test_bad_inputs_are_refused() -> None:
         ((q, kv, idx[:, :1], 0.5, 16), "do not match"),
         ((q, kv, idx, 0.5, 40), "inside the cache row"),
         ((q, kv, idx, 0.5, 16, 0), "num_splits must be >= 1"),
+        ((torch.zeros(1, 1, 65536, 32), kv, torch.zeros(1, 65536, 1, dtype=torch.int32), 0.5, 16),
+         "call it on chunks"),
     ]:
         with pytest.raises(ConfigError, match=message):
             sparse_mla_triton(*args)  # type: ignore[arg-type]

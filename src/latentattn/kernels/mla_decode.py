@@ -13,7 +13,8 @@ block_table[b, n // page_size] (vLLM's and FlashMLA's layout). ``lengths`` (B,) 
 cached tokens per sequence (ragged batches); rows past a sequence's length are never read.
 
 The kernel (after SGLang's grouped decode kernel and vLLM's TRITON_MLA, next-facts s1.1): one
-program per (sequence, block of BLOCK_H heads, KV split); each tile of BLOCK_N cached rows is
+program per (block of BLOCK_H heads, KV split, sequence), the head blocks of one split side by side
+on the grid's fastest axis so they share each tile through L2; each tile of BLOCK_N cached rows is
 loaded once and used for every head in the block, as key (two dot products: the R latent columns
 and the Dr rope columns) and as value; an online softmax in base 2 runs over the split's tiles;
 each split stores its normalised partial output and LSE, and a second kernel merges the splits

@@ -8,8 +8,10 @@ scaled scores; a token with no valid index gets o = 0 and LSE -inf.
 
 :func:`sparse_mla_ref` is the obviously-correct fp32 form; :func:`sparse_mla_triton` runs the
 Triton kernels (:mod:`latentattn.kernels.triton_sparse`; one program per token and block of 16
-heads, 16 selected latents per tile gathered by index inside the kernel, each loaded once as key
-and value) with a backward, so DSA trains on a GPU: gradients for the absorbed queries and the
+heads, the head blocks of a token side by side, 16 selected latents per tile gathered by index
+inside the kernel, each loaded once as key and value; at decode, when tokens x head blocks cannot
+fill the GPU, each token's top-k list is split and the parts merged by their LSEs)
+with a backward, so DSA trains on a GPU: gradients for the absorbed queries and the
 latents (scattered with atomics, since many tokens select the same latent).
 """
 
@@ -24,6 +26,7 @@ from latentattn.kernels.mla_decode import check_rank_and_dtypes
 from latentattn.kernels.sparse import gather_rows
 
 BLOCK_H = 16  # heads per program (tl.dot needs 16 rows); vLLM's sparse kernel also takes 16
+GRID_MAX = 65535
 
 
 def sparse_mla_ref(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float, rank: int
@@ -46,6 +49,9 @@ def check_sparse_inputs(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, ra
         raise ConfigError(f"idx {tuple(idx.shape)} and kv {tuple(kv.shape)} do not match q "
                           f"{tuple(q.shape)}'s batch and tokens")
     check_rank_and_dtypes(q, kv, rank, "sparse_mla")
+    if max(q.shape[0], q.shape[2]) > GRID_MAX:  # CUDA's grid y and z limits
+        raise ConfigError(f"sparse_mla launches one program row per token and sequence: at most "
+                          f"{GRID_MAX} of each, got B {q.shape[0]}, T {q.shape[2]}; call it on chunks")
     if idx.dtype not in (torch.int32, torch.int64):
         raise ConfigError(f"idx must be int32 or int64, got {idx.dtype}")
     if idx.numel() and int(idx.max()) >= kv.shape[1]:

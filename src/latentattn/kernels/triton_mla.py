@@ -25,12 +25,14 @@ def mla_decode_stage1(Q, KV, LENGTHS, TABLE, O_PART, LSE_PART, sm_scale_log2, he
                       BLOCK_DR: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
                       BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                       FP8: tl.constexpr, QBLOCK: tl.constexpr):
-    """One (sequence, head block, split): online softmax over the split's cached rows. With
+    """One (head block, split, sequence): online softmax over the split's cached rows. With
     FP8, each KV row is FlashMLA's record (uint8): RANK e4m3 bytes, one fp32 scale per QBLOCK
     values, then the bf16 rope part; the latent is decoded in software (sm_80 has no e4m3)."""
-    b = tl.program_id(0)
-    hb = tl.program_id(1)
-    split = tl.program_id(2)
+    # Head blocks on the fastest grid axis: the blocks of one (sequence, split) run side by side
+    # and read the same latent tiles, so the latent comes from HBM about once, not once a block.
+    hb = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
     length = tl.load(LENGTHS + b)
     start = split * split_len
     end = tl.minimum(start + split_len, length)
@@ -152,7 +154,7 @@ def launch_decode(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, scal
     if kv.stride(-1) != 1:
         kv = kv.contiguous()
     consts = decode_constexprs(rank, rope, page, paged, q.dtype, fp8)
-    mla_decode_stage1[(b, triton.cdiv(heads, BLOCK_H), splits)](
+    mla_decode_stage1[(triton.cdiv(heads, BLOCK_H), splits, b)](
         q, kv, lengths, table, o_part, lse_part, scale * LOG2E, heads, split_len,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), table.stride(0) if paged else 0,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),

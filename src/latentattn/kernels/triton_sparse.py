@@ -42,15 +42,18 @@ def sparse_mla_fwd(Q, KV, IDX, OUT, LSE, sm_scale_log2, heads, seq_kv, topk, spl
                    RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                    PRECISION: tl.constexpr):
-    """One (sequence, query token, head block, split of the top-k list): softmax over the
+    """One (head block and split of the top-k list, query token, sequence): softmax over the
     split's selected latents. With one split OUT/LSE are the result; with several, each split
     stores its normalised partial output and LSE (split stride ``stride_os`` / ``stride_ls``)
     for :func:`latentattn.kernels.triton_mla.merge_splits` (vLLM's sparse kernel splits the
     top-k list, not the sequence, when batch x head blocks cannot fill the GPU)."""
-    b = tl.program_id(0)
+    # Head blocks fastest (axis 0, then splits): the blocks of one token gather the same latents
+    # side by side, so they are read from HBM about once.
+    blocks = tl.cdiv(heads, BLOCK_H)
+    hb = tl.program_id(0) % blocks
+    split = tl.program_id(0) // blocks
     t = tl.program_id(1)
-    hb = tl.program_id(2) // splits
-    split = tl.program_id(2) % splits
+    b = tl.program_id(2)
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     r = tl.arange(0, BLOCK_R)
     dr = tl.arange(0, BLOCK_DR)
@@ -92,12 +95,12 @@ def sparse_mla_bwd(Q, KV, IDX, DO, LSE, DELTA, DQ, DKV, sm_scale, heads, seq_kv,
                    RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                    PRECISION: tl.constexpr):
-    """One (sequence, query token, head block): dq in registers; dkv scattered with atomics
+    """One (head block, query token, sequence): dq in registers; dkv scattered with atomics
     (many queries select the same latent). P is rebuilt from the forward's LSE; with
     dP = dO V^T and delta = rowsum(dO * O), dS = P (dP - delta) (FlashAttention-2, Alg. 2)."""
-    b = tl.program_id(0)
+    h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     t = tl.program_id(1)
-    h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b = tl.program_id(2)
     r = tl.arange(0, BLOCK_R)
     dr = tl.arange(0, BLOCK_DR)
     h_ok = h < heads
@@ -165,7 +168,7 @@ def launch_fwd(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: floa
         lse = torch.empty(b, t, heads, splits, dtype=torch.float32, device=q.device)
         o_strides = (o.stride(0), o.stride(2), o.stride(1), o.stride(3))
         l_strides = (lse.stride(0), lse.stride(2), lse.stride(1), lse.stride(3))
-    sparse_mla_fwd[(b, t, triton.cdiv(heads, BLOCK_H) * splits)](
+    sparse_mla_fwd[(triton.cdiv(heads, BLOCK_H) * splits, t, b)](
         q, kv, idx, o, lse, scale * 1.4426950408889634, heads, kv.shape[1], topk, splits, split_len,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
         *o_strides, *l_strides,
@@ -187,7 +190,7 @@ def launch_bwd(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, o: torch.Te
     do_full[..., :rank] = do  # dO in q's layout, so one set of strides serves both
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-    sparse_mla_bwd[(b, t, triton.cdiv(heads, BLOCK_H))](
+    sparse_mla_bwd[(triton.cdiv(heads, BLOCK_H), t, b)](
         q, kv, idx, do_full, lse, delta, dq, dkv, scale, heads, kv.shape[1], idx.shape[-1],
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
         lse.stride(0), lse.stride(1), dkv.stride(0), dkv.stride(1),
