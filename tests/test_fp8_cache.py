@@ -90,8 +90,14 @@ def test_bench_fp8_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     r = json.loads(out.read_text())
     assert r["decode_tokens"] == 12 and len(r["per_step_kl"]) == 12
     assert 0 <= r["mean_kl"] <= r["max_kl"] and 0 <= r["argmax_agreement"] <= 1
+    lo, hi = r["argmax_agreement_ci"]
+    assert 0 <= lo <= r["argmax_agreement"] <= hi <= 1 and hi - lo > 0  # Wilson: never zero width
+    assert r["mean_kl_ci"][0] <= r["mean_kl"] <= r["mean_kl_ci"][1]
+    assert r["floor_dtype"] == "float32" and r["floor_mean_kl"] >= 0 and r["floor_max_abs_logit_error"] > 0
     assert r["bytes_per_token_per_layer_fp8"] == 52 and r["bytes_per_token_per_layer_bf16"] == 80
-    assert "fp8 latent cache 52 B/token/layer" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "fp8 latent cache 52 B/token/layer" in text
+    assert "noise floor, the bf16 cache against a float32" in text
     short = tmp_path / "short.txt"
     short.write_text("too short")
     assert "max_seq_len 512" in cli_error(

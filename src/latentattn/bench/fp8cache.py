@@ -8,6 +8,12 @@ Two measurements over the same tokens of a text:
 * free-running: both caches generate ``tokens`` greedy tokens from the same prompt; reported are
   the share of equal tokens and the first step at which the two continuations part.
 Prefill attends over the exact latent in both runs (the cache is only read back at decode).
+
+The noise floor beside it: the same teacher-forced comparison of the bf16 cache against a cache
+in the model's own dtype (fp32 on a CPU), i.e. what bf16 itself costs. Intervals (95%): Wilson's
+for the argmax agreement, a bootstrap over steps for the mean KL. Decode steps of one text are
+not independent, so the intervals are narrower than the truth; they say how much the figure
+moves with the steps drawn, not across texts.
 """
 
 from __future__ import annotations
@@ -33,6 +39,12 @@ class FP8CacheReport:
     mean_kl: float
     max_kl: float
     argmax_agreement: float  # teacher-forced share of steps whose argmax is equal
+    argmax_agreement_ci: tuple[float, float]
+    mean_kl_ci: tuple[float, float]
+    floor_dtype: str  # the model dtype the bf16 cache is compared with for the noise floor
+    floor_max_abs_logit_error: float
+    floor_mean_kl: float
+    floor_argmax_agreement: float
     greedy_equal_share: float  # free-running share of equal tokens
     greedy_first_divergence: int | None  # step of the first different token (None: none)
     per_step_kl: list[float] = field(default_factory=list)
@@ -52,16 +64,17 @@ def run_fp8_cache_bench(model: Transformer, ids: torch.Tensor, prompt: int, toke
 
     model.eval()
     seq = ids[: prompt + tokens].to(model.device)[None]
-    caches = {"bf16": model.make_cache(1, prompt + tokens, dtype=torch.bfloat16),
+    caches = {"exact": model.make_cache(1, prompt + tokens),
+              "bf16": model.make_cache(1, prompt + tokens, dtype=torch.bfloat16),
               "fp8": model.make_cache(1, prompt + tokens, latent_fp8=True)}
     logits = {k: [model(seq[:, :prompt], c)[:, -1].float()] for k, c in caches.items()}
     for i in tqdm(range(prompt, prompt + tokens - 1), desc="fp8-cache", unit="token",
                   file=sys.stderr, disable=not progress):
         for k, c in caches.items():
             logits[k].append(model(seq[:, i : i + 1], c)[:, -1].float())
-    ref, got = torch.cat(logits["bf16"]), torch.cat(logits["fp8"])
-    lp_ref, lp_got = ref.log_softmax(-1), got.log_softmax(-1)
-    kl = (lp_ref.exp() * (lp_ref - lp_got)).sum(-1)
+    exact, ref, got = (torch.cat(logits[k]) for k in ("exact", "bf16", "fp8"))
+    err, kl, agree = _compare(ref, got)
+    floor_err, floor_kl, floor_agree = _compare(exact, ref)
     fp8_tokens = model.generate(seq[:, :prompt], tokens, latent_fp8=True)[0, prompt:]
     bf16_tokens = model.generate(seq[:, :prompt], tokens, cache_dtype=torch.bfloat16)[0, prompt:]
     same = bf16_tokens == fp8_tokens
@@ -70,10 +83,39 @@ def run_fp8_cache_bench(model: Transformer, ids: torch.Tensor, prompt: int, toke
         model=names[0], data=names[1], prompt_tokens=prompt, decode_tokens=tokens,
         bytes_per_token_per_layer_bf16=caches["bf16"].bytes_per_token_per_layer,
         bytes_per_token_per_layer_fp8=caches["fp8"].bytes_per_token_per_layer,
-        max_abs_logit_error=float((ref - got).abs().max()), mean_kl=float(kl.mean()),
-        max_kl=float(kl.max()), argmax_agreement=float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+        max_abs_logit_error=err, mean_kl=float(kl.mean()), max_kl=float(kl.max()),
+        argmax_agreement=float(agree.float().mean()),
+        argmax_agreement_ci=_share_ci(int(agree.sum()), agree.numel()), mean_kl_ci=_mean_ci(kl),
+        floor_dtype=str(model.dtype).removeprefix("torch."), floor_max_abs_logit_error=floor_err,
+        floor_mean_kl=float(floor_kl.mean()), floor_argmax_agreement=float(floor_agree.float().mean()),
         greedy_equal_share=float(same.float().mean()), greedy_first_divergence=diverge,
         per_step_kl=[float(x) for x in kl])
+
+
+def _compare(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(max |logit error|, KL(ref || got) per step, argmax equal per step)."""
+    lp_ref, lp_got = ref.log_softmax(-1), got.log_softmax(-1)
+    kl = (lp_ref.exp() * (lp_ref - lp_got)).sum(-1)
+    return float((ref - got).abs().max()), kl, ref.argmax(-1) == got.argmax(-1)
+
+
+def _share_ci(k: int, n: int) -> tuple[float, float]:
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def _mean_ci(x: torch.Tensor) -> tuple[float, float]:
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    data = x.double().cpu().numpy()
+    if len(data) < 2 or float(np.ptp(data)) == 0.0:
+        return float(data.mean()), float(data.mean())
+    ci = bootstrap((data,), np.mean, confidence_level=0.95, n_resamples=2000,
+                   random_state=np.random.default_rng(0)).confidence_interval
+    return float(ci.low), float(ci.high)
 
 
 def fp8_headline(r: FP8CacheReport) -> list[str]:
@@ -83,12 +125,15 @@ def fp8_headline(r: FP8CacheReport) -> list[str]:
         f"({r.bytes_per_token_per_layer_fp8 / r.bytes_per_token_per_layer_bf16:.2f}x)",
         f"teacher-forced over {r.decode_tokens} decoded tokens after a {r.prompt_tokens}-token "
         f"prompt: max |logit error| {r.max_abs_logit_error:.4f}, KL(bf16 || fp8) mean "
-        f"{r.mean_kl:.2e} max {r.max_kl:.2e} nats, argmax agreement {r.argmax_agreement:.1%}",
+        f"{r.mean_kl:.2e} [{r.mean_kl_ci[0]:.2e}, {r.mean_kl_ci[1]:.2e}] max {r.max_kl:.2e} nats, "
+        f"argmax agreement {r.argmax_agreement:.1%} [{r.argmax_agreement_ci[0]:.1%}, "
+        f"{r.argmax_agreement_ci[1]:.1%}] (95% intervals over steps)",
+        f"noise floor, the bf16 cache against a {r.floor_dtype} one: max |logit error| "
+        f"{r.floor_max_abs_logit_error:.4f}, KL mean {r.floor_mean_kl:.2e} nats, argmax agreement "
+        f"{r.floor_argmax_agreement:.1%}",
         f"free-running greedy: {r.greedy_equal_share:.1%} equal tokens, first divergence at "
         + ("none" if r.greedy_first_divergence is None else f"step {r.greedy_first_divergence}"),
     ]
-
-
 
 
 def plot_fp8_report(r: FP8CacheReport, path: str) -> None:
