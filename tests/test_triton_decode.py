@@ -86,6 +86,21 @@ def test_split_kv_equals_no_split_at_a_long_context() -> None:
     _check(one, mla_decode_ref(q, kv, n, 0.2, 32))
 
 
+@pytest.mark.parametrize("page", [None, 16])
+def test_a_known_max_len_gives_the_same_result_without_reading_lengths(page: int | None) -> None:
+    """The model's decode path passes the longest length it knows on the host: same output, and
+    the value checks (host syncs) are skipped, only max_len against the cache's room is checked."""
+    q, kv, n = _case(3, 5, 24, 8, [1, 63, 97], seed=5)
+    table = None
+    if page is not None:
+        kv, table = _paged(kv, n, page)
+    want = mla_decode_triton(q, kv, n, 0.3, 24, block_table=table, num_splits=2)
+    _check(mla_decode_triton(q, kv, n, 0.3, 24, block_table=table, num_splits=2, max_len=97), want)
+    room = kv.shape[1] if table is None else kv.shape[1] * table.shape[1]
+    with pytest.raises(ConfigError, match=f"max_len {room + 1} must lie in 1..{room}"):
+        mla_decode_triton(q, kv, n, 0.3, 24, block_table=table, max_len=room + 1)
+
+
 def test_more_splits_than_rows_leave_empty_splits_out() -> None:
     q, kv, n = _case(2, 3, 16, 16, [1, 40], seed=3)
     _check(mla_decode_triton(q, kv, n, 0.5, 16, num_splits=4), mla_decode_ref(q, kv, n, 0.5, 16))

@@ -129,7 +129,9 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         if runs_triton(q_abs) and q_abs.dtype == latent.dtype:
             # The Triton kernel (forward and backward); the indexer's target, the selection's
             # head-mean probabilities, needs no gradient.
-            o_lat, _ = sparse_mla_triton(q_abs, latent, idx, self.scale, a.kv_lora_rank)
+            # The selection is our own top-k (-1 or in range): no host-side index check.
+            o_lat, _ = sparse_mla_triton(q_abs, latent, idx, self.scale, a.kv_lora_rank,
+                                         check_indices=False)
             probs = None
             if self.train_indexer:
                 with torch.no_grad():

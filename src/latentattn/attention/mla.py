@@ -194,8 +194,7 @@ class MultiHeadLatentAttention(nn.Module):
         lengths = (step.positions[:, 0] + 1).to(torch.int32)
         qa = self.absorb_query(q)[:, :, 0]
         rank = self.cfg.kv_lora_rank
-        if fp8:
-            o_lat, _ = mla_decode_fp8_triton(qa, buf, lengths, self.scale, rank, block_table=table)
-        else:
-            o_lat, _ = mla_decode_triton(qa, buf, lengths, self.scale, rank, block_table=table)
+        # step.kv_len is the longest row, known on the host: the kernel then syncs nothing.
+        decode = mla_decode_fp8_triton if fp8 else mla_decode_triton
+        o_lat, _ = decode(qa, buf, lengths, self.scale, rank, block_table=table, max_len=step.kv_len)
         return o_lat

@@ -79,23 +79,35 @@ def check_rank_and_dtypes(q: torch.Tensor, kv: torch.Tensor, rank: int, kernel: 
 
 
 def check_decode_inputs(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, kv_lora_rank: int,
-                        block_table: torch.Tensor | None) -> None:
-    """One clear error for inputs the kernel cannot take (the PyTorch path can still)."""
+                        block_table: torch.Tensor | None, max_len: int | None = None) -> int:
+    """One clear error for inputs the kernel cannot take (the PyTorch path can still); returns
+    the longest length. With ``max_len`` given, ``lengths`` and ``block_table`` are trusted (a
+    cache's own, as in the model's decode step) and no tensor value is read on the host, so the
+    call makes no host-device sync; only the shapes and ``max_len`` against them are checked."""
     if q.dim() != 3 or kv.dim() != 3 or q.shape[-1] != kv.shape[-1]:
         raise ConfigError(f"mla_decode takes q (B, H, R + Dr) and kv (B or pages, S, R + Dr); got q "
                           f"{tuple(q.shape)}, kv {tuple(kv.shape)}")
     check_rank_and_dtypes(q, kv, kv_lora_rank, "mla_decode")
     if lengths.shape != (q.shape[0],):
         raise ConfigError(f"lengths must be ({q.shape[0]},), got {tuple(lengths.shape)}")
+    if block_table is not None and (block_table.dim() != 2 or block_table.shape[0] != q.shape[0]):
+        raise ConfigError(f"block_table must be (B, max_pages), got {tuple(block_table.shape)}")
+    if block_table is None and kv.shape[0] != q.shape[0]:
+        raise ConfigError(f"a contiguous cache holds one row per sequence: kv {tuple(kv.shape)}, "
+                          f"q {tuple(q.shape)}")
+    room = kv.shape[1] if block_table is None else kv.shape[1] * block_table.shape[1]
+    if max_len is not None:
+        if not 0 < max_len <= room:
+            raise ConfigError(f"max_len {max_len} must lie in 1..{room}, what the cache holds")
+        return max_len
+    longest = int(lengths.max())
     if bool((lengths < 1).any()):
         raise ConfigError("every sequence needs at least one cached token")
     if block_table is None:
-        if kv.shape[0] != q.shape[0] or int(lengths.max()) > kv.shape[1]:
-            raise ConfigError(f"lengths (max {int(lengths.max())}) exceed the contiguous cache "
+        if longest > kv.shape[1]:
+            raise ConfigError(f"lengths (max {longest}) exceed the contiguous cache "
                               f"({kv.shape[1]} rows)")
-        return
-    if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
-        raise ConfigError(f"block_table must be (B, max_pages), got {tuple(block_table.shape)}")
+        return longest
     needed = (lengths.long() + kv.shape[1] - 1) // kv.shape[1]
     if bool((needed > block_table.shape[1]).any()):
         raise ConfigError("lengths need more pages than the block table holds")
@@ -103,36 +115,43 @@ def check_decode_inputs(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor
     used = block_table[cols[None, :] < needed[:, None].to(block_table.device)]
     if used.numel() and (int(used.min()) < 0 or int(used.max()) >= kv.shape[0]):
         raise ConfigError(f"the block table points outside the pool of {kv.shape[0]} pages")
+    return longest
 
 
 # ---------------------------------------------------------------------------- the kernel
 def mla_decode_triton(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, scale: float,
                       kv_lora_rank: int, block_table: torch.Tensor | None = None,
-                      num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      num_splits: int | None = None, max_len: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernel (module docstring): (o (B, H, R) in q's dtype, lse (B, H) fp32).
-    ``num_splits``: KV splits per sequence (None: :func:`default_splits`). Needs Triton, and
-    CUDA tensors or ``TRITON_INTERPRET=1`` set before the first call."""
-    check_decode_inputs(q, kv, lengths, kv_lora_rank, block_table)
+    ``num_splits``: KV splits per sequence (None: :func:`default_splits`). ``max_len``: the
+    longest of ``lengths`` when the caller knows it: then nothing is read back to the host and
+    the inputs are trusted (:func:`check_decode_inputs`); else they are checked. Needs Triton,
+    and CUDA tensors or ``TRITON_INTERPRET=1`` set before the first call."""
+    longest = check_decode_inputs(q, kv, lengths, kv_lora_rank, block_table, max_len)
     from latentattn.kernels.triton_mla import launch_decode
 
     return launch_decode(q, kv, lengths, scale, kv_lora_rank, block_table,
-                         _splits(q, lengths, num_splits))
+                         _splits(q, longest, num_splits), longest)
 
 
 def mla_decode_fp8_triton(q: torch.Tensor, records: torch.Tensor, lengths: torch.Tensor, scale: float,
                           kv_lora_rank: int, block_table: torch.Tensor | None = None,
-                          num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          num_splits: int | None = None, max_len: int | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel over FlashMLA's fp8 records (:func:`latentattn.cache.fp8.pack_record`), as
     :class:`~latentattn.cache.kv.FP8LatentKV` (B, S, bytes) or a paged fp8
     :class:`~latentattn.cache.paged.PagedLatentKV` (pages, page_size, bytes) holds them; the
-    latent is decoded in the kernel and the products run in q's dtype."""
+    latent is decoded in the kernel and the products run in q's dtype. ``num_splits`` and
+    ``max_len`` as in :func:`mla_decode_triton`."""
     check_fp8_records(q, records, kv_lora_rank)
-    check_decode_inputs(q, torch.empty(*records.shape[:2], q.shape[-1], dtype=q.dtype, device="meta"),
-                        lengths, kv_lora_rank, block_table)
+    longest = check_decode_inputs(q, torch.empty(*records.shape[:2], q.shape[-1], dtype=q.dtype,
+                                                 device="meta"),
+                                  lengths, kv_lora_rank, block_table, max_len)
     from latentattn.kernels.triton_mla import launch_decode
 
     return launch_decode(q, records, lengths, scale, kv_lora_rank, block_table,
-                         _splits(q, lengths, num_splits), fp8=True)
+                         _splits(q, longest, num_splits), longest, fp8=True)
 
 
 def mla_decode_fp8_ref(q: torch.Tensor, records: torch.Tensor, lengths: torch.Tensor, scale: float,
@@ -155,9 +174,8 @@ def check_fp8_records(q: torch.Tensor, records: torch.Tensor, rank: int) -> None
                           f"bytes, not {records.shape[-1]}")
 
 
-def _splits(q: torch.Tensor, lengths: torch.Tensor, num_splits: int | None) -> int:
-    splits = num_splits if num_splits is not None else default_splits(q.shape[0], q.shape[1],
-                                                                      int(lengths.max()))
+def _splits(q: torch.Tensor, longest: int, num_splits: int | None) -> int:
+    splits = num_splits if num_splits is not None else default_splits(q.shape[0], q.shape[1], longest)
     if splits < 1:
         raise ConfigError(f"num_splits must be >= 1, got {splits}")
     return splits

@@ -41,7 +41,10 @@ def sparse_mla_ref(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: 
     return torch.einsum("bhtk,btkc->bhtc", p, sel[..., :rank]), lse
 
 
-def check_sparse_inputs(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, rank: int) -> None:
+def check_sparse_inputs(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, rank: int,
+                        check_indices: bool = True) -> None:
+    """Shapes and dtypes; with ``check_indices`` also that no index is past the cache (a host
+    sync: the kernel masks such slots anyway, so the model's own selections skip it)."""
     if q.dim() != 4 or kv.dim() != 3 or idx.dim() != 3 or q.shape[-1] != kv.shape[-1]:
         raise ConfigError(f"sparse_mla takes q (B, H, T, R + Dr), kv (B, S, R + Dr), idx (B, T, K); "
                           f"got {tuple(q.shape)}, {tuple(kv.shape)}, {tuple(idx.shape)}")
@@ -54,7 +57,7 @@ def check_sparse_inputs(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, ra
                           f"{GRID_MAX} of each, got B {q.shape[0]}, T {q.shape[2]}; call it on chunks")
     if idx.dtype not in (torch.int32, torch.int64):
         raise ConfigError(f"idx must be int32 or int64, got {idx.dtype}")
-    if idx.numel() and int(idx.max()) >= kv.shape[1]:
+    if check_indices and idx.numel() and int(idx.max()) >= kv.shape[1]:
         raise ConfigError(f"idx selects row {int(idx.max())} of a cache of {kv.shape[1]} rows")
 
 
@@ -82,11 +85,13 @@ class _SparseMLA(torch.autograd.Function):
 
 
 def sparse_mla_triton(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float, rank: int,
-                      num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      num_splits: int | None = None, check_indices: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernels (module docstring): (o, lse), differentiable in q and kv.
     ``num_splits``: parts each token's top-k list is split into in the forward, merged by their
-    LSEs (None: :func:`default_sparse_splits`; decode at small batch needs them to fill a GPU)."""
-    check_sparse_inputs(q, kv, idx, rank)
+    LSEs (None: :func:`default_sparse_splits`; decode at small batch needs them to fill a GPU).
+    ``check_indices=False`` skips the one check that reads ``idx`` on the host."""
+    check_sparse_inputs(q, kv, idx, rank, check_indices)
     splits = (num_splits if num_splits is not None
               else default_sparse_splits(q.shape[0] * q.shape[2], q.shape[1], idx.shape[-1]))
     if splits < 1:

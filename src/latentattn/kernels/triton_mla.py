@@ -137,15 +137,15 @@ def decode_warps(rank: int) -> int:
 
 
 def launch_decode(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, scale: float, rank: int,
-                  block_table: torch.Tensor | None, splits: int, fp8: bool = False
+                  block_table: torch.Tensor | None, splits: int, max_len: int, fp8: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``kv``: latent rows (B or pages, S, R + Dr) in q's dtype, or with ``fp8`` FlashMLA's
-    records (B or pages, S, record bytes) uint8."""
+    records (B or pages, S, record bytes) uint8; ``max_len``: the longest of ``lengths`` (the
+    splits' size; known on the host, so the launch reads nothing back from the device)."""
     b, heads, width = q.shape
     rope = width - rank
     paged = block_table is not None
     page = kv.shape[1] if paged else 1
-    max_len = int(lengths.max())
     split_len = triton.cdiv(triton.cdiv(max_len, splits), BLOCK_N) * BLOCK_N
     o_part = torch.empty(b, heads, splits, rank, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(b, heads, splits, dtype=torch.float32, device=q.device)
