@@ -131,8 +131,9 @@ def fp8_headline(r: FP8CacheReport) -> list[str]:
         f"noise floor, the bf16 cache against a {r.floor_dtype} one: max |logit error| "
         f"{r.floor_max_abs_logit_error:.4f}, KL mean {r.floor_mean_kl:.2e} nats, argmax agreement "
         f"{r.floor_argmax_agreement:.1%}",
-        f"free-running greedy: {r.greedy_equal_share:.1%} equal tokens, first divergence at "
-        + ("none" if r.greedy_first_divergence is None else f"step {r.greedy_first_divergence}"),
+        f"free-running greedy: {r.greedy_equal_share:.1%} equal tokens, "
+        + ("no divergence" if r.greedy_first_divergence is None
+           else f"first divergence at step {r.greedy_first_divergence}"),
     ]
 
 
