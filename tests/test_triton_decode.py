@@ -14,6 +14,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")  # conftest set TRITON_INTERPRET=1 before anything imported it
 from latentattn.errors import ConfigError
@@ -258,3 +260,28 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="LATENTATTN_BACKEND must be one of triton, torch"):
         backend.get_backend()
     monkeypatch.setattr(backend, "_backend", "torch")
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(heads=st.integers(1, 40), rank=st.sampled_from([8, 24, 40, 64]), rope=st.sampled_from([8, 16, 24]),
+       lengths=st.lists(st.integers(1, 150), min_size=1, max_size=3),
+       page=st.sampled_from([None, 4, 16]), splits=st.integers(1, 5), fp8=st.booleans())
+def test_any_shape_matches_the_reference(heads: int, rank: int, rope: int, lengths: list[int],
+                                         page: int | None, splits: int, fp8: bool) -> None:
+    """Random shapes (hypothesis): bf16-row and fp8-record caches, contiguous or paged, split
+    or not, NaN / 0xFF past every end, against the fp32 reference."""
+    from latentattn.kernels.mla_decode import mla_decode_fp8_ref, mla_decode_fp8_triton
+
+    q, kv, n = _case(len(lengths), heads, rank, rope, lengths, seed=heads)
+    if fp8:
+        kv = _records(rank, rope, lengths, seed=heads).float()
+    table = None
+    if page is not None:
+        kv, table = _paged(kv, n, page, seed=rank)
+    if fp8:
+        kv = kv.nan_to_num(255).to(torch.uint8)
+        _check(mla_decode_fp8_triton(q, kv, n, 0.3, rank, block_table=table, num_splits=splits),
+               mla_decode_fp8_ref(q, kv, n, 0.3, rank, block_table=table))
+    else:
+        _check(mla_decode_triton(q, kv, n, 0.3, rank, block_table=table, num_splits=splits),
+               mla_decode_ref(q, kv, n, 0.3, rank, block_table=table))

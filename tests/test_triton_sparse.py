@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")  # conftest set TRITON_INTERPRET=1 before anything imported it
 from latentattn.errors import ConfigError
@@ -146,3 +148,29 @@ def test_a_tiny_dsa_model_generates_and_trains_through_the_kernels() -> None:
     assert len(triton_grads) == len(torch_grads) > 0
     for a, b in zip(triton_grads, torch_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(b=st.integers(1, 2), h=st.integers(1, 40), t=st.integers(1, 4), s=st.integers(2, 90),
+       k=st.integers(1, 70), rank=st.sampled_from([8, 24, 40]), rope=st.sampled_from([8, 16]),
+       splits=st.integers(1, 4))
+def test_any_shape_matches_the_reference(b: int, h: int, t: int, s: int, k: int, rank: int, rope: int,
+                                         splits: int) -> None:
+    """Random shapes (hypothesis), split or not: output, LSE (-inf exactly where nothing is
+    valid) and both gradients against the fp32 reference; unselected rows NaN."""
+    q, kv, idx = _case(b, h, t, s, k, rank, rope, seed=h * 7 + k)
+    o, lse = sparse_mla_triton(q, kv, idx, 0.3, rank, num_splits=splits)
+    want_o, want_lse = sparse_mla_ref(q, kv.nan_to_num(), idx, 0.3, rank)
+    torch.testing.assert_close(o, want_o, atol=2e-5, rtol=1e-5)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    finite = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[finite], want_lse[finite], atol=2e-5, rtol=1e-5)
+    kv = kv.nan_to_num()
+    do = torch.randn(b, h, t, rank, generator=torch.Generator().manual_seed(k))
+    grads = []
+    for fn in (lambda qq, kk: sparse_mla_triton(qq, kk, idx, 0.3, rank, num_splits=splits),
+               lambda qq, kk: sparse_mla_ref(qq, kk, idx, 0.3, rank)):
+        qq, kk = q.clone().requires_grad_(), kv.clone().requires_grad_()
+        grads.append(torch.autograd.grad(fn(qq, kk)[0], (qq, kk), do))
+    for got, want in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
