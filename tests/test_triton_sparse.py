@@ -174,3 +174,40 @@ def test_any_shape_matches_the_reference(b: int, h: int, t: int, s: int, k: int,
         grads.append(torch.autograd.grad(fn(qq, kk)[0], (qq, kk), do))
     for got, want in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("keys", ["model", "fp8"])
+def test_dsa_decode_reads_the_stored_keys_and_latents_in_place(keys: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """At decode the indexer kernel gets the cache's own keys (fp8 bytes and scales, or the model
+    dtype), not an fp32 copy, and the sparse kernel the cache's latent rows as a strided view
+    of the whole buffer; the tokens equal the PyTorch path's."""
+    from latentattn import load
+    from latentattn.kernels import triton_indexer, triton_sparse
+    from latentattn.kernels.backend import use_backend
+
+    seen: list[tuple[torch.dtype, bool, bool]] = []
+    launch_indexer, launch_fwd = triton_indexer.launch_indexer, triton_sparse.launch_fwd
+
+    def indexer(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, *rest: object) -> torch.Tensor:
+        seen.append((k.dtype, rest[0] is not None, k.is_contiguous()))
+        return launch_indexer(q, w, k, *rest)  # type: ignore[arg-type]
+
+    strided: list[bool] = []
+
+    def fwd(q: torch.Tensor, kv: torch.Tensor, *rest: object) -> tuple[torch.Tensor, torch.Tensor]:
+        strided.append(not kv.is_contiguous())
+        return launch_fwd(q, kv, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(triton_indexer, "launch_indexer", indexer)
+    monkeypatch.setattr(triton_sparse, "launch_fwd", fwd)
+    model = load("tiny-dsa", seed=0, indexer_key_cache=keys)
+    prompt = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
+    want = model.generate(prompt, 5)
+    assert not seen
+    with use_backend("triton"):
+        got = model.generate(prompt, 5)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    stored = torch.uint8 if keys == "fp8" else torch.float32
+    assert seen and all(s == (stored, keys == "fp8", False) for s in seen)  # in place, as stored
+    assert strided and all(strided)  # the latent too: [:, :kv_len] of the whole cache

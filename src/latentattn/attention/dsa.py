@@ -85,19 +85,28 @@ class SparseLatentAttention(MultiHeadLatentAttention):
             x, c_q = x.detach(), c_q.detach()
         q_i, w = self.indexer.queries(x, c_q, rope)
         k_i = self.indexer.keys(x, rope)
-        if cache is not None:
-            cache.write(step, latent, k_i)
-            # Read back even on a fresh prefill: with the fp8 key cache, prefill and decode must
-            # score the same quantised keys or they select differently.
-            latent, k_i = cache.read(step, latent.dtype)  # k_i: fp32, as scored
-        k_i = k_i.float()
-        t, s = x.shape[1], latent.shape[1]
+        t = x.shape[1]
         need_selection = self.mode == "sparse" or self.record
         idx = None
-        if need_selection and t == 1 and runs_triton(q_i):  # decode: the Triton indexer kernel
-            idx = topk_reference(indexer_logits_triton(q_i, w, k_i, step.positions, self.indexer.scale),
-                                 step.positions, self.topk)
-        elif need_selection:
+        if cache is not None:
+            cache.write(step, latent, k_i)
+            if need_selection and t == 1 and not self.train_indexer and runs_triton(q_i):
+                # Decode through the Triton indexer, straight from the cache: it reads the keys
+                # as stored (fp8 bytes and their scales, or the cache dtype) in place, where a
+                # read would first copy the whole key cache out in fp32.
+                assert isinstance(cache, IndexedLatentKV)
+                stored, keys, *key_scale = cache.views(step)
+                latent = stored.to(latent.dtype)  # a view when the dtypes agree
+                logits = indexer_logits_triton(q_i, w, keys, step.positions, self.indexer.scale,
+                                               k_scale=key_scale[0] if key_scale else None)
+                idx = topk_reference(logits, step.positions, self.topk)
+            else:
+                # Read back even on a fresh prefill: with the fp8 key cache, prefill and decode
+                # must score the same quantised keys or they select differently.
+                latent, k_i = cache.read(step, latent.dtype)  # k_i: fp32, as scored
+        k_i = k_i.float()
+        s = latent.shape[1]
+        if need_selection and idx is None:
             idx = select_topk(q_i, w, k_i, step.positions, self.topk, self.indexer.scale)
 
         if self.mode == "dense":

@@ -17,6 +17,7 @@ import torch
 
 from latentattn.cache.fp8 import dequantize_e4m3
 from latentattn.errors import ConfigError
+from latentattn.kernels.mla_decode import unit_stride
 from latentattn.kernels.sparse import index_scores, visible
 
 
@@ -43,8 +44,9 @@ def indexer_logits_triton(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, pos
         raise ConfigError("fp8 indexer keys are uint8 (B, S, d) with fp32 scales (B, S, d / block)")
     from latentattn.kernels.triton_indexer import launch_indexer
 
-    return launch_indexer(q.float().contiguous(), w.float().contiguous(), k.contiguous(),
-                          None if k_scale is None else k_scale.float().contiguous(), positions, scale)
+    # The keys (a cache's [:, :kv_len] view at decode) are read in place, in their own dtype.
+    return launch_indexer(q.float().contiguous(), w.float().contiguous(), unit_stride(k),
+                          None if k_scale is None else unit_stride(k_scale.float()), positions, scale)
 
 
 __all__ = ["indexer_logits_ref", "indexer_logits_triton"]

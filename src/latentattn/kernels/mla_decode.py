@@ -65,6 +65,12 @@ def _rows(kv: torch.Tensor, i: int, n: int, block_table: torch.Tensor | None) ->
 MAX_RANK, MAX_ROPE = 1024, 256  # one tile row of the latent / rope part must fit on chip
 
 
+def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its rows are contiguous (the kernels take the other strides as they
+    are), else a contiguous copy: a cache's ``[:, :kv_len]`` view is read in place, not copied."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def check_rank_and_dtypes(q: torch.Tensor, kv: torch.Tensor, rank: int, kernel: str) -> None:
     """What every latent kernel needs: the latent rank inside the cache row, head sizes a tile
     holds, and q and the cache in one of the float dtypes the kernels are built for."""
@@ -193,4 +199,4 @@ def default_splits(batch: int, heads: int, max_len: int, programs: int = 132) ->
 
 __all__ = ["BLOCK_H", "BLOCK_N", "check_decode_inputs", "check_fp8_records", "check_rank_and_dtypes",
            "default_splits", "mla_decode_fp8_ref", "mla_decode_fp8_triton", "mla_decode_ref",
-           "mla_decode_triton"]
+           "mla_decode_triton", "unit_stride"]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from latentattn.errors import ConfigError
-from latentattn.kernels.mla_decode import check_rank_and_dtypes
+from latentattn.kernels.mla_decode import check_rank_and_dtypes, unit_stride
 from latentattn.kernels.sparse import gather_rows
 
 BLOCK_H = 16  # heads per program (tl.dot needs 16 rows); vLLM's sparse kernel also takes 16
@@ -67,7 +67,8 @@ class _SparseMLA(torch.autograd.Function):
                 rank: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
         from latentattn.kernels.triton_sparse import launch_fwd
 
-        q, kv, idx = q.contiguous(), kv.contiguous(), idx.to(torch.int32).contiguous()
+        # A cache's [:, :kv_len] view is read in place (only rows need unit stride).
+        q, kv, idx = q.contiguous(), unit_stride(kv), idx.to(torch.int32).contiguous()
         o, lse = launch_fwd(q, kv, idx, scale, rank, splits)
         ctx.save_for_backward(q, kv, idx, o, lse)
         ctx.scale, ctx.rank = scale, rank

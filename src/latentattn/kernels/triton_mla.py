@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from latentattn.kernels.mla_decode import BLOCK_H, BLOCK_N
+from latentattn.kernels.mla_decode import BLOCK_H, BLOCK_N, unit_stride
 from latentattn.kernels.triton_indexer import e4m3_to_fp32
 
 LN2 = 0.6931471805599453
@@ -151,9 +151,7 @@ def launch_decode(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, scal
     lse_part = torch.empty(b, heads, splits, dtype=torch.float32, device=q.device)
     table = block_table.to(torch.int32) if block_table is not None else lengths  # unused then
     lengths = lengths.to(device=q.device, dtype=torch.int32)
-    q = q.contiguous()
-    if kv.stride(-1) != 1:
-        kv = kv.contiguous()
+    q, kv = q.contiguous(), unit_stride(kv)
     consts = decode_constexprs(rank, rope, page, paged, q.dtype, fp8)
     mla_decode_stage1[(triton.cdiv(heads, BLOCK_H), splits, b)](
         q, kv, lengths, table, o_part, lse_part, scale * LOG2E, heads, split_len,
