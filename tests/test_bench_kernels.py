@@ -23,7 +23,10 @@ def test_bench_kernels_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     r = json.loads(out.read_text())
     assert not r["kernels_ran"] and "the Triton kernels need a GPU" in r["note"]
     assert {(p["kind"], p["impl"]) for p in r["points"]} == {
-        ("dense decode", "torch"), ("dense decode fp8", "torch"), ("sparse decode", "torch")}
+        ("dense decode", "torch"), ("dense decode fp8", "torch"), ("sparse decode", "torch"),
+        ("dsa decode step", "torch")}
+    step = next(p for p in r["points"] if p["kind"] == "dsa decode step" and p["context"] == 300)
+    assert step["bytes_moved"] == 2 * 300 * 132 + (2 * 64 * 576 + 2 * 3 * (576 + 512)) * 4  # fp8 keys
     dense = next(p for p in r["points"] if p["kind"] == "dense decode" and p["context"] == 300)
     assert dense["bytes_moved"] == (2 * 300 * 576 + 2 * 3 * (576 + 512)) * 4  # latent once, fp32
     fp8 = next(p for p in r["points"] if p["kind"] == "dense decode fp8" and p["context"] == 300)
@@ -34,7 +37,8 @@ def test_bench_kernels_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert (tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"
     text = capsys.readouterr().out
     assert "only the PyTorch path ran" in text
-    ratio = next(line for line in text.splitlines() if "| 2 | 300 | sparse vs dense decode (torch) |" in line)
+    ratio = next(line for line in text.splitlines()
+                 if "| 2 | 300 | sparse decode vs dense decode (torch) |" in line)
     dense_ms, sparse_ms = (next(p["median_ms"] for p in r["points"]
                                 if p["kind"] == kind and p["context"] == 300)
                            for kind in ("dense decode", "sparse decode"))
@@ -50,18 +54,18 @@ def test_every_kernel_path_of_the_bench_runs_in_the_interpreter() -> None:
     table), run here in Triton's interpreter at tiny dims: it runs, counts and labels; its times
     mean nothing and the note says so."""
     pytest.importorskip("triton")
-    from latentattn.bench.kernels import kernel_table, run_kernel_bench, speedups
+    from latentattn.bench.kernel_report import kernel_table, speedups
+    from latentattn.bench.kernels import run_kernel_bench
 
     report = run_kernel_bench(torch.device("cpu"), torch.float32, [128], [2], 40, repeats=1,
                               dims={"heads": 3, "rank": 32, "rope": 16}, interpreted=True)
     assert report.kernels_ran and "interpreter" in report.note
     got = {(p.kind, p.impl) for p in report.points}
-    assert got == {(k, i) for k in ("dense decode", "dense decode fp8", "sparse decode")
-                   for i in ("torch", "triton")} | {("dense decode", "triton paged")}
+    kinds = ("dense decode", "dense decode fp8", "sparse decode", "dsa decode step")
+    assert got == {(k, i) for k in kinds for i in ("torch", "triton")} | {("dense decode", "triton paged")}
     assert {what for _, _, what, _ in speedups(report)} == {
-        "dense decode: triton vs torch", "dense decode fp8: triton vs torch",
-        "sparse decode: triton vs torch", "sparse vs dense decode (torch)",
-        "sparse vs dense decode (triton)"}
+        *(f"{k}: triton vs torch" for k in kinds),
+        *(f"{k} vs dense decode ({i})" for k in kinds[2:] for i in ("torch", "triton"))}
     assert "| dense decode | triton paged | 2 | 128 |" in kernel_table(report)
     for p in report.points:  # every kernel agrees with the PyTorch path on the same input (fp32)
         assert (p.max_abs_diff_vs_torch is None) == (p.impl == "torch")

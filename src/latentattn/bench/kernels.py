@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from latentattn.cache.fp8 import pack_record, record_bytes, unpack_record
+from latentattn.cache.fp8 import dequantize_e4m3, pack_record, record_bytes, unpack_record
 from latentattn.errors import LatentAttnError
 from latentattn.kernels import attention
 from latentattn.kernels.sparse import sparse_mqa
@@ -35,7 +35,8 @@ V3_DIMS = {"heads": 128, "rank": 512, "rope": 64}  # DeepSeek-V3 / V3.2 attentio
 
 @dataclass
 class KernelPoint:
-    kind: str  # "dense decode", "dense decode fp8" (FlashMLA's records) or "sparse decode"
+    kind: str  # "dense decode", "dense decode fp8" (FlashMLA's records), "sparse decode" or
+    # "dsa decode step" (V3.2's indexer over fp8 keys, top-k, sparse decode)
     impl: str  # "torch", "triton" or "triton paged" (64-token pages, shuffled block table)
     batch: int
     context: int
@@ -144,16 +145,20 @@ def _measure(b: int, s: int, topk: int, h: int, r: int, dr: int, dtype: torch.dt
         ("dense decode fp8", "torch", lambda: attention(
             q, *(2 * (unpack_record(records, r, dtype).unsqueeze(1),)), scale), fp8),
         ("sparse decode", "torch", lambda: sparse_mqa(q, kv, idx, scale, r), sparse),
+        *_dsa_step(q, kv, k, scale, r, qo, sparse, g, kernels),
     ]
     if kernels:
         from latentattn.kernels.mla_decode import mla_decode_fp8_triton, mla_decode_triton
         from latentattn.kernels.sparse_mla import sparse_mla_triton
 
-        page = 64
-        pages = kv.view(b * (s // page), page, width) if s % page == 0 else None
-        table = torch.arange(b * (s // page), dtype=torch.int32, device=device).view(b, -1)
-        # A shuffled block table, so that pages are not read in address order.
-        table = table.flatten()[torch.randperm(table.numel(), generator=g, device=device)].view_as(table)
+        # The same rows in 64-token pages of a shuffled pool, so that pages are not read in
+        # address order: page j of sequence i is pool page table[i, j].
+        page, n_pages = 64, b * (s // 64)
+        table = torch.randperm(n_pages, generator=g, device=device).to(torch.int32).view(b, -1)
+        pages = None
+        if s % page == 0:
+            pages = torch.empty(n_pages, page, width, dtype=dtype, device=device)
+            pages[table.flatten().long()] = kv.view(n_pages, page, width)
         # As the model calls them: the longest length known on the host and the model's own
         # selections trusted, so no call syncs with the device.
         runs += [
@@ -182,7 +187,7 @@ def _measure(b: int, s: int, topk: int, h: int, r: int, dr: int, dtype: torch.dt
             torch.cuda.empty_cache()
             continue
         gb = moved / (ms * 1e-3) / 1e9
-        points.append(KernelPoint(kind, impl, b, s, k if kind == "sparse decode" else None, ms, moved,
+        points.append(KernelPoint(kind, impl, b, s, None if kind.startswith("dense") else k, ms, moved,
                                   flops, gb, flops / (ms * 1e-3) / 1e12, gb / copy,
                                   None if impl == "torch" else diff))
     return points
@@ -195,65 +200,41 @@ def _latent(result: object, b: int, h: int, r: int) -> torch.Tensor:
     return o.reshape(b, h, -1)[..., :r].float()
 
 
-def speedups(report: KernelReport) -> list[tuple[int, int, str, float]]:
-    """(batch, context, what, ratio of times) for the ratios the issue's targets name: each
-    Triton kernel against the PyTorch path on the same input, and sparse against dense decode
-    (each implementation against itself)."""
-    ms = {(p.kind, p.impl, p.batch, p.context): p.median_ms for p in report.points}
-    out = []
-    for b, s in sorted({(p.batch, p.context) for p in report.points}):
-        pairs = [(f"{kind}: triton vs torch", (kind, "torch"), (kind, "triton"))
-                 for kind in ("dense decode", "dense decode fp8", "sparse decode")]
-        pairs += [(f"sparse vs dense decode ({impl})", ("dense decode", impl), ("sparse decode", impl))
-                  for impl in ("torch", "triton")]
-        for what, slow, fast in pairs:
-            t_slow, t_fast = ms.get((*slow, b, s)), ms.get((*fast, b, s))
-            if t_slow is not None and t_fast is not None:
-                out.append((b, s, what, t_slow / t_fast))
-    return out
+def _dsa_step(q: torch.Tensor, kv: torch.Tensor, k: int, scale: float, r: int, qo: int,
+              sparse: tuple[int, int], g: torch.Generator, kernels: bool
+              ) -> list[tuple[str, str, Callable[[], object], tuple[int, int]]]:
+    """A whole DSA decode step as the model runs it: V3.2's indexer (64 heads of 128, fp8 keys)
+    over every cached key, top-k, then sparse attention over the k selected latents. The
+    PyTorch path dequantises the keys first (the cache's ``read``); the kernels read the fp8
+    bytes. Bytes: the keys (132 a token) plus the sparse attention's."""
+    from latentattn.cache.fp8 import quantize_e4m3
+    from latentattn.kernels.sparse import select_topk, topk_reference
 
+    b, s = kv.shape[:2]
+    heads, dim = 64, 128
+    qi = torch.randn(b, 1, heads, dim, generator=g, device=kv.device)
+    wi = torch.randn(b, 1, heads, generator=g, device=kv.device) * heads**-0.5
+    k8, k_scale = quantize_e4m3(torch.randn(b, s, dim, generator=g, device=kv.device))
+    pos = torch.full((b, 1), s - 1, device=kv.device)
+    cost = (b * s * (dim + 4) + sparse[0], 2 * b * heads * dim * s + sparse[1])
 
-def kernel_table(report: KernelReport) -> str:
-    lines = [f"{report.note}. Device copy bandwidth {report.copy_gb_s:,.0f} GB/s; dims "
-             f"{report.dims}, {report.dtype}.", "",
-             "| kind | impl | batch | context | top-k | ms | GB/s | share of copy BW | TFLOP/s "
-             "| max abs diff vs torch |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for p in report.points:
-        share = "-" if p.share_of_copy_bandwidth is None else f"{p.share_of_copy_bandwidth:.0%}"
-        diff = "-" if p.max_abs_diff_vs_torch is None else f"{p.max_abs_diff_vs_torch:.1e}"
-        lines.append(f"| {p.kind} | {p.impl} | {p.batch} | {p.context:,} | {p.topk or '-'} | "
-                     f"{p.median_ms:.3f} | {p.gb_s:,.1f} | {share} | {p.tflops:.3f} | {diff} |")
-    lines += ["", "| batch | context | speed-up | x |", "|---:|---:|---|---:|"]
-    lines += [f"| {b} | {s:,} | {what} | {x:.2f} |" for b, s, what, x in speedups(report)]
-    return "\n".join(lines)
+    def torch_step() -> object:
+        sel = select_topk(qi, wi, dequantize_e4m3(k8, k_scale), pos, k, dim**-0.5)
+        return sparse_mqa(q, kv, sel, scale, r)
 
+    runs: list[tuple[str, str, Callable[[], object], tuple[int, int]]] = [
+        ("dsa decode step", "torch", torch_step, cost)]
+    if kernels:
+        from latentattn.kernels.indexer_logits import indexer_logits_triton
+        from latentattn.kernels.sparse_mla import sparse_mla_triton
 
-def plot_kernel_report(report: KernelReport, path: str) -> None:
-    import matplotlib
+        def triton_step() -> object:
+            logits = indexer_logits_triton(qi, wi, k8, pos, dim**-0.5, k_scale=k_scale)
+            return sparse_mla_triton(q, kv, topk_reference(logits, pos, k), scale, r,
+                                     check_indices=False)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = ("dense decode", "dense decode fp8", "sparse decode")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, kind in zip(axes, kinds, strict=True):
-        for impl in sorted({p.impl for p in report.points}):
-            for b in sorted({p.batch for p in report.points}):
-                pts = [p for p in report.points if p.kind == kind and p.impl == impl and p.batch == b]
-                if pts:
-                    ax.plot([p.context for p in pts], [p.median_ms for p in pts], "o-",
-                            label=f"{impl}, batch {b}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("cached context (tokens)")
-        ax.set_ylabel("ms per decode step")
-        ax.set_title(kind)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{report.device}, {report.dtype}: {report.note}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
+        runs.append(("dsa decode step", "triton", triton_step, cost))
+    return runs
 
 
 def check_device(name: str) -> torch.device:
@@ -270,8 +251,5 @@ __all__ = [
     "KernelReport",
     "check_device",
     "copy_bandwidth",
-    "kernel_table",
-    "plot_kernel_report",
     "run_kernel_bench",
-    "speedups",
 ]

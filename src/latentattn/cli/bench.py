@@ -212,13 +212,8 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from latentattn.bench.kernels import (
-        V3_DIMS,
-        check_device,
-        kernel_table,
-        plot_kernel_report,
-        run_kernel_bench,
-    )
+    from latentattn.bench.kernel_report import kernel_table, plot_kernel_report
+    from latentattn.bench.kernels import V3_DIMS, check_device, run_kernel_bench
 
     check_parent(args.json, "--json")
     check_parent(args.plot, "--plot")
