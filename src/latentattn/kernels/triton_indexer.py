@@ -7,19 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
+from latentattn.kernels.triton_fp8 import e4m3_to_fp32
+
 BLOCK_S = 32  # keys per program
-
-
-@triton.jit
-def e4m3_to_fp32(bits):
-    """Decode e4m3 (fn) bytes in software, as vLLM's Triton indexer does: Triton cannot compile
-    fp8 e4m3 types for sm_80. The NaN code decodes to +-480, as there."""
-    b = bits.to(tl.int32)
-    sign = (b >> 7) & 1
-    exp = (b >> 3) & 15
-    man = (b & 7).to(tl.float32) * 0.125
-    val = tl.where(exp == 0, man * 0.015625, (1.0 + man) * tl.exp2((exp - 7).to(tl.float32)))
-    return tl.where(sign == 1, -val, val)
 
 
 @triton.jit
@@ -80,4 +70,4 @@ def launch_indexer(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, k_scale: t
     return out
 
 
-__all__ = ["BLOCK_S", "e4m3_to_fp32", "indexer_logits_kernel", "launch_indexer"]
+__all__ = ["BLOCK_S", "indexer_logits_kernel", "launch_indexer"]

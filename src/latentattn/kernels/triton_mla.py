@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from latentattn.kernels.mla_decode import BLOCK_H, BLOCK_N, unit_stride
-from latentattn.kernels.triton_indexer import e4m3_to_fp32
+from latentattn.kernels.triton_fp8 import load_records
 
 LN2 = 0.6931471805599453
 LOG2E = 1.4426950408889634
@@ -56,18 +56,8 @@ def mla_decode_stage1(Q, KV, LENGTHS, TABLE, O_PART, LSE_PART, sm_scale_log2, he
             row = KV + b.to(tl.int64) * stride_kvp + n.to(tl.int64) * stride_kvn
         c_ok = n_ok[:, None] & (r[None, :] < RANK)
         if FP8:
-            scales = (RANK + QBLOCK - 1) // QBLOCK  # stored per record (one under 128 values)
-            c8 = tl.load(row[:, None] + r[None, :], mask=c_ok, other=0)
-            # The scales follow the bytes: load (BLOCK_N, blocks) through a float pointer into the
-            # record and broadcast each over its block.
-            blk = tl.arange(0, BLOCK_R // QBLOCK)
-            sc = tl.load((row + RANK).to(tl.pointer_type(tl.float32))[:, None] + blk[None, :],
-                         mask=n_ok[:, None] & (blk[None, :] < scales), other=0.0)
-            c = tl.reshape(tl.reshape(e4m3_to_fp32(c8), (BLOCK_N, BLOCK_R // QBLOCK, QBLOCK))
-                           * sc[:, :, None], (BLOCK_N, BLOCK_R)).to(q_lat.dtype)
-            rope_row = (row + RANK + 4 * scales).to(tl.pointer_type(tl.bfloat16))  # then the rope
-            k_rope = tl.load(rope_row[:, None] + dr[None, :], mask=n_ok[:, None] & (dr[None, :] < ROPE),
-                             other=0.0).to(q_lat.dtype)
+            c, k_rope = load_records(row, n_ok, r, dr, RANK, ROPE, BLOCK_R, QBLOCK, BLOCK_N)
+            c, k_rope = c.to(q_lat.dtype), k_rope.to(q_lat.dtype)
         else:
             c = tl.load(row[:, None] + r[None, :], mask=c_ok, other=0.0)
             k_rope = tl.load(row[:, None] + RANK + dr[None, :],
