@@ -211,3 +211,32 @@ def test_dsa_decode_reads_the_stored_keys_and_latents_in_place(keys: str,
     stored = torch.uint8 if keys == "fp8" else torch.float32
     assert seen and all(s == (stored, keys == "fp8", False) for s in seen)  # in place, as stored
     assert strided and all(strided)  # the latent too: [:, :kv_len] of the whole cache
+
+
+@pytest.mark.parametrize(("shape", "splits"), [((2, 3, 2, 60, 20, 40, 8), 1),
+                                               ((2, 17, 1, 300, 150, 128, 16), 2)])
+def test_fp8_records_match_the_reference_on_their_dequantised_cache(shape: tuple[int, ...],
+                                                                    splits: int) -> None:
+    """FlashMLA's sparse decode format: each selected 656-style record decoded in the kernel,
+    against the reference on the same records dequantised; records nobody selected are 0xFF
+    (NaN scales), so a read outside the selection shows."""
+    from latentattn.cache.fp8 import pack_record, unpack_record
+    from latentattn.kernels.sparse_mla import sparse_mla_fp8_triton
+
+    s, rank = shape[3], shape[5]
+    q, kv, idx = _case(*shape, seed=9)
+    records = pack_record(kv.nan_to_num(), rank)
+    records[kv.isnan().any(-1)] = 255
+    o, lse = sparse_mla_fp8_triton(q, records, idx, 0.3, rank, num_splits=splits)
+    want_o, want_lse = sparse_mla_ref(q, unpack_record(records, rank).nan_to_num(), idx, 0.3, rank)
+    torch.testing.assert_close(o, want_o, atol=2e-5, rtol=1e-5)
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse[finite], want_lse[finite], atol=2e-5, rtol=1e-5)
+    for call, message in [
+        (lambda: sparse_mla_fp8_triton(q, records[..., :-2], idx, 0.3, rank), "do not hold"),
+        (lambda: sparse_mla_fp8_triton(q, records, idx.clamp(min=0) + s, 0.3, rank), "selects row"),
+        (lambda: sparse_mla_fp8_triton(q.requires_grad_(), records, idx, 0.3, rank), "no backward"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            call()

@@ -85,15 +85,18 @@ def _jobs() -> list[tuple[str, str, object, dict[str, str], dict[str, object], i
         sig2 = _signature(k.mla_decode_stage2, pointers, consts2, floats=set())
         jobs.append(("mla_decode_stage2", f"{name}, R {rank}, up to 16 splits, bf16",
                      k.mla_decode_stage2, sig2, consts2, 4))
-        sc = sp.sparse_constexprs(rank, rope, dtype)
-        for kernel, fn, floats, how, ptrs in (
-                ("sparse_mla_fwd", sp.sparse_mla_fwd, {"sm_scale_log2"}, "", pointers),
-                # Decode at small batch splits the top-k list: fp32 partials for the merge.
-                ("sparse_mla_fwd", sp.sparse_mla_fwd, {"sm_scale_log2"}, ", split top-k (fp32 partials)",
-                 {**pointers, "OUT": "*fp32"}),
-                ("sparse_mla_bwd", sp.sparse_mla_bwd, {"sm_scale"}, "", pointers)):
-            jobs.append((kernel, f"{name}, R {rank} + {rope}, top-k tiles of {sp.BLOCK_K}, bf16{how}", fn,
-                         _signature(fn, ptrs, sc, floats), sc, sp.sparse_warps(rank)))
+        fwd, fwd8 = (sp.sparse_fwd_constexprs(rank, rope, dtype, fp8) for fp8 in (False, True))
+        bwd = sp.sparse_constexprs(rank, rope, dtype)
+        split = {**pointers, "OUT": "*fp32"}  # decode at small batch: fp32 partials for the merge
+        for kernel, fn, consts, floats, how, ptrs in (
+                ("sparse_mla_fwd", sp.sparse_mla_fwd, fwd, {"sm_scale_log2"}, "bf16", pointers),
+                ("sparse_mla_fwd", sp.sparse_mla_fwd, fwd, {"sm_scale_log2"},
+                 "bf16, split top-k (fp32 partials)", split),
+                ("sparse_mla_fwd", sp.sparse_mla_fwd, fwd8, {"sm_scale_log2"},
+                 "fp8 records, split top-k (fp32 partials)", {**split, "KV": "*u8"}),
+                ("sparse_mla_bwd", sp.sparse_mla_bwd, bwd, {"sm_scale"}, "bf16", pointers)):
+            jobs.append((kernel, f"{name}, R {rank} + {rope}, top-k tiles of {sp.BLOCK_K}, {how}", fn,
+                         _signature(fn, ptrs, consts, floats), consts, sp.sparse_warps(rank)))
     # DeepSeek-V3.2's indexer: 64 heads of 128, keys in bf16 or fp8 (e4m3 bytes + fp32 scales).
     for keys, fp8 in (("bf16", False), ("fp8 e4m3", True)):
         ic: dict[str, object] = {"DIM": 128, "BLOCK_D": 128, "BLOCK_HI": 64, "BLOCK_S": ix.BLOCK_S,

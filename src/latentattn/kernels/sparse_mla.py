@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from latentattn.cache.fp8 import check_record_rank, record_bytes
 from latentattn.errors import ConfigError
 from latentattn.kernels.mla_decode import check_rank_and_dtypes, unit_stride
 from latentattn.kernels.sparse import gather_rows
@@ -101,6 +102,37 @@ def sparse_mla_triton(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scal
     return o, lse
 
 
+def sparse_mla_fp8_triton(q: torch.Tensor, records: torch.Tensor, idx: torch.Tensor, scale: float,
+                          rank: int, num_splits: int | None = None, check_indices: bool = True
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward over FlashMLA's fp8 records (B, S, bytes) uint8 (the layout of
+    :class:`~latentattn.cache.kv.FP8LatentKV`; FlashMLA's sparse decode reads the same 656-byte
+    rows), each selected record decoded in the kernel: an inference cache, so there is no
+    backward. Arguments as in :func:`sparse_mla_triton`; the reference is
+    :func:`sparse_mla_ref` on ``unpack_record``."""
+    if q.dim() != 4 or records.dim() != 3 or records.dtype != torch.uint8:
+        raise ConfigError(f"sparse_mla_fp8 takes q (B, H, T, R + Dr) and uint8 records (B, S, bytes); "
+                          f"got {tuple(q.shape)}, {tuple(records.shape)} {records.dtype}")
+    check_record_rank(rank)
+    if not 0 < rank < q.shape[-1] or records.shape[-1] != record_bytes(rank, q.shape[-1] - rank):
+        raise ConfigError(f"records of {records.shape[-1]} bytes do not hold kv_lora_rank {rank} and "
+                          f"q width {q.shape[-1]}")
+    if torch.is_grad_enabled() and q.requires_grad:
+        raise ConfigError("fp8 records are an inference cache: sparse_mla_fp8_triton has no backward")
+    meta = torch.empty(*records.shape[:2], q.shape[-1], dtype=q.dtype, device="meta")
+    check_sparse_inputs(q, meta, idx, rank, check_indices=False)
+    if check_indices and idx.numel() and int(idx.max()) >= records.shape[1]:
+        raise ConfigError(f"idx selects row {int(idx.max())} of a cache of {records.shape[1]} rows")
+    from latentattn.kernels.triton_sparse import launch_fwd
+
+    splits = (num_splits if num_splits is not None
+              else default_sparse_splits(q.shape[0] * q.shape[2], q.shape[1], idx.shape[-1]))
+    if splits < 1:
+        raise ConfigError(f"num_splits must be >= 1, got {splits}")
+    return launch_fwd(q.contiguous(), unit_stride(records), idx.to(torch.int32).contiguous(), scale,
+                      rank, splits, fp8=True)
+
+
 def default_sparse_splits(tokens: int, heads: int, topk: int, programs: int = 132) -> int:
     """Splits of each token's top-k list: none once tokens x head blocks fill ``programs`` (an
     H100's 132 SMs) four times over, else enough to fill them, each split at least 128 entries,
@@ -111,4 +143,5 @@ def default_sparse_splits(tokens: int, heads: int, topk: int, programs: int = 13
     return max(1, min(programs // blocks, topk // 128, 16))
 
 
-__all__ = ["BLOCK_H", "check_sparse_inputs", "default_sparse_splits", "sparse_mla_ref", "sparse_mla_triton"]
+__all__ = ["BLOCK_H", "check_sparse_inputs", "default_sparse_splits", "sparse_mla_fp8_triton",
+           "sparse_mla_ref", "sparse_mla_triton"]

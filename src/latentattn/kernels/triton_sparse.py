@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from latentattn.kernels.sparse_mla import BLOCK_H  # heads per program
+from latentattn.kernels.triton_fp8 import load_records
 
 BLOCK_K = 16  # selected latents per tile (vLLM: 16 or 32)
 # Finite: a tile whose every slot is invalid gives no NaN (next-facts s1.2). A tl.constexpr,
@@ -20,17 +21,22 @@ MASKED = tl.constexpr(-1.0e30)
 
 @triton.jit
 def _gather_tile(KV, IDX, b, t, k0, seq_kv, topk, stride_kvb, stride_kvs, stride_ib, stride_it,
-                 r, dr, RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_K: tl.constexpr):
+                 r, dr, RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_K: tl.constexpr,
+                 FP8: tl.constexpr = False, BLOCK_R: tl.constexpr = 16, QBLOCK: tl.constexpr = 16):
     """The token's selected latents k0..k0+BLOCK_K: (c (BLOCK_K, BLOCK_R), k_rope, valid, rows);
-    invalid slots (index < 0 or >= seq_kv) are never read and load as 0."""
+    invalid slots (index < 0 or >= seq_kv) are never read and load as 0. With FP8 the rows are
+    FlashMLA's records, decoded to fp32 (:func:`latentattn.kernels.triton_fp8.load_records`)."""
     kk = k0 + tl.arange(0, BLOCK_K)
     idx = tl.load(IDX + b.to(tl.int64) * stride_ib + t * stride_it + kk, mask=kk < topk, other=-1)
     ok = (idx >= 0) & (idx < seq_kv)
     rows = tl.where(ok, idx, 0).to(tl.int64)
     row = KV + b.to(tl.int64) * stride_kvb + rows * stride_kvs
-    c = tl.load(row[:, None] + r[None, :], mask=ok[:, None] & (r[None, :] < RANK), other=0.0)
-    k_rope = tl.load(row[:, None] + RANK + dr[None, :], mask=ok[:, None] & (dr[None, :] < ROPE),
-                     other=0.0)
+    if FP8:
+        c, k_rope = load_records(row, ok, r, dr, RANK, ROPE, BLOCK_R, QBLOCK, BLOCK_K)
+    else:
+        c = tl.load(row[:, None] + r[None, :], mask=ok[:, None] & (r[None, :] < RANK), other=0.0)
+        k_rope = tl.load(row[:, None] + RANK + dr[None, :], mask=ok[:, None] & (dr[None, :] < ROPE),
+                         other=0.0)
     return c, k_rope, ok, rows
 
 
@@ -41,7 +47,7 @@ def sparse_mla_fwd(Q, KV, IDX, OUT, LSE, sm_scale_log2, heads, seq_kv, topk, spl
                    stride_lb, stride_lh, stride_lt, stride_ls,
                    RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, FP8: tl.constexpr, QBLOCK: tl.constexpr):
     """One (head block and split of the top-k list, query token, sequence): softmax over the
     split's selected latents. With one split OUT/LSE are the result; with several, each split
     stores its normalised partial output and LSE (split stride ``stride_os`` / ``stride_ls``)
@@ -68,7 +74,9 @@ def sparse_mla_fwd(Q, KV, IDX, OUT, LSE, sm_scale_log2, heads, seq_kv, topk, spl
     end = tl.minimum(start + split_len, topk)
     for k0 in range(start, end, BLOCK_K):
         c, k_rope, ok, _ = _gather_tile(KV, IDX, b, t, k0, seq_kv, end, stride_kvb, stride_kvs,
-                                        stride_ib, stride_it, r, dr, RANK, ROPE, BLOCK_K)
+                                        stride_ib, stride_it, r, dr, RANK, ROPE, BLOCK_K, FP8,
+                                        BLOCK_R, QBLOCK)
+        c, k_rope = c.to(q_lat.dtype), k_rope.to(q_lat.dtype)  # fp8 records decode to fp32
         s = tl.dot(q_lat, tl.trans(c), input_precision=PRECISION)
         s += tl.dot(q_rope, tl.trans(k_rope), input_precision=PRECISION)
         s = tl.where(ok[None, :], s * sm_scale_log2, MASKED)
@@ -145,14 +153,23 @@ def sparse_constexprs(rank: int, rope: int, dtype: torch.dtype) -> dict[str, Any
             "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
 
 
+def sparse_fwd_constexprs(rank: int, rope: int, dtype: torch.dtype, fp8: bool = False
+                          ) -> dict[str, Any]:
+    """The forward's: the shared ones, and whether the cache holds FlashMLA's fp8 records (in
+    blocks of QBLOCK values, one block under 128)."""
+    return {**sparse_constexprs(rank, rope, dtype), "FP8": fp8,
+            "QBLOCK": min(128, triton.next_power_of_2(rank))}
+
+
 def sparse_warps(rank: int) -> int:
     return 8 if triton.next_power_of_2(rank) >= 512 else 4
 
 
 def launch_fwd(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float, rank: int,
-               splits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, H, T, D) contiguous, kv (B, S, D), idx (B, T, K) int32 -> o (B, H, T, R), lse fp32;
-    ``splits`` > 1 splits each token's top-k list and merges the parts by their LSEs."""
+               splits: int = 1, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, T, D) contiguous, kv (B, S, D) (``fp8``: FlashMLA's records, (B, S, bytes)
+    uint8), idx (B, T, K) int32 -> o (B, H, T, R), lse fp32; ``splits`` > 1 splits each token's
+    top-k list and merges the parts by their LSEs."""
     from latentattn.kernels.triton_mla import merge_splits
 
     b, heads, t, width = q.shape
@@ -172,7 +189,7 @@ def launch_fwd(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: floa
         q, kv, idx, o, lse, scale * 1.4426950408889634, heads, kv.shape[1], topk, splits, split_len,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
         *o_strides, *l_strides,
-        **sparse_constexprs(rank, width - rank, q.dtype), num_warps=sparse_warps(rank))
+        **sparse_fwd_constexprs(rank, width - rank, q.dtype, fp8), num_warps=sparse_warps(rank))
     if splits == 1:
         return o, lse
     out, merged = merge_splits(o.flatten(0, 1), lse.flatten(0, 1), q.dtype)
@@ -199,4 +216,5 @@ def launch_bwd(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, o: torch.Te
 
 
 __all__ = ["BLOCK_H", "BLOCK_K", "MASKED", "launch_bwd", "launch_fwd", "sparse_constexprs",
+           "sparse_fwd_constexprs",
            "sparse_mla_bwd", "sparse_mla_fwd", "sparse_warps"]
