@@ -243,8 +243,9 @@ def test_generate_over_paged_fp8_caches_and_the_triton_backend(capsys: pytest.Ca
     if importlib.util.find_spec("triton") is not None:
         assert _gen(capsys, "--mla-impl", "absorb", "--latent-fp8", "--page-size", "4",
                     "--backend", "triton") == fp8
-    assert "dense MLA's latent" in _error(capsys, ["generate", "--model", "tiny-gqa", "--prompt", "hi",
-                                                   "--max-new-tokens", "2", "--latent-fp8"])
+    assert "latent of MLA (impl auto or absorb) or DSA" in _error(
+        capsys, ["generate", "--model", "tiny-gqa", "--prompt", "hi", "--max-new-tokens", "2",
+                 "--latent-fp8"])
     assert "--page-size must be >= 1" in _error(capsys, ["generate", "--model", "tiny-mla", "--prompt",
                                                          "hi", "--max-new-tokens", "2", "--page-size",
                                                          "0"])

@@ -11,6 +11,7 @@ import torch
 
 from conftest import cli_error
 from latentattn import load
+from latentattn.bench.fp8cache import run_fp8_cache_bench
 from latentattn.cache import FP8LatentKV
 from latentattn.cache.fp8 import dequantize_e4m3, pack_record, quantize_e4m3, record_parts, unpack_record
 from latentattn.cache.kv import fresh_step
@@ -79,7 +80,7 @@ def test_decode_through_the_fp8_cache_stays_close() -> None:
     a, b = (model(nxt, c) for c in caches)
     assert 0 < (a - b).abs().max() < 0.05
     assert caches[1].bytes_per_token_per_layer == 32 + 4 + 8 * 2  # R 32, one scale, rope 8 in bf16
-    with pytest.raises(ConfigError, match="dense MLA's latent"):
+    with pytest.raises(ConfigError, match=r"latent of MLA \(impl auto or absorb\) or DSA"):
         load("tiny-gqa").make_cache(1, 8, latent_fp8=True)
 
 
@@ -107,7 +108,32 @@ def test_bench_fp8_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         capsys, ["bench", "fp8-cache", "--model", "tiny-mla", "--data", str(short), "--tokens", "8",
                  "--json",
                  str(tmp_path / "x.json"), "--plot", str(tmp_path / "x.png")])
-    assert "dense MLA's latent" in cli_error(
+    assert "latent of MLA (impl auto or absorb) or DSA" in cli_error(
         capsys, ["bench", "fp8-cache", "--model", "tiny-gqa", "--tokens", "8", "--json",
                  str(tmp_path / "x.json"), "--plot", str(tmp_path / "x.png"), "--quiet"])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_dsa_cache_holds_the_latent_as_fp8_records_beside_its_indexer_keys() -> None:
+    """V3.2 as served: the latent in FlashMLA's record, the indexer keys in fp8; decoding over
+    it stays close to the full-precision cache, and bench fp8-cache takes a DSA model."""
+    from latentattn.cache.kv import IndexedLatentKV
+
+    model = load("tiny-dsa", seed=0, indexer_key_cache="fp8")
+    prompt = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(2))
+    caches = [model.make_cache(2, 40), model.make_cache(2, 40, latent_fp8=True)]
+    layer = caches[1][0]
+    assert isinstance(layer, IndexedLatentKV) and layer.latent_fp8 and layer.kv.dtype == torch.uint8
+    r, dr = model.config.attention.kv_lora_rank, model.config.attention.qk_rope_head_dim
+    d_i = model.config.attention.indexer.index_head_dim
+    assert caches[1].bytes_per_token_per_layer == (r + 4 + 2 * dr) + (d_i + 4)  # record + fp8 key
+    outs = [model(prompt, c) for c in caches]
+    outs2 = [model(prompt[:, -1:], c) for c in caches]
+    for a, b in ((outs[0], outs[1]), (outs2[0], outs2[1])):
+        assert 0 < (a - b).abs().max() < 0.1
+    with pytest.raises(ConfigError, match="paged latent cache holds dense MLA's latent"):
+        model.make_cache(1, 8, latent_fp8=True, page_size=4)
+    plain = load("tiny-dsa", seed=0)  # keys in the cache dtype: the bench compares like with like
+    r8 = run_fp8_cache_bench(plain, torch.arange(40) % 256, 16, 8, ("tiny-dsa", "x"), progress=False)
+    assert r8.bytes_per_token_per_layer_bf16 == (r + dr) * 2 + d_i * 2
+    assert r8.bytes_per_token_per_layer_fp8 == (r + 4 + 2 * dr) + d_i * 2

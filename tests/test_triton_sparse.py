@@ -240,3 +240,27 @@ def test_fp8_records_match_the_reference_on_their_dequantised_cache(shape: tuple
     ]:
         with pytest.raises(ConfigError, match=message):
             call()
+
+
+def test_dsa_decodes_over_fp8_latent_records_through_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """V3.2 as served: fp8 indexer keys and fp8 latent records, both read in place by the
+    kernels at decode; the tokens equal the PyTorch path's over the same cache."""
+    from latentattn import load
+    from latentattn.kernels import triton_sparse
+    from latentattn.kernels.backend import use_backend
+
+    calls: list[bool] = []
+    launch_fwd = triton_sparse.launch_fwd
+
+    def fwd(*args: object, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(bool(kw.get("fp8")))
+        return launch_fwd(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(triton_sparse, "launch_fwd", fwd)
+    model = load("tiny-dsa", seed=0, indexer_key_cache="fp8")
+    prompt = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(4))
+    want = model.generate(prompt, 5, latent_fp8=True)
+    with use_backend("triton"):
+        got = model.generate(prompt, 5, latent_fp8=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert calls and all(calls)  # every decode step's sparse attention read the records

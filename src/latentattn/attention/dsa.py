@@ -39,7 +39,7 @@ from latentattn.kernels.sparse import (
     topk_reference,
     visible,
 )
-from latentattn.kernels.sparse_mla import sparse_mla_triton
+from latentattn.kernels.sparse_mla import sparse_mla_fp8_triton, sparse_mla_triton
 
 
 def kl_to_indexer(target: torch.Tensor, logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -65,11 +65,13 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def make_cache(self, batch: int, capacity: int, dtype: torch.dtype,
-                   device: torch.device | str | None) -> LayerCache:
+                   device: torch.device | str | None, latent_fp8: bool = False) -> LayerCache:
+        """``latent_fp8``: the latent in FlashMLA's fp8 record, as V3.2 is served."""
         a = self.cfg
         assert a.indexer is not None
         return IndexedLatentKV(batch, capacity, a.kv_lora_rank, a.qk_rope_head_dim,
-                               a.indexer.index_head_dim, dtype, device, fp8=a.indexer.key_cache == "fp8")
+                               a.indexer.index_head_dim, dtype, device, fp8=a.indexer.key_cache == "fp8",
+                               latent_fp8=latent_fp8)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step,
@@ -88,6 +90,7 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         t = x.shape[1]
         need_selection = self.mode == "sparse" or self.record
         idx = None
+        records = None  # the cache's fp8 latent records, when decode reads them in place
         if cache is not None:
             cache.write(step, latent, k_i)
             if need_selection and t == 1 and not self.train_indexer and runs_triton(q_i):
@@ -96,7 +99,12 @@ class SparseLatentAttention(MultiHeadLatentAttention):
                 # read would first copy the whole key cache out in fp32.
                 assert isinstance(cache, IndexedLatentKV)
                 stored, keys, *key_scale = cache.views(step)
-                latent = stored.to(latent.dtype)  # a view when the dtypes agree
+                if cache.latent_fp8 and self.mode == "sparse":
+                    records = stored  # the sparse kernel decodes the selected records itself
+                elif cache.latent_fp8:
+                    latent = cache.read(step, latent.dtype)[0]  # dense mode attends to every row
+                else:
+                    latent = stored.to(latent.dtype)  # a view when the dtypes agree
                 logits = indexer_logits_triton(q_i, w, keys, step.positions, self.indexer.scale,
                                                k_scale=key_scale[0] if key_scale else None)
                 idx = topk_reference(logits, step.positions, self.topk)
@@ -105,7 +113,7 @@ class SparseLatentAttention(MultiHeadLatentAttention):
                 # must score the same quantised keys or they select differently.
                 latent, k_i = cache.read(step, latent.dtype)  # k_i: fp32, as scored
         k_i = k_i.float()
-        s = latent.shape[1]
+        s = step.kv_len if cache is not None else latent.shape[1]
         if need_selection and idx is None:
             idx = select_topk(q_i, w, k_i, step.positions, self.topk, self.indexer.scale)
 
@@ -135,7 +143,11 @@ class SparseLatentAttention(MultiHeadLatentAttention):
             masked = Step(step.positions, step.valid, step.kv_len, selection_mask(idx, s))
             c_all, k_rope_all = latent.split([a.kv_lora_rank, a.qk_rope_head_dim], -1)
             return self.o_proj(self.naive(q, c_all, k_rope_all, masked))
-        if runs_triton(q_abs) and q_abs.dtype == latent.dtype:
+        if records is not None:  # decode over fp8 records: the selected ones decoded in the kernel
+            o_lat, _ = sparse_mla_fp8_triton(q_abs, records, idx, self.scale, a.kv_lora_rank,
+                                             check_indices=False)
+            probs = None
+        elif runs_triton(q_abs) and q_abs.dtype == latent.dtype:
             # The Triton kernel (forward and backward); the indexer's target, the selection's
             # head-mean probabilities, needs no gradient.
             # The selection is our own top-k (-1 or in range): no host-side index check.

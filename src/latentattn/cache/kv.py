@@ -144,14 +144,23 @@ class IndexedLatentKV(LatentKV):
     """DSA's cache: the MLA latent plus one indexer key per token (DeepSeek-V3.2).
 
     Indexer keys are stored in the cache dtype, or as e4m3 + one fp32 scale per 128 values
-    (``fp8=True``). ``read`` returns them dequantised to fp32 for scoring.
+    (``fp8=True``). ``read`` returns them dequantised to fp32 for scoring. With
+    ``latent_fp8`` the latent is FlashMLA's fp8 record (``kv`` then holds uint8 records, as
+    :class:`FP8LatentKV` does), which ``read`` dequantises and the sparse kernel reads in place.
     """
 
     def __init__(
         self, batch: int, capacity: int, kv_lora_rank: int, rope_dim: int, index_head_dim: int,
         dtype: torch.dtype, device: torch.device | str | None = None, fp8: bool = False,
+        latent_fp8: bool = False,
     ) -> None:
-        super().__init__(batch, capacity, kv_lora_rank, rope_dim, dtype, device)
+        self.kv_lora_rank = kv_lora_rank
+        self.latent_fp8 = latent_fp8
+        if latent_fp8:
+            check_record_rank(kv_lora_rank)
+        width = record_bytes(kv_lora_rank, rope_dim) if latent_fp8 else kv_lora_rank + rope_dim
+        self.kv = torch.zeros(batch, capacity, width, dtype=torch.uint8 if latent_fp8 else dtype,
+                              device=device)
         self.fp8 = fp8
         if fp8:
             blocks = index_head_dim // block_size(index_head_dim)
@@ -164,6 +173,8 @@ class IndexedLatentKV(LatentKV):
 
     def write(self, step: Step, *values: torch.Tensor) -> None:
         latent, index_k = values
+        if self.latent_fp8:
+            latent = pack_record(latent, self.kv_lora_rank)
         if self.fp8:
             super().write(step, latent, *quantize_e4m3(index_k))
         else:
@@ -173,7 +184,10 @@ class IndexedLatentKV(LatentKV):
         """latent (B, S, d_c + d_r) in ``dtype`` (None: as stored), index keys (B, S, d_I) fp32
         whatever ``dtype`` is: the indexer scores in fp32."""
         parts = self.views(step)
-        latent = parts[0] if dtype is None else parts[0].to(dtype)
+        if self.latent_fp8:
+            latent = unpack_record(parts[0], self.kv_lora_rank, dtype or torch.bfloat16)
+        else:
+            latent = parts[0] if dtype is None else parts[0].to(dtype)
         if self.fp8:
             return latent, dequantize_e4m3(parts[1], parts[2])
         return latent, parts[1].float()

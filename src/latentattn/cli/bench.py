@@ -352,9 +352,9 @@ def register(sub: Any) -> None:
         description="Decode the same text through a bf16 latent cache and through FlashMLA's fp8 "
         "record (e4m3 latent with one fp32 scale per 128 values, bf16 rope part: 656 bytes per "
         "token at DeepSeek's dims): teacher-forced logit error, KL and argmax agreement per step, "
-        "and the agreement of free-running greedy decoding. --model: a dense MLA model with "
+        "and the agreement of free-running greedy decoding. --model: an MLA or DSA model with "
         "real weights (a train run, a converted model, a DeepSeek checkpoint).")
-    fp8.add_argument("--model", required=True, metavar="SPEC", help="a dense MLA model")
+    fp8.add_argument("--model", required=True, metavar="SPEC", help="an MLA or DSA model")
     fp8.add_argument("--data", default=None, metavar="FILE",
                      help="UTF-8 text (default: CPython's pydoc prose)")
     fp8.add_argument("--prompt-tokens", type=int, default=64, metavar="N", help="prefilled (64)")

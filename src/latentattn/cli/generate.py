@@ -64,7 +64,7 @@ def register(sub: Any) -> None:
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
     gen.add_argument("--seed", type=int, default=0, help="seed for init and sampling (0)")
     gen.add_argument("--latent-fp8", action="store_true",
-                     help="dense MLA: keep the latent cache in FlashMLA's fp8 record (656 B a token "
+                     help="MLA or DSA: keep the latent cache in FlashMLA's fp8 record (656 B a token "
                      "at DeepSeek's dims against 1,152 in bf16)")
     gen.add_argument("--page-size", type=int, default=None, metavar="N",
                      help="dense MLA: keep the latent cache in pages of N tokens (FlashMLA: 64)")

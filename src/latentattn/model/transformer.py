@@ -94,7 +94,8 @@ class Transformer(nn.Module):
     ) -> KVCache:
         """Preallocate every layer's cache: the form follows the attention (and ``mla.impl``).
         ``latent_fp8``: MLA's latent in FlashMLA's fp8 record (cache.kv.FP8LatentKV; dense
-        absorbed/auto MLA only), ``dtype`` then being what it is read back as. ``page_size``: the
+        absorbed/auto MLA, or DSA beside its indexer keys), ``dtype`` then being what it is read
+        back as. ``page_size``: the
         latent in pages of that many tokens from a pool of ``num_pages`` (default: room for every
         row at ``capacity``; cache.paged, dense absorbed/auto MLA only); both together: pages of
         fp8 records, FlashMLA's paged fp8 layout."""
@@ -105,25 +106,34 @@ class Transformer(nn.Module):
             )
         dtype, device = dtype or self.dtype, device or self.device
         if latent_fp8 or page_size is not None:
-            mla = [blk.self_attn for blk in self.blocks
-                   if isinstance(blk.self_attn, MultiHeadLatentAttention)
-                   and not isinstance(blk.self_attn, SparseLatentAttention)
-                   and blk.self_attn.cfg.impl != "naive"]
-            if len(mla) != len(self.blocks):
-                raise ConfigError(f"the {'fp8' if latent_fp8 else 'paged'} latent cache holds dense "
-                                  f"MLA's latent (impl auto or absorb); {self.config.name} has "
-                                  "other attention")
-            if page_size is None:
-                fp8: list[LayerCache] = [FP8LatentKV(batch, capacity, a.cfg.kv_lora_rank,
-                                                     a.cfg.qk_rope_head_dim, device) for a in mla]
-                return KVCache(fp8, batch, capacity, device)
-            pool = PagePool(num_pages or batch * -(-capacity // max(1, page_size)), page_size, batch,
-                            capacity, device)
-            paged: list[LayerCache] = [PagedLatentKV(pool, a.cfg.kv_lora_rank, a.cfg.qk_rope_head_dim,
-                                                     dtype, device, fp8=latent_fp8) for a in mla]
-            return PagedKVCache(paged, pool, batch, capacity, device)
+            return self._latent_cache(batch, capacity, dtype, device, latent_fp8, page_size, num_pages)
         layers = [blk.self_attn.make_cache(batch, capacity, dtype, device) for blk in self.blocks]
         return KVCache(layers, batch, capacity, device)
+
+    def _latent_cache(self, batch: int, capacity: int, dtype: torch.dtype,
+                      device: torch.device | str | None, latent_fp8: bool, page_size: int | None,
+                      num_pages: int | None) -> KVCache:
+        """make_cache's fp8 and paged forms: fp8 records for dense MLA (auto or absorb) and for
+        DSA (whose cache adds the indexer keys), pages for dense MLA."""
+        mla = [blk.self_attn for blk in self.blocks if isinstance(blk.self_attn, MultiHeadLatentAttention)]
+        dsa = [a for a in mla if isinstance(a, SparseLatentAttention)]
+        dense = [a for a in mla if not isinstance(a, SparseLatentAttention) and a.cfg.impl != "naive"]
+        if page_size is None:  # fp8 records, contiguous
+            if len(dense) + len(dsa) != len(self.blocks):
+                raise ConfigError(f"the fp8 latent cache holds the latent of MLA (impl auto or absorb) "
+                                  f"or DSA; {self.config.name} has other attention")
+            return KVCache([a.make_cache(batch, capacity, dtype, device, latent_fp8=True)
+                            if isinstance(a, SparseLatentAttention)
+                            else FP8LatentKV(batch, capacity, a.cfg.kv_lora_rank, a.cfg.qk_rope_head_dim,
+                                             device) for a in mla], batch, capacity, device)
+        if len(dense) != len(self.blocks):
+            raise ConfigError(f"the paged latent cache holds dense MLA's latent (impl auto or absorb); "
+                              f"{self.config.name} has other attention")
+        pool = PagePool(num_pages or batch * -(-capacity // max(1, page_size)), page_size, batch,
+                        capacity, device)
+        paged: list[LayerCache] = [PagedLatentKV(pool, a.cfg.kv_lora_rank, a.cfg.qk_rope_head_dim,
+                                                 dtype, device, fp8=latent_fp8) for a in dense]
+        return PagedKVCache(paged, pool, batch, capacity, device)
 
     def forward(
         self, input_ids: torch.Tensor, cache: KVCache | None = None,
