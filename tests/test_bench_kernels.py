@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import cli_error
+from latentattn.bench.kernel_report import KINDS
 from latentattn.cli import main
 
 
@@ -22,15 +23,15 @@ def test_bench_kernels_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                  str(tmp_path / "k.png"), "--quiet"]) == 0
     r = json.loads(out.read_text())
     assert not r["kernels_ran"] and "the Triton kernels need a GPU" in r["note"]
-    assert {(p["kind"], p["impl"]) for p in r["points"]} == {
-        ("dense decode", "torch"), ("dense decode fp8", "torch"), ("sparse decode", "torch"),
-        ("dsa decode step", "torch")}
+    assert {(p["kind"], p["impl"]) for p in r["points"]} == {(k, "torch") for k in KINDS}
     step = next(p for p in r["points"] if p["kind"] == "dsa decode step" and p["context"] == 300)
     assert step["bytes_moved"] == 2 * 300 * 132 + (2 * 64 * 576 + 2 * 3 * (576 + 512)) * 4  # fp8 keys
     dense = next(p for p in r["points"] if p["kind"] == "dense decode" and p["context"] == 300)
     assert dense["bytes_moved"] == (2 * 300 * 576 + 2 * 3 * (576 + 512)) * 4  # latent once, fp32
     fp8 = next(p for p in r["points"] if p["kind"] == "dense decode fp8" and p["context"] == 300)
     assert fp8["bytes_moved"] == 2 * 300 * 656 + 2 * 3 * (576 + 512) * 4  # FlashMLA's records
+    sparse8 = next(p for p in r["points"] if p["kind"] == "sparse decode fp8" and p["context"] == 100)
+    assert sparse8["bytes_moved"] == 2 * 64 * 656 + 2 * 3 * (576 + 512) * 4  # k records
     sparse = next(p for p in r["points"] if p["kind"] == "sparse decode" and p["context"] == 100)
     assert sparse["topk"] == 64 and sparse["flops"] == 2 * 2 * 3 * 64 * (576 + 512)
     assert r["copy_gb_s"] > 0 and all(p["median_ms"] > 0 for p in r["points"])
@@ -61,11 +62,12 @@ def test_every_kernel_path_of_the_bench_runs_in_the_interpreter() -> None:
                               dims={"heads": 3, "rank": 32, "rope": 16}, interpreted=True)
     assert report.kernels_ran and "interpreter" in report.note
     got = {(p.kind, p.impl) for p in report.points}
-    kinds = ("dense decode", "dense decode fp8", "sparse decode", "dsa decode step")
-    assert got == {(k, i) for k in kinds for i in ("torch", "triton")} | {("dense decode", "triton paged")}
+    assert got == {(k, i) for k in KINDS for i in ("torch", "triton")} | {("dense decode", "triton paged")}
     assert {what for _, _, what, _ in speedups(report)} == {
-        *(f"{k}: triton vs torch" for k in kinds),
-        *(f"{k} vs dense decode ({i})" for k in kinds[2:] for i in ("torch", "triton"))}
+        *(f"{k}: triton vs torch" for k in KINDS),
+        *(f"{k} vs dense decode ({i})" for k in ("sparse decode", "dsa decode step")
+          for i in ("torch", "triton")),
+        *(f"sparse decode fp8 vs dense decode fp8 ({i})" for i in ("torch", "triton"))}
     assert "| dense decode | triton paged | 2 | 128 |" in kernel_table(report)
     for p in report.points:  # every kernel agrees with the PyTorch path on the same input (fp32)
         assert (p.max_abs_diff_vs_torch is None) == (p.impl == "torch")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from latentattn.bench.kernels import KernelReport
 
+KINDS = ("dense decode", "dense decode fp8", "sparse decode", "sparse decode fp8", "dsa decode step")
+
 
 def speedups(report: KernelReport) -> list[tuple[int, int, str, float]]:
     """(batch, context, what, ratio of times) for the ratios the issue's targets name: each
@@ -13,10 +15,11 @@ def speedups(report: KernelReport) -> list[tuple[int, int, str, float]]:
     ms = {(p.kind, p.impl, p.batch, p.context): p.median_ms for p in report.points}
     out = []
     for b, s in sorted({(p.batch, p.context) for p in report.points}):
-        pairs = [(f"{kind}: triton vs torch", (kind, "torch"), (kind, "triton"))
-                 for kind in ("dense decode", "dense decode fp8", "sparse decode", "dsa decode step")]
-        pairs += [(f"{kind} vs dense decode ({impl})", ("dense decode", impl), (kind, impl))
-                  for kind in ("sparse decode", "dsa decode step") for impl in ("torch", "triton")]
+        pairs = [(f"{kind}: triton vs torch", (kind, "torch"), (kind, "triton")) for kind in KINDS]
+        pairs += [(f"{fast} vs {slow} ({impl})", (slow, impl), (fast, impl))
+                  for slow, fast in (("dense decode", "sparse decode"), ("dense decode", "dsa decode step"),
+                                     ("dense decode fp8", "sparse decode fp8"))
+                  for impl in ("torch", "triton")]
         for what, slow, fast in pairs:
             t_slow, t_fast = ms.get((*slow, b, s)), ms.get((*fast, b, s))
             if t_slow is not None and t_fast is not None:
@@ -46,9 +49,8 @@ def plot_kernel_report(report: KernelReport, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = ("dense decode", "dense decode fp8", "sparse decode", "dsa decode step")
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
-    for ax, kind in zip(axes, kinds, strict=True):
+    fig, axes = plt.subplots(1, len(KINDS), figsize=(5 * len(KINDS), 4))
+    for ax, kind in zip(axes, KINDS, strict=True):
         for impl in sorted({p.impl for p in report.points}):
             for b in sorted({p.batch for p in report.points}):
                 pts = [p for p in report.points if p.kind == kind and p.impl == impl and p.batch == b]
@@ -67,4 +69,4 @@ def plot_kernel_report(report: KernelReport, path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["kernel_table", "plot_kernel_report", "speedups"]
+__all__ = ["KINDS", "kernel_table", "plot_kernel_report", "speedups"]

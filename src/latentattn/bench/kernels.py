@@ -35,8 +35,8 @@ V3_DIMS = {"heads": 128, "rank": 512, "rope": 64}  # DeepSeek-V3 / V3.2 attentio
 
 @dataclass
 class KernelPoint:
-    kind: str  # "dense decode", "dense decode fp8" (FlashMLA's records), "sparse decode" or
-    # "dsa decode step" (V3.2's indexer over fp8 keys, top-k, sparse decode)
+    kind: str  # "dense decode", "sparse decode", each also over FlashMLA's fp8 records ("... fp8"),
+    # or "dsa decode step" (V3.2's indexer over fp8 keys, top-k, sparse decode)
     impl: str  # "torch", "triton" or "triton paged" (64-token pages, shuffled block table)
     batch: int
     context: int
@@ -138,18 +138,21 @@ def _measure(b: int, s: int, topk: int, h: int, r: int, dr: int, dtype: torch.dt
     dense = (b * s * width * elt + qo, 2 * b * h * s * (width + r))
     fp8 = (b * s * record_bytes(r, dr) + qo, dense[1])
     sparse = (b * k * width * elt + qo, 2 * b * h * k * (width + r))
+    sparse8 = (b * k * record_bytes(r, dr) + qo, sparse[1])
     # The PyTorch path over fp8 records is what the model runs without the kernel: dequantise
-    # the cache, then the fused SDPA over the latent.
+    # the cache, then the fused SDPA over the latent (dense) or the gathered rows (sparse).
     runs: list[tuple[str, str, Callable[[], object], tuple[int, int]]] = [
         ("dense decode", "torch", lambda: attention(q, key, key, scale), dense),
         ("dense decode fp8", "torch", lambda: attention(
             q, *(2 * (unpack_record(records, r, dtype).unsqueeze(1),)), scale), fp8),
         ("sparse decode", "torch", lambda: sparse_mqa(q, kv, idx, scale, r), sparse),
+        ("sparse decode fp8", "torch", lambda: sparse_mqa(
+            q, unpack_record(records, r, dtype), idx, scale, r), sparse8),
         *_dsa_step(q, kv, k, scale, r, qo, sparse, g, kernels),
     ]
     if kernels:
         from latentattn.kernels.mla_decode import mla_decode_fp8_triton, mla_decode_triton
-        from latentattn.kernels.sparse_mla import sparse_mla_triton
+        from latentattn.kernels.sparse_mla import sparse_mla_fp8_triton, sparse_mla_triton
 
         # The same rows in 64-token pages of a shuffled pool, so that pages are not read in
         # address order: page j of sequence i is pool page table[i, j].
@@ -168,6 +171,8 @@ def _measure(b: int, s: int, topk: int, h: int, r: int, dr: int, dtype: torch.dt
                 q[:, :, 0], records, lengths, scale, r, max_len=s), fp8),
             ("sparse decode", "triton", lambda: sparse_mla_triton(
                 q, kv, idx, scale, r, check_indices=False), sparse),
+            ("sparse decode fp8", "triton", lambda: sparse_mla_fp8_triton(
+                q, records, idx, scale, r, check_indices=False), sparse8),
         ]
         if pages is not None:
             runs.append(("dense decode", "triton paged", lambda: mla_decode_triton(
