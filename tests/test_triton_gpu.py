@@ -128,3 +128,23 @@ def test_sparse_decode_split_top_k_bf16() -> None:
     base, _ = sparse_mqa(q.bfloat16(), kv.bfloat16(), idx, scale, R)  # it masks -1 itself
     assert _err(got, ref) <= 2 * _err(one, ref) + 1e-3
     assert _err(one, ref) <= 2 * _err(base, ref) + 1e-3
+
+
+def test_sparse_decode_over_fp8_records_bf16() -> None:
+    """FlashMLA's sparse decode format at V3.2's shapes: the kernel decoding the selected
+    records against the fp32 reference on the same records dequantised."""
+    from latentattn.cache.fp8 import pack_record, unpack_record
+    from latentattn.kernels.sparse import sparse_mqa
+    from latentattn.kernels.sparse_mla import sparse_mla_fp8_triton, sparse_mla_ref
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    b, s, k, h = 2, 16384, 2048, 128
+    q = torch.randn(b, h, 1, R + DR, device="cuda", generator=g)
+    records = pack_record(torch.randn(b, s, R + DR, device="cuda", generator=g), R)
+    idx = torch.stack([torch.randperm(s, device="cuda", generator=g)[:k] for _ in range(b)])[:, None]
+    scale = (R + DR) ** -0.5
+    kv = unpack_record(records, R)
+    ref, _ = sparse_mla_ref(q, kv, idx, scale, R)
+    got, _ = sparse_mla_fp8_triton(q.bfloat16(), records, idx, scale, R)
+    base, _ = sparse_mqa(q.bfloat16(), kv.bfloat16(), idx, scale, R)
+    assert _err(got, ref) <= 2 * _err(base, ref) + 1e-3
