@@ -148,7 +148,7 @@ def _measure(b: int, s: int, topk: int, h: int, r: int, dr: int, dtype: torch.dt
         ("sparse decode", "torch", lambda: sparse_mqa(q, kv, idx, scale, r), sparse),
         ("sparse decode fp8", "torch", lambda: sparse_mqa(
             q, unpack_record(records, r, dtype), idx, scale, r), sparse8),
-        *_dsa_step(q, kv, k, scale, r, qo, sparse, g, kernels),
+        *_dsa_step(q, kv, k, scale, r, sparse, g, kernels),
     ]
     if kernels:
         from latentattn.kernels.mla_decode import mla_decode_fp8_triton, mla_decode_triton
@@ -157,9 +157,9 @@ def _measure(b: int, s: int, topk: int, h: int, r: int, dr: int, dtype: torch.dt
         # The same rows in 64-token pages of a shuffled pool, so that pages are not read in
         # address order: page j of sequence i is pool page table[i, j].
         page, n_pages = 64, b * (s // 64)
-        table = torch.randperm(n_pages, generator=g, device=device).to(torch.int32).view(b, -1)
         pages = None
         if s % page == 0:
+            table = torch.randperm(n_pages, generator=g, device=device).to(torch.int32).view(b, -1)
             pages = torch.empty(n_pages, page, width, dtype=dtype, device=device)
             pages[table.flatten().long()] = kv.view(n_pages, page, width)
         # As the model calls them: the longest length known on the host and the model's own
@@ -205,14 +205,14 @@ def _latent(result: object, b: int, h: int, r: int) -> torch.Tensor:
     return o.reshape(b, h, -1)[..., :r].float()
 
 
-def _dsa_step(q: torch.Tensor, kv: torch.Tensor, k: int, scale: float, r: int, qo: int,
+def _dsa_step(q: torch.Tensor, kv: torch.Tensor, k: int, scale: float, r: int,
               sparse: tuple[int, int], g: torch.Generator, kernels: bool
               ) -> list[tuple[str, str, Callable[[], object], tuple[int, int]]]:
     """A whole DSA decode step as the model runs it: V3.2's indexer (64 heads of 128, fp8 keys)
     over every cached key, top-k, then sparse attention over the k selected latents. The
     PyTorch path dequantises the keys first (the cache's ``read``); the kernels read the fp8
     bytes. Bytes: the keys (132 a token) plus the sparse attention's."""
-    from latentattn.cache.fp8 import quantize_e4m3
+    from latentattn.cache.fp8 import bytes_per_vector, quantize_e4m3
     from latentattn.kernels.sparse import select_topk, topk_reference
 
     b, s = kv.shape[:2]
@@ -221,7 +221,7 @@ def _dsa_step(q: torch.Tensor, kv: torch.Tensor, k: int, scale: float, r: int, q
     wi = torch.randn(b, 1, heads, generator=g, device=kv.device) * heads**-0.5
     k8, k_scale = quantize_e4m3(torch.randn(b, s, dim, generator=g, device=kv.device))
     pos = torch.full((b, 1), s - 1, device=kv.device)
-    cost = (b * s * (dim + 4) + sparse[0], 2 * b * heads * dim * s + sparse[1])
+    cost = (b * s * bytes_per_vector(dim) + sparse[0], 2 * b * heads * dim * s + sparse[1])
 
     def torch_step() -> object:
         sel = select_topk(qi, wi, dequantize_e4m3(k8, k_scale), pos, k, dim**-0.5)

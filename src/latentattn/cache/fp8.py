@@ -70,10 +70,8 @@ def pack_record(latent: torch.Tensor, rank: int) -> torch.Tensor:
 def unpack_record(records: torch.Tensor, rank: int,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """records (..., record_bytes) uint8 -> the dequantised latent (..., R + Dr) in ``dtype``."""
-    nb = rank // block_size(rank)
-    scales = records[..., rank: rank + 4 * nb].contiguous().view(torch.float32)
-    rope = records[..., rank + 4 * nb:].contiguous().view(torch.bfloat16)
-    return torch.cat((dequantize_e4m3(records[..., :rank], scales, dtype), rope.to(dtype)), dim=-1)
+    c8, scales, rope = record_parts(records, rank)
+    return torch.cat((dequantize_e4m3(c8, scales, dtype), rope.to(dtype)), dim=-1)
 
 
 def record_parts(records: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,3 +79,12 @@ def record_parts(records: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     nb = rank // block_size(rank)
     return (records[..., :rank], records[..., rank: rank + 4 * nb].contiguous().view(torch.float32),
             records[..., rank + 4 * nb:].contiguous().view(torch.bfloat16))
+
+
+def latent_row(rank: int, rope_dim: int, dtype: torch.dtype, fp8: bool) -> tuple[int, torch.dtype]:
+    """(width, dtype) of one token's latent row in a cache: [c | k_rope] in ``dtype``, or with
+    ``fp8`` a record of :func:`record_bytes` uint8 (its rank checked)."""
+    if not fp8:
+        return rank + rope_dim, dtype
+    check_record_rank(rank)
+    return record_bytes(rank, rope_dim), torch.uint8

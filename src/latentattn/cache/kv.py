@@ -19,11 +19,10 @@ import torch
 
 from latentattn.cache.fp8 import (
     block_size,
-    check_record_rank,
     dequantize_e4m3,
+    latent_row,
     pack_record,
     quantize_e4m3,
-    record_bytes,
     unpack_record,
 )
 from latentattn.errors import CacheOverflowError
@@ -125,10 +124,9 @@ class FP8LatentKV(LayerCache):
         self, batch: int, capacity: int, kv_lora_rank: int, rope_dim: int,
         device: torch.device | str | None = None,
     ) -> None:
-        check_record_rank(kv_lora_rank)
         self.kv_lora_rank = kv_lora_rank
-        self.records = torch.zeros(batch, capacity, record_bytes(kv_lora_rank, rope_dim),
-                                   dtype=torch.uint8, device=device)
+        width, dtype = latent_row(kv_lora_rank, rope_dim, torch.uint8, fp8=True)
+        self.records = torch.zeros(batch, capacity, width, dtype=dtype, device=device)
         self.buffers = (self.records,)
 
     def write(self, step: Step, *values: torch.Tensor) -> None:
@@ -156,11 +154,8 @@ class IndexedLatentKV(LatentKV):
     ) -> None:
         self.kv_lora_rank = kv_lora_rank
         self.latent_fp8 = latent_fp8
-        if latent_fp8:
-            check_record_rank(kv_lora_rank)
-        width = record_bytes(kv_lora_rank, rope_dim) if latent_fp8 else kv_lora_rank + rope_dim
-        self.kv = torch.zeros(batch, capacity, width, dtype=torch.uint8 if latent_fp8 else dtype,
-                              device=device)
+        width, kv_dtype = latent_row(kv_lora_rank, rope_dim, dtype, latent_fp8)
+        self.kv = torch.zeros(batch, capacity, width, dtype=kv_dtype, device=device)
         self.fp8 = fp8
         if fp8:
             blocks = index_head_dim // block_size(index_head_dim)

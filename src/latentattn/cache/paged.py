@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from latentattn.cache.fp8 import check_record_rank, pack_record, record_bytes, unpack_record
+from latentattn.cache.fp8 import latent_row, pack_record, unpack_record
 from latentattn.cache.kv import KVCache, LayerCache, Step
 from latentattn.errors import CacheOverflowError, ConfigError
 
@@ -69,11 +69,9 @@ class PagedLatentKV(LayerCache):
         self.pool = pool
         self.kv_lora_rank = kv_lora_rank
         self.fp8 = fp8
-        if fp8:
-            check_record_rank(kv_lora_rank)
-        width = record_bytes(kv_lora_rank, rope_dim) if fp8 else kv_lora_rank + rope_dim
-        self.pages = torch.zeros(pool.num_pages, pool.page_size, width,
-                                 dtype=torch.uint8 if fp8 else dtype, device=device)
+        width, pages_dtype = latent_row(kv_lora_rank, rope_dim, dtype, fp8)
+        self.pages = torch.zeros(pool.num_pages, pool.page_size, width, dtype=pages_dtype,
+                                 device=device)
         self.buffers = (self.pages,)
 
     def _slots(self, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

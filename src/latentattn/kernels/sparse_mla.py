@@ -94,11 +94,7 @@ def sparse_mla_triton(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scal
     LSEs (None: :func:`default_sparse_splits`; decode at small batch needs them to fill a GPU).
     ``check_indices=False`` skips the one check that reads ``idx`` on the host."""
     check_sparse_inputs(q, kv, idx, rank, check_indices)
-    splits = (num_splits if num_splits is not None
-              else default_sparse_splits(q.shape[0] * q.shape[2], q.shape[1], idx.shape[-1]))
-    if splits < 1:
-        raise ConfigError(f"num_splits must be >= 1, got {splits}")
-    o, lse = _SparseMLA.apply(q, kv, idx, scale, rank, splits)
+    o, lse = _SparseMLA.apply(q, kv, idx, scale, rank, _splits(q, idx, num_splits))
     return o, lse
 
 
@@ -119,18 +115,22 @@ def sparse_mla_fp8_triton(q: torch.Tensor, records: torch.Tensor, idx: torch.Ten
                           f"q width {q.shape[-1]}")
     if torch.is_grad_enabled() and q.requires_grad:
         raise ConfigError("fp8 records are an inference cache: sparse_mla_fp8_triton has no backward")
+    # The shape checks (and the index check, which reads only the row count) on a stand-in
+    # latent of the records' rows.
     meta = torch.empty(*records.shape[:2], q.shape[-1], dtype=q.dtype, device="meta")
-    check_sparse_inputs(q, meta, idx, rank, check_indices=False)
-    if check_indices and idx.numel() and int(idx.max()) >= records.shape[1]:
-        raise ConfigError(f"idx selects row {int(idx.max())} of a cache of {records.shape[1]} rows")
+    check_sparse_inputs(q, meta, idx, rank, check_indices)
     from latentattn.kernels.triton_sparse import launch_fwd
 
+    return launch_fwd(q.contiguous(), unit_stride(records), idx.to(torch.int32).contiguous(), scale,
+                      rank, _splits(q, idx, num_splits), fp8=True)
+
+
+def _splits(q: torch.Tensor, idx: torch.Tensor, num_splits: int | None) -> int:
     splits = (num_splits if num_splits is not None
               else default_sparse_splits(q.shape[0] * q.shape[2], q.shape[1], idx.shape[-1]))
     if splits < 1:
         raise ConfigError(f"num_splits must be >= 1, got {splits}")
-    return launch_fwd(q.contiguous(), unit_stride(records), idx.to(torch.int32).contiguous(), scale,
-                      rank, splits, fp8=True)
+    return splits
 
 
 def default_sparse_splits(tokens: int, heads: int, topk: int, programs: int = 132) -> int:

@@ -40,4 +40,10 @@ def load_records(row, ok, r, dr, RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R
     return c, k_rope.to(tl.float32)
 
 
-__all__ = ["e4m3_to_fp32", "load_records"]
+def record_qblock(rank: int) -> int:
+    """QBLOCK for :func:`load_records`: the 128-value scale blocks, or for a latent under 128 its
+    one block rounded up to the power of two that tiles it."""
+    return min(128, triton.next_power_of_2(rank))
+
+
+__all__ = ["e4m3_to_fp32", "load_records", "record_qblock"]

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from latentattn.kernels.mla_decode import BLOCK_H, BLOCK_N, unit_stride
-from latentattn.kernels.triton_fp8 import load_records
+from latentattn.kernels.triton_fp8 import load_records, record_qblock
 
 LN2 = 0.6931471805599453
 LOG2E = 1.4426950408889634
@@ -117,7 +117,7 @@ def decode_constexprs(rank: int, rope: int, page: int, paged: bool, dtype: torch
             # fp32 caches: exact fp32 products (TF32 would lose 13 mantissa bits).
             "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
             # fp8: blocks of 128 values (one for a latent under 128, a power of two here).
-            "FP8": fp8, "QBLOCK": min(128, triton.next_power_of_2(rank))}
+            "FP8": fp8, "QBLOCK": record_qblock(rank)}
 
 
 def decode_warps(rank: int) -> int:

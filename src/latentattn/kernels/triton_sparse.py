@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from latentattn.kernels.sparse_mla import BLOCK_H  # heads per program
-from latentattn.kernels.triton_fp8 import load_records
+from latentattn.kernels.triton_fp8 import load_records, record_qblock
 
 BLOCK_K = 16  # selected latents per tile (vLLM: 16 or 32)
 # Finite: a tile whose every slot is invalid gives no NaN (next-facts s1.2). A tl.constexpr,
@@ -158,7 +158,7 @@ def sparse_fwd_constexprs(rank: int, rope: int, dtype: torch.dtype, fp8: bool = 
     """The forward's: the shared ones, and whether the cache holds FlashMLA's fp8 records (in
     blocks of QBLOCK values, one block under 128)."""
     return {**sparse_constexprs(rank, rope, dtype), "FP8": fp8,
-            "QBLOCK": min(128, triton.next_power_of_2(rank))}
+            "QBLOCK": record_qblock(rank)}
 
 
 def sparse_warps(rank: int) -> int:
