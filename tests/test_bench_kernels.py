@@ -1,6 +1,7 @@
 """``bench kernels`` on a CPU: the PyTorch path runs, the report says the kernels need a GPU,
 bytes are counted with the latent once (FlashMLA's rule), and --device cuda without CUDA is a
-clear error."""
+clear error; its dense PyTorch path is the model's own decode, and a point that fails is reported
+missing with its reason."""
 
 from __future__ import annotations
 
@@ -72,3 +73,122 @@ def test_every_kernel_path_of_the_bench_runs_in_the_interpreter() -> None:
     for p in report.points:  # every kernel agrees with the PyTorch path on the same input (fp32)
         assert (p.max_abs_diff_vs_torch is None) == (p.impl == "torch")
         assert p.impl == "torch" or p.max_abs_diff_vs_torch < 1e-4
+
+
+def _spy_attention(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, ...]]:
+    """Record how the absorbed form calls dense attention: shapes, mask and causal flag."""
+    import latentattn.attention.mla as mla
+
+    calls: list[tuple[object, ...]] = []
+    real = mla.attention
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+            mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        calls.append((q.shape, k.shape, v.shape, scale,
+                      None if mask is None else (mask.shape, mask.tolist()), causal))
+        return real(q, k, v, scale, mask=mask, causal=causal)
+
+    monkeypatch.setattr(mla, "attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_dense_baseline_is_the_models_own_decode(fp8: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench's PyTorch dense decode, given the model's absorbed query, its cache (rows, or
+    FlashMLA's records) and the bench's decode Step, gives what the model's decode step gives
+    (CPU: no kernel, so the model runs its absorbed PyTorch form), through the same attention
+    call (the same mask, hence SDPA's folded-heads path, not its GQA path). Both are held to a
+    float64 reference, the bench within a multiple of the model's own fp32 error."""
+    import copy
+
+    from conftest import assert_within_rounding
+    from latentattn.attention import MultiHeadLatentAttention
+    from latentattn.bench.kernels import decode_step, torch_paths
+    from latentattn.cache.fp8 import pack_record, unpack_record
+    from latentattn.cache.kv import FP8LatentKV, KVCache, LatentKV
+    from latentattn.config import MLAConfig, ModelConfig, RopeConfig
+    from latentattn.rope import RotaryEmbedding
+
+    b, s, h, r, dr, dv = 2, 40, 4, 32, 16, 16
+    attn = MLAConfig(n_heads=h, kv_lora_rank=r, qk_nope_head_dim=16, qk_rope_head_dim=dr,
+                     v_head_dim=dv)
+    cfg = ModelConfig(vocab_size=64, dim=48, n_layers=1, intermediate_size=64, attention=attn,
+                      rope=RopeConfig(interleaved=True), max_seq_len=64)
+    torch.manual_seed(0)
+    layer = MultiHeadLatentAttention(cfg).eval()
+    rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope, cfg.max_seq_len)
+    x = torch.randn(b, s, 48)
+    latent, records = LatentKV(b, s, r, dr, torch.float32), FP8LatentKV(b, s, r, dr)
+    calls = _spy_attention(monkeypatch)
+    with torch.no_grad():
+        outs, model_calls = {}, {}
+        for cache in (latent, records):  # the model fills each: s - 1 tokens, then decodes one
+            plan = KVCache([cache], b, s)
+            step = plan.step(s - 1)
+            layer(x[:, :-1], rotary(step.positions), step, cache)
+            plan.advance(s - 1)
+            step = plan.step(1)
+            calls.clear()
+            outs[cache is records] = layer(x[:, -1:], rotary(step.positions), step, cache)
+            model_calls[cache is records] = list(calls)
+        model_out = outs[fp8]
+        # The bench's inputs as the model holds them: its records are its rows packed as
+        # FP8LatentKV.write packs them, and its Step is the model's decode step.
+        assert torch.equal(pack_record(latent.kv, r), records.records)
+        bench_step = decode_step(b, s, torch.device("cpu"))
+        assert bench_step.kv_len == step.kv_len and bench_step.valid is None
+        assert torch.equal(bench_step.positions, step.positions)
+        assert bench_step.mask is not None and step.mask is not None
+        assert torch.equal(bench_step.mask, step.mask)
+
+        q_abs = layer.absorb_query(layer.rotated_query(x[:, -1:], rotary(step.positions))[0])
+        idx = torch.zeros(b, 1, 1, dtype=torch.long)  # unused by the dense paths
+        paths = torch_paths(q_abs, latent, records, bench_step, idx, layer.scale)
+        calls.clear()
+        o_lat = paths["dense decode fp8" if fp8 else "dense decode"]()  # (B, H, 1, R)
+        # The model's absorbed PyTorch form (no kernel on a CPU) made one attention call; the
+        # bench makes the same one: shapes, scale, mask and causal flag.
+        assert len(model_calls[fp8]) == 1 and calls == model_calls[fp8]
+        bench_out = layer.o_proj(layer.unabsorb(o_lat))
+
+        # float64: the cache's rows as stored (records dequantised exactly: e4m3 times a power
+        # of two, bf16 rope), a plain softmax, and the model's projections.
+        rows = (unpack_record(records.records, r, torch.float64) if fp8 else latent.kv.double())
+        layer64 = copy.deepcopy(layer).double()
+        scores = torch.einsum("bhtd,bsd->bhts", q_abs.double(), rows) * layer.scale
+        o_lat64 = torch.einsum("bhts,bsc->bhtc", scores.softmax(-1), rows[..., :r])
+        want64 = layer64.o_proj(layer64.unabsorb(o_lat64))
+    assert calls[0][4] is not None  # with the decode step's mask: SDPA folds the heads
+    assert_within_rounding(bench_out, want64, model_out, terms=r + dr + s + r + h * dv,
+                           what="bench dense decode vs the model's decode")
+
+
+def test_a_failed_point_is_reported_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A point whose run runs out of memory stays in the report, the JSON, the table and the
+    plot's notes as missing with its reason; no speed-up is computed from it."""
+    import latentattn.bench.kernels as kernels
+    from latentattn.bench.kernel_report import kernel_table, plot_kernel_report, speedups
+
+    def oom(*args: object, **kwargs: object) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
+                                     "a total capacity of 79.11 GiB of which 1.00 GiB is free.")
+
+    monkeypatch.setattr(kernels, "latent_attention", oom)  # the dense PyTorch paths
+    report = kernels.run_kernel_bench(torch.device("cpu"), torch.float32, [64], [2], 16, repeats=1,
+                                      dims={"heads": 3, "rank": 32, "rope": 16})
+    assert [(p.kind, p.impl) for p in report.points] == [(k, "torch") for k in KINDS]
+    for p in report.points:
+        dense = p.kind.startswith("dense")
+        assert (p.median_ms is None) == dense and (p.gb_s is None) == dense
+        assert p.error == ("out of memory (tried to allocate 2.00 GiB)" if dense else None)
+    assert json.loads(json.dumps(report.as_dict()))["points"][0]["error"] == report.points[0].error
+    assert {what: x for _, _, what, x in speedups(report)} == {
+        "sparse decode vs dense decode (torch)": None, "dsa decode step vs dense decode (torch)": None,
+        "sparse decode fp8 vs dense decode fp8 (torch)": None}
+    text = kernel_table(report)
+    assert "2 of 5 points missing" in text
+    assert ("| dense decode | torch | 2 | 64 | - | missing: out of memory (tried to allocate "
+            "2.00 GiB) | - | - | - | - |") in text
+    assert "| 2 | 64 | sparse decode vs dense decode (torch) | - (a side is missing) |" in text
+    plot_kernel_report(report, str(tmp_path / "k.png"))  # missing points named, not drawn
+    assert (tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"

@@ -26,6 +26,18 @@ from latentattn.kernels.mla_decode import mla_decode_fp8_triton, mla_decode_trit
 from latentattn.rope import apply_rope, softmax_scale
 
 
+def latent_attention(q_abs: torch.Tensor, kv: torch.Tensor, scale: float, rank: int,
+                     step: Step) -> torch.Tensor:
+    """The absorbed form's attention, what ``absorbed`` runs between ``absorb_query`` and
+    ``unabsorb`` (and ``latentattn bench kernels`` times as the PyTorch path): q_abs
+    (B, H, T, d_c + d_r), kv (B, S, d_c + d_r) -> o_lat (B, H, T, d_c), with rank = d_c."""
+    key = kv.unsqueeze(1)  # (B, 1, S, d_c + d_r): one key shared by all heads
+    # The value is c = key[..., :d_c]. Passing the whole key as the value keeps q/k/v head
+    # dims equal (the fused kernels' condition) without copying the cache; the extra d_r
+    # output dims are dropped.
+    return attention(q_abs, key, key, scale, mask=step.mask, causal=step.causal)[..., :rank]
+
+
 class MultiHeadLatentAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -114,13 +126,8 @@ class MultiHeadLatentAttention(nn.Module):
 
     def absorbed(self, q: torch.Tensor, kv: torch.Tensor, step: Step) -> torch.Tensor:
         """MQA over the latent: q (B, T, H, d_qk) rotated, kv (B, S, d_c + d_r) -> (B, T, H*d_v)."""
-        key = kv.unsqueeze(1)  # (B, 1, S, d_c + d_r): one key shared by all heads
-        # The value is c = key[..., :d_c]. Passing the whole key as the value keeps q/k/v head
-        # dims equal (the fused kernels' condition) without copying the cache; the extra d_r
-        # output dims are dropped.
-        o_lat = attention(self.absorb_query(q), key, key, self.scale, mask=step.mask,
-                          causal=step.causal)[..., : self.cfg.kv_lora_rank]  # (B, H, T, d_c)
-        return self.unabsorb(o_lat)
+        return self.unabsorb(latent_attention(self.absorb_query(q), kv, self.scale,
+                                              self.cfg.kv_lora_rank, step))
 
     def _attend_heads(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step

@@ -7,15 +7,26 @@ size, and the achieved GB/s against the device's copy bandwidth measured here (a
 device-to-device copy reads and writes every byte: 2 x bytes / time); the same over FlashMLA's
 fp8 records (656 bytes a token at DeepSeek's dims), and on 64-token pages. Sparse attention
 (DSA's top-k): time and TFLOP/s, 2 B H k (R + Dr + R) per step, against the dense kernel at the
-same context. The PyTorch path is what the model runs without the kernels (the fused SDPA over
-the latent, after dequantising an fp8 cache; for sparse, the gathered
-``kernels.sparse.sparse_mqa``). The speed-up table divides times measured in the same run. On a
-CPU only the PyTorch path runs (the kernels need a GPU) and the report says so; no kernel speed
-is claimed there.
+same context.
+
+The PyTorch path is what the model runs at decode without the kernels (:func:`torch_paths`): the
+cache read as the model reads it (``LatentKV.read``: a view of the bf16 rows;
+``FP8LatentKV.read``: FlashMLA's records dequantised), then for dense decode the model's own
+:func:`latent_attention` under the Step its decode passes (``KVCache.step(1)``, with its
+(B, 1, 1, S) mask: SDPA then folds the heads into the query axis and reads the one latent key
+for all of them, rather than its GQA path at head dim R + Dr), and for sparse decode
+``kernels.sparse.sparse_mqa`` over the selected rows, as ``SparseLatentAttention`` calls it.
+
+A point that fails (out of memory, most often the PyTorch path at long context and big batch,
+or any other RuntimeError) stays in the report, with no time and its reason in ``error``; the
+speed-up table gives no ratio for it. The speed-up table divides times measured in the same run.
+On a CPU only the PyTorch path runs (the kernels need a GPU) and the report says so; no kernel
+speed is claimed there.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,13 +35,25 @@ from typing import Any
 
 import torch
 
-from latentattn.cache.fp8 import dequantize_e4m3, pack_record, record_bytes, unpack_record
+from latentattn.attention.mla import latent_attention
+from latentattn.cache.fp8 import (
+    bytes_per_vector,
+    dequantize_e4m3,
+    pack_record,
+    quantize_e4m3,
+    record_bytes,
+)
+from latentattn.cache.kv import FP8LatentKV, KVCache, LatentKV, Step
 from latentattn.errors import LatentAttnError
-from latentattn.kernels import attention
-from latentattn.kernels.sparse import sparse_mqa
+from latentattn.kernels.sparse import select_topk, sparse_mqa, topk_reference
 from latentattn.timing import machine_info
 
 V3_DIMS = {"heads": 128, "rank": 512, "rope": 64}  # DeepSeek-V3 / V3.2 attention, absorbed
+KINDS = ("dense decode", "dense decode fp8", "sparse decode", "sparse decode fp8", "dsa decode step")
+PAGE = 64  # FlashMLA's page size (its benchmark's block_size)
+INDEX_HEADS, INDEX_DIM = 64, 128  # V3.2's indexer: 64 heads of 128, fp8 keys of 132 bytes a token
+
+Run = Callable[[], object]
 
 
 @dataclass
@@ -41,13 +64,14 @@ class KernelPoint:
     batch: int
     context: int
     topk: int | None
-    median_ms: float
+    median_ms: float | None  # None: the point failed, ``error`` says why
     bytes_moved: int
     flops: int
-    gb_s: float
-    tflops: float
+    gb_s: float | None
+    tflops: float | None
     share_of_copy_bandwidth: float | None
     max_abs_diff_vs_torch: float | None = None  # a kernel's output against the PyTorch path's
+    error: str | None = None  # why a failed point has no time ("out of memory (...)")
 
 
 @dataclass
@@ -118,68 +142,87 @@ def run_kernel_bench(device: torch.device, dtype: torch.dtype, contexts: Sequenc
     return report
 
 
+def decode_step(batch: int, context: int, device: torch.device) -> Step:
+    """The Step the model's decode passes its layers when every row holds ``context - 1``
+    tokens and reads one more (an equal-length batch): ``KVCache.step(1)`` itself, positions
+    context - 1, kv_len context and its (B, 1, 1, context) mask."""
+    plan = KVCache([], batch, context, device)
+    plan.lengths.fill_(context - 1)
+    return plan.step(1)
+
+
+def torch_paths(q: torch.Tensor, cache: LatentKV, fp8: FP8LatentKV, step: Step,
+                idx: torch.Tensor, scale: float) -> dict[str, Callable[[], torch.Tensor]]:
+    """The PyTorch path of each decode kind, what the model runs at decode without the kernels:
+    q (B, H, 1, R + Dr) the absorbed query (``absorb_query``), ``cache`` the latent rows and
+    ``fp8`` the same rows as FlashMLA's records, ``step`` the model's decode Step
+    (:func:`decode_step`), idx (B, 1, k) a selection. Each returns the latent output
+    (B, H, 1, R), before ``unabsorb``.
+
+    Every path reads its cache as the model does, ``read(step, q.dtype)`` (a view of rows in
+    q's dtype; the records dequantised), in the timed call, since the model reads per layer and
+    step. Dense: ``MultiHeadLatentAttention.absorbed``'s own :func:`latent_attention` under the
+    step's mask. Sparse: ``sparse_mqa`` as ``SparseLatentAttention.forward`` calls it at decode
+    without the kernels (``IndexedLatentKV.read`` reads a latent as these two caches do)."""
+    r, dtype = cache.kv_lora_rank, q.dtype
+    return {
+        "dense decode": lambda: latent_attention(q, cache.read(step, dtype)[0], scale, r, step),
+        "dense decode fp8": lambda: latent_attention(q, fp8.read(step, dtype)[0], scale, r, step),
+        "sparse decode": lambda: sparse_mqa(q, cache.read(step, dtype)[0], idx, scale, r)[0],
+        "sparse decode fp8": lambda: sparse_mqa(q, fp8.read(step, dtype)[0], idx, scale, r)[0],
+    }
+
+
+def _plan(kernels: bool, paged: bool) -> list[tuple[str, str]]:
+    """The (kind, impl) points measured at one (batch, context), each PyTorch path before the
+    kernels it checks."""
+    plan = [(kind, "torch") for kind in KINDS]
+    if kernels:
+        plan += [(kind, "triton") for kind in KINDS]
+        if paged:
+            plan.append(("dense decode", "triton paged"))
+    return plan
+
+
 def _measure(b: int, s: int, topk: int, h: int, r: int, dr: int, dtype: torch.dtype,
              device: torch.device, repeats: int, copy: float, kernels: bool) -> list[KernelPoint]:
-    """Dense decode (bf16 rows; FlashMLA's fp8 records), and sparse decode, at batch ``b`` and
-    context ``s``: the PyTorch path, and with ``kernels`` the Triton kernels (bf16 rows
-    contiguous and in 64-token pages, as FlashMLA's benchmark pages them)."""
+    """Every point of :func:`_plan` at batch ``b`` and context ``s``; a point that fails is
+    kept, missing, with its reason (all of them when the inputs do not fit)."""
     width = r + dr
-    scale = width**-0.5
     elt = torch.empty(0, dtype=dtype).element_size()
-    g = torch.Generator(device=device).manual_seed(s * 1000 + b)
-    q = torch.randn(b, h, 1, width, generator=g, device=device, dtype=dtype)
-    kv = torch.randn(b, s, width, generator=g, device=device, dtype=dtype)
-    records = pack_record(kv, r)
-    lengths = torch.full((b,), s, dtype=torch.int32, device=device)
     k = min(topk, s)
-    idx = torch.stack([torch.randperm(s, generator=g, device=device)[:k] for _ in range(b)])[:, None]
-    key = kv.unsqueeze(1)
     qo = b * h * (width + r) * elt  # the queries read and the outputs written
     dense = (b * s * width * elt + qo, 2 * b * h * s * (width + r))
-    fp8 = (b * s * record_bytes(r, dr) + qo, dense[1])
     sparse = (b * k * width * elt + qo, 2 * b * h * k * (width + r))
-    sparse8 = (b * k * record_bytes(r, dr) + qo, sparse[1])
-    # The PyTorch path over fp8 records is what the model runs without the kernel: dequantise
-    # the cache, then the fused SDPA over the latent (dense) or the gathered rows (sparse).
-    runs: list[tuple[str, str, Callable[[], object], tuple[int, int]]] = [
-        ("dense decode", "torch", lambda: attention(q, key, key, scale), dense),
-        ("dense decode fp8", "torch", lambda: attention(
-            q, *(2 * (unpack_record(records, r, dtype).unsqueeze(1),)), scale), fp8),
-        ("sparse decode", "torch", lambda: sparse_mqa(q, kv, idx, scale, r), sparse),
-        ("sparse decode fp8", "torch", lambda: sparse_mqa(
-            q, unpack_record(records, r, dtype), idx, scale, r), sparse8),
-        *_dsa_step(q, kv, k, scale, r, sparse, g, kernels),
-    ]
-    if kernels:
-        from latentattn.kernels.mla_decode import mla_decode_fp8_triton, mla_decode_triton
-        from latentattn.kernels.sparse_mla import sparse_mla_fp8_triton, sparse_mla_triton
+    costs = {"dense decode": dense, "dense decode fp8": (b * s * record_bytes(r, dr) + qo, dense[1]),
+             "sparse decode": sparse,
+             "sparse decode fp8": (b * k * record_bytes(r, dr) + qo, sparse[1]),
+             "dsa decode step": (b * s * bytes_per_vector(INDEX_DIM) + sparse[0],
+                                 2 * b * INDEX_HEADS * INDEX_DIM * s + sparse[1])}
+    plan = _plan(kernels, s % PAGE == 0)
 
-        # The same rows in 64-token pages of a shuffled pool, so that pages are not read in
-        # address order: page j of sequence i is pool page table[i, j].
-        page, n_pages = 64, b * (s // 64)
-        pages = None
-        if s % page == 0:
-            table = torch.randperm(n_pages, generator=g, device=device).to(torch.int32).view(b, -1)
-            pages = torch.empty(n_pages, page, width, dtype=dtype, device=device)
-            pages[table.flatten().long()] = kv.view(n_pages, page, width)
-        # As the model calls them: the longest length known on the host and the model's own
-        # selections trusted, so no call syncs with the device.
-        runs += [
-            ("dense decode", "triton", lambda: mla_decode_triton(
-                q[:, :, 0], kv, lengths, scale, r, max_len=s), dense),
-            ("dense decode fp8", "triton", lambda: mla_decode_fp8_triton(
-                q[:, :, 0], records, lengths, scale, r, max_len=s), fp8),
-            ("sparse decode", "triton", lambda: sparse_mla_triton(
-                q, kv, idx, scale, r, check_indices=False), sparse),
-            ("sparse decode fp8", "triton", lambda: sparse_mla_fp8_triton(
-                q, records, idx, scale, r, check_indices=False), sparse8),
-        ]
-        if pages is not None:
-            runs.append(("dense decode", "triton paged", lambda: mla_decode_triton(
-                q[:, :, 0], pages, lengths, scale, r, block_table=table, max_len=s), dense))
+    def point(kind: str, impl: str, ms: float | None, diff: float | None = None,
+              error: str | None = None) -> KernelPoint:
+        moved, flops = costs[kind]
+        gb = None if ms is None else moved / (ms * 1e-3) / 1e9
+        return KernelPoint(kind, impl, b, s, None if kind.startswith("dense") else k, ms, moved,
+                           flops, gb, None if ms is None else flops / (ms * 1e-3) / 1e12,
+                           None if gb is None else gb / copy, diff, error)
+
+    # A failure's memory is released after its except block: until then the traceback's frames
+    # hold the tensors the failed call allocated.
+    reason = None
+    try:
+        runs = _runs(b, s, k, h, r, dr, dtype, device, kernels)
+    except RuntimeError as e:  # the inputs themselves do not fit
+        reason = f"inputs: {_reason(e)}"
+    if reason is not None:
+        _release(device)
+        return [point(kind, impl, None, error=reason) for kind, impl in plan]
     points = []
     torch_out: dict[str, torch.Tensor] = {}
-    for kind, impl, fn, (moved, flops) in runs:
+    for kind, impl in plan:
+        fn = runs[kind, impl]
         try:
             # Each kernel's output against the PyTorch path's on the same input, as FlashMLA's
             # benchmark checks its backends against each other before timing them.
@@ -188,14 +231,84 @@ def _measure(b: int, s: int, topk: int, h: int, r: int, dr: int, dtype: torch.dt
                 torch_out[kind] = out
             diff = float((out - torch_out[kind]).abs().max()) if kind in torch_out else None
             ms = _time(fn, device, repeats)
-        except torch.OutOfMemoryError:  # the PyTorch path's scores at long context and big batch
-            torch.cuda.empty_cache()
+        except RuntimeError as e:  # torch.OutOfMemoryError is one: reported, never dropped
+            reason = _reason(e)
+        if reason is not None:
+            _release(device)
+            points.append(point(kind, impl, None, error=reason))
+            reason = None
             continue
-        gb = moved / (ms * 1e-3) / 1e9
-        points.append(KernelPoint(kind, impl, b, s, None if kind.startswith("dense") else k, ms, moved,
-                                  flops, gb, flops / (ms * 1e-3) / 1e12, gb / copy,
-                                  None if impl == "torch" else diff))
+        points.append(point(kind, impl, ms, None if impl == "torch" else diff))
     return points
+
+
+def _release(device: torch.device) -> None:
+    """Hand the failed point's freed blocks back, so that the next point starts clean."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _reason(e: RuntimeError) -> str:
+    """One short line: "out of memory (tried to allocate 2.00 GiB)", or the error's type and
+    first line."""
+    msg = str(e).strip()
+    if isinstance(e, torch.OutOfMemoryError) or re.search(r"out of memory|not enough memory", msg,
+                                                          re.IGNORECASE):
+        m = re.search(r"tried to allocate [0-9.]+ ?\w+", msg, re.IGNORECASE)
+        return "out of memory" + (f" ({m.group(0)[0].lower()}{m.group(0)[1:]})" if m else "")
+    first = msg.splitlines()[0] if msg else ""
+    return f"{type(e).__name__}: {first[:160]}" if first else type(e).__name__
+
+
+def _runs(b: int, s: int, k: int, h: int, r: int, dr: int, dtype: torch.dtype,
+          device: torch.device, kernels: bool) -> dict[tuple[str, str], Run]:
+    """The inputs at batch ``b`` and context ``s`` and a call per (kind, impl): the PyTorch
+    paths (:func:`torch_paths`), and with ``kernels`` the Triton kernels (bf16 rows contiguous
+    and in 64-token pages, as FlashMLA's benchmark pages them; fp8 records)."""
+    width = r + dr
+    scale = width**-0.5
+    g = torch.Generator(device=device).manual_seed(s * 1000 + b)
+    q = torch.randn(b, h, 1, width, generator=g, device=device, dtype=dtype)
+    # The caches as the model holds them: the latent rows, and the same rows as FlashMLA's
+    # records (what FP8LatentKV.write stores).
+    cache = LatentKV(b, s, r, dr, dtype, device)
+    cache.kv.normal_(generator=g)
+    kv = cache.kv
+    fp8 = FP8LatentKV(b, s, r, dr, device)
+    fp8.records.copy_(pack_record(kv, r))
+    records = fp8.records
+    step = decode_step(b, s, device)
+    idx = torch.stack([torch.randperm(s, generator=g, device=device)[:k] for _ in range(b)])[:, None]
+    runs: dict[tuple[str, str], Run] = {
+        (kind, "torch"): fn for kind, fn in torch_paths(q, cache, fp8, step, idx, scale).items()}
+    runs.update(_dsa_step(q, cache, step, k, scale, g, kernels))
+    if kernels:
+        from latentattn.kernels.mla_decode import mla_decode_fp8_triton, mla_decode_triton
+        from latentattn.kernels.sparse_mla import sparse_mla_fp8_triton, sparse_mla_triton
+
+        # As the model calls them: the longest length known on the host and the model's own
+        # selections trusted, so no call syncs with the device.
+        lengths = (step.positions[:, 0] + 1).to(torch.int32)
+        runs.update({
+            ("dense decode", "triton"): lambda: mla_decode_triton(
+                q[:, :, 0], kv, lengths, scale, r, max_len=s),
+            ("dense decode fp8", "triton"): lambda: mla_decode_fp8_triton(
+                q[:, :, 0], records, lengths, scale, r, max_len=s),
+            ("sparse decode", "triton"): lambda: sparse_mla_triton(
+                q, kv, idx, scale, r, check_indices=False),
+            ("sparse decode fp8", "triton"): lambda: sparse_mla_fp8_triton(
+                q, records, idx, scale, r, check_indices=False),
+        })
+        if s % PAGE == 0:
+            # The same rows in 64-token pages of a shuffled pool, so that pages are not read in
+            # address order: page j of sequence i is pool page table[i, j].
+            n_pages = b * (s // PAGE)
+            table = torch.randperm(n_pages, generator=g, device=device).to(torch.int32).view(b, -1)
+            pages = torch.empty(n_pages, PAGE, width, dtype=dtype, device=device)
+            pages[table.flatten().long()] = kv.view(n_pages, PAGE, width)
+            runs["dense decode", "triton paged"] = lambda: mla_decode_triton(
+                q[:, :, 0], pages, lengths, scale, r, block_table=table, max_len=s)
+    return runs
 
 
 def _latent(result: object, b: int, h: int, r: int) -> torch.Tensor:
@@ -205,30 +318,28 @@ def _latent(result: object, b: int, h: int, r: int) -> torch.Tensor:
     return o.reshape(b, h, -1)[..., :r].float()
 
 
-def _dsa_step(q: torch.Tensor, kv: torch.Tensor, k: int, scale: float, r: int,
-              sparse: tuple[int, int], g: torch.Generator, kernels: bool
-              ) -> list[tuple[str, str, Callable[[], object], tuple[int, int]]]:
+def _dsa_step(q: torch.Tensor, cache: LatentKV, step: Step, k: int, scale: float,
+              g: torch.Generator, kernels: bool) -> dict[tuple[str, str], Run]:
     """A whole DSA decode step as the model runs it: V3.2's indexer (64 heads of 128, fp8 keys)
     over every cached key, top-k, then sparse attention over the k selected latents. The
-    PyTorch path dequantises the keys first (the cache's ``read``); the kernels read the fp8
-    bytes. Bytes: the keys (132 a token) plus the sparse attention's."""
-    from latentattn.cache.fp8 import bytes_per_vector, quantize_e4m3
-    from latentattn.kernels.sparse import select_topk, topk_reference
-
+    PyTorch path reads the cache as ``IndexedLatentKV.read`` does (the latent rows, the keys
+    dequantised to fp32), then ``select_topk`` and ``sparse_mqa`` as
+    ``SparseLatentAttention.forward`` calls them; the kernels read the fp8 bytes in place.
+    Bytes: the keys (132 a token) plus the sparse attention's."""
+    kv, r = cache.kv, cache.kv_lora_rank
     b, s = kv.shape[:2]
-    heads, dim = 64, 128
+    heads, dim = INDEX_HEADS, INDEX_DIM
     qi = torch.randn(b, 1, heads, dim, generator=g, device=kv.device)
     wi = torch.randn(b, 1, heads, generator=g, device=kv.device) * heads**-0.5
     k8, k_scale = quantize_e4m3(torch.randn(b, s, dim, generator=g, device=kv.device))
-    pos = torch.full((b, 1), s - 1, device=kv.device)
-    cost = (b * s * bytes_per_vector(dim) + sparse[0], 2 * b * heads * dim * s + sparse[1])
+    pos = step.positions
 
     def torch_step() -> object:
-        sel = select_topk(qi, wi, dequantize_e4m3(k8, k_scale), pos, k, dim**-0.5)
-        return sparse_mqa(q, kv, sel, scale, r)
+        latent, keys = cache.read(step, q.dtype)[0], dequantize_e4m3(k8, k_scale)
+        sel = select_topk(qi, wi, keys, pos, k, dim**-0.5)
+        return sparse_mqa(q, latent, sel, scale, r)
 
-    runs: list[tuple[str, str, Callable[[], object], tuple[int, int]]] = [
-        ("dsa decode step", "torch", torch_step, cost)]
+    runs: dict[tuple[str, str], Run] = {("dsa decode step", "torch"): torch_step}
     if kernels:
         from latentattn.kernels.indexer_logits import indexer_logits_triton
         from latentattn.kernels.sparse_mla import sparse_mla_triton
@@ -238,7 +349,7 @@ def _dsa_step(q: torch.Tensor, kv: torch.Tensor, k: int, scale: float, r: int,
             return sparse_mla_triton(q, kv, topk_reference(logits, pos, k), scale, r,
                                      check_indices=False)
 
-        runs.append(("dsa decode step", "triton", triton_step, cost))
+        runs["dsa decode step", "triton"] = triton_step
     return runs
 
 
@@ -251,10 +362,13 @@ def check_device(name: str) -> torch.device:
 
 
 __all__ = [
+    "KINDS",
     "V3_DIMS",
     "KernelPoint",
     "KernelReport",
     "check_device",
     "copy_bandwidth",
+    "decode_step",
     "run_kernel_bench",
+    "torch_paths",
 ]

@@ -334,7 +334,10 @@ def register(sub: Any) -> None:
         "as FlashMLA counts it, and GB/s against this device's measured copy bandwidth) and sparse "
         "top-k decode (TFLOP/s and time against the dense kernel) at DeepSeek-V3/V3.2 dims "
         "(512 + 64 latent, --heads query heads), Triton kernels and the PyTorch path on the same "
-        "device. On a CPU only the PyTorch path runs: the kernels need a GPU.")
+        "device. The PyTorch path is what the model runs at decode without the kernels: its cache "
+        "read (fp8 records dequantised), its decode step's mask and its own attention call. A "
+        "point that fails (out of memory, say) is reported as missing, with its reason. On a CPU "
+        "only the PyTorch path runs: the kernels need a GPU.")
     ker.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ker.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                      help="(default: bfloat16 on a GPU, float32 on a CPU)")
