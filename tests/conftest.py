@@ -16,10 +16,16 @@ from typing import Any
 import pytest
 import torch
 
-# The Triton kernels run in Triton's interpreter on CPU tensors here (tests/test_triton_decode.py).
-# Triton reads this when it is imported, so it is set before any test module can import it; on
-# a CUDA machine export TRITON_INTERPRET=0 to run the kernels compiled.
-os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+# The interpreter tests (tests/test_triton_*.py) run the Triton kernels in Triton's interpreter on
+# CPU tensors, on every machine, GPU or not: Triton reads this when it is imported, so it is set
+# before any test module can import it. The GPU tests (tests/test_triton_gpu.py) run the kernels
+# compiled and only with TRITON_INTERPRET=0 on a CUDA machine: `make gpu-check` does that.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+INTERPRETER = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs the Triton kernels on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, "
+    "which make test sets); the compiled kernels are tested by make gpu-check")
 
 TOL: dict[torch.dtype, dict[str, float]] = {
     torch.float64: {"atol": 1e-10, "rtol": 1e-10},
@@ -120,3 +126,62 @@ def assert_durable(rec: FsyncRecorder, target: Path) -> None:
     assert rec.index(("fsync-file", target.stat().st_ino)) < renamed
     dir_syncs = [i for i, e in enumerate(rec.events) if e == ("fsync-dir", target.parent.stat().st_ino)]
     assert any(i > renamed for i in dir_syncs), rec.events
+
+
+# ---------------------------------------------------------------------------- rounding bounds
+ROUNDING_FACTOR = 4.0  # c below; flash-attention's tests take 2 to 4
+
+
+def max_error(got: torch.Tensor, want64: torch.Tensor) -> float:
+    """max |got - want64| over want64's finite entries, after checking that ``got`` is non-finite
+    exactly where ``want64`` is, with the same values there (an LSE of -inf, say); 0 if none."""
+    finite = torch.isfinite(want64)
+    assert got.shape == want64.shape, (got.shape, want64.shape)
+    assert torch.equal(torch.isfinite(got), finite), "non-finite entries differ"
+    assert torch.equal(got[~finite].double(), want64[~finite]), "non-finite entries differ"
+    return float((got[finite].double() - want64[finite]).abs().max()) if finite.any() else 0.0
+
+
+def assert_within_rounding(got: torch.Tensor, want64: torch.Tensor, baseline: torch.Tensor, *,
+                           terms: int, magnitude: float | None = None, c: float = ROUNDING_FACTOR,
+                           what: str = "") -> None:
+    """``got`` (a kernel's output) is no further from the exact result than rounding explains.
+
+    ``want64`` is the reference computed in float64 (rounding ~1e-16 relative: the exact result,
+    for an fp32 or bf16 test); ``baseline`` the PyTorch path on the same inputs at ``got``'s
+    precision. Both ``got`` and ``baseline`` round every product and partial sum, each in its
+    own order (BLAS blocking, SIMD width and thread count, the kernel's tiles, its online softmax
+    and split merges), so they differ by a few units in the last place, and by how many depends
+    on the CPU: a fixed atol fitted on one machine fails on another. What carries over is the
+    size of the rounding, so this is flash-attention's rule (hopper/test_flash_attn.py: c = 2,
+    its floor the rounding of one addition to the output)::
+
+        max|got - want64| <= c * max|baseline - want64| + floor,
+        floor = sqrt(terms) * eps(dtype) * magnitude
+
+    c (ROUNDING_FACTOR, 4) lets the kernel's order round a few times worse than PyTorch's (an
+    online softmax rescales each partial sum once per tile; base-2 exponentials add a product
+    by log2 e). The floor is the typical rounding of a sum of ``terms`` terms (the longest chain
+    of additions behind one output: a dot product's width plus a softmax's length, say) as a
+    random walk of sqrt(terms) units in the last place of ``magnitude``, the size of what is
+    summed: max|want64| by default; pass the terms' size where they cancel (a score
+    scale * sum_i |q_i k_i|, the largest value an attention output averages). It matters where
+    the baseline is almost exact by luck (one key; a sum that rounds exactly; an output of one
+    or two elements, whose errors are single samples, not a maximum over many), and spares the
+    kernel the same luck. Both terms stay orders of magnitude below what a bug does (a wrong
+    scale, mask or index, a dropped tile): an error of 1e-3 relative fails. Non-finite entries
+    must match exactly (:func:`max_error`)."""
+    assert want64.dtype == torch.float64 and got.dtype == baseline.dtype, (want64.dtype, got.dtype,
+                                                                           baseline.dtype)
+    err, base = max_error(got, want64), max_error(baseline, want64)
+    if magnitude is None:
+        finite = want64[torch.isfinite(want64)]
+        magnitude = float(finite.abs().max()) if finite.numel() else 0.0
+    floor = terms**0.5 * torch.finfo(got.dtype).eps * magnitude
+    if os.environ.get("ROUNDING_LOG"):  # TEMPORARY
+        with open(os.environ["ROUNDING_LOG"], "a") as f:
+            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST','?').split(' ')[0]}\t{what}\t{err:.3g}\t{base:.3g}\t{floor:.3g}\t{err / max(c * base + floor, 1e-300):.3f}\n")
+    assert err <= c * base + floor, (
+        f"{what or 'output'}: max |got - float64 reference| = {err:.3g} exceeds {c:g} x the "
+        f"{got.dtype} PyTorch path's {base:.3g} + a floor of {floor:.3g} (sqrt({terms}) ulps of "
+        f"{magnitude:.3g})")

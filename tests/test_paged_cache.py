@@ -49,8 +49,8 @@ def test_the_kernel_reads_the_pages_in_place(monkeypatch: pytest.MonkeyPatch) ->
     pytest.importorskip("triton")
     import os
 
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1 (conftest sets it)")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernels on CPU tensors run only in the interpreter (TRITON_INTERPRET=1)")
     from latentattn.kernels import triton_mla
     from latentattn.kernels.backend import use_backend
 

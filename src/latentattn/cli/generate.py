@@ -7,12 +7,13 @@ import sys
 from typing import Any
 
 from latentattn.cli.common import UserError, add_model_args, model_overrides
+from latentattn.kernels.backend import BACKENDS
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from latentattn.kernels.backend import get_backend, use_backend
+    from latentattn.kernels.backend import check_device_backend, get_backend, use_backend
     from latentattn.loading import load, resolve
     from latentattn.model import generate
 
@@ -20,6 +21,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError("--prompt must not be empty")
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    backend = args.backend or get_backend()
+    with use_backend(backend):
+        check_device_backend(args.device or "cpu")  # before loading: nothing to undo
     source = resolve(args.model)
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, seed=args.seed,
                             with_tokenizer=True, **model_overrides(args))
@@ -33,7 +37,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--page-size must be >= 1, got {args.page_size}")
     eos = tokenizer.eos_token_id
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
-    with use_backend(args.backend or get_backend()):
+    with use_backend(backend):
         out = generate(model, torch.tensor([ids], device=model.device), args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                        eos_token_id=eos, generator=gen, latent_fp8=args.latent_fp8,
@@ -68,7 +72,9 @@ def register(sub: Any) -> None:
                      "at DeepSeek's dims against 1,152 in bf16)")
     gen.add_argument("--page-size", type=int, default=None, metavar="N",
                      help="dense MLA: keep the latent cache in pages of N tokens (FlashMLA: 64)")
-    gen.add_argument("--backend", choices=["triton", "torch"], default=None,
-                     help="kernels for MLA decode and DSA (default: triton on CUDA when it "
-                     "imports, torch elsewhere; LATENTATTN_BACKEND sets it too)")
+    gen.add_argument("--backend", choices=list(BACKENDS), default=None,
+                     help="attention implementation: auto (the default; LATENTATTN_BACKEND sets it "
+                     "too) runs the Triton kernels for a CUDA --device when Triton imports and "
+                     "PyTorch elsewhere; sdpa or reference force PyTorch; triton forces the "
+                     "kernels (on the CPU only in Triton's interpreter, TRITON_INTERPRET=1)")
     gen.set_defaults(func=cmd_generate)

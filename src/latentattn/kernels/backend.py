@@ -1,12 +1,21 @@
-"""Which implementation runs MLA's kernels: ``triton`` or ``torch``, chosen once.
+"""Which implementation runs attention: one choice, made by the tensors' device unless forced.
 
-The default is Triton when CUDA is available and ``triton`` imports, PyTorch everywhere else,
-so CPU users see no change. ``LATENTATTN_BACKEND=triton|torch`` (read at import) or
-:func:`set_backend` / :func:`use_backend` (an argument, for tests and scripts) force one.
-Forcing ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` set before Triton is imported:
-the kernels then run in Triton's interpreter, slowly but exactly (fp32), so a whole tiny model
-can generate through them. Without it, a forced ``triton`` on CPU tensors is an error, not a
-silent fallback.
+``auto`` (the default): the Triton kernels for CUDA tensors when ``triton`` imports (absorbed MLA
+decode, DSA's indexer and sparse attention), PyTorch for every other tensor (SDPA for dense
+attention, the gathered ``sparse_mqa`` for DSA). A CPU model on a GPU machine therefore still
+runs on PyTorch, and a CUDA model on a machine without Triton too.
+
+Forced, with :func:`set_backend`, :func:`use_backend` or ``LATENTATTN_BACKEND`` (read once, at
+the first call):
+
+* ``sdpa``: PyTorch everywhere, dense attention through the fused SDPA kernels;
+* ``reference``: PyTorch everywhere, dense attention through the obviously-correct fp32
+  softmax the tests compare against;
+* ``triton``: the Triton kernels wherever one exists (dense prefill still runs SDPA). CUDA tensors
+  run them compiled; CPU tensors only in Triton's interpreter (``TRITON_INTERPRET=1`` set before
+  Triton is imported), slowly but in exact fp32, so a whole tiny model can generate through the
+  kernels without a GPU. Without the interpreter, a forced ``triton`` on CPU tensors is an error
+  that says what to use instead, not a silent fallback.
 """
 
 from __future__ import annotations
@@ -20,44 +29,46 @@ import torch
 
 from latentattn.errors import ConfigError
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("auto", "sdpa", "reference", "triton")
+ENV = "LATENTATTN_BACKEND"
 
-
-def _default() -> str:
-    env = os.environ.get("LATENTATTN_BACKEND")
-    if env:
-        if env not in BACKENDS:
-            raise ConfigError(f"LATENTATTN_BACKEND must be one of {', '.join(BACKENDS)}, got {env!r}")
-        return env
-    return "triton" if torch.cuda.is_available() and triton_available() else "torch"
+_forced: str | None = None  # None: not yet read from the environment
 
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-_backend: str | None = None
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (numpy on the host, any tensor device)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ConfigError(f"{source} must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "triton" and not triton_available():
+        raise ConfigError("the triton backend needs Triton: pip install 'latentattn[gpu]'")
+    return name
 
 
 def get_backend() -> str:
-    global _backend
-    if _backend is None:
-        _backend = _default()
-    return _backend
+    """The chosen backend: ``auto`` unless one was forced (module docstring)."""
+    global _forced
+    if _forced is None:
+        _forced = _check(os.environ.get(ENV) or "auto", ENV)
+    return _forced
 
 
 def set_backend(name: str) -> None:
-    global _backend
-    if name not in BACKENDS:
-        raise ConfigError(f"unknown kernel backend {name!r}; known: {', '.join(BACKENDS)}")
-    if name == "triton" and not triton_available():
-        raise ConfigError("the triton backend needs Triton: pip install 'latentattn[gpu]'")
-    _backend = name
+    """Force ``name`` (one of :data:`BACKENDS`) for every later call; ``auto`` undoes it."""
+    global _forced
+    _forced = _check(name, "the backend")
 
 
 @contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the block with the ``name`` backend, then restore the previous one."""
+    """Run the block with the ``name`` backend, then restore the previous choice."""
     before = get_backend()
     set_backend(name)
     try:
@@ -67,14 +78,34 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def runs_triton(t: torch.Tensor) -> bool:
-    """Whether a kernel on ``t`` runs in Triton: the backend is triton, and ``t`` is on CUDA or
-    the interpreter is on."""
-    if get_backend() != "triton":
+    """Whether a kernel on ``t`` runs in Triton: ``auto`` and ``t`` on CUDA with Triton
+    installed, or ``triton`` forced and ``t`` on CUDA or the interpreter on."""
+    name = get_backend()
+    if name == "auto":
+        return t.is_cuda and triton_available()
+    if name != "triton":
         return False
-    if t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if t.is_cuda or interpreting():
         return True
-    raise ConfigError(f"the triton backend runs on CUDA tensors (or in the interpreter with "
-                      f"TRITON_INTERPRET=1); these are on {t.device}: set LATENTATTN_BACKEND=torch")
+    raise ConfigError(f"the triton backend runs on CUDA tensors (or on CPU tensors in Triton's "
+                      f"interpreter, TRITON_INTERPRET=1); these are on {t.device}: use the "
+                      f"auto or sdpa backend ({ENV}=auto)")
 
 
-__all__ = ["BACKENDS", "get_backend", "runs_triton", "set_backend", "triton_available", "use_backend"]
+def dense_reference() -> bool:
+    """Whether dense attention runs the fp32 reference softmax instead of SDPA."""
+    return get_backend() == "reference"
+
+
+def check_device_backend(device: torch.device | str) -> None:
+    """Up-front check for a command about to run on ``device``: a forced ``triton`` backend needs
+    CUDA there or the interpreter, else one clear error before any work is done."""
+    dev = torch.device(device)
+    if get_backend() == "triton" and dev.type != "cuda" and not interpreting():
+        raise ConfigError(f"the triton backend runs on CUDA devices (or on the CPU in Triton's "
+                          f"interpreter, TRITON_INTERPRET=1), not on {dev}: use --backend auto "
+                          f"or sdpa, or --device cuda")
+
+
+__all__ = ["BACKENDS", "ENV", "check_device_backend", "dense_reference", "get_backend",
+           "interpreting", "runs_triton", "set_backend", "triton_available", "use_backend"]

@@ -19,17 +19,22 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from latentattn.cache.fp8 import record_bytes
 from latentattn.errors import ConfigError
+
+if TYPE_CHECKING:  # importing it needs Triton
+    from latentattn.kernels.triton_launch import Launch
 
 # Per-block shared memory a kernel may use (bytes; CUDA C Programming Guide, compute capability
 # table: 163 KB on sm_80, 227 KB on sm_90) and registers per thread (255 on both).
 ARCHS = {"sm_80": (80, 166912), "sm_90": (90, 232448)}
 MAX_REGS = 255
-CACHE_SHAPES = {"deepseek-v2-lite / v3 / v3.2": (512, 64), "smollm2-135m converted": (128, 64)}
+# (latent rank, rope dims, query heads): DeepSeek-V3's attention, and SmolLM2-135M converted.
+CACHE_SHAPES = {"deepseek-v3 / v3.2": (512, 64, 128), "smollm2-135m converted": (128, 64, 9)}
 PAGE = 64
 
 
@@ -57,63 +62,70 @@ def parse_archs(text: str) -> list[str]:
     return archs
 
 
-def _jobs() -> list[tuple[str, str, object, dict[str, str], dict[str, object], int]]:
-    """(kernel, config, fn, signature, constexprs, num_warps) for every launched configuration."""
+def _jobs() -> list[tuple[str, str, Launch]]:
+    """(kernel, configuration, launch) for every configuration compiled: each launch is built by
+    the launcher itself, on meta tensors of the shapes it names, so that the compile sees the
+    kernel's real arguments, constexprs, warps and pipeline stages."""
     from latentattn.kernels import triton_indexer as ix
     from latentattn.kernels import triton_mla as k
     from latentattn.kernels import triton_sparse as sp
 
-    jobs: list[tuple[str, str, object, dict[str, str], dict[str, object], int]] = []
-    dtype, ptr = torch.bfloat16, "*bf16"
-    pointers = {"Q": ptr, "KV": ptr, "LENGTHS": "*i32", "TABLE": "*i32", "O_PART": "*fp32",
-                "LSE_PART": "*fp32", "OUT": ptr, "LSE": "*fp32", "IDX": "*i32", "DO": ptr,
-                "DELTA": "*fp32", "DQ": "*fp32", "DKV": "*fp32"}
-    for name, (rank, rope) in CACHE_SHAPES.items():
+    def t(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    jobs: list[tuple[str, str, Launch]] = []
+    batch, ctx, topk, tokens = 4, 4096, 2048, 4096
+    for name, (rank, rope, heads) in CACHE_SHAPES.items():
+        width = rank + rope
+        q = t(batch, heads, width)
+        lengths = t(batch, dtype=torch.int32)
+        table = t(batch, ctx // PAGE, dtype=torch.int32)
+        merged = False
         # bf16 latent rows, and FlashMLA's fp8 record (e4m3 latent decoded in software, fp32
-        # scales, bf16 rope: the KV pointer is then bytes); each contiguous and in pages.
+        # scales, bf16 rope: the KV pointer is then bytes); each contiguous and in pages; with
+        # one split (stage 1 writes o in q's dtype) and with four (fp32 partials, then merged).
         for fp8 in (False, True):
+            row = t(1, 1, record_bytes(rank, rope), dtype=torch.uint8) if fp8 else t(1, 1, width)
             for paged in (False, True):
-                consts = k.decode_constexprs(rank, rope, PAGE if paged else 1, paged, dtype, fp8=fp8)
-                sig = _signature(k.mla_decode_stage1, {**pointers, "KV": "*u8"} if fp8 else pointers,
-                                 consts, floats={"sm_scale_log2"})
-                where = f"{PAGE}-token pages" if paged else "contiguous"
-                jobs.append(("mla_decode_stage1",
-                             f"{name}, R {rank} + {rope}, {where}, {'fp8 record' if fp8 else 'bf16'}",
-                             k.mla_decode_stage1, sig, consts, k.decode_warps(rank)))
-        consts = k.decode_constexprs(rank, rope, 1, False, dtype)
-        consts2: dict[str, object] = {"RANK": rank, "BLOCK_R": consts["BLOCK_R"], "BLOCK_S": 16}
-        sig2 = _signature(k.mla_decode_stage2, pointers, consts2, floats=set())
-        jobs.append(("mla_decode_stage2", f"{name}, R {rank}, up to 16 splits, bf16",
-                     k.mla_decode_stage2, sig2, consts2, 4))
-        fwd, fwd8 = (sp.sparse_fwd_constexprs(rank, rope, dtype, fp8) for fp8 in (False, True))
-        bwd = sp.sparse_constexprs(rank, rope, dtype)
-        split = {**pointers, "OUT": "*fp32"}  # decode at small batch: fp32 partials for the merge
-        for kernel, fn, consts, floats, how, ptrs in (
-                ("sparse_mla_fwd", sp.sparse_mla_fwd, fwd, {"sm_scale_log2"}, "bf16", pointers),
-                ("sparse_mla_fwd", sp.sparse_mla_fwd, fwd, {"sm_scale_log2"},
-                 "bf16, split top-k (fp32 partials)", split),
-                ("sparse_mla_fwd", sp.sparse_mla_fwd, fwd8, {"sm_scale_log2"},
-                 "fp8 records, split top-k (fp32 partials)", {**split, "KV": "*u8"}),
-                ("sparse_mla_bwd", sp.sparse_mla_bwd, bwd, {"sm_scale"}, "bf16", pointers)):
-            jobs.append((kernel, f"{name}, R {rank} + {rope}, top-k tiles of {sp.BLOCK_K}, {how}", fn,
-                         _signature(fn, ptrs, consts, floats), consts, sp.sparse_warps(rank)))
-    # DeepSeek-V3.2's indexer: 64 heads of 128, keys in bf16 or fp8 (e4m3 bytes + fp32 scales).
-    for keys, fp8 in (("bf16", False), ("fp8 e4m3", True)):
-        ic: dict[str, object] = {"DIM": 128, "BLOCK_D": 128, "BLOCK_HI": 64, "BLOCK_S": ix.BLOCK_S,
-                                 "FP8": fp8, "QBLOCK": 128, "DOT_BF16": True}
-        iptr = {"Q": "*fp32", "W": "*fp32", "K": "*u8" if fp8 else ptr, "KSCALE": "*fp32",
-                "POS": "*i32", "OUT": "*fp32"}
-        jobs.append(("indexer_logits", f"deepseek-v3.2, 64 heads x 128, {keys} keys",
-                     ix.indexer_logits_kernel, _signature(ix.indexer_logits_kernel, iptr, ic, {"scale"}),
-                     ic, 4))
+                shape = (batch * ctx // PAGE, PAGE) if paged else (batch, ctx)
+                kv = row.expand(*shape, row.shape[-1]).contiguous()
+                for splits in (1, 4):
+                    launches, _, _ = k.decode_launches(q, kv, lengths, 0.1, rank,
+                                                       table if paged else None, splits, ctx, fp8)
+                    where = f"{PAGE}-token pages" if paged else "contiguous"
+                    how = "one split, bf16 out" if splits == 1 else "4 splits, fp32 partials"
+                    jobs.append(("mla_decode_stage1", f"{name}, R {rank} + {rope}, {where}, "
+                                 f"{'fp8 record' if fp8 else 'bf16'}, {how}", launches[0]))
+                    if len(launches) > 1 and not merged:
+                        merged = True
+                        jobs.append(("mla_decode_stage2", f"{name}, R {rank}, 4 splits, bf16",
+                                     launches[1]))
+        kv = t(1, ctx, width)
+        records = t(1, ctx, record_bytes(rank, rope), dtype=torch.uint8)
+        one, prefill = t(1, heads, 1, width), t(1, heads, tokens, width)
+        sel1, sel = t(1, 1, topk, dtype=torch.int32), t(1, tokens, topk, dtype=torch.int32)
+        where = f"{name}, R {rank} + {rope}, top-k {topk} in tiles of {sp.BLOCK_K}"
+        for how, launch in (
+                ("bf16 prefill", sp.fwd_launches(prefill, kv, sel, 0.1, rank)[0][0]),
+                ("bf16 decode, 4 splits (fp32 partials)",
+                 sp.fwd_launches(one, kv, sel1, 0.1, rank, 4)[0][0]),
+                ("fp8 records decode", sp.fwd_launches(one, records, sel1, 0.1, rank, 1, True)[0][0]),
+                ("fp8 records decode, 4 splits (fp32 partials)",
+                 sp.fwd_launches(one, records, sel1, 0.1, rank, 4, True)[0][0])):
+            jobs.append(("sparse_mla_fwd", f"{where}, {how}", launch))
+        o, lse = t(1, heads, tokens, rank), t(1, heads, tokens, dtype=torch.float32)
+        bwd = sp.bwd_launch(prefill, kv, sel, o, lse, o, 0.1, rank)[0]
+        jobs.append(("sparse_mla_bwd", f"{where}, bf16 prefill", bwd))
+    # DeepSeek-V3.2's indexer: 64 heads of 128, keys in bf16 or fp8 (e4m3 bytes + fp32 scales),
+    # at decode (one query token over 32k keys).
+    qi, wi = t(1, 1, 64, 128, dtype=torch.float32), t(1, 1, 64, dtype=torch.float32)
+    pos = t(1, 1, dtype=torch.int32)
+    for keys, key, scale in (("bf16", t(1, 32768, 128), None),
+                             ("fp8 e4m3", t(1, 32768, 128, dtype=torch.uint8),
+                              t(1, 32768, 1, dtype=torch.float32))):
+        jobs.append(("indexer_logits", f"deepseek-v3.2, 64 heads x 128, {keys} keys, decode",
+                     ix.indexer_launch(qi, wi, key, scale, pos, 0.1)[0]))
     return jobs
-
-
-def _signature(fn: Any, pointers: dict[str, str], consts: dict[str, object],
-               floats: set[str]) -> dict[str, str]:
-    names: list[str] = fn.arg_names
-    return {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n in floats else "i32")
-            for n in names}
 
 
 def _resources(cubin: bytes) -> tuple[int, int]:
@@ -146,10 +158,13 @@ def compile_all(archs: list[str]) -> list[Compiled]:
     results = []
     for arch in archs:
         cc = ARCHS[arch][0]
-        for kernel, config, fn, sig, consts, warps in _jobs():
+        for kernel, config, launch in _jobs():
             try:
-                out = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cc, 32),
-                                     options={"num_warps": warps, "num_stages": 2})
+                sig, consts, attrs = launch.specialisation()
+                out = triton.compile(ASTSource(launch.fn, sig, consts, attrs),
+                                     target=GPUTarget("cuda", cc, 32),
+                                     options={"num_warps": launch.num_warps,
+                                              "num_stages": launch.num_stages})
                 regs, spill = _resources(out.asm["cubin"])
                 results.append(Compiled(kernel, config, arch, True, int(out.metadata.shared), regs,
                                         spill))

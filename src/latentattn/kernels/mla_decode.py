@@ -98,6 +98,9 @@ def check_decode_inputs(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor
         raise ConfigError(f"lengths must be ({q.shape[0]},), got {tuple(lengths.shape)}")
     if block_table is not None and (block_table.dim() != 2 or block_table.shape[0] != q.shape[0]):
         raise ConfigError(f"block_table must be (B, max_pages), got {tuple(block_table.shape)}")
+    if q.shape[0] > GRID_YZ:
+        raise ConfigError(f"mla_decode launches one program row per sequence: at most {GRID_YZ:,}, "
+                          f"got B {q.shape[0]:,}; call it on smaller batches")
     if block_table is None and kv.shape[0] != q.shape[0]:
         raise ConfigError(f"a contiguous cache holds one row per sequence: kv {tuple(kv.shape)}, "
                           f"q {tuple(q.shape)}")
@@ -135,6 +138,7 @@ def mla_decode_triton(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, 
     the inputs are trusted (:func:`check_decode_inputs`); else they are checked. Needs Triton,
     and CUDA tensors or ``TRITON_INTERPRET=1`` set before the first call."""
     longest = check_decode_inputs(q, kv, lengths, kv_lora_rank, block_table, max_len)
+    check_devices("mla_decode", q, kv)
     from latentattn.kernels.triton_mla import launch_decode
 
     return launch_decode(q, kv, lengths, scale, kv_lora_rank, block_table,
@@ -154,6 +158,7 @@ def mla_decode_fp8_triton(q: torch.Tensor, records: torch.Tensor, lengths: torch
     longest = check_decode_inputs(q, torch.empty(*records.shape[:2], q.shape[-1], dtype=q.dtype,
                                                  device="meta"),
                                   lengths, kv_lora_rank, block_table, max_len)
+    check_devices("mla_decode_fp8", q, records)
     from latentattn.kernels.triton_mla import launch_decode
 
     return launch_decode(q, records, lengths, scale, kv_lora_rank, block_table,
@@ -181,22 +186,61 @@ def check_fp8_records(q: torch.Tensor, records: torch.Tensor, rank: int) -> None
 
 
 def _splits(q: torch.Tensor, longest: int, num_splits: int | None) -> int:
-    splits = num_splits if num_splits is not None else default_splits(q.shape[0], q.shape[1], longest)
+    splits = (num_splits if num_splits is not None
+              else default_splits(q.shape[0], q.shape[1], longest, sm_count(q.device)))
     if splits < 1:
         raise ConfigError(f"num_splits must be >= 1, got {splits}")
     return splits
 
 
-def default_splits(batch: int, heads: int, max_len: int, programs: int = 132) -> int:
-    """KV splits per sequence: enough programs to fill ``programs`` (an H100's 132 SMs) when
-    batch x head blocks cannot, never splits under 4 tiles, at most 16 (vLLM PR #50629 caps
-    them near SMs / (batch x head blocks): the fp32 partials grow with the count)."""
-    head_blocks = -(-heads // BLOCK_H)
-    want = max(1, programs // max(1, batch * head_blocks))
-    most = max(1, max_len // (4 * BLOCK_N))
-    return max(1, min(want, most, 16))
+# ---------------------------------------------------------------------------- launch policy
+GRID_YZ = 65535  # CUDA's grid limit on axes y and z (axis x takes 2^31 - 1)
+H100_SMS = 132  # an H100 SXM's streaming multiprocessors: the policy's stand-in off CUDA
+MAX_SPLITS = 16  # vLLM PR #50629 caps KV splits near 16: the fp32 partials grow with the count
 
 
-__all__ = ["BLOCK_H", "BLOCK_N", "check_decode_inputs", "check_fp8_records", "check_rank_and_dtypes",
-           "default_splits", "mla_decode_fp8_ref", "mla_decode_fp8_triton", "mla_decode_ref",
-           "mla_decode_triton", "unit_stride"]
+def check_devices(kernel: str, q: torch.Tensor, *data: torch.Tensor) -> None:
+    """The data tensors on q's device (index tensors are moved there by the launchers)."""
+    for t in data:
+        if t.device != q.device:
+            raise ConfigError(f"{kernel}: q is on {q.device} but a {tuple(t.shape)} input is on "
+                              f"{t.device}; move them to one device")
+
+
+def sm_count(device: torch.device) -> int:
+    """The streaming multiprocessors of a CUDA device (what a split policy fills); an H100's 132
+    for any other device (the interpreter), so that the policy runs there as on an H100."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return H100_SMS
+
+
+def split_count(blocks: int, most: int, sms: int) -> int:
+    """Splits for ``blocks`` programs of work on ``sms`` SMs, at most ``most``: flash-attention's
+    ``num_splits_heuristic`` (csrc/flash_attn/flash_api.cpp). None once the blocks fill 80% of
+    the SMs; else, with wave quantisation counted (s splits give blocks x s programs in
+    ceil(blocks x s / sms) waves, efficiency = the waves' occupied share), the fewest splits
+    within 85% of the best efficiency, since every split adds partials to write and merge."""
+    most = max(1, min(most, MAX_SPLITS))
+    if blocks >= 0.8 * sms or most == 1:
+        return 1
+
+    def efficiency(s: int) -> float:
+        waves = blocks * s / sms
+        return waves / math.ceil(waves)
+
+    best = max(efficiency(s) for s in range(1, most + 1))
+    return next(s for s in range(1, most + 1) if efficiency(s) >= 0.85 * best)
+
+
+def default_splits(batch: int, heads: int, max_len: int, sms: int = H100_SMS) -> int:
+    """KV splits per sequence for dense decode: :func:`split_count` over batch x head blocks
+    programs, each split at least 4 tiles of BLOCK_N rows (shorter splits cost more in partials
+    than they gain)."""
+    return split_count(batch * -(-heads // BLOCK_H), max_len // (4 * BLOCK_N), sms)
+
+
+__all__ = ["BLOCK_H", "BLOCK_N", "GRID_YZ", "H100_SMS", "check_decode_inputs", "check_devices",
+           "check_fp8_records", "check_rank_and_dtypes", "default_splits", "mla_decode_fp8_ref",
+           "mla_decode_fp8_triton", "mla_decode_ref", "mla_decode_triton", "sm_count", "split_count",
+           "unit_stride"]

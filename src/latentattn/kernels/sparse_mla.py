@@ -23,11 +23,17 @@ import torch
 
 from latentattn.cache.fp8 import check_record_rank, record_bytes
 from latentattn.errors import ConfigError
-from latentattn.kernels.mla_decode import check_rank_and_dtypes, unit_stride
+from latentattn.kernels.mla_decode import (
+    GRID_YZ,
+    check_devices,
+    check_rank_and_dtypes,
+    sm_count,
+    split_count,
+    unit_stride,
+)
 from latentattn.kernels.sparse import gather_rows
 
 BLOCK_H = 16  # heads per program (tl.dot needs 16 rows); vLLM's sparse kernel also takes 16
-GRID_MAX = 65535
 
 
 def sparse_mla_ref(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float, rank: int
@@ -53,9 +59,10 @@ def check_sparse_inputs(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, ra
         raise ConfigError(f"idx {tuple(idx.shape)} and kv {tuple(kv.shape)} do not match q "
                           f"{tuple(q.shape)}'s batch and tokens")
     check_rank_and_dtypes(q, kv, rank, "sparse_mla")
-    if max(q.shape[0], q.shape[2]) > GRID_MAX:  # CUDA's grid y and z limits
-        raise ConfigError(f"sparse_mla launches one program row per token and sequence: at most "
-                          f"{GRID_MAX} of each, got B {q.shape[0]}, T {q.shape[2]}; call it on chunks")
+    # Tokens share grid axis 0 with the head blocks (2^31 - 1 programs); sequences are axis 1.
+    if q.shape[0] > GRID_YZ:
+        raise ConfigError(f"sparse_mla launches one program row per sequence: at most {GRID_YZ:,}, "
+                          f"got B {q.shape[0]:,}; call it on smaller batches")
     if idx.dtype not in (torch.int32, torch.int64):
         raise ConfigError(f"idx must be int32 or int64, got {idx.dtype}")
     if check_indices and idx.numel() and int(idx.max()) >= kv.shape[1]:
@@ -69,7 +76,8 @@ class _SparseMLA(torch.autograd.Function):
         from latentattn.kernels.triton_sparse import launch_fwd
 
         # A cache's [:, :kv_len] view is read in place (only rows need unit stride).
-        q, kv, idx = q.contiguous(), unit_stride(kv), idx.to(torch.int32).contiguous()
+        q, kv = q.contiguous(), unit_stride(kv)
+        idx = idx.to(device=q.device, dtype=torch.int32).contiguous()
         o, lse = launch_fwd(q, kv, idx, scale, rank, splits)
         ctx.save_for_backward(q, kv, idx, o, lse)
         ctx.scale, ctx.rank = scale, rank
@@ -94,6 +102,7 @@ def sparse_mla_triton(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scal
     LSEs (None: :func:`default_sparse_splits`; decode at small batch needs them to fill a GPU).
     ``check_indices=False`` skips the one check that reads ``idx`` on the host."""
     check_sparse_inputs(q, kv, idx, rank, check_indices)
+    check_devices("sparse_mla", q, kv)
     o, lse = _SparseMLA.apply(q, kv, idx, scale, rank, _splits(q, idx, num_splits))
     return o, lse
 
@@ -119,28 +128,28 @@ def sparse_mla_fp8_triton(q: torch.Tensor, records: torch.Tensor, idx: torch.Ten
     # latent of the records' rows.
     meta = torch.empty(*records.shape[:2], q.shape[-1], dtype=q.dtype, device="meta")
     check_sparse_inputs(q, meta, idx, rank, check_indices)
+    check_devices("sparse_mla_fp8", q, records)
     from latentattn.kernels.triton_sparse import launch_fwd
 
-    return launch_fwd(q.contiguous(), unit_stride(records), idx.to(torch.int32).contiguous(), scale,
-                      rank, _splits(q, idx, num_splits), fp8=True)
+    return launch_fwd(q.contiguous(), unit_stride(records),
+                      idx.to(device=q.device, dtype=torch.int32).contiguous(), scale, rank,
+                      _splits(q, idx, num_splits), fp8=True)
 
 
 def _splits(q: torch.Tensor, idx: torch.Tensor, num_splits: int | None) -> int:
     splits = (num_splits if num_splits is not None
-              else default_sparse_splits(q.shape[0] * q.shape[2], q.shape[1], idx.shape[-1]))
+              else default_sparse_splits(q.shape[0] * q.shape[2], q.shape[1], idx.shape[-1],
+                                         sm_count(q.device)))
     if splits < 1:
         raise ConfigError(f"num_splits must be >= 1, got {splits}")
     return splits
 
 
-def default_sparse_splits(tokens: int, heads: int, topk: int, programs: int = 132) -> int:
-    """Splits of each token's top-k list: none once tokens x head blocks fill ``programs`` (an
-    H100's 132 SMs) four times over, else enough to fill them, each split at least 128 entries,
-    at most 16 (vLLM's TRITON_MLA_SPARSE policy, next-facts s1.2)."""
-    blocks = tokens * -(-heads // BLOCK_H)
-    if 4 * blocks >= programs:
-        return 1
-    return max(1, min(programs // blocks, topk // 128, 16))
+def default_sparse_splits(tokens: int, heads: int, topk: int, sms: int = 132) -> int:
+    """Splits of each token's top-k list: :func:`~latentattn.kernels.mla_decode.split_count` over
+    tokens x head blocks programs (none once they fill the GPU, as at any prefill), each split
+    at least 128 entries (vLLM's TRITON_MLA_SPARSE policy keeps splits that long)."""
+    return split_count(tokens * -(-heads // BLOCK_H), topk // 128, sms)
 
 
 __all__ = ["BLOCK_H", "check_sparse_inputs", "default_sparse_splits", "sparse_mla_fp8_triton",
