@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: test demo lint clean
+.PHONY: test demo lint gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,13 @@ demo: $(VENV)/.dev
 	$(BIN)/latentattn generate --model demo-mla --prompt "The capital of France is" --max-new-tokens 12
 	$(BIN)/latentattn kernels compile --arch sm_80,sm_90
 	$(BIN)/latentattn compare --quick --restart --out compare-out
+
+# The one command to run on a CUDA GPU: the GPU tests (tests/test_triton_gpu.py, kernels compiled)
+# and a short `bench kernels` sweep, every figure in gpu-check.json; sized for under 8 minutes on
+# an H100 (not yet measured: no GPU has run it).
+# Without CUDA it says so in one line and exits 0.
+gpu-check: $(VENV)/.dev
+	@$(BIN)/latentattn kernels check --device cuda --out gpu-check.json
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests
