@@ -42,7 +42,8 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
     ("train",): {"--attn", "--preset", "--init", "--mla-impl", "--retrofit-dsa", "--device", "--dim",
                  "--layers",
                  "--heads", "--seq-len", "--kv-lora-rank", "--index-topk", "--data", "--steps",
-                 "--batch-size", "--lr", "--warmup-steps", "--eval-every", "--bf16", "--seed", "--out",
+                 "--batch-size", "--lr", "--warmup-steps", "--eval-every", "--bf16", "--precision",
+                 "--seed", "--out",
                  "--resume", "--fsdp", "--dsa-warmup-steps", "--router-bias-rate", "--moe-aux-loss",
                  "--schedule", "--decay-frac", "--teacher", "--distill-weight", "--trainable",
                  "--quiet"},
@@ -59,8 +60,11 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
     ("bench", "convert"): {"--json", "--plot", "--quiet", "--model", "--data", "--calib",
                            "--calib-tokens", "--ranks", "--rope-dim", "--method", "--seq-len",
                            "--max-tokens", "--heal-steps", "--heal-data", "--heal-lr",
-                           "--heal-batch-size", "--heal-seq-len", "--heal-trainable", "--rope-mode",
-                           "--format"},
+                           "--heal-batch-size", "--heal-seq-len", "--heal-trainable",
+                           "--heal-precision", "--rope-mode", "--format"},
+    ("bench", "precision"): {"--json", "--plot", "--quiet", "--model", "--data", "--kv-lora-rank",
+                             "--calib-tokens", "--batch-size", "--seq-len", "--warmup", "--steps",
+                             "--rounds"},
     ("kernels", "compile"): {"--arch"},
     ("bench", "kernels"): {"--json", "--plot", "--quiet", "--device", "--dtype", "--contexts",
                            "--batches", "--heads", "--topk", "--repeats"},
@@ -88,7 +92,7 @@ def test_surface_is_frozen() -> None:
     assert set(subs) == {"kv-cache", "info", "generate", "eval", "convert", "train", "compare", "bench",
                          "kernels"}
     assert set(_subparsers(subs["bench"])) == {"decode", "dsa", "indexer", "convert", "fp8-cache",
-                                                "kernels"}
+                                                "kernels", "precision"}
     for path, flags in SURFACE.items():
         p = top
         for name in path:

@@ -43,7 +43,8 @@ TEXT = default_text()[:6000]
 TRAIN, VAL = train_val_split(byte_tokens(TEXT))
 # The same model through the CLI (flags it has; the rest of FamilySize keeps its defaults).
 CLI_SIZE = ["--dim", "32", "--layers", "2", "--heads", "2", "--seq-len", "32", "--kv-lora-rank", "16",
-            "--index-topk", "8", "--batch-size", "4", "--quiet"]
+            "--index-topk", "8", "--batch-size", "4", "--quiet",
+            "--precision", "fp32"]  # the numerics these tests pin, whatever this CPU's bf16
 # DeepSeek-V3 routing (sigmoid, noaux_tc) over 8 experts in 2 groups, 2 per token.
 MOE = MoEConfig(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
                 first_k_dense_replace=1, scoring_func="sigmoid", topk_method="noaux_tc", n_group=2,
@@ -453,7 +454,7 @@ def test_bad_checkpoints_lose_nothing(tmp_path: Path, capsys: pytest.CaptureFixt
     capsys.readouterr()
     moe_out = tmp_path / "moe"
     moe = ["train", "--preset", "tiny-mla-moe", "--seq-len", "32", "--batch-size", "2", "--quiet",
-           "--data", str(data), "--out", str(moe_out), "--steps", "2"]
+           "--data", str(data), "--out", str(moe_out), "--steps", "2", "--precision", "fp32"]
     assert main(moe) == 0
     capsys.readouterr()
     moe_good = _snapshot(moe_out)
@@ -528,7 +529,7 @@ def _torchrun(cmd: list[str], timeout: float = 180) -> subprocess.CompletedProce
 TORCHRUN_MODELS = {
     "dsa": ["--attn", "dsa", *CLI_SIZE, "--dsa-warmup-steps", "2"],
     "moe": ["--preset", "tiny-mla-moe", "--seq-len", "32", "--batch-size", "4", "--quiet",
-            "--moe-aux-loss", "0.01"],
+            "--moe-aux-loss", "0.01", "--precision", "fp32"],
 }
 
 
@@ -588,7 +589,8 @@ def test_retrofit_keeps_the_dense_weights_and_freezes_them_in_the_warmup() -> No
 def test_train_retrofit_dsa_from_a_dense_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "text.txt"
     data.write_text(TEXT)
-    base = ["--data", str(data), "--seq-len", "32", "--batch-size", "2", "--quiet", "--eval-every", "0"]
+    base = ["--data", str(data), "--seq-len", "32", "--batch-size", "2", "--quiet", "--eval-every", "0",
+            "--precision", "fp32"]
     assert main(["train", "--attn", "mla", *CLI_SIZE, "--data", str(data), "--steps", "2",
                  "--eval-every", "0", "--out", str(tmp_path / "dense")]) == 0
     # Two steps, both in the frozen warm-up: the dense weights must come out unchanged.

@@ -6,13 +6,18 @@ indexer's per-head weights (DeepSeek-V3.2 ``inference/model.py``: ``weights_proj
 sums are what top-k choices hinge on, so bf16 rounding would change which experts or keys win.
 
 Also: ``resolve_dtype`` / ``resolve_device``, the one place user-given dtype and device names
-become torch objects (or a ConfigError naming the bad value).
+become torch objects (or a ConfigError naming the bad value); and the training precision:
+``cpu_bf16`` (does this CPU have native bf16?) and ``choose_precision`` (what ``--precision
+auto`` trains in).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,3 +75,108 @@ def resolve_device(device: object) -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return dev
+
+
+# ---------------------------------------------------------------------------- training precision
+# CPU flags that mean native bf16 arithmetic: AVX-512 BF16 (vdpbf16ps, bf16 dot products into
+# fp32: Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on) and AMX's bf16 tile multiply
+# (Sapphire Rapids on). oneDNN, behind torch's CPU matmuls, uses them for bf16 GEMMs; without
+# them bf16 is emulated by converting to fp32, slower than staying in fp32. Only these x86 flags
+# count: bf16 autocast was measured faster only on an AVX-512 BF16 CPU (README, `latentattn bench
+# precision`), so other CPUs (aarch64's FEAT_BF16 included) stay fp32 under "auto".
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = "/proc/cpuinfo"
+
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class CpuBf16:
+    """What this CPU says about bf16: ``native`` when it lists a flag of :data:`BF16_CPU_FLAGS`
+    (``flags``: those it lists), ``model`` its model name ("unknown" where it gives none) and
+    ``source`` where that was read (``/proc/cpuinfo``, or "unknown" off Linux: then ``native``
+    is False, since nothing was measured)."""
+
+    native: bool
+    flags: tuple[str, ...]
+    model: str
+    source: str
+
+    def describe(self) -> str:
+        """``"AMD EPYC (avx512_bf16)"``, ``"... (no native bf16)"`` or ``"... (bf16 support unknown)"``."""
+        if self.native:
+            return f"{self.model} ({', '.join(self.flags)})"
+        return f"{self.model} ({'no native bf16' if self.source != 'unknown' else 'bf16 support unknown'})"
+
+
+def parse_cpuinfo(text: str, source: str = CPUINFO) -> CpuBf16:
+    """:class:`CpuBf16` from the text of a Linux ``/proc/cpuinfo``: the first processor's
+    ``flags`` line (x86; every core of a machine lists the same) and ``model name`` line."""
+    flags: set[str] = set()
+    model = ""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = key.strip().lower()
+        if key == "flags" and not flags:
+            flags = set(value.split())
+        elif key == "model name" and not model:
+            model = value.strip()
+    found = tuple(f for f in BF16_CPU_FLAGS if f in flags)
+    return CpuBf16(native=bool(found), flags=found, model=model or _platform_cpu(), source=source)
+
+
+def _platform_cpu() -> str:
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_bf16(cpuinfo: str | os.PathLike[str] = CPUINFO) -> CpuBf16:
+    """Whether this CPU has native bf16 (:data:`BF16_CPU_FLAGS`), read from ``cpuinfo``; where
+    there is none to read (macOS, Windows, a sandbox), "unknown" and not native."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return CpuBf16(native=False, flags=(), model=_platform_cpu(), source="unknown")
+    return parse_cpuinfo(text, str(cpuinfo))
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision a run trains in: ``bf16`` (torch.autocast to bfloat16, fp32 master
+    weights) or not, and ``why`` in words, for :meth:`line`."""
+
+    bf16: bool
+    why: str
+
+    def line(self) -> str:
+        """The one line ``train`` and heals print: ``precision: bf16 autocast (...)``."""
+        return f"precision: {'bf16 autocast' if self.bf16 else 'fp32'} ({self.why})"
+
+
+def choose_precision(requested: str, device: torch.device | str,
+                     cpu: CpuBf16 | None = None) -> PrecisionChoice:
+    """The precision for ``requested`` ("auto", "fp32", "bf16") on ``device``. "auto" takes
+    bf16 autocast on a CUDA GPU that supports bf16 and on a CPU with native bf16 (``cpu``,
+    default :func:`cpu_bf16` of this machine), fp32 elsewhere: on such a CPU a SmolLM2-135M heal
+    step ran faster in bf16 autocast than in fp32 (README, ``latentattn bench precision``), and
+    without native bf16 it is emulated, slower than fp32. A bad ``requested`` is a ConfigError."""
+    if requested not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    dev = torch.device(device)
+    if requested != "auto":
+        return PrecisionChoice(requested == "bf16", "as asked")
+    if dev.type == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return PrecisionChoice(ok, "GPU supports bf16" if ok else "GPU has no bf16 support")
+    if dev.type != "cpu":
+        return PrecisionChoice(False, f"bf16 autocast not measured on {dev.type}")
+    info = cpu if cpu is not None else cpu_bf16()
+    if info.native:
+        return PrecisionChoice(True, f"CPU has native bf16: {', '.join(info.flags)}")
+    if info.source == "unknown":
+        return PrecisionChoice(False, "CPU bf16 support unknown")
+    return PrecisionChoice(False, "CPU has no native bf16")

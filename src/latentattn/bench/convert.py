@@ -36,7 +36,9 @@ class Heal:
     """A short heal of each converted model: ``steps`` AdamW steps of ``batch_size`` x
     ``seq_len`` tokens drawn from ``tokens`` (the healing text's training split; ``val`` its
     validation split), peak ``lr`` after ``warmup_steps``, cosine to a tenth, distilling from the
-    source with weight ``distill_weight``, training ``trainable`` weights."""
+    source with weight ``distill_weight``, training ``trainable`` weights, in bf16 autocast with
+    ``bf16`` (the CLI's ``--heal-precision auto`` sets it per machine:
+    :func:`latentattn.precision.choose_precision`)."""
 
     tokens: torch.Tensor
     val: torch.Tensor
@@ -47,12 +49,14 @@ class Heal:
     warmup_steps: int = 10
     distill_weight: float = 1.0
     trainable: str = "attention"
+    bf16: bool = False
 
     def settings(self) -> TrainSettings:
         return TrainSettings(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
                              lr=self.lr, warmup_steps=min(self.warmup_steps, self.steps),
                              weight_decay=0.0, eval_every=0, eval_windows=4,
-                             distill_weight=self.distill_weight, trainable=self.trainable)
+                             distill_weight=self.distill_weight, trainable=self.trainable,
+                             bf16=self.bf16)
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""``latentattn bench decode|dsa|indexer|convert``: benchmarks that write JSON and a plot, with a progress
-bar. The benchmarks themselves are :mod:`latentattn.bench`."""
+"""``latentattn bench decode|dsa|indexer|convert|precision|...``: benchmarks that write JSON and
+a plot, with a progress bar. The benchmarks themselves are :mod:`latentattn.bench`."""
 
 from __future__ import annotations
 
@@ -118,6 +118,7 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
     from latentattn.convert.gqa_to_mla import RopeMode
     from latentattn.data import load_text, train_val_split
     from latentattn.loading import load, load_config
+    from latentattn.precision import choose_precision
     from latentattn.tokenizer import encode_corpus
 
     check_parent(args.json, "--json")
@@ -160,8 +161,11 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
         if args.heal_seq_len > model.config.max_seq_len:
             raise UserError(f"--heal-seq-len {args.heal_seq_len} exceeds the model's max_seq_len "
                             f"{model.config.max_seq_len}")
+        precision = choose_precision(args.heal_precision, model.device)
+        print(f"heal {precision.line()}", flush=True)
         heal = Heal(heal_tokens, heal_val, steps=args.heal_steps, batch_size=args.heal_batch_size,
-                    seq_len=args.heal_seq_len, lr=args.heal_lr, trainable=args.heal_trainable)
+                    seq_len=args.heal_seq_len, lr=args.heal_lr, trainable=args.heal_trainable,
+                    bf16=precision.bf16)
     with tqdm(total=len(ranks) * (2 if heal else 1) + 1, file=sys.stderr, desc="bench convert", unit="model",
               disable=args.quiet) as bar:
         def progress(label: str) -> None:
@@ -236,6 +240,60 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     write_json(args.json, report.as_dict())
     atomic_write(args.plot, lambda tmp: plot_kernel_report(report, tmp), suffix=".png")
     print(kernel_table(report))
+    print(f"wrote {args.json} and {args.plot}")
+    return 0
+
+
+def cmd_bench_precision(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from latentattn.bench.precision import (
+        PrecisionBenchSettings,
+        convert_student,
+        plot_precision_report,
+        precision_table,
+        run_precision_bench,
+    )
+    from latentattn.cli.convert import calib_text
+    from latentattn.config import GQAConfig
+    from latentattn.convert.calibrate import CALIB_WINDOW
+    from latentattn.data import train_val_split
+    from latentattn.loading import load, load_config
+    from latentattn.tokenizer import encode_corpus
+
+    check_parent(args.json, "--json")
+    check_parent(args.plot, "--plot")
+    for flag, low in (("batch_size", 1), ("seq_len", 1), ("steps", 1), ("rounds", 1), ("warmup", 0),
+                      ("kv_lora_rank", 1), ("calib_tokens", CALIB_WINDOW)):
+        if getattr(args, flag) < low:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
+    cfg = load_config(args.model)
+    if not isinstance(cfg.attention, GQAConfig):
+        raise UserError(f"{args.model} is {cfg.attention.name.upper()} already: bench precision "
+                        "heals a GQA, MHA or MQA model converted to MLA")
+    if args.seq_len > cfg.max_seq_len:
+        raise UserError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    text = calib_text(args.data)
+    assert text is not None  # --data defaults to builtin
+    settings = PrecisionBenchSettings(batch_size=args.batch_size, seq_len=args.seq_len,
+                                      warmup=args.warmup, steps=args.steps, rounds=args.rounds)
+    teacher, tokenizer = load(args.model, dtype=torch.float32, with_tokenizer=True)
+    ids = encode_corpus(tokenizer, text)
+    tokens, val = train_val_split(ids)
+    if min(len(tokens), len(val)) < args.seq_len + 1:
+        raise UserError(f"--data {args.data} is too short for one window of --seq-len "
+                        f"{args.seq_len} + 1 in its validation tenth")
+    student = convert_student(teacher, ids[: args.calib_tokens], args.kv_lora_rank)
+    with tqdm(total=2 * args.rounds, file=sys.stderr, desc="bench precision", unit="run",
+              disable=args.quiet) as bar:
+        report = run_precision_bench(teacher, student, tokens, val, settings,
+                                     (str(args.model), f"MLA R={args.kv_lora_rank}, full rope"),
+                                     progress=on_start(bar))
+        bar.update(2 * args.rounds - bar.n)
+    write_json(args.json, report.as_dict())
+    atomic_write(args.plot, lambda tmp: plot_precision_report(report, tmp), suffix=".png")
+    print(precision_table(report))
     print(f"wrote {args.json} and {args.plot}")
     return 0
 
@@ -324,6 +382,9 @@ def register(sub: Any) -> None:
                       help="tokens per heal sequence (256)")
     conv.add_argument("--heal-trainable", choices=["all", "attention"], default="attention",
                       help="the weights a heal trains (attention)")
+    conv.add_argument("--heal-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                      help="the heals' precision, as train --precision: auto (default) takes bf16 "
+                      "autocast on a CPU with native bf16 (AVX-512 BF16 or AMX), fp32 elsewhere")
     conv.add_argument("--max-tokens", type=int, default=4097, metavar="N",
                       help="evaluate the first N tokens of --data (4097: 8 windows of 512)")
     conv.set_defaults(func=cmd_bench_convert)
@@ -363,6 +424,32 @@ def register(sub: Any) -> None:
     fp8.add_argument("--prompt-tokens", type=int, default=64, metavar="N", help="prefilled (64)")
     fp8.add_argument("--tokens", type=int, default=256, metavar="N", help="decoded tokens (256)")
     fp8.set_defaults(func=cmd_bench_fp8)
+
+    prec = bench_parser(
+        "precision", help="one heal (distillation) step in fp32 and in bf16 autocast on this machine",
+        description="Convert --model to MLA at --kv-lora-rank and time heal steps of it distilling "
+        "from the source (bench convert's heal: latentattn train --teacher, attention weights "
+        "trained) in fp32 and in bf16 autocast, on this CPU, from the same weights and batches: "
+        "median seconds per step with a bootstrap 95% interval, the ratio, and this CPU's bf16 "
+        "flags (avx512_bf16, amx_bf16). What --precision auto rests on.")
+    prec.add_argument("--model", default="smollm2-135m", metavar="SPEC",
+                      help="the GQA / MHA / MQA source (smollm2-135m)")
+    prec.add_argument("--data", default="builtin", metavar="FILE|builtin",
+                      help="calibration and healing text (builtin: CPython's pydoc prose)")
+    prec.add_argument("--kv-lora-rank", type=int, default=128, metavar="R",
+                      help="the student's latent rank (128)")
+    prec.add_argument("--calib-tokens", type=int, default=512, metavar="N",
+                      help="calibration tokens for the conversion (512; timing does not need a good one)")
+    prec.add_argument("--batch-size", type=int, default=2, metavar="N",
+                      help="sequences per step (2, as bench convert --heal-batch-size)")
+    prec.add_argument("--seq-len", type=int, default=256, metavar="N",
+                      help="tokens per sequence (256, as --heal-seq-len)")
+    prec.add_argument("--warmup", type=int, default=1, metavar="N",
+                      help="untimed steps at the start of each run (1)")
+    prec.add_argument("--steps", type=int, default=3, metavar="N", help="timed steps per run (3)")
+    prec.add_argument("--rounds", type=int, default=2, metavar="N",
+                      help="runs per precision, alternating which goes first (2)")
+    prec.set_defaults(func=cmd_bench_precision)
 
     idx = bench_parser(
         "indexer", help="does the DSA indexer learn? attention-mass recall before/after warm-up",

@@ -92,7 +92,12 @@ def register(sub: Any) -> None:
                    help="wsd: share of the steps in the final decay (0.2)")
     p.add_argument("--eval-every", type=int, default=50,
                    help="validate and checkpoint every N steps (50; 0 = only at the end)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="bf16 autocast (fp32 master weights) or fp32. auto (default): bf16 on a "
+                   "CUDA GPU with bf16 and on a CPU with native bf16 (AVX-512 BF16 or AMX), where "
+                   "it measured faster (latentattn bench precision); fp32 elsewhere; a --resume "
+                   "keeps the checkpoint's")
+    p.add_argument("--bf16", action="store_true", help="the same as --precision bf16")
     p.add_argument("--seed", type=int, default=0, help="seed for init and data order (0)")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory")
     p.add_argument("--resume", action="store_true",
@@ -124,6 +129,8 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise LatentAttnError(f"--{flag.replace('_', '-')} must be a number >= 0, got {value}")
     if not 0 <= args.decay_frac <= 1:  # False for NaN too
         raise LatentAttnError(f"--decay-frac must be in [0, 1], got {args.decay_frac}")
+    if args.bf16 and args.precision == "fp32":
+        raise LatentAttnError("--bf16 is --precision bf16: it cannot go with --precision fp32")
     if args.distill_weight is not None:
         if args.teacher is None:
             raise LatentAttnError("--distill-weight goes with --teacher")
@@ -192,6 +199,21 @@ def _device(arg: str | None) -> Any:
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _precision(args: argparse.Namespace, device: Any) -> Any:
+    """The :class:`~latentattn.precision.PrecisionChoice` of --precision (--bf16) on ``device``.
+    A resume under auto keeps its checkpoint's choice: the run must continue in the precision it
+    started in (train.resume checks bf16), whatever machine it continues on."""
+    from latentattn.precision import PrecisionChoice, choose_precision
+    from latentattn.train.checkpoint import STATE_FILE, read_state
+
+    requested = "bf16" if args.bf16 else args.precision
+    if requested == "auto" and args.resume and (Path(args.out) / STATE_FILE).exists():
+        saved = read_state(Path(args.out)).get("settings")
+        if isinstance(saved, dict) and isinstance(saved.get("bf16", False), bool):
+            return PrecisionChoice(saved.get("bf16", False), "the checkpoint's")
+    return choose_precision(requested, device)
+
+
 def _keep_tokenizer(tokenizer: Any, out: Path, resume: bool) -> None:
     """A run started from a checkpoint with its own tokenizer keeps a copy of it, so that
     ``generate``/``eval`` (and a resume) of the run tokenize alike."""
@@ -225,7 +247,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   "it with --init RUN (or --resume the retrofitted run)")
         if args.init is not None:
             retrofit_topk = overrides.pop("index_topk", None)  # the new indexers' k, not an override
-    # Master weights in fp32 whatever the checkpoint's dtype: --bf16 is autocast.
+    # Master weights in fp32 whatever the checkpoint's dtype: --precision bf16 is autocast.
     model, tokenizer = load(spec, dtype=torch.float32, device=_device(args.device), seed=args.seed,
                             with_tokenizer=True, **overrides)
     if args.retrofit_dsa and args.init is not None:
@@ -250,20 +272,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise LatentAttnError(f"{source} has {len(tokens):,} tokens: too short for one window of "
                               f"--seq-len {seq_len} + 1 in its validation tenth (needs >= {need:,} "
                               "tokens; lower --seq-len or use more text)")
+    precision = _precision(args, model.device)
     settings = TrainSettings(
         steps=args.steps, batch_size=args.batch_size, seq_len=seq_len, lr=args.lr,
         warmup_steps=args.warmup_steps, schedule=args.schedule, decay_frac=args.decay_frac,
-        eval_every=args.eval_every, bf16=args.bf16, seed=args.seed,
+        eval_every=args.eval_every, bf16=precision.bf16, seed=args.seed,
         dsa_warmup_steps=args.dsa_warmup_steps, fsdp=args.fsdp,
         router_bias_rate=args.router_bias_rate, moe_aux_loss=args.moe_aux_loss,
         dsa_freeze_warmup=args.retrofit_dsa, trainable=args.trainable,
         distill_weight=0.0 if teacher is None else (args.distill_weight or 1.0),
     )
     _keep_tokenizer(tokenizer, Path(args.out), args.resume)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:
+        print(precision.line(), flush=True)
     model.train()
     result = train(model, train_t, val_t, settings, out_dir=args.out, resume=args.resume,
                    progress=not args.quiet, teacher=teacher)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank0:
         loss = result.final_val_loss
         unit = "byte" if isinstance(tokenizer, ByteTokenizer) else "token"
         print(f"{cfg.name}: {result.steps_done} steps, validation loss {loss:.4f} nats/{unit} "

@@ -244,6 +244,7 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
 
         tokens_per_step = settings.batch_size * settings.seq_len
         train_seconds = 0.0
+        step_seconds: list[float] = []
         from tqdm import tqdm
 
         model.train()
@@ -277,7 +278,8 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
                 opt.step()
                 balancer.update()
                 train_losses.append(global_mean(lm, d))
-                train_seconds += time.perf_counter() - t0
+                step_seconds.append(time.perf_counter() - t0)
+                train_seconds += step_seconds[-1]
                 done = step + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{train_losses[-1]:.3f}",
@@ -301,7 +303,7 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
             train_losses=train_losses, val_losses=val_losses,
             final_val_loss=val_losses[-1][1] if val_losses else float("nan"),
             tokens_per_s=tokens_per_step * ran / train_seconds if train_seconds > 0 else 0.0,
-            steps_done=stop, seconds=time.perf_counter() - started,
+            steps_done=stop, seconds=time.perf_counter() - started, step_seconds=step_seconds,
         )
 
 

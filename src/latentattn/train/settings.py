@@ -4,7 +4,7 @@ checkpoint), ``TrainResult``, and ``lr_at`` (linear warm-up, then cosine or warm
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from latentattn.errors import ConfigError
@@ -29,7 +29,10 @@ class TrainSettings:
     decay_frac: float = 0.2  # wsd only; 0.2: Hägele et al. 2024's cooldown that matches cosine
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # <= 0: no clipping
-    bf16: bool = False  # torch.autocast(device_type, dtype=torch.bfloat16)
+    # torch.autocast(device_type, dtype=torch.bfloat16), fp32 master weights. The library
+    # default stays fp32 whatever the machine; the CLI's --precision auto picks per machine
+    # (latentattn.precision.choose_precision) and passes the result here.
+    bf16: bool = False
     eval_every: int = 50  # 0: only at the end
     # Validation windows: 0 = every non-overlapping window of the validation split (the same
     # set for every run and seed); N > 0 = the first N of them.
@@ -92,6 +95,9 @@ class TrainResult:
     tokens_per_s: float  # training throughput of this run (global tokens)
     steps_done: int
     seconds: float
+    # Wall-clock seconds of each step this run took (not resumed ones): batch, forward (and the
+    # teacher's), backward, optimizer step; evaluations and checkpoints excluded.
+    step_seconds: list[float] = field(default_factory=list)
 
 
 def wsd_decay_start(s: TrainSettings) -> int:
