@@ -129,7 +129,7 @@ def assert_durable(rec: FsyncRecorder, target: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- rounding bounds
-ROUNDING_FACTOR = 4.0  # c below; flash-attention's tests take 2 to 4
+ROUNDING_FACTOR = 4.0  # c below; flash-attention's tests take 2 (3 with a softcap)
 
 
 def max_error(got: torch.Tensor, want64: torch.Tensor) -> float:
@@ -161,8 +161,12 @@ def assert_within_rounding(got: torch.Tensor, want64: torch.Tensor, baseline: to
 
     c (ROUNDING_FACTOR, 4) lets the kernel's order round a few times worse than PyTorch's (an
     online softmax rescales each partial sum once per tile; base-2 exponentials add a product
-    by log2 e). The floor is the typical rounding of a sum of ``terms`` terms (the longest chain
-    of additions behind one output: a dot product's width plus a softmax's length, say) as a
+    by log2 e), and a maximum over the hundreds of elements these tests compare is a noisier
+    statistic than over flash-attention's millions. ``baseline`` must be right itself (it is
+    the reference the suite trusts): a wrong one loosens the bound instead of failing.
+
+    The floor is the typical rounding of a sum of ``terms`` terms (the longest chain of
+    additions behind one output: a dot product's width plus a softmax's length, say) as a
     random walk of sqrt(terms) units in the last place of ``magnitude``, the size of what is
     summed: max|want64| by default; pass the terms' size where they cancel (a score
     scale * sum_i |q_i k_i|, the largest value an attention output averages). It matters where
@@ -178,9 +182,6 @@ def assert_within_rounding(got: torch.Tensor, want64: torch.Tensor, baseline: to
         finite = want64[torch.isfinite(want64)]
         magnitude = float(finite.abs().max()) if finite.numel() else 0.0
     floor = terms**0.5 * torch.finfo(got.dtype).eps * magnitude
-    if os.environ.get("ROUNDING_LOG"):  # TEMPORARY
-        with open(os.environ["ROUNDING_LOG"], "a") as f:
-            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST','?').split(' ')[0]}\t{what}\t{err:.3g}\t{base:.3g}\t{floor:.3g}\t{err / max(c * base + floor, 1e-300):.3f}\n")
     assert err <= c * base + floor, (
         f"{what or 'output'}: max |got - float64 reference| = {err:.3g} exceeds {c:g} x the "
         f"{got.dtype} PyTorch path's {base:.3g} + a floor of {floor:.3g} (sqrt({terms}) ulps of "

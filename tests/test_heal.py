@@ -5,13 +5,14 @@ was, ``train --teacher`` from the CLI and ``bench convert``'s healed columns; ba
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import cli_error
+from conftest import assert_within_rounding, cli_error
 from latentattn.cli import main
 from latentattn.config import GQAConfig, ModelConfig
 from latentattn.convert import Plan, choose_pairs, convert
@@ -41,11 +42,18 @@ def _settings(**changes: object) -> TrainSettings:
 def test_kl_to_teacher_is_the_mean_token_kl() -> None:
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
-    p = F.softmax(t, -1)
-    expected = (p * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1).mean()
-    assert torch.allclose(kl_to_teacher(s, t), expected, atol=1e-6)
-    assert kl_to_teacher(t, t).abs().item() < 1e-6
-    assert kl_to_teacher(t + 3.0, t).abs().item() < 1e-6  # a shift of every logit changes nothing
+    def kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1).mean()
+
+    # Within the rounding of the formula in fp32, measured against it in float64: a log-sum-exp
+    # over the 11 logits, then the mean over 10 tokens (conftest.assert_within_rounding).
+    assert_within_rounding(kl_to_teacher(s, t), kl(s.double(), t.double()), kl(s, t), terms=11 + 10)
+    assert kl_to_teacher(t, t).item() == 0  # exactly: one log-softmax of the same logits, twice
+    # A shift of every logit changes nothing: 0 up to fp32's rounding of the shifted logits and
+    # their log-sum-exp, an ulp of their size each.
+    size = float((t + 3.0).abs().max()) + math.log(11)
+    assert_within_rounding(kl_to_teacher(t + 3.0, t), torch.zeros((), dtype=torch.float64),
+                           kl_to_teacher(t, t), terms=11 + 10, magnitude=size)
 
 
 def _held_out_kl(student: Transformer, teacher: Transformer) -> float:
