@@ -7,6 +7,7 @@ every cache slot past a sequence's end is NaN, so an over-read shows (FlashMLA's
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import subprocess
@@ -18,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("triton")  # conftest set TRITON_INTERPRET=1 before anything imported it
-from conftest import INTERPRETER, assert_within_rounding
+from conftest import INTERPRETER, ROUNDING_FACTOR, assert_within_rounding
 from latentattn.errors import ConfigError
 from latentattn.kernels import triton_mla
 from latentattn.kernels.mla_decode import mla_decode_ref, mla_decode_triton
@@ -208,12 +209,20 @@ def test_a_tiny_model_decodes_through_the_fp8_kernel(page_size: int | None) -> N
 
     model = load("tiny-mla", seed=0)
     prompt = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
-    caches = [model.make_cache(2, 16, latent_fp8=True, page_size=page_size) for _ in range(2)]
-    want = [model(prompt, caches[0]), model(prompt[:, -1:], caches[0])]
+    cache = model.make_cache(2, 16, latent_fp8=True, page_size=page_size)
+    model(prompt, cache)  # the prefill (no kernel): three decodes read the same records
+    caches = [cache, copy.deepcopy(cache), copy.deepcopy(cache)]
+    want = model(prompt[:, -1:], caches[0])  # SDPA over the dequantised records
     with use_backend("triton"):
-        got = [model(prompt, caches[1]), model(prompt[:, -1:], caches[1])]
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+        got = model(prompt[:, -1:], caches[1])
+    with use_backend("reference"):
+        other = model(prompt[:, -1:], caches[2])
+    # Two PyTorch paths (SDPA, the fp32 reference softmax) differ by rounding alone; the kernel,
+    # one more fp32 order over the same records, may differ from SDPA by a few times as much
+    # (flash-attention's rule), plus a floor of sqrt(terms) ulps of the logits.
+    err, noise = float((got - want).abs().max()), float((other - want).abs().max())
+    floor = (model.config.dim ** 0.5) * torch.finfo(torch.float32).eps * float(want.abs().max())
+    assert err <= ROUNDING_FACTOR * noise + floor, (err, noise, floor)
 
 
 def test_bad_inputs_are_refused() -> None:
