@@ -211,7 +211,8 @@ def plot_precision_report(report: PrecisionReport, path: str) -> None:
     ax.set_xticks(range(len(report.timings)), [LABEL[t.precision] for t in report.timings])
     ax.set_ylabel("seconds per heal step")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"{report.model} heal step: {report.speedup_bf16:.2f}x\n(median, 95% CI)", fontsize=10)
+    ax.set_title(f"{report.model} heal step, fp32 / bf16 autocast: {report.speedup_bf16:.2f}x\n"
+                 "(each step; median and its 95% CI)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
