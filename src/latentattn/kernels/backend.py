@@ -100,8 +100,13 @@ def dense_reference() -> bool:
 def check_device_backend(device: torch.device | str) -> None:
     """Up-front check for a command about to run on ``device``: a forced ``triton`` backend needs
     CUDA there or the interpreter, else one clear error before any work is done."""
-    dev = torch.device(device)
-    if get_backend() == "triton" and dev.type != "cuda" and not interpreting():
+    if get_backend() != "triton" or interpreting():
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        return  # not a device name at all: the model loader says so, in its own words
+    if dev.type != "cuda":
         raise ConfigError(f"the triton backend runs on CUDA devices (or on the CPU in Triton's "
                           f"interpreter, TRITON_INTERPRET=1), not on {dev}: use --backend auto "
                           f"or sdpa, or --device cuda")
