@@ -102,7 +102,7 @@ def test_dense_baseline_is_the_models_own_decode(fp8: bool, monkeypatch: pytest.
     import copy
 
     from latentattn.attention import MultiHeadLatentAttention
-    from latentattn.bench.kernels import decode_step, torch_paths
+    from latentattn.bench.kernel_paths import decode_step, torch_paths
     from latentattn.cache.fp8 import pack_record, unpack_record
     from latentattn.cache.kv import FP8LatentKV, KVCache, LatentKV
     from latentattn.config import MLAConfig, ModelConfig, RopeConfig
@@ -173,6 +173,7 @@ def test_dense_baseline_is_the_models_own_decode(fp8: bool, monkeypatch: pytest.
 def test_a_failed_point_is_reported_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A point whose run runs out of memory stays in the report, the JSON, the table and the
     plot's notes as missing with its reason; no speed-up is computed from it."""
+    import latentattn.bench.kernel_paths as kernel_paths
     import latentattn.bench.kernels as kernels
     from latentattn.bench.kernel_report import kernel_table, plot_kernel_report, speedups
 
@@ -180,7 +181,7 @@ def test_a_failed_point_is_reported_missing(tmp_path: Path, monkeypatch: pytest.
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
                                      "a total capacity of 79.11 GiB of which 1.00 GiB is free.")
 
-    monkeypatch.setattr(kernels, "latent_attention", oom)  # the dense PyTorch paths
+    monkeypatch.setattr(kernel_paths, "latent_attention", oom)  # the dense PyTorch paths
     report = kernels.run_kernel_bench(torch.device("cpu"), torch.float32, [64], [2], 16, repeats=1,
                                       dims={"heads": 3, "rank": 32, "rope": 16})
     assert [(p.kind, p.impl) for p in report.points] == [(k, "torch") for k in KINDS]

@@ -9,8 +9,9 @@ fp8 records (656 bytes a token at DeepSeek's dims), and on 64-token pages. Spars
 (DSA's top-k): time and TFLOP/s, 2 B H k (R + Dr + R) per step, against the dense kernel at the
 same context.
 
-The PyTorch path is what the model runs at decode without the kernels (:func:`torch_paths`): the
-cache read as the model reads it (``LatentKV.read``: a view of the bf16 rows;
+The PyTorch path is what the model runs at decode without the kernels
+(:mod:`latentattn.bench.kernel_paths`): the cache read as the model reads it
+(``LatentKV.read``: a view of the bf16 rows;
 ``FP8LatentKV.read``: FlashMLA's records dequantised), then for dense decode the model's own
 :func:`latent_attention` under the Step its decode passes (``KVCache.step(1)``, with its
 (B, 1, 1, S) mask: SDPA then folds the heads into the query axis and reads the one latent key
@@ -35,25 +36,27 @@ from typing import Any
 
 import torch
 
-from latentattn.attention.mla import latent_attention
+from latentattn.bench.kernel_paths import (
+    INDEX_DIM,
+    INDEX_HEADS,
+    Run,
+    decode_step,
+    dsa_step_runs,
+    torch_paths,
+)
 from latentattn.cache.fp8 import (
     bytes_per_vector,
-    dequantize_e4m3,
     pack_record,
-    quantize_e4m3,
     record_bytes,
 )
-from latentattn.cache.kv import FP8LatentKV, KVCache, LatentKV, Step
+from latentattn.cache.kv import FP8LatentKV, LatentKV
 from latentattn.errors import LatentAttnError
-from latentattn.kernels.sparse import select_topk, sparse_mqa, topk_reference
 from latentattn.timing import machine_info
 
 V3_DIMS = {"heads": 128, "rank": 512, "rope": 64}  # DeepSeek-V3 / V3.2 attention, absorbed
 KINDS = ("dense decode", "dense decode fp8", "sparse decode", "sparse decode fp8", "dsa decode step")
 PAGE = 64  # FlashMLA's page size (its benchmark's block_size)
-INDEX_HEADS, INDEX_DIM = 64, 128  # V3.2's indexer: 64 heads of 128, fp8 keys of 132 bytes a token
 
-Run = Callable[[], object]
 
 
 @dataclass
@@ -140,37 +143,6 @@ def run_kernel_bench(device: torch.device, dtype: torch.dtype, contexts: Sequenc
             report.points.extend(_measure(b, s, topk, h, r, dr, dtype, device, repeats, copy,
                                           kernels))
     return report
-
-
-def decode_step(batch: int, context: int, device: torch.device) -> Step:
-    """The Step the model's decode passes its layers when every row holds ``context - 1``
-    tokens and reads one more (an equal-length batch): ``KVCache.step(1)`` itself, positions
-    context - 1, kv_len context and its (B, 1, 1, context) mask."""
-    plan = KVCache([], batch, context, device)
-    plan.lengths.fill_(context - 1)
-    return plan.step(1)
-
-
-def torch_paths(q: torch.Tensor, cache: LatentKV, fp8: FP8LatentKV, step: Step,
-                idx: torch.Tensor, scale: float) -> dict[str, Callable[[], torch.Tensor]]:
-    """The PyTorch path of each decode kind, what the model runs at decode without the kernels:
-    q (B, H, 1, R + Dr) the absorbed query (``absorb_query``), ``cache`` the latent rows and
-    ``fp8`` the same rows as FlashMLA's records, ``step`` the model's decode Step
-    (:func:`decode_step`), idx (B, 1, k) a selection. Each returns the latent output
-    (B, H, 1, R), before ``unabsorb``.
-
-    Every path reads its cache as the model does, ``read(step, q.dtype)`` (a view of rows in
-    q's dtype; the records dequantised), in the timed call, since the model reads per layer and
-    step. Dense: ``MultiHeadLatentAttention.absorbed``'s own :func:`latent_attention` under the
-    step's mask. Sparse: ``sparse_mqa`` as ``SparseLatentAttention.forward`` calls it at decode
-    without the kernels (``IndexedLatentKV.read`` reads a latent as these two caches do)."""
-    r, dtype = cache.kv_lora_rank, q.dtype
-    return {
-        "dense decode": lambda: latent_attention(q, cache.read(step, dtype)[0], scale, r, step),
-        "dense decode fp8": lambda: latent_attention(q, fp8.read(step, dtype)[0], scale, r, step),
-        "sparse decode": lambda: sparse_mqa(q, cache.read(step, dtype)[0], idx, scale, r)[0],
-        "sparse decode fp8": lambda: sparse_mqa(q, fp8.read(step, dtype)[0], idx, scale, r)[0],
-    }
 
 
 def _plan(kernels: bool, paged: bool) -> list[tuple[str, str]]:
@@ -263,7 +235,7 @@ def _reason(e: RuntimeError) -> str:
 def _runs(b: int, s: int, k: int, h: int, r: int, dr: int, dtype: torch.dtype,
           device: torch.device, kernels: bool) -> dict[tuple[str, str], Run]:
     """The inputs at batch ``b`` and context ``s`` and a call per (kind, impl): the PyTorch
-    paths (:func:`torch_paths`), and with ``kernels`` the Triton kernels (bf16 rows contiguous
+    paths (``kernel_paths.torch_paths``), and with ``kernels`` the Triton kernels (bf16 rows contiguous
     and in 64-token pages, as FlashMLA's benchmark pages them; fp8 records)."""
     width = r + dr
     scale = width**-0.5
@@ -281,7 +253,7 @@ def _runs(b: int, s: int, k: int, h: int, r: int, dr: int, dtype: torch.dtype,
     idx = torch.stack([torch.randperm(s, generator=g, device=device)[:k] for _ in range(b)])[:, None]
     runs: dict[tuple[str, str], Run] = {
         (kind, "torch"): fn for kind, fn in torch_paths(q, cache, fp8, step, idx, scale).items()}
-    runs.update(_dsa_step(q, cache, step, k, scale, g, kernels))
+    runs.update(dsa_step_runs(q, cache, step, k, scale, g, kernels))
     if kernels:
         from latentattn.kernels.mla_decode import mla_decode_fp8_triton, mla_decode_triton
         from latentattn.kernels.sparse_mla import sparse_mla_fp8_triton, sparse_mla_triton
@@ -318,41 +290,6 @@ def _latent(result: object, b: int, h: int, r: int) -> torch.Tensor:
     return o.reshape(b, h, -1)[..., :r].float()
 
 
-def _dsa_step(q: torch.Tensor, cache: LatentKV, step: Step, k: int, scale: float,
-              g: torch.Generator, kernels: bool) -> dict[tuple[str, str], Run]:
-    """A whole DSA decode step as the model runs it: V3.2's indexer (64 heads of 128, fp8 keys)
-    over every cached key, top-k, then sparse attention over the k selected latents. The
-    PyTorch path reads the cache as ``IndexedLatentKV.read`` does (the latent rows, the keys
-    dequantised to fp32), then ``select_topk`` and ``sparse_mqa`` as
-    ``SparseLatentAttention.forward`` calls them; the kernels read the fp8 bytes in place.
-    Bytes: the keys (132 a token) plus the sparse attention's."""
-    kv, r = cache.kv, cache.kv_lora_rank
-    b, s = kv.shape[:2]
-    heads, dim = INDEX_HEADS, INDEX_DIM
-    qi = torch.randn(b, 1, heads, dim, generator=g, device=kv.device)
-    wi = torch.randn(b, 1, heads, generator=g, device=kv.device) * heads**-0.5
-    k8, k_scale = quantize_e4m3(torch.randn(b, s, dim, generator=g, device=kv.device))
-    pos = step.positions
-
-    def torch_step() -> object:
-        latent, keys = cache.read(step, q.dtype)[0], dequantize_e4m3(k8, k_scale)
-        sel = select_topk(qi, wi, keys, pos, k, dim**-0.5)
-        return sparse_mqa(q, latent, sel, scale, r)
-
-    runs: dict[tuple[str, str], Run] = {("dsa decode step", "torch"): torch_step}
-    if kernels:
-        from latentattn.kernels.indexer_logits import indexer_logits_triton
-        from latentattn.kernels.sparse_mla import sparse_mla_triton
-
-        def triton_step() -> object:
-            logits = indexer_logits_triton(qi, wi, k8, pos, dim**-0.5, k_scale=k_scale)
-            return sparse_mla_triton(q, kv, topk_reference(logits, pos, k), scale, r,
-                                     check_indices=False)
-
-        runs["dsa decode step", "triton"] = triton_step
-    return runs
-
-
 def check_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -368,7 +305,5 @@ __all__ = [
     "KernelReport",
     "check_device",
     "copy_bandwidth",
-    "decode_step",
     "run_kernel_bench",
-    "torch_paths",
 ]

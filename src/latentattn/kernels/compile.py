@@ -1,15 +1,17 @@
 """Compile every Triton kernel for real GPUs without one (``latentattn kernels compile``).
 
-``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))``
+``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32))``
 runs Triton's whole pipeline down to a cubin through the ptxas that ships in the triton wheel,
 on a machine with no GPU, which the interpreter (``TRITON_INTERPRET=1``) does not: it proves the
 kernel lowers for that architecture, and reports its shared memory (Triton's metadata) and its
-registers and spills (``cuobjdump -res-usage``, also in the wheel). The configurations are the
-ones the library launches: the cache shapes of the DeepSeek models (V2-Lite, V3 and V3.2 share
-a 512 + 64 latent row) and of a converted SmolLM2-135M (128 + 64), contiguous and in 64-token
-pages, bf16, and FlashMLA's fp8 record, for dense decode; sparse attention (forward and
-backward) in bf16; V3.2's indexer with bf16 and fp8 keys (fp8 is decoded in software, so it
-compiles for sm_80 too).
+registers and spills (``cuobjdump -res-usage``, also in the wheel). What it compiles is what
+launches: each configuration is the launcher's own :class:`~latentattn.kernels.triton_launch.Launch`,
+built on meta tensors, specialised as Triton's runtime specialises it, with its warps and
+pipeline stages. The configurations: DeepSeek-V3's attention (128 heads over a 512 + 64 latent
+row) and a converted SmolLM2-135M's (9 heads, 128 + 64); dense decode over bf16 rows and
+FlashMLA's fp8 records, contiguous and in 64-token pages, with one split and with four; sparse
+attention's forward (prefill, split decode, fp8 records) and backward in bf16; V3.2's indexer
+with bf16 and fp8 keys (fp8 is decoded in software, so it compiles for sm_80 too).
 """
 
 from __future__ import annotations
