@@ -45,6 +45,11 @@ def distributed() -> Iterator[Dist]:
             yield Dist(dist.get_rank(), dist.get_world_size())
         else:
             yield Dist()
+        if owned:
+            # Leave together: a gloo rank that tears its group down while another still works
+            # (rank 0 writing the run's files) was seen to abort ("terminate called without an
+            # active exception"). Only on the normal path: after an error a barrier could hang.
+            dist.barrier()
     finally:
         if owned:
             dist.destroy_process_group()
