@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import copy
 import os
-import random
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from latentattn.bench.convert import Heal
@@ -103,19 +103,26 @@ class PrecisionReport:
                           "speedup_bf16": "fp32 median step time / bf16 autocast median"}}
 
 
-def bootstrap_median_ci(xs: Sequence[float], rng: random.Random, n: int = BOOTSTRAP
-                        ) -> tuple[float, float]:
-    """The 2.5% and 97.5% percentiles of the median of ``n`` resamples of ``xs``."""
-    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n))
-    return meds[int(0.025 * (n - 1))], meds[int(0.975 * (n - 1))]
+def bootstrap_median_ci(xs: Sequence[float], seed: int, n: int = BOOTSTRAP) -> tuple[float, float]:
+    """The percentile bootstrap 95% interval of the median of ``xs`` (scipy.stats.bootstrap)."""
+    return _percentile_ci((xs,), lambda a, axis=-1: np.median(a, axis=axis), seed, n)
 
 
-def bootstrap_ratio_ci(num: Sequence[float], den: Sequence[float], rng: random.Random,
-                       n: int = BOOTSTRAP) -> tuple[float, float]:
-    """The 95% percentile interval of median(num) / median(den), each resampled on its own."""
-    ratios = sorted(statistics.median(rng.choices(num, k=len(num)))
-                    / statistics.median(rng.choices(den, k=len(den))) for _ in range(n))
-    return ratios[int(0.025 * (n - 1))], ratios[int(0.975 * (n - 1))]
+def bootstrap_ratio_ci(num: Sequence[float], den: Sequence[float], seed: int, n: int = BOOTSTRAP
+                       ) -> tuple[float, float]:
+    """The percentile bootstrap 95% interval of median(num) / median(den), the two samples
+    resampled independently (scipy.stats.bootstrap, paired=False)."""
+    return _percentile_ci((num, den), lambda a, b, axis=-1: (np.median(a, axis=axis)
+                                                             / np.median(b, axis=axis)), seed, n)
+
+
+def _percentile_ci(samples: tuple[Sequence[float], ...], statistic: Callable[..., Any], seed: int,
+                   n: int) -> tuple[float, float]:
+    from scipy.stats import bootstrap
+
+    ci = bootstrap(samples, statistic, paired=False, n_resamples=n, method="percentile",
+                   random_state=np.random.default_rng(seed)).confidence_interval
+    return float(ci.low), float(ci.high)
 
 
 def convert_student(teacher: Transformer, calib_ids: torch.Tensor, kv_lora_rank: int) -> Transformer:
@@ -157,15 +164,14 @@ def run_precision_bench(teacher: Transformer, student: Transformer, tokens: torc
             losses.setdefault(precision, result.train_losses)
     if hasattr(os, "getloadavg"):  # beside machine_info's at the start: was the machine shared?
         report.machine["loadavg_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    rng = random.Random(settings.seed)
     per_step = settings.batch_size * settings.seq_len
     for precision in PRECISIONS:
         xs = seconds[precision]
         med = statistics.median(xs)
-        report.timings.append(PrecisionTiming(precision, xs, med, bootstrap_median_ci(xs, rng),
+        report.timings.append(PrecisionTiming(precision, xs, med, bootstrap_median_ci(xs, settings.seed),
                                               min(xs), per_step / med, losses[precision]))
     report.speedup_bf16 = report.timing("fp32").median_s / report.timing("bf16").median_s
-    report.speedup_bf16_ci95 = bootstrap_ratio_ci(seconds["fp32"], seconds["bf16"], rng)
+    report.speedup_bf16_ci95 = bootstrap_ratio_ci(seconds["fp32"], seconds["bf16"], settings.seed)
     report.max_loss_diff = max(abs(a - b) for a, b in zip(losses["fp32"], losses["bf16"], strict=True))
     return report
 

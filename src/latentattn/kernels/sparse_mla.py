@@ -25,6 +25,7 @@ from latentattn.cache.fp8 import check_record_rank, record_bytes
 from latentattn.errors import ConfigError
 from latentattn.kernels.mla_decode import (
     GRID_YZ,
+    H100_SMS,
     check_devices,
     check_rank_and_dtypes,
     sm_count,
@@ -145,7 +146,7 @@ def _splits(q: torch.Tensor, idx: torch.Tensor, num_splits: int | None) -> int:
     return splits
 
 
-def default_sparse_splits(tokens: int, heads: int, topk: int, sms: int = 132) -> int:
+def default_sparse_splits(tokens: int, heads: int, topk: int, sms: int = H100_SMS) -> int:
     """Splits of each token's top-k list: :func:`~latentattn.kernels.mla_decode.split_count` over
     tokens x head blocks programs (none once they fill the GPU, as at any prefill), each split
     at least 128 entries (vLLM's TRITON_MLA_SPARSE policy keeps splits that long)."""

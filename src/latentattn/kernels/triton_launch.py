@@ -6,16 +6,17 @@ module needs Triton."""
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from latentattn.errors import ConfigError
+from latentattn.kernels.mla_decode import GRID_YZ
 
 # CUDA's grid limits (CUDA C Programming Guide, "Features and Technical Specifications"): x up
 # to 2^31 - 1 blocks, y and z up to 65,535.
-GRID_LIMITS = (2**31 - 1, 65535, 65535)
+GRID_LIMITS = (2**31 - 1, GRID_YZ, GRID_YZ)
 # Triton's default software-pipelining depth on NVIDIA GPUs (CUDAOptions.num_stages), written
 # out where a launch uses it, so that the compile check compiles the same pipeline.
 DEFAULT_STAGES = 3
@@ -31,10 +32,12 @@ class Launch:
     constexprs: dict[str, Any]
     num_warps: int
     num_stages: int = DEFAULT_STAGES
-    name: str = field(default="")
+
+    @property
+    def name(self) -> str:
+        return str(self.fn.__name__)
 
     def __post_init__(self) -> None:
-        self.name = self.name or self.fn.__name__
         for axis, (size, most) in enumerate(zip(self.grid, GRID_LIMITS, strict=False)):
             if size > most:
                 raise ConfigError(f"{self.name} needs {size:,} programs on grid axis {axis}, past "

@@ -180,7 +180,9 @@ def launch_decode(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, scal
 
 def merge_launch(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype
                  ) -> tuple[Launch, torch.Tensor, torch.Tensor]:
-    """Stage 2's launch and the (o, lse) it fills (:func:`merge_splits`)."""
+    """Stage 2's launch and the (o, lse) it fills: o_part (N, H, splits, R) fp32 and lse_part
+    (N, H, splits) -> (o (N, H, R) in ``dtype``, lse (N, H) fp32), each split weighted by
+    exp(lse_i - max lse)."""
     n, heads, splits, rank = o_part.shape
     out = torch.empty(n, heads, rank, dtype=dtype, device=o_part.device)
     lse = torch.empty(n, heads, dtype=torch.float32, device=o_part.device)
@@ -193,14 +195,5 @@ def merge_launch(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtyp
     return launch, out, lse
 
 
-def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 2: o_part (N, H, splits, R) fp32 and lse_part (N, H, splits) -> (o (N, H, R) in
-    ``dtype``, lse (N, H) fp32), each split weighted by exp(lse_i - max lse)."""
-    launch, out, lse = merge_launch(o_part, lse_part, dtype)
-    launch.run()
-    return out, lse
-
-
 __all__ = ["DECODE_STAGES", "MERGE_WARPS", "decode_constexprs", "decode_launches", "decode_warps",
-           "launch_decode", "merge_launch", "merge_splits", "mla_decode_stage1", "mla_decode_stage2"]
+           "launch_decode", "merge_launch", "mla_decode_stage1", "mla_decode_stage2"]

@@ -53,7 +53,7 @@ def sparse_mla_fwd(Q, KV, IDX, OUT, LSE, sm_scale_log2, heads, seq_kv, topk, spl
     """One (head block and split of the top-k list, query token, sequence): softmax over the
     split's selected latents. With one split OUT/LSE are the result; with several, each split
     stores its normalised partial output and LSE (split stride ``stride_os`` / ``stride_ls``)
-    for :func:`latentattn.kernels.triton_mla.merge_splits` (vLLM's sparse kernel splits the
+    for :func:`latentattn.kernels.triton_mla.merge_launch` (vLLM's sparse kernel splits the
     top-k list, not the sequence, when batch x head blocks cannot fill the GPU)."""
     # Grid axis 0 holds (token, split, head block), head blocks fastest: the blocks of one token
     # gather the same latents side by side, so they are read from HBM about once; tokens on
