@@ -203,8 +203,13 @@ def test_kernels_launch_on_their_tensors_device(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_data_on_two_devices_is_refused() -> None:
+    from latentattn.kernels.indexer_logits import indexer_logits_triton
+
     with pytest.raises(ConfigError, match=r"q is on cpu but a \(2, 3\) input is on meta"):
         mla_decode.check_devices("mla_decode", torch.zeros(1), meta(2, 3))
+    q, w = torch.zeros(1, 1, 2, 16), torch.zeros(1, 1, 2)
+    with pytest.raises(ConfigError, match=r"indexer_logits: q is on cpu but a \(1, 5, 16\) input"):
+        indexer_logits_triton(q, w, meta(1, 5, 16), torch.zeros(1, 1, dtype=torch.int64), 0.1)
 
 
 def test_the_compile_check_specialises_as_the_runtime_does() -> None:

@@ -17,7 +17,7 @@ import torch
 
 from latentattn.cache.fp8 import dequantize_e4m3
 from latentattn.errors import ConfigError
-from latentattn.kernels.mla_decode import unit_stride
+from latentattn.kernels.mla_decode import check_devices, unit_stride
 from latentattn.kernels.sparse import index_scores, visible
 
 
@@ -42,6 +42,7 @@ def indexer_logits_triton(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, pos
     if k_scale is not None and (k.dtype != torch.uint8 or k_scale.shape[:2] != k.shape[:2]
                                 or k.shape[-1] % k_scale.shape[-1]):
         raise ConfigError("fp8 indexer keys are uint8 (B, S, d) with fp32 scales (B, S, d / block)")
+    check_devices("indexer_logits", q, w, k, *([] if k_scale is None else [k_scale]))
     from latentattn.kernels.triton_indexer import launch_indexer
 
     # The keys (a cache's [:, :kv_len] view at decode) are read in place, in their own dtype.
