@@ -14,7 +14,7 @@ from typing import Any, Literal
 from latentattn.errors import ConfigError
 
 MLAImpl = Literal["naive", "absorb", "auto"]
-ScoringFunc = Literal["softmax", "sigmoid"]
+ScoringFunc = Literal["softmax", "sigmoid", "sqrtsoftplus"]
 TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
 
 
@@ -150,7 +150,95 @@ class MLAConfig:
         return "mla" if self.indexer is None else "dsa"
 
 
-AttentionConfig = GQAConfig | MLAConfig
+V4LayerType = Literal["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]
+SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
+V4_LAYER_TYPES: tuple[str, ...] = (SLIDING, CSA, HCA)
+
+
+@dataclass(frozen=True)
+class V4AttentionConfig:
+    """DeepSeek-V4's attention (DeepSeek-V4 report section 2.3; transformers' ``deepseek_v4``).
+
+    One shared-KV head per layer: ``kv_proj`` gives a ``head_dim``-wide RMSNormed vector read as
+    both key and value, its last ``qk_rope_head_dim`` dims rotated (interleaved pairs). Queries go
+    ``q_a_proj`` -> RMSNorm -> ``q_b_proj`` -> a weightless RMSNorm per head. Each head has a
+    learned sink logit; the output goes through ``o_groups`` grouped low-rank projections of
+    ``o_lora_rank`` each, then ``o_b_proj``. Each layer is one of ``layer_types`` (one per layer):
+
+    * ``sliding_attention``: the last ``sliding_window`` tokens (the query's own included);
+    * ``compressed_sparse_attention`` (CSA): the window plus the ``index_topk`` compressed entries
+      (one per ``csa_rate`` tokens, gated pooling over overlapping windows of 2 * csa_rate) a
+      lightning indexer (``index_n_heads`` x ``index_head_dim``) scores highest;
+    * ``heavily_compressed_attention`` (HCA): the window plus every compressed entry, one per
+      ``hca_rate`` tokens (non-overlapping windows).
+
+    Sliding layers rotate with the model's ``rope``; CSA/HCA layers, their compressors and the
+    indexer with ``compress_rope`` (theta 160,000 and YaRN in V4; cos/sin never rescaled).
+    """
+
+    n_heads: int
+    head_dim: int
+    qk_rope_head_dim: int
+    q_lora_rank: int
+    o_groups: int
+    o_lora_rank: int
+    layer_types: tuple[str, ...]
+    sliding_window: int = 128
+    csa_rate: int = 4
+    hca_rate: int = 128
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    compress_rope: RopeConfig = field(default_factory=lambda: RopeConfig(theta=160000.0, interleaved=True))
+    kind: Literal["v4"] = "v4"
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_heads", "head_dim", "qk_rope_head_dim", "q_lora_rank", "o_groups",
+                  "o_lora_rank", "sliding_window", "csa_rate", "hca_rate", "index_n_heads",
+                  "index_head_dim", "index_topk")
+        if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > self.head_dim:
+            raise ConfigError(f"V4AttentionConfig.qk_rope_head_dim must be even and at most head_dim "
+                              f"({self.head_dim}), got {self.qk_rope_head_dim}")
+        if self.qk_rope_head_dim > self.index_head_dim:
+            raise ConfigError(f"V4AttentionConfig.index_head_dim ({self.index_head_dim}) must be at least "
+                              f"qk_rope_head_dim ({self.qk_rope_head_dim}): RoPE rotates its last dims")
+        if (self.n_heads * self.head_dim) % self.o_groups:
+            raise ConfigError(f"V4AttentionConfig.o_groups ({self.o_groups}) must divide n_heads * head_dim "
+                              f"({self.n_heads * self.head_dim})")
+        if not isinstance(self.layer_types, tuple) or not self.layer_types:
+            raise ConfigError("V4AttentionConfig.layer_types must be a non-empty tuple of layer types")
+        bad = sorted({t for t in self.layer_types if t not in V4_LAYER_TYPES})
+        if bad:
+            raise ConfigError(f"V4AttentionConfig.layer_types holds unknown type(s) {', '.join(bad)}; "
+                              f"known: {', '.join(V4_LAYER_TYPES)}")
+        if self.compress_rope.blocks > 1 or self.compress_rope.pairs:
+            raise ConfigError("V4AttentionConfig.compress_rope cannot be block RoPE")
+
+    def rate(self, layer_type: str) -> int:
+        """Tokens per compressed entry of a layer type (0: sliding only)."""
+        return {SLIDING: 0, CSA: self.csa_rate, HCA: self.hca_rate}[layer_type]
+
+    @property
+    def name(self) -> str:
+        return "v4"
+
+
+@dataclass(frozen=True)
+class HyperConfig:
+    """Manifold-constrained hyper-connections (mHC; DeepSeek-V4 report section 2.2, Xie et al.
+    2026): ``hc_mult`` residual streams, collapsed into each block's input and mixed through a
+    matrix made doubly stochastic by ``sinkhorn_iters`` Sinkhorn-Knopp iterations."""
+
+    hc_mult: int = 4
+    sinkhorn_iters: int = 20
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _positive(self, "hc_mult", "sinkhorn_iters")
+        _positive_float(self, "eps")
+
+
+AttentionConfig = GQAConfig | MLAConfig | V4AttentionConfig
 
 
 @dataclass(frozen=True)
@@ -246,6 +334,11 @@ class MoEConfig:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = False
+    # DeepSeek-V4: the first n_hash_layers MoE layers choose experts by a frozen token-id table
+    # (tid2eid, report section 2.1); swiglu_limit clamps the gate (above) and up (both sides)
+    # pre-activations of every expert, the shared ones included.
+    n_hash_layers: int = 0
+    swiglu_limit: float | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
@@ -263,9 +356,15 @@ class MoEConfig:
             )
         if self.topk_group > self.n_group:
             raise ConfigError(f"MoEConfig.topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
-        if self.scoring_func not in ("softmax", "sigmoid"):
-            raise ConfigError(f"MoEConfig.scoring_func must be softmax or sigmoid, got {self.scoring_func!r}")
-        valid = {"softmax": ("greedy", "group_limited_greedy"), "sigmoid": ("noaux_tc",)}
+        if self.scoring_func not in ("softmax", "sigmoid", "sqrtsoftplus"):
+            raise ConfigError(f"MoEConfig.scoring_func must be softmax, sigmoid or sqrtsoftplus, got "
+                              f"{self.scoring_func!r}")
+        if self.n_hash_layers < 0:
+            raise ConfigError(f"MoEConfig.n_hash_layers must be >= 0, got {self.n_hash_layers}")
+        if self.swiglu_limit is not None and not self.swiglu_limit > 0:
+            raise ConfigError(f"MoEConfig.swiglu_limit must be positive, got {self.swiglu_limit}")
+        valid = {"softmax": ("greedy", "group_limited_greedy"), "sigmoid": ("noaux_tc",),
+                 "sqrtsoftplus": ("noaux_tc",)}
         if self.topk_method not in valid[self.scoring_func]:
             raise ConfigError(
                 f"MoEConfig.topk_method {self.topk_method!r} does not go with scoring_func "
@@ -302,12 +401,20 @@ class ModelConfig:
     max_seq_len: int = 4096
     tie_word_embeddings: bool = False
     name: str = "custom"
+    hyper: HyperConfig | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "dim", "n_layers", "intermediate_size", "max_seq_len")
         _positive_float(self, "norm_eps")
-        if not isinstance(self.attention, (GQAConfig, MLAConfig)):
-            raise ConfigError("ModelConfig.attention must be a GQAConfig or an MLAConfig")
+        if not isinstance(self.attention, (GQAConfig, MLAConfig, V4AttentionConfig)):
+            raise ConfigError("ModelConfig.attention must be a GQAConfig, an MLAConfig or a "
+                              "V4AttentionConfig")
+        if isinstance(self.attention, V4AttentionConfig) and len(self.attention.layer_types) != self.n_layers:
+            raise ConfigError(f"V4AttentionConfig.layer_types has {len(self.attention.layer_types)} entries, "
+                              f"ModelConfig.n_layers is {self.n_layers}")
+        if self.moe is not None and self.moe.n_hash_layers > self.n_layers:
+            raise ConfigError(f"MoEConfig.n_hash_layers ({self.moe.n_hash_layers}) exceeds "
+                              f"ModelConfig.n_layers ({self.n_layers})")
         if self.moe is not None and self.moe.first_k_dense_replace > self.n_layers:
             raise ConfigError(
                 f"MoEConfig.first_k_dense_replace ({self.moe.first_k_dense_replace}) exceeds "
@@ -332,10 +439,17 @@ class ModelConfig:
         """How many dims RoPE rotates as one (a block of them with block RoPE)."""
         if isinstance(self.attention, MLAConfig):
             return self.attention.qk_rope_head_dim // self.rope.blocks
+        if isinstance(self.attention, V4AttentionConfig):
+            return self.attention.qk_rope_head_dim
         return self.attention.head_dim
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer >= self.moe.first_k_dense_replace
+
+    def is_hash_layer(self, layer: int) -> bool:
+        """A MoE layer whose experts come from the frozen token-id table (DeepSeek-V4)."""
+        return (self.moe is not None and self.is_moe_layer(layer)
+                and layer - self.moe.first_k_dense_replace < self.moe.n_hash_layers)
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with top-level fields changed, plus the knobs a user tunes on a loaded model:
