@@ -1,8 +1,9 @@
 """Named model configs: real DeepSeek/Llama sizes for calculators, tiny ones for tests and demos.
 
 Values come from each model's published config.json (DeepSeek-V2-Lite, DeepSeek-V2, DeepSeek-V3,
-Meta-Llama-3-8B/70B). GigaChat 3 Lightning has no public config values beyond its model card and
-ik_llama.cpp #994/#995; ``ASSUMED`` lists the fields we chose ourselves.
+Meta-Llama-3-8B/70B); DeepSeek-V4's presets live in :mod:`latentattn.presets.deepseek_v4`, which
+cites a source for each value. GigaChat 3 Lightning has no public config values beyond its model
+card and ik_llama.cpp #994/#995; ``ASSUMED`` lists the fields we chose ourselves.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from latentattn.config import (
     YarnConfig,
 )
 from latentattn.errors import ConfigError
+from latentattn.presets.deepseek_v4 import deepseek_v4_flash, deepseek_v4_pro, tiny_v4
 
 # Fields of a preset that are not published and were filled in by us.
 ASSUMED: dict[str, tuple[str, ...]] = {
@@ -203,6 +205,8 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "deepseek-v2": _deepseek_v2,
     "deepseek-v3": _deepseek_v3,
     "deepseek-v3.2": _deepseek_v32,
+    "deepseek-v4-flash": deepseek_v4_flash,
+    "deepseek-v4-pro": deepseek_v4_pro,
     "gigachat3-lightning": _gigachat3_lightning,
     "llama-3-8b": lambda: _llama3("llama-3-8b", 4096, 32, 32, 14336),
     "llama-3-70b": lambda: _llama3("llama-3-70b", 8192, 80, 64, 28672),
@@ -212,6 +216,7 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny-mla": _tiny_mla(moe=False, q_lora=True),
     "tiny-mla-moe": _tiny_mla(moe=True, q_lora=True),
     "tiny-dsa": _tiny_mla(moe=False, q_lora=True, dsa=True),
+    "tiny-v4": tiny_v4,
 }
 
 
