@@ -1,0 +1,114 @@
+"""DeepSeek-V4's attention maths: one shared-KV head, a sliding window over the layer's own keys,
+compressed entries (all of them for HCA, the indexer's top-k for CSA) and a per-head sink
+(DeepSeek-V4 report section 2.3; transformers' ``DeepseekV4Attention`` with
+``eager_attention_forward``).
+
+* ``v4_attend``: what the model runs. Per block of queries it reads the window's keys (a slice of
+  the cached ring followed by the new tokens), plus either every compressed entry (HCA) or the
+  k entries it gathers (CSA: ``gather_rows`` of the DSA path), so work and memory grow with
+  T * (window + k) for CSA, never T * L.
+* ``v4_attend_reference``: dense scores over every token and every entry of a sequence from
+  position 0 with masks, as transformers computes it: obviously right, O(T * (L + L / m)).
+
+Keys are values (shared-KV MQA): the output is the probability-weighted sum of the same vectors.
+The sink is one extra logit per head in the softmax whose probability is dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from latentattn.kernels.sparse import gather_rows
+
+
+def _softmax_with_sink(logits: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis of (B, H, T, S) fp32 logits with one sink logit per head
+    appended (then dropped): rows may be fully masked, the sink keeps them finite."""
+    b, h, t, _ = logits.shape
+    sink = sinks.float().view(1, h, 1, 1).expand(b, h, t, 1)
+    return torch.softmax(torch.cat((logits, sink), dim=-1), dim=-1)[..., :-1]
+
+
+def v4_attend(
+    q: torch.Tensor, window_keys: torch.Tensor, window_ok: torch.Tensor, window: int,
+    sinks: torch.Tensor, scale: float, entries: torch.Tensor | None = None,
+    visible_entries: torch.Tensor | None = None, selected: torch.Tensor | None = None,
+    q_block: int = 64,
+) -> torch.Tensor:
+    """V4 attention for T new queries per row.
+
+    q (B, T, H, D), rotated. window_keys (B, W + T, D): the window ring in position order (the
+    W positions before each row's first new token) then the T new keys; window_ok (B, W + T)
+    False for ring slots before position 0. Query t sees window keys t + 1 .. t + W (its own key
+    and the W - 1 before it). Compressed part, one of:
+    * HCA: ``entries`` (B, E, D) and ``visible_entries`` (B, T): query t sees entries
+      e < visible_entries[b, t];
+    * CSA: ``entries`` and ``selected`` (B, T, k) entry indices, -1 for none.
+    Returns (B, T, H, D) in q's dtype.
+    """
+    t = q.shape[1]
+    outs = []
+    for t0 in range(0, t, q_block):
+        t1 = min(t0 + q_block, t)
+        qb = q[:, t0:t1].transpose(1, 2)  # (B, H, Tb, D)
+        keys = window_keys[:, t0 + 1: t1 + window]  # (B, Tb + W - 1, D)
+        i = torch.arange(t0 + 1, t1 + window, device=q.device)
+        tq = torch.arange(t0, t1, device=q.device)
+        ok = (i[None, :] > tq[:, None]) & (i[None, :] <= tq[:, None] + window)  # (Tb, Tb + W - 1)
+        ok = ok[None] & window_ok[:, None, t0 + 1: t1 + window]  # (B, Tb, Tb + W - 1)
+        logits = [torch.einsum("bhtd,bsd->bhts", qb, keys).float().masked_fill(~ok[:, None], float("-inf"))]
+        values = None
+        if entries is not None and selected is not None:
+            idx = selected[:, t0:t1]
+            values = gather_rows(entries, idx)  # (B, Tb, k, D)
+            comp = torch.einsum("bhtd,btkd->bhtk", qb, values).float()
+            logits.append(comp.masked_fill((idx < 0)[:, None], float("-inf")))
+        elif entries is not None and visible_entries is not None:
+            e = torch.arange(entries.shape[1], device=q.device)
+            hidden = e[None, None, :] >= visible_entries[:, t0:t1, None]  # (B, Tb, E)
+            comp = torch.einsum("bhtd,bed->bhte", qb, entries).float()
+            logits.append(comp.masked_fill(hidden[:, None], float("-inf")))
+        p = _softmax_with_sink(torch.cat(logits, dim=-1) * scale, sinks)
+        s = keys.shape[1]
+        out = torch.einsum("bhts,bsd->bhtd", p[..., :s].to(q.dtype), keys)
+        if values is not None:
+            out = out + torch.einsum("bhtk,btkd->bhtd", p[..., s:].to(q.dtype), values)
+        elif entries is not None and visible_entries is not None:
+            out = out + torch.einsum("bhte,bed->bhtd", p[..., s:].to(q.dtype), entries)
+        outs.append(out.transpose(1, 2))
+    return torch.cat(outs, dim=1)
+
+
+def v4_attend_reference(
+    q: torch.Tensor, keys: torch.Tensor, window: int, sinks: torch.Tensor, scale: float,
+    entries: torch.Tensor | None = None, entry_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense V4 attention over a whole sequence from position 0: q (B, T, H, D), keys (B, T, D)
+    (key j seen by query t when t - window < j <= t), entries (B, E, D) with entry_mask
+    (B, T, E) True where query t sees entry e. Returns (B, T, H, D)."""
+    t = q.shape[1]
+    pos = torch.arange(t, device=q.device)
+    sliding = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)  # (T, T)
+    kv = keys
+    mask = sliding[None].expand(q.shape[0], -1, -1)
+    if entries is not None and entry_mask is not None:
+        kv = torch.cat((keys, entries), dim=1)
+        mask = torch.cat((mask, entry_mask), dim=-1)
+    logits = torch.einsum("bthd,bsd->bhts", q, kv).float() * scale
+    p = _softmax_with_sink(logits.masked_fill(~mask[:, None], float("-inf")), sinks)
+    return torch.einsum("bhts,bsd->bthd", p.to(q.dtype), kv)
+
+
+def entry_visibility(positions: torch.Tensor, rate: int) -> torch.Tensor:
+    """(B, T) how many compressed entries the query at each position sees: entry e pools tokens up
+    to (e + 1) * rate - 1, so it is visible once that token is, e < (p + 1) // rate
+    (transformers' ``causal_threshold``)."""
+    return torch.div(positions + 1, rate, rounding_mode="floor")
+
+
+def selected_mask(selected: torch.Tensor, num_entries: int) -> torch.Tensor:
+    """(B, T, k) entry indices (-1: none) -> (B, T, E) bool, True at the selected entries."""
+    b, t, _ = selected.shape
+    spill = selected.masked_fill(selected < 0, num_entries)
+    mask = torch.zeros(b, t, num_entries + 1, dtype=torch.bool, device=selected.device)
+    return mask.scatter_(-1, spill, True)[..., :num_entries]
