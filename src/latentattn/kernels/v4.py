@@ -33,7 +33,7 @@ def v4_attend(
     q: torch.Tensor, window_keys: torch.Tensor, window_ok: torch.Tensor, window: int,
     sinks: torch.Tensor, scale: float, entries: torch.Tensor | None = None,
     visible_entries: torch.Tensor | None = None, selected: torch.Tensor | None = None,
-    q_block: int = 64,
+    q_block: int = 64, entry_probs: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """V4 attention for T new queries per row.
 
@@ -44,7 +44,9 @@ def v4_attend(
     * HCA: ``entries`` (B, E, D) and ``visible_entries`` (B, T): query t sees entries
       e < visible_entries[b, t];
     * CSA: ``entries`` and ``selected`` (B, T, k) entry indices, -1 for none.
-    Returns (B, T, H, D) in q's dtype.
+    Returns (B, T, H, D) in q's dtype. ``entry_probs``, if given, receives per query block the
+    compressed part's probabilities summed over heads, (B, Tb, k or E) fp32 with grad (the
+    indexer's training target, DeepSeek-V3.2 report section 2.1).
     """
     t = q.shape[1]
     outs = []
@@ -70,6 +72,8 @@ def v4_attend(
             logits.append(comp.masked_fill(hidden[:, None], float("-inf")))
         p = _softmax_with_sink(torch.cat(logits, dim=-1) * scale, sinks)
         s = keys.shape[1]
+        if entry_probs is not None:
+            entry_probs.append(p[..., s:].sum(dim=1))
         out = torch.einsum("bhts,bsd->bhtd", p[..., :s].to(q.dtype), keys)
         if values is not None:
             out = out + torch.einsum("bhtk,btkd->bhtd", p[..., s:].to(q.dtype), values)
