@@ -213,3 +213,33 @@ def test_config_rejects_impossible_shapes() -> None:
             dataclasses.replace(a, **change)
     with pytest.raises(ConfigError, match="layer_types"):
         dataclasses.replace(cfg, n_layers=4)
+
+
+def test_the_indexer_learns_from_its_kl_alone() -> None:
+    """The KL reaches the indexer's weights and nothing else (its inputs are detached), and
+    training the indexer on it lowers it."""
+    cfg, _ = configs("odd")
+    attn = V4Attention(cfg, 1)
+    randomise(attn, 50)
+    assert attn.indexer is not None
+    x = torch.randn(2, 29, cfg.dim)
+    step = fresh_step(2, 29, x.device)
+    q, kv, c_q, _ = attn.project(x, step.positions)
+    selected, _ = attn.indexer.select(x, c_q, step, None)
+    probs: list[torch.Tensor] = []
+    attn.attend(x, q, kv, c_q, step, None, entry_probs=probs)
+    target = torch.cat(probs, dim=1)
+    loss = attn.indexer_kl(x, c_q, step, selected, target)
+    loss.backward()
+    assert loss.item() >= 0
+    grad = attn.indexer.q_b_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert attn.q_a_proj.weight.grad is None and attn.kv_proj.weight.grad is None
+    opt = torch.optim.Adam(attn.indexer.parameters(), lr=1e-2)
+    first = loss.item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss = attn.indexer_kl(x, c_q.detach(), step, selected, target.detach())
+        loss.backward()
+        opt.step()
+    assert loss.item() < first

@@ -25,6 +25,7 @@ from latentattn.attention.v4_compressor import Compressor, Indexer, rope_tables,
 from latentattn.cache.kv import LayerCache, Step
 from latentattn.cache.v4 import CompressorState, Ring, V4LayerKV, row_starts
 from latentattn.config import CSA, HCA, SLIDING, ModelConfig, V4AttentionConfig
+from latentattn.kernels.sparse import gather_rows
 from latentattn.kernels.v4 import entry_visibility, selected_mask, v4_attend, v4_attend_reference
 from latentattn.precision import KeepFloat32
 from latentattn.rope import inv_frequencies
@@ -121,7 +122,8 @@ class V4Attention(KeepFloat32):
         return self.output(o, rot)
 
     def attend(self, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, c_q: torch.Tensor,
-               step: Step, cache: LayerCache | None) -> torch.Tensor:
+               step: Step, cache: LayerCache | None,
+               entry_probs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The fast form: window ring + new keys, and gathered (CSA) or all (HCA) entries."""
         assert cache is None or isinstance(cache, V4LayerKV)
         a = self.cfg
@@ -144,7 +146,32 @@ class V4Attention(KeepFloat32):
             else:
                 visible = entry_visibility(step.positions, self.compressor.rate)
         return v4_attend(q, keys, ok, a.sliding_window, self.sinks, self.scale, entries,
-                         visible, selected)
+                         visible, selected, entry_probs=entry_probs)
+
+    def indexer_kl(self, x: torch.Tensor, c_q: torch.Tensor, step: Step, selected: torch.Tensor,
+                   target: torch.Tensor) -> torch.Tensor:
+        """The lightning indexer's training loss (DeepSeek-V3.2 report section 2.1, its sparse
+        stage; the V4 report trains the indexer but gives no other loss): KL(the main attention's
+        probability mass over the selected entries, summed over heads and renormalised || softmax
+        of the indexer's scores over the same entries), averaged over queries. The indexer sees
+        detached inputs and the target is detached, so it learns only from this loss and the
+        model only from its own. A training forward has no cache (entries from position 0).
+        ``target`` (B, T, k) is what :func:`v4_attend` hands back in ``entry_probs``."""
+        indexer = self.indexer
+        assert indexer is not None
+        x, c_q = x.detach(), c_q.detach()
+        keys = indexer(x, step, None)  # (B, E, d_I), with grad this time
+        q, w = indexer.queries(x, c_q, step.positions)
+        logits = torch.einsum("bthd,btkd->bthk", q, gather_rows(keys.float(), selected)).relu()
+        scores = (logits * w[..., None]).sum(dim=2) * indexer.width**-0.5  # (B, T, k)
+        allowed = selected >= 0
+        target = target.detach().masked_fill(~allowed, 0.0)
+        target = target / target.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+        # A finite floor, not -inf: a query with no entry yet would make its row NaN, and NaN
+        # reaches the gradient through torch.where's unused branch.
+        logq = torch.log_softmax(scores.masked_fill(~allowed, -1e30), dim=-1)
+        terms = torch.where(target > 0, target * (target.clamp(min=1e-30).log() - logq), 0.0)
+        return terms.sum(dim=-1).mean()
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The dense form for a sequence from position 0 (no cache), as transformers computes it:
