@@ -58,8 +58,10 @@ class Variant:
         a = self.config.attention
         if isinstance(a, GQAConfig):
             base = {"mha": "MHA", "mqa": "MQA"}.get(a.name, a.name.upper())
-        else:
+        elif isinstance(a, MLAConfig):
             base = "MLA" if a.indexer is None else "MLA+DSA"
+        else:
+            base = "V4"
         if self.retrofit_of:
             base += " retrofit"
         what = ([f"{k}={v}" for k, v in self.sweep] + (["control"] if self.control else [])
