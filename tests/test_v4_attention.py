@@ -243,3 +243,32 @@ def test_the_indexer_learns_from_its_kl_alone() -> None:
         loss.backward()
         opt.step()
     assert loss.item() < first
+
+
+def test_decode_equals_prefill_even_where_index_scores_tie() -> None:
+    """With 2 indexer heads the ReLU zeroes many scores and top-k chooses among exact ties;
+    select_topk breaks them by position (latentattn.kernels.sparse._top), so a token-by-token
+    decode picks what the one-chunk prefill picks (transformers' batched and one-row topk break
+    ties differently and depart by up to 0.1 in the logits)."""
+    cfg, _ = configs("odd")
+    a = cfg.attention
+    assert isinstance(a, V4AttentionConfig)
+    cfg = dataclasses.replace(cfg, attention=dataclasses.replace(a, index_n_heads=2))
+    attn = V4Attention(cfg, 1)
+    randomise(attn, 60)
+    x = torch.randn(2, 29, cfg.dim)
+    assert attn.indexer is not None
+    with torch.no_grad():
+        step = fresh_step(2, 29, x.device)
+        q, w = attn.indexer.queries(x, attn.q_a_norm(attn.q_a_proj(x)), step.positions)
+        keys = attn.indexer(x, step, None)
+        scores = (torch.einsum("bthd,bed->bthe", q, keys).relu() * w[..., None]).sum(2)  # (B, T, E)
+        visible = torch.arange(keys.shape[1])[None, None, :] < ((step.positions + 1) // a.csa_rate)[..., None]
+        ranked = scores.masked_fill(~visible, float("-inf")).sort(dim=-1, descending=True).values
+        k = a.index_topk
+        boundary_ties = (ranked[..., k - 1] == ranked[..., k]) & (ranked[..., k] > float("-inf"))
+        assert boundary_ties.any()  # some query's k-th and (k+1)-th entries tie: the case under test
+        full = attn(x, None, step, None)
+        got = run_chunks(attn, x, [1] * 29)
+    bound = 8 * torch.finfo(torch.float32).eps * full.abs().max().item() * 200**0.5
+    assert (got - full).abs().max().item() <= bound
