@@ -10,6 +10,11 @@ on average):
 * MLA (trained in its naive form): 2 * H * (d_qk + d_v) per key;
 * DSA (sparse stage): the same, over min(k, keys) keys, plus the lightning indexer's
   2 * H_I * d_I per key over every key it scores.
+* DeepSeek-V4: 2 * H * (D + D) per key (one shared-KV vector of D values is key and value), over
+  the window min(t + 1, W) for every layer type, plus for CSA the min(k, v_t) selected compressed
+  entries and the indexer's 2 * H_I * d_I over all v_t = (t + 1) // m visible ones, for HCA all
+  (t + 1) // m' visible entries (query t, 0-based). The compressors' pooling and the mHC mixing
+  are element-wise and left out; their projections are weights, counted with the rest.
 
 Embedding lookups are not matmuls and are left out; the LM head is in. MoE counts the experts a
 token visits (``count_parameters``' "active"). Element-wise work (norms, RoPE, softmax) is left
@@ -19,7 +24,7 @@ out, as those references do.
 from __future__ import annotations
 
 from latentattn.calc.params import count_parameters
-from latentattn.config import GQAConfig, MLAConfig, ModelConfig
+from latentattn.config import CSA, HCA, GQAConfig, MLAConfig, ModelConfig, V4AttentionConfig
 
 
 def mean_visible_keys(seq_len: int) -> float:
@@ -32,9 +37,27 @@ def _mean_selected(seq_len: int, k: int) -> float:
     return sum(min(k, t + 1) for t in range(seq_len)) / seq_len
 
 
+def v4_attention_flops(a: V4AttentionConfig, layer_type: str, seq_len: int) -> float:
+    """One V4 layer's forward score and value FLOPs per token, averaged over a causal window."""
+    per_key = 2 * a.n_heads * 2 * a.head_dim
+    total = 0
+    for t in range(seq_len):
+        keys = min(t + 1, a.sliding_window)
+        if layer_type == CSA:
+            visible = (t + 1) // a.csa_rate
+            keys += min(a.index_topk, visible)
+            total += 2 * a.index_n_heads * a.index_head_dim * visible
+        elif layer_type == HCA:
+            keys += (t + 1) // a.hca_rate
+        total += per_key * keys
+    return total / seq_len
+
+
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs of the scores and value sums, all layers, per token (see the docstring)."""
     a, keys = cfg.attention, mean_visible_keys(seq_len)
+    if isinstance(a, V4AttentionConfig):
+        return sum(v4_attention_flops(a, t, seq_len) for t in a.layer_types)
     if isinstance(a, GQAConfig):
         per_layer = 2 * a.n_heads * 2 * a.head_dim * keys
     else:
@@ -58,4 +81,4 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 3 * (2 * matmul_weights + attention_flops_per_token(cfg, seq_len))
 
 
-__all__ = ["attention_flops_per_token", "mean_visible_keys", "training_flops_per_token"]
+__all__ = ["attention_flops_per_token", "mean_visible_keys", "training_flops_per_token", "v4_attention_flops"]

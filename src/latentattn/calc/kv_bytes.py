@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from latentattn.cache.fp8 import bytes_per_vector as fp8_vector_bytes
-from latentattn.config import GQAConfig, MLAConfig, ModelConfig
+from latentattn.config import GQAConfig, MLAConfig, ModelConfig, V4AttentionConfig
+from latentattn.errors import ConfigError
 
 BF16 = 2  # bytes per value unless a row says fp8
 FP8 = 1
@@ -49,9 +50,17 @@ def indexer_key_bytes(a: MLAConfig, bytes_per_value: int = BF16) -> int:
     return a.indexer.index_head_dim * bytes_per_value
 
 
+def _per_token(cfg: ModelConfig) -> GQAConfig | MLAConfig:
+    if isinstance(cfg.attention, V4AttentionConfig):
+        # A V4 layer's bytes per token depend on the context (a bounded window, 1/m compression)
+        raise ConfigError(f"{cfg.name}: DeepSeek-V4's cache is not a per-token constant; use "
+                          "latentattn.calc.v4_kv (layer_bytes, v4_kv_table) at a context")
+    return cfg.attention
+
+
 def cache_bytes_per_token_per_layer(cfg: ModelConfig, bytes_per_value: int = BF16) -> int:
     """Formula bytes of the cache form ``Transformer.make_cache`` allocates for this config."""
-    a = cfg.attention
+    a = _per_token(cfg)
     if isinstance(a, MLAConfig):
         if a.indexer is not None:  # DSA: always the latent cache, plus the indexer keys
             return mla_latent_bytes(a, bytes_per_value) + indexer_key_bytes(a, bytes_per_value)
@@ -124,7 +133,7 @@ class KVTable:
 
 def kv_table(cfg: ModelConfig, context: int = 131072, batch: int = 1) -> KVTable:
     """MHA (same heads), GQA-8, MQA, the model's own GQA form, and for MLA its four cache forms."""
-    a = cfg.attention
+    a = _per_token(cfg)
     head = a.v_head_dim if isinstance(a, MLAConfig) else a.head_dim
     h = a.n_heads
     mha = dense_bytes(h, head, head)
