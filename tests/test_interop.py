@@ -454,8 +454,8 @@ def test_dense_when_no_routed_experts() -> None:
 
 @pytest.mark.parametrize(("change", "match"), [
     ({"model_type": "gpt_neox"},
-     r"'gpt_neox' is not supported \(supported: deepseek_v2, deepseek_v3, deepseek_v32, llama, qwen2, "
-     r"mistral\)"),
+     r"'gpt_neox' is not supported \(supported: deepseek_v2, deepseek_v3, deepseek_v32, deepseek_v4, "
+     r"llama, qwen2, mistral\)"),
     ({"attention_bias": True}, "attention_bias"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"hidden_size": "7168"}, r"field 'hidden_size' must be int, got str"),

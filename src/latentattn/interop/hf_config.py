@@ -1,4 +1,5 @@
-"""Hugging Face DeepSeek-V2/V3/V3.2 config.json <-> :class:`ModelConfig`.
+"""Hugging Face DeepSeek-V2/V3/V3.2 config.json <-> :class:`ModelConfig` (DeepSeek-V4's:
+:mod:`latentattn.interop.hf_v4_config`, dispatched from here).
 
 The rules here mirror transformers 5.x: ``configuration_deepseek_v2.py``,
 ``configuration_deepseek_v3.py`` and ``configuration_deepseek_v32.py`` (field names and defaults),
@@ -18,11 +19,12 @@ from latentattn.config import (
     MoEConfig,
     RopeConfig,
     RopeScaling,
+    V4AttentionConfig,
     YarnConfig,
 )
 from latentattn.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4")
 # Read (into GQA attention) by latentattn.interop.llama_config; never written.
 LLAMA_MODEL_TYPES = ("llama", "qwen2", "mistral")
 CONFIG_NAME = "config.json"
@@ -281,7 +283,8 @@ def _moe_from_hf(f: _Fields, model_type: str, n_layers: int) -> MoEConfig | None
 
 def config_from_hf(d: dict[str, Any], *, source: str = CONFIG_NAME, **overrides: Any) -> ModelConfig:
     """Map a Hugging Face DeepSeek-V2/V3/V3.2 config.json dict onto a :class:`ModelConfig`
-    (Llama, Qwen2 and Mistral ones: :mod:`latentattn.interop.llama_config`).
+    (Llama, Qwen2 and Mistral ones: :mod:`latentattn.interop.llama_config`; DeepSeek-V4:
+    :mod:`latentattn.interop.hf_v4_config`).
 
     ``deepseek_v32`` (DeepSeek-V3.2: V3 plus DSA's lightning indexer in every layer) sets
     ``attention.indexer``; ``index_n_heads`` and ``index_head_dim`` are required (they shape
@@ -298,6 +301,10 @@ def config_from_hf(d: dict[str, Any], *, source: str = CONFIG_NAME, **overrides:
         from latentattn.interop.llama_config import llama_config_from_hf
 
         return llama_config_from_hf(d, source=source, **overrides)
+    if model_type == "deepseek_v4":
+        from latentattn.interop.hf_v4_config import config_from_hf_v4
+
+        return config_from_hf_v4(d, source=source, **overrides)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
             f"{source}: model_type {model_type!r} is not supported "
@@ -381,6 +388,9 @@ def mtp_layers_from_hf(d: dict[str, Any], *, source: str = CONFIG_NAME) -> range
     n_layers = f.get("num_hidden_layers", int)
     if f.get("model_type", str) in LLAMA_MODEL_TYPES:
         return range(n_layers, n_layers)  # no multi-token prediction
+    if f.get("model_type", str) == "deepseek_v4":
+        # V4 stores its MTP module as mtp.* (not as extra layers): latentattn.interop.hf_v4.
+        return range(n_layers, n_layers)
     default = _HF_DEFAULTS[f.get("model_type", str)]["num_nextn_predict_layers"]
     n_mtp = f.get("num_nextn_predict_layers", int, default=default)
     if n_mtp < 0:
@@ -414,9 +424,14 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     Softmax routing is DeepSeek-V2's (``deepseek_v2``); sigmoid routing or a dense FFN is written
     as ``deepseek_v3``; a model with DSA's indexer as ``deepseek_v32`` (which transformers builds
     with interleaved MLA RoPE and sigmoid routing only). The indexer's ``key_cache`` form is a
-    runtime choice and is not written.
+    runtime choice and is not written. A DeepSeek-V4 model is ``deepseek_v4``
+    (:func:`latentattn.interop.hf_v4_config.config_to_hf_v4`).
     """
     a = cfg.attention
+    if isinstance(a, V4AttentionConfig):
+        from latentattn.interop.hf_v4_config import config_to_hf_v4
+
+        return config_to_hf_v4(cfg)
     if not isinstance(a, MLAConfig):
         raise ConfigError(
             "save_pretrained writes DeepSeek checkpoints; GQA models have no DeepSeek format"
