@@ -32,7 +32,7 @@ def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Transformer:
 
 
 def save_pretrained(model: Transformer, path: str | os.PathLike[str], **kwargs: Any) -> None:
-    """Write a Hugging Face DeepSeek-V2/V3/V3.2 checkpoint directory; see ``latentattn.interop.hf``."""
+    """Write a Hugging Face DeepSeek-V2/V3/V3.2/V4 checkpoint directory; see ``latentattn.interop.hf``."""
     from latentattn.interop.hf import save_pretrained as _save
 
     _save(model, path, **kwargs)

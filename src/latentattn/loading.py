@@ -8,7 +8,7 @@
 * a ``latentattn train`` run directory (it holds ``state.json``): the weights it last saved;
 * a latentattn model directory (``latentattn.json``: ``latentattn convert``'s output): its weights;
 * a Hugging Face checkpoint directory (``config.json`` + safetensors): its weights (DeepSeek
-  V2/V3/V3.2, and Llama, Qwen2, Mistral into GQA attention);
+  V2/V3/V3.2/V4, and Llama, Qwen2, Mistral into GQA attention);
 * a GGUF file (``*.gguf``, Llama-family; or a directory holding exactly one): its weights,
   dequantised (:mod:`latentattn.interop.gguf`), and its tokenizer;
 * a ``config.json`` file (Hugging Face format): a random-init model of that shape;

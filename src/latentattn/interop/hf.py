@@ -1,5 +1,6 @@
 """Hugging Face DeepSeek-V2/V3/V3.2 checkpoints: safetensors <-> Transformer (config.json <->
-ModelConfig is :mod:`latentattn.interop.hf_config`, re-exported here).
+ModelConfig is :mod:`latentattn.interop.hf_config`, re-exported here). DeepSeek-V4's
+(``deepseek_v4``) are read and written by :mod:`latentattn.interop.hf_v4`, dispatched from here.
 
 The rules here mirror transformers 5.x: ``modeling_deepseek_v2.py``, ``modeling_deepseek_v3.py``
 and ``modeling_deepseek_v32.py`` (tensor names, which layers are MoE, tensors kept in fp32).
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from latentattn.config import ModelConfig
+from latentattn.config import ModelConfig, V4AttentionConfig
 from latentattn.errors import CheckpointError, ConfigError, LatentAttnError
 from latentattn.interop.hf_config import (
     CONFIG_NAME,
@@ -148,7 +149,8 @@ def from_pretrained(
     cfg: ModelConfig | None = None,
     **overrides: Any,
 ) -> Transformer:
-    """Load a Hugging Face DeepSeek-V2/V3/V3.2 checkpoint directory (config.json + safetensors).
+    """Load a Hugging Face DeepSeek-V2/V3/V3.2/V4 checkpoint directory (config.json +
+    safetensors; V4: :mod:`latentattn.interop.hf_v4`).
 
     ``dtype=None`` keeps the checkpoint's own dtype (config.json's ``dtype``/``torch_dtype``:
     a bf16 checkpoint loads as bf16); FP8 block-scaled weights (DeepSeek-V3's release) are
@@ -171,6 +173,11 @@ def from_pretrained(
         cfg = config_from_hf(raw, source=str(config_path), **overrides)
     elif overrides:
         raise ConfigError("give from_pretrained either cfg or overrides, not both")
+    if raw.get("model_type") == "deepseek_v4":
+        from latentattn.interop.hf_v4 import from_pretrained_v4
+
+        target = checkpoint_dtype(raw, str(config_path)) if dtype is None else resolve_dtype(dtype)
+        return from_pretrained_v4(root, raw, cfg, target, resolve_device(device))
     mtp = mtp_layers_from_hf(raw, source=str(config_path))
     quant = raw.get("quantization_config") or {}
     block_size = quant.get("weight_block_size") or [128, 128]
@@ -289,7 +296,8 @@ def save_pretrained(
     model: Transformer, path: str | os.PathLike[str], max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
 ) -> None:
     """Write ``config.json`` and ``model.safetensors`` (or shards + index) in the Hugging Face
-    DeepSeek layout, loadable by transformers and by :func:`from_pretrained`.
+    DeepSeek layout (V4: DeepSeek's tensor names, :mod:`latentattn.interop.hf_v4`), loadable by
+    transformers and by :func:`from_pretrained`.
 
     Files are written under temporary names and renamed into place, config.json last; weight
     files of an earlier checkpoint in the directory are removed, as transformers does.
@@ -306,7 +314,12 @@ def save_pretrained(
         raise CheckpointError(f"{root} exists and is not a directory")
     root.mkdir(parents=True, exist_ok=True)
 
-    tensors = dict(_hf_tensors(model))
+    if isinstance(model.config.attention, V4AttentionConfig):
+        from latentattn.interop.hf_v4 import v4_checkpoint_tensors
+
+        tensors = dict(v4_checkpoint_tensors(model))  # DeepSeek's naming (interop.hf_v4)
+    else:
+        tensors = dict(_hf_tensors(model))
     shards = _shards(tensors, limit)
     final: dict[str, bytes | dict[str, torch.Tensor]] = {}
     if len(shards) == 1:
