@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from latentattn.config import GQAConfig, MLAConfig, ModelConfig
+from latentattn.config import GQAConfig, MLAConfig, ModelConfig, V4AttentionConfig
 from latentattn.errors import LatentAttnError
 
 PROG = "latentattn"
@@ -125,6 +125,11 @@ def attention_summary(cfg: ModelConfig) -> str:
             text += (f"; DSA indexer {i.index_n_heads} heads x {i.index_head_dim}, top-k "
                      f"{i.index_topk}, {i.key_cache} keys")
         return text
+    if isinstance(a, V4AttentionConfig):
+        return (f"DeepSeek-V4: {a.n_heads} heads x {a.head_dim} (rope {a.qk_rope_head_dim}), one shared-KV "
+                f"head, q_lora_rank {a.q_lora_rank}, {a.o_groups} output groups x o_lora_rank "
+                f"{a.o_lora_rank}; window {a.sliding_window}, CSA 1/{a.csa_rate} (indexer "
+                f"{a.index_n_heads} heads x {a.index_head_dim}, top-k {a.index_topk}), HCA 1/{a.hca_rate}")
     assert isinstance(a, GQAConfig)
     return (f"{a.name.upper()}: {a.n_heads} heads, {a.n_kv_heads} kv heads, "
             f"head_dim {a.head_dim}")
