@@ -179,6 +179,38 @@ def test_v4_presets_build_and_validate() -> None:
     assert [tiny.is_hash_layer(i) for i in range(tiny.n_layers)] == [True, True, False, False, False]
 
 
+# DeepSeek-V4-Flash's published config.json (the keys transformers reads; values as cited in
+# latentattn/presets/deepseek_v4.py); V4-Pro's differs in the keys _PRO changes.
+_FLASH_JSON: dict[str, Any] = {
+    "model_type": "deepseek_v4", "vocab_size": 129280, "hidden_size": 4096, "num_hidden_layers": 43,
+    "num_attention_heads": 64, "num_key_value_heads": 1, "head_dim": 512, "qk_rope_head_dim": 64,
+    "q_lora_rank": 1024, "o_groups": 8, "o_lora_rank": 1024, "sliding_window": 128,
+    "index_n_heads": 64, "index_head_dim": 128, "index_topk": 512, "n_routed_experts": 256,
+    "n_shared_experts": 1, "num_experts_per_tok": 6, "moe_intermediate_size": 2048,
+    "routed_scaling_factor": 1.5, "scoring_func": "sqrtsoftplus", "topk_method": "noaux_tc",
+    "norm_topk_prob": True, "num_hash_layers": 3, "swiglu_limit": 10.0, "hc_mult": 4,
+    "hc_sinkhorn_iters": 20, "hc_eps": 1e-6, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+    "max_position_embeddings": 1048576, "rope_theta": 10000, "compress_rope_theta": 160000,
+    "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
+                     "beta_fast": 32, "beta_slow": 1},
+    "tie_word_embeddings": False, "num_nextn_predict_layers": 1,
+    "compress_ratios": [0, 0] + [4, 128] * 20 + [4, 0],  # the last entry: the MTP layer
+}
+_PRO = {"hidden_size": 7168, "num_hidden_layers": 61, "num_attention_heads": 128, "q_lora_rank": 1536,
+        "o_groups": 16, "index_topk": 1024, "n_routed_experts": 384, "moe_intermediate_size": 3072,
+        "routed_scaling_factor": 2.5, "compress_ratios": [128, 128] + [4, 128] * 29 + [4, 0]}
+
+
+@pytest.mark.parametrize(("name", "config_json"), [
+    ("deepseek-v4-flash", _FLASH_JSON), ("deepseek-v4-pro", {**_FLASH_JSON, **_PRO})])
+def test_presets_equal_the_published_config_json(name: str, config_json: dict[str, Any]) -> None:
+    """Read through the config.json reader (latentattn.interop), the published values give the
+    preset field for field."""
+    from latentattn.interop.hf_config import config_from_hf
+
+    assert dataclasses.replace(config_from_hf(config_json), name=name) == get_preset(name)
+
+
 def test_v4_parameter_counts() -> None:
     """Published: V4-Flash 284B total / 13B active, V4-Pro 1.6T / 49B (their MTP layer not built)."""
     flash = count_parameters(get_preset("deepseek-v4-flash"))
