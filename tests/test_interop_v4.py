@@ -644,6 +644,22 @@ def test_our_state_dict_is_transformers(case: str, tmp_path: Path) -> None:
     assert {k: v.dtype for k, v in ours_bf16.items()} == {k: v.dtype for k, v in hf_bf16.items()}
 
 
+@needs_v4_model
+def test_loaded_model_has_its_computed_buffers(tmp_path: Path) -> None:
+    # Buffers no checkpoint holds (V4's RoPE frequencies) are computed, not left as to_empty's
+    # uninitialised memory.
+    hf = _hf_model("odd-hc3-yarn")
+    hf.save_pretrained(tmp_path)
+    loaded = latentattn.load(tmp_path, dtype=torch.bfloat16)
+    fresh = Transformer(loaded.config).to(torch.bfloat16)
+    saved = set(fresh.state_dict())
+    computed = {n: b for n, b in fresh.named_buffers() if n not in saved}
+    assert any(".self_attn." in n for n in computed)
+    got = dict(loaded.named_buffers())
+    for name, buf in computed.items():
+        assert got[name].dtype == buf.dtype and torch.equal(got[name], buf), name
+
+
 def _hf_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
