@@ -51,12 +51,14 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
                    "--sweep", "--batch-size",
                    "--seq-len", "--dim", "--layers", "--lr", "--lr-grid", "--pilot-fraction", "--contexts",
                    "--margin", "--no-control", "--ablations", "--retrofit-at", "--retrofit-warmup",
-                   "--no-retrofit",
+                   "--no-retrofit", "--no-v4",
                    "--restart", "--quiet"},
     ("bench", "decode"): {"--json", "--plot", "--contexts", "--batches", "--repeats", "--dtype",
                           "--no-hf", "--quiet", "--tiny"},
     ("bench", "dsa"): {"--json", "--plot", "--decode-contexts", "--prefill-contexts", "--topks",
                        "--repeats", "--dtype", "--quiet", "--tiny"},
+    ("bench", "v4"): {"--json", "--plot", "--quiet", "--contexts", "--kinds", "--prefill", "--no-prefill",
+                      "--chunk", "--repeats", "--dtype", "--memory-gib", "--quick"},
     ("bench", "convert"): {"--json", "--plot", "--quiet", "--model", "--data", "--calib",
                            "--calib-tokens", "--ranks", "--rope-dim", "--method", "--seq-len",
                            "--max-tokens", "--heal-steps", "--heal-data", "--heal-lr",
@@ -91,7 +93,7 @@ def test_surface_is_frozen() -> None:
     subs = _subparsers(top)
     assert set(subs) == {"kv-cache", "info", "generate", "eval", "convert", "train", "compare", "bench",
                          "kernels"}
-    assert set(_subparsers(subs["bench"])) == {"decode", "dsa", "indexer", "convert", "fp8-cache",
+    assert set(_subparsers(subs["bench"])) == {"decode", "dsa", "v4", "indexer", "convert", "fp8-cache",
                                                 "kernels", "precision"}
     for path, flags in SURFACE.items():
         p = top

@@ -1,4 +1,4 @@
-"""``latentattn bench decode|dsa|indexer|convert|precision|...``: benchmarks that write JSON and
+"""``latentattn bench decode|dsa|v4|indexer|convert|precision|...``: benchmarks that write JSON and
 a plot, with a progress bar. The benchmarks themselves are :mod:`latentattn.bench`."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from typing import Any
 
 from latentattn.cli.common import UserError, int_list, on_start
 from latentattn.io import atomic_write, check_parent, write_json
+
+KINDS_V4 = ("sliding", "csa", "hca", "dsa", "mla")  # latentattn.bench.v4.KINDS, without importing torch
 
 
 def _check_timed(args: argparse.Namespace) -> Any:
@@ -71,6 +73,46 @@ def cmd_bench_dsa(args: argparse.Namespace) -> int:
     atomic_write(args.plot, lambda tmp: dsa.plot_dsa_report(report, tmp), suffix=".png")
     print("\n".join(dsa.dsa_headline(report)))
     print(f"wrote {args.json} and {args.plot}")
+    return 0
+
+
+def cmd_bench_v4(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from latentattn.bench import v4
+    from latentattn.bench.v4_report import V4Report, plot_v4_report, table
+
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if path is not None:
+            check_parent(path, flag)
+    if args.repeats < 1 or (args.chunk is not None and args.chunk < 1):
+        raise UserError(f"--repeats and --chunk must be >= 1, got {args.repeats} and {args.chunk}")
+    unknown = set(args.kinds) - set(v4.KINDS)
+    if unknown:
+        raise UserError(f"--kinds: unknown {sorted(unknown)}; choose from {','.join(v4.KINDS)}")
+    dtype = torch.bfloat16 if args.dtype in ("bf16", "bfloat16") else torch.float32
+    contexts = args.contexts or list(v4.QUICK_CONTEXTS if args.quick else v4.CONTEXTS)
+    prefill = [] if args.no_prefill else args.prefill or list(v4.QUICK_PREFILL if args.quick else v4.PREFILL)
+    chunk = args.chunk if args.chunk is not None else (v4.QUICK_CHUNK if args.quick else 4096)
+
+    def save(report: V4Report) -> None:
+        if args.json is not None:
+            write_json(args.json, report.as_dict())
+        if args.plot is not None:
+            atomic_write(args.plot, lambda tmp: plot_v4_report(report, tmp), suffix=".png")
+
+    total = len(contexts) * len(args.kinds) + len(prefill) * len(set(args.kinds) & set(v4.PREFILL_KINDS))
+    with tqdm(total=total, file=sys.stderr, desc="bench v4", unit="point", disable=args.quiet) as bar:
+        report = v4.run_v4_bench(
+            contexts, prefill, kinds=args.kinds, chunk=chunk, repeats=args.repeats, dtype=dtype,
+            quick=args.quick, budget_mib=None if args.memory_gib is None else args.memory_gib * 1024,
+            progress=on_start(bar), on_point=save)
+        bar.update(total - bar.n)
+    print(table(report))
+    written = [p for p in (args.json, args.plot) if p is not None]
+    if written:
+        print("wrote " + " and ".join(written))
     return 0
 
 
@@ -302,13 +344,14 @@ def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
 
-    def bench_parser(name: str, help: str, description: str, timed: bool = False
-                     ) -> argparse.ArgumentParser:
-        """A benchmark subcommand: every one writes JSON and a plot, with a progress bar; a
-        timed one (``_check_timed``) also takes a dtype and the tests' small dims."""
+    def bench_parser(name: str, help: str, description: str, timed: bool = False,
+                     outputs_required: bool = True) -> argparse.ArgumentParser:
+        """A benchmark subcommand: every one writes JSON and a plot (optional ones where it
+        prints its table either way), with a progress bar; a timed one (``_check_timed``) also
+        takes a dtype and the tests' small dims."""
         b = bsub.add_parser(name, help=help, description=description)
-        b.add_argument("--json", required=True, metavar="OUT.json", help="results file")
-        b.add_argument("--plot", required=True, metavar="OUT.png", help="plot file")
+        b.add_argument("--json", required=outputs_required, metavar="OUT.json", help="results file")
+        b.add_argument("--plot", required=outputs_required, metavar="OUT.png", help="plot file")
         b.add_argument("--quiet", action="store_true", help="no progress bar")
         if timed:
             b.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -344,6 +387,33 @@ def register(sub: Any) -> None:
     dsa.add_argument("--topks", type=int_list, default=[512, 2048], help="index_topk values (512,2048)")
     dsa.add_argument("--repeats", type=int, default=5, help="timed decode calls per point (5)")
     dsa.set_defaults(func=cmd_bench_dsa)
+
+    v4b = bench_parser(
+        "v4", help="DeepSeek-V4 sliding/CSA/HCA layers vs V3.2 DSA and dense MLA: decode and prefill",
+        description="One attention layer of each DeepSeek-V4 type (sliding, CSA, HCA) at V4-Flash "
+        "dims, batch 1: decode-step time against context beside DeepSeek-V3.2's DSA step and dense "
+        "absorbed MLA (bench dsa's layer at V3.2 dims, top-k 2048), with each step's FLOP and bytes "
+        "and the time they predict at this machine's measured GEMM and copy rates; then the "
+        "prefill of one CSA and one HCA layer in chunks through its cache. Caches are filled "
+        "directly with random values. Every point runs in a fresh process (its peak RSS is its "
+        "own); points predicted not to fit in memory are skipped with the reason. The JSON and "
+        "plot are rewritten after every point.", outputs_required=False)
+    v4b.add_argument("--contexts", type=int_list, default=None,
+                     help="cached contexts for decode (4096,16384,65536,131072,262144,1048576)")
+    v4b.add_argument("--kinds", type=lambda t: [k for k in t.split(",") if k], default=list(KINDS_V4),
+                     help="layers to time (sliding,csa,hca,dsa,mla)")
+    v4b.add_argument("--prefill", type=int_list, default=None,
+                     help="prompt lengths for the CSA/HCA prefill (32768,131072)")
+    v4b.add_argument("--no-prefill", action="store_true", help="decode points only")
+    v4b.add_argument("--chunk", type=int, default=None, help="prefill chunk in tokens (4096)")
+    v4b.add_argument("--repeats", type=int, default=5,
+                     help="timed decode calls per point, median reported (5; calls over 2 s get 2)")
+    v4b.add_argument("--dtype", choices=["fp32", "bf16", "float32", "bfloat16"], default="fp32")
+    v4b.add_argument("--memory-gib", type=float, default=None,
+                     help="skip points predicted to peak above this (default: 90%% of MemAvailable)")
+    v4b.add_argument("--quick", action="store_true",
+                     help="tiny dims and contexts (64,256), prefill 128 in chunks of 32: a smoke run")
+    v4b.set_defaults(func=cmd_bench_v4)
 
     conv = bench_parser(
         "convert", help="KV bytes and perplexity of a GQA model converted to MLA at each rank",
