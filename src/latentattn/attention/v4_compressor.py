@@ -73,32 +73,44 @@ class Compressor(KeepFloat32):
         kv, gate = self.kv_proj(x), self.gate_proj(x)
         start, new = row_starts(step)
         b, t, _ = x.shape
+        first = torch.div(start, self.rate, rounding_mode="floor")
+        done = torch.div(start + new, self.rate, rounding_mode="floor")  # entries complete after
+        # The most entries one row completes in this call: none in m - 1 of every m decode steps,
+        # which skip the pooling. Rows that complete fewer drop the rest when storing.
+        candidates = int((done - first).max())
+        entries = kv.new_zeros(b, 0, self.width)
+        if candidates:
+            entries = self._complete(kv, gate, state, start, first, candidates)  # (B, J, width)
+        if state is None:
+            return entries[:, : t // self.rate]
+        if candidates:
+            e = first[:, None] + torch.arange(candidates, device=x.device)
+            state.store_entries(entries.detach(), e, e < done[:, None])
+        state.kv.write(kv.detach(), step)
+        state.gate.write(gate.detach(), step)
+        return state.entries[:, : step.kv_len // self.rate].to(x.dtype)
+
+    def _complete(self, kv: torch.Tensor, gate: torch.Tensor, state: CompressorState | None,
+                  start: torch.Tensor, first: torch.Tensor, candidates: int) -> torch.Tensor:
+        """Entries first .. first + candidates - 1 of each row (B, J, width), pooled from the
+        pending tokens in the cache (none without one) followed by this call's kv (B, T, proj)."""
+        b, t, _ = kv.shape
         if state is None:
             ring_kv = kv.new_zeros(b, self.span, kv.shape[-1])
             ring_gate = ring_kv
-            ring_ok = torch.zeros(b, self.span, dtype=torch.bool, device=x.device)
+            ring_ok = torch.zeros(b, self.span, dtype=torch.bool, device=kv.device)
         else:
             ring_kv, ring_ok = state.kv.ordered(start)
             ring_gate, _ = state.gate.ordered(start)
             ring_kv, ring_gate = ring_kv.to(kv.dtype), ring_gate.to(gate.dtype)
         # ext index i holds position start - span + i: the ring, then the new tokens.
         ext_kv, ext_gate = torch.cat((ring_kv, kv), dim=1), torch.cat((ring_gate, gate), dim=1)
-        ext_ok = torch.cat((ring_ok, torch.ones(b, t, dtype=torch.bool, device=x.device)), dim=1)
-        first = torch.div(start, self.rate, rounding_mode="floor")
-        done = torch.div(start + new, self.rate, rounding_mode="floor")  # entries complete after
-        candidates = t // self.rate + 1  # an upper bound on the entries one call completes
+        ext_ok = torch.cat((ring_ok, torch.ones(b, t, dtype=torch.bool, device=kv.device)), dim=1)
         pooled = []
         for j0 in range(0, candidates, ENTRY_BLOCK):
-            e = first[:, None] + torch.arange(j0, min(j0 + ENTRY_BLOCK, candidates), device=x.device)
+            e = first[:, None] + torch.arange(j0, min(j0 + ENTRY_BLOCK, candidates), device=kv.device)
             pooled.append(self._pool(ext_kv, ext_gate, ext_ok, e, start))
-        entries = torch.cat(pooled, dim=1)  # (B, candidates, width)
-        e = first[:, None] + torch.arange(candidates, device=x.device)
-        if state is None:
-            return entries[:, : t // self.rate]
-        state.store_entries(entries.detach(), e.clamp(max=state.entries.shape[1] - 1), e < done[:, None])
-        state.kv.write(kv.detach(), step)
-        state.gate.write(gate.detach(), step)
-        return state.entries[:, : step.kv_len // self.rate].to(x.dtype)
+        return torch.cat(pooled, dim=1)
 
     def _pool(self, ext_kv: torch.Tensor, ext_gate: torch.Tensor, ext_ok: torch.Tensor,
               e: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
