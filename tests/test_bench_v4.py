@@ -15,7 +15,7 @@ from torch import nn
 from latentattn.attention.dsa import SparseLatentAttention
 from latentattn.attention.v4 import V4Attention
 from latentattn.bench.dsa import V32_DIMS
-from latentattn.bench.isolated import run_isolated
+from latentattn.bench.isolated import rss_mib, run_isolated
 from latentattn.bench.v4 import KINDS
 from latentattn.bench.v4_cost import (
     Cost,
@@ -106,7 +106,11 @@ def _fail() -> dict[str, float]:
 def test_each_point_runs_in_its_own_process() -> None:
     big = run_isolated(_allocate, 256)
     assert big["sum"] == 256 << 18
-    assert big["peak_rss_mib"] >= 256  # the child's own peak, not this process's
+    assert big["peak_rss_mib"] >= 256
+    held = torch.ones(512 << 18)  # 512 MiB here: a child's peak must not include it
+    here = rss_mib()
+    assert here is not None and held.sum() > 0
+    assert run_isolated(_allocate, 1)["peak_rss_mib"] < here - 256
     assert run_isolated(_fail)["error"] == "ValueError: no"
 
 

@@ -1,8 +1,8 @@
 """Run one measurement in a fresh process, so that its peak resident memory is its own.
 
-Peak RSS only grows within a process (``getrusage``'s ``ru_maxrss``), so a per-point figure
-needs a process per point; a fresh ("spawn") child also starts with no allocator caches from
-the points before it, and a point that runs out of memory kills only its child.
+Peak RSS only grows within a process, so a per-point figure needs a process per point; a fresh
+("spawn") child also starts with no allocator caches from the points before it, and a point
+that runs out of memory kills only its child.
 """
 
 from __future__ import annotations
@@ -17,20 +17,32 @@ from typing import Any
 Result = dict[str, Any]
 
 
-def rss_mib() -> float | None:
-    """This process's resident memory now (VmRSS, Linux), MiB; None where /proc is absent."""
+def _status_mib(field: str) -> float | None:
+    """A /proc/self/status memory field (Linux), MiB; None where /proc is absent."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
 
 
+def rss_mib() -> float | None:
+    """This process's resident memory now (VmRSS), MiB."""
+    return _status_mib("VmRSS")
+
+
 def peak_rss_mib() -> float:
-    """This process's peak resident memory so far, MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """This process's own peak resident memory, MiB: VmHWM, the high-water mark of its address
+    space. Not ``ru_maxrss`` where VmHWM exists: Linux carries the pre-exec high-water mark
+    over exec into ``ru_maxrss``, and a spawned child's pre-exec image is a fork of its parent,
+    so ``ru_maxrss`` would report at least the parent's RSS. ru_maxrss is KiB on Linux, bytes on
+    macOS."""
+    hwm = _status_mib("VmHWM")
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
