@@ -1,39 +1,46 @@
 """A decoder-only transformer over any attention variant (DeepSeek-V3 ``inference/model.py`` order:
-pre-norm attention, pre-norm FFN or MoE, residuals, final norm, untied LM head)."""
+pre-norm attention, pre-norm FFN or MoE, residuals, final norm, untied LM head), and DeepSeek-V4's
+form with mHC (the residual as ``hc_mult`` streams, :mod:`latentattn.model.hyper`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import cast
 
 import torch
 from torch import nn
 
-from latentattn.attention import GroupedQueryAttention, MultiHeadLatentAttention, RMSNorm
+from latentattn.attention import MultiHeadLatentAttention
 from latentattn.attention.dsa import SparseLatentAttention
 from latentattn.cache.kv import FP8LatentKV, KVCache, LayerCache, fresh_step
 from latentattn.cache.paged import PagedKVCache, PagedLatentKV, PagePool
-from latentattn.config import MLAConfig, ModelConfig
+from latentattn.config import ModelConfig
 from latentattn.errors import ConfigError
-from latentattn.model.ffn import MLP, MoE, Router
+from latentattn.model.block import Block, make_norm
+from latentattn.model.ffn import Router
+from latentattn.model.hyper import HyperConnection, HyperHead
 from latentattn.rope import RotaryEmbedding
 
+__all__ = ["Block", "Transformer"]
 
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        a = cfg.attention
-        self.self_attn: GroupedQueryAttention | MultiHeadLatentAttention
-        if isinstance(a, MLAConfig):
-            self.self_attn = (MultiHeadLatentAttention(cfg) if a.indexer is None
-                              else SparseLatentAttention(cfg))
-        else:
-            self.self_attn = GroupedQueryAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp: MLP | MoE = (
-            MoE(cfg.dim, cfg.moe) if cfg.moe is not None and cfg.is_moe_layer(layer)
-            else MLP(cfg.dim, cfg.intermediate_size)
-        )
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory, no init work)
+    and their buffers for real: accelerate's ``init_empty_weights(include_buffers=False)``."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 class Transformer(nn.Module):
@@ -48,10 +55,11 @@ class Transformer(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.hc_head = HyperHead(cfg) if cfg.hyper is not None else None
         self.rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope, cfg.max_seq_len)
         self.apply(self._init_weights)
 
@@ -68,12 +76,28 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model.rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope, cfg.max_seq_len).to(device)
+        saved = set(model.state_dict())
+        unsaved = [n for n, _ in model.named_buffers() if n not in saved and not n.startswith("rotary.")]
+        if unsaved:
+            # Other computed buffers (V4's attention, compressors and indexer keep their RoPE
+            # frequencies so): from the model built with its parameters on the meta device, in
+            # the dtype the cast gave each (fp32 where kept), cast once from their exact values.
+            with _parameters_on_meta():
+                fresh = cls(cfg)
+            for name in unsaved:
+                owner, _, leaf = name.rpartition(".")
+                buf = fresh.get_buffer(name).to(device=device, dtype=model.get_buffer(name).dtype)
+                model.get_submodule(owner).register_buffer(leaf, buf, persistent=False)
         return model
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding, Router)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, Router) and module.is_hash:
+            nn.init.zeros_(module.tid2eid)  # a checkpoint's table replaces it (transformers: zeros)
+        if isinstance(module, (HyperConnection, HyperHead)):
+            module.reset_parameters()
 
     @property
     def blocks(self) -> list[Block]:
@@ -150,10 +174,15 @@ class Transformer(nn.Module):
             step = cache.step(t, lengths)
         rope = self.rotary(step.positions)
         h = self.embed_tokens(input_ids)
-        for i, blk in enumerate(self.blocks):
-            h = h + blk.self_attn(blk.input_layernorm(h), rope, step,
-                                  None if cache is None else cache[i])
-            h = h + blk.mlp(blk.post_attention_layernorm(h))
+        if self.hc_head is None:
+            for i, blk in enumerate(self.blocks):
+                h = blk.residual(h, rope, step, None if cache is None else cache[i], input_ids)
+        else:
+            # mHC: every stream starts as the embedding (transformers' DeepseekV4Model).
+            h = h.unsqueeze(2).expand(-1, -1, self.hc_head.hc_mult, -1).contiguous()  # (B, T, N, dim)
+            for i, blk in enumerate(self.blocks):
+                h = blk.streams(h, rope, step, None if cache is None else cache[i], input_ids)
+            h = self.hc_head(h)  # (B, T, dim)
         if cache is not None:
             cache.advance(t, lengths)
         return self.lm_head(self.norm(h))
