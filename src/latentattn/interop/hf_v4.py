@@ -28,13 +28,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
 from latentattn.config import ModelConfig
 from latentattn.errors import CheckpointError
@@ -364,45 +363,11 @@ def _experts_of(tid2eid: str, state: Mapping[str, torch.Tensor]) -> int | None:
     return None if gate is None else gate.shape[0]
 
 
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device (no memory, no init work)
-    and their buffers for real: accelerate's ``init_empty_weights(include_buffers=False)``."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
-def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
-    """:meth:`Transformer.empty` with its computed buffers filled in: V4's attention, compressors
-    and indexer keep their RoPE frequencies in non-persistent buffers (no checkpoint holds them),
-    which ``to_empty`` leaves uninitialised; they are taken from the same model built with its
-    parameters on the meta device."""
-    model = Transformer.empty(cfg, dtype, device)
-    saved = set(model.state_dict())
-    with _parameters_on_meta():
-        fresh = Transformer(cfg).to(dtype=dtype)  # the same dtype rules as Transformer.empty's
-    for name, buf in fresh.named_buffers():
-        if name not in saved:
-            owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner).register_buffer(leaf, buf.to(device), persistent=False)
-    return model
-
-
 def from_pretrained_v4(root: Path, raw: dict[str, Any], cfg: ModelConfig, dtype: torch.dtype,
                        device: torch.device) -> Transformer:
     """Our model of a ``deepseek_v4`` checkpoint directory in ``dtype`` (fp32-kept tensors stay
     fp32), in eval mode. :func:`latentattn.interop.hf.from_pretrained` dispatches here."""
-    model = _empty_model(cfg, dtype, device)
+    model = Transformer.empty(cfg, dtype, device)  # computed buffers (RoPE frequencies) rebuilt
     state = model.state_dict()
     tied = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
     for name in tied:
