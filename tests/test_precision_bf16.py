@@ -176,3 +176,21 @@ def test_bench_precision_cli_refuses_bad_input(tmp_path: Path, capsys: pytest.Ca
     assert "MLA already" in cli_error(capsys, [*argv, "--model", "tiny-mla"])
     assert "--calib-tokens must be >= 256" in cli_error(capsys, [*argv, "--calib-tokens", "8"])
     assert not (tmp_path / "p.json").exists()
+
+
+def test_fp32_kept_tensors_keep_their_exact_values_through_a_bf16_cast() -> None:
+    """KeepFloat32 keeps the fp32 values themselves, not fp32 copies of their bf16 rounding:
+    a V4 layer's RoPE frequencies (a buffer) and sinks (a parameter) are bit-identical after
+    ``.to(torch.bfloat16)``."""
+    from latentattn.model.transformer import Transformer
+    from latentattn.presets import get_preset
+
+    model = Transformer(get_preset("tiny-v4"))
+    attn = model.blocks[1].self_attn
+    with torch.no_grad():
+        attn.sinks.copy_(torch.linspace(-1, 1, attn.sinks.numel()) / 3)
+    before = {"inv_freq": attn.inv_freq.clone(), "sinks": attn.sinks.detach().clone()}
+    assert before["inv_freq"].bfloat16().float().ne(before["inv_freq"]).any()  # bf16 would round
+    model.to(torch.bfloat16)
+    assert torch.equal(attn.inv_freq, before["inv_freq"])
+    assert torch.equal(attn.sinks.detach(), before["sinks"])

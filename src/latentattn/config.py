@@ -361,6 +361,9 @@ class MoEConfig:
                               f"{self.scoring_func!r}")
         if self.n_hash_layers < 0:
             raise ConfigError(f"MoEConfig.n_hash_layers must be >= 0, got {self.n_hash_layers}")
+        if self.n_hash_layers and self.scoring_func == "softmax":
+            raise ConfigError("MoEConfig.n_hash_layers (hash routing, DeepSeek-V4) goes with sigmoid or "
+                              "sqrtsoftplus scores, not softmax")
         if self.swiglu_limit is not None and not self.swiglu_limit > 0:
             raise ConfigError(f"MoEConfig.swiglu_limit must be positive, got {self.swiglu_limit}")
         valid = {"softmax": ("greedy", "group_limited_greedy"), "sigmoid": ("noaux_tc",),

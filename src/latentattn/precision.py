@@ -26,18 +26,31 @@ from torch import nn
 from latentattn.errors import ConfigError
 
 
+def _as_float32(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """fp32 on ``new``'s device: ``old``'s exact values where it was fp32 with data (not meta,
+    not freshly emptied), else ``new`` widened."""
+    if old.dtype == torch.float32 and not old.is_meta and not new.is_meta and old.shape == new.shape:
+        return old.to(new.device)
+    return new.float()
+
+
 class KeepFloat32(nn.Module):
     """Mixin: this module's own floating parameters and buffers are fp32 after any ``_apply``
     (``.to(dtype)``, ``.bfloat16()``, ``.to_empty(...)``); devices still move."""
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        # Keep the fp32 values themselves: converting back from what fn made (bf16) would round
+        # them (V4's RoPE frequencies off by 0.2% rotate ~2 radians wrong by position 1,000).
+        params = {n: p.data for n, p in self._parameters.items() if p is not None}
+        buffers = dict(self._buffers)
         super()._apply(fn, recurse)
-        for p in self._parameters.values():
+        for name, p in self._parameters.items():
             if p is not None and p.is_floating_point() and p.dtype != torch.float32:
-                p.data = p.data.float()
+                p.data = _as_float32(params[name], p.data)
         for name, b in self._buffers.items():
             if b is not None and b.is_floating_point() and b.dtype != torch.float32:
-                self._buffers[name] = b.float()
+                old = buffers[name]
+                self._buffers[name] = b.float() if old is None else _as_float32(old, b)
         return self
 
 

@@ -58,11 +58,17 @@ def balance_loss(routers: list[Router], loads: torch.Tensor) -> torch.Tensor:
     return (f.to(p.device) * p).sum()
 
 
+def has_correction_bias(router: Router) -> bool:
+    """Chooses experts by score + e_score_correction_bias (not softmax, not a hash layer)."""
+    return router.cfg.scoring_func != "softmax" and not router.is_hash
+
+
 @torch.no_grad()
 def update_router_bias(routers: list[Router], loads: torch.Tensor, rate: float) -> None:
-    """DeepSeek-V3's aux-loss-free update of each sigmoid router's correction bias."""
+    """DeepSeek-V3's aux-loss-free update of each biased router's correction bias (sigmoid V3,
+    sqrtsoftplus V4 top-k layers; V4's hash layers choose by token id and have none)."""
     for router, load in zip(routers, loads.float(), strict=True):
-        if router.cfg.scoring_func == "sigmoid":
+        if has_correction_bias(router):
             bias = router.e_score_correction_bias
             bias += rate * torch.sign(load.mean() - load).to(bias.device)
 
@@ -79,7 +85,7 @@ class RouterBalancer:
         self.routers = moe_routers(model)
         self.bias_rate = bias_rate
         self.aux_alpha = aux_alpha
-        has_bias = any(r.cfg.scoring_func == "sigmoid" for r in self.routers)
+        has_bias = any(has_correction_bias(r) for r in self.routers)
         self.active = bool(self.routers) and ((bias_rate > 0 and has_bias) or aux_alpha > 0)
         self._loads: torch.Tensor | None = None
 
