@@ -13,18 +13,25 @@ Parameter names are transformers'. Shapes: x (B, T, dim); H heads of D = head_di
 
 Sliding layers rotate with the model's RoPE, CSA/HCA layers (their compressors and indexer too)
 with ``compress_rope``: transformers' "main" and "compress" rotary tables.
+
+Training: with ``train_indexer`` set, a CSA layer's forward also computes its indexer's loss
+(:meth:`V4Attention.indexer_kl`, DeepSeek-V3.2's sparse stage) and returns it with
+``with_loss=True``, as DSA's layer does (``latentattn.attention.dsa``); other layers return None.
 """
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 from torch import nn
 
-from latentattn.attention.norm import RMSNorm
+from latentattn.attention.norm import Float32RMSNorm
 from latentattn.attention.v4_compressor import Compressor, Indexer, rope_tables, rotate_tail
 from latentattn.cache.kv import LayerCache, Step
 from latentattn.cache.v4 import CompressorState, Ring, V4LayerKV, row_starts
 from latentattn.config import CSA, HCA, SLIDING, ModelConfig, V4AttentionConfig
+from latentattn.errors import ConfigError
 from latentattn.kernels.sparse import gather_rows
 from latentattn.kernels.v4 import entry_visibility, selected_mask, v4_attend, v4_attend_reference
 from latentattn.precision import KeepFloat32
@@ -58,16 +65,17 @@ class V4Attention(KeepFloat32):
         self.layer_type = a.layer_types[layer]
         h, d = a.n_heads, a.head_dim
         self.q_a_proj = nn.Linear(cfg.dim, a.q_lora_rank, bias=False)
-        self.q_a_norm = RMSNorm(a.q_lora_rank, cfg.norm_eps)
+        self.q_a_norm = Float32RMSNorm(a.q_lora_rank, cfg.norm_eps)
         self.q_b_proj = nn.Linear(a.q_lora_rank, h * d, bias=False)
         self.kv_proj = nn.Linear(cfg.dim, d, bias=False)
-        self.kv_norm = RMSNorm(d, cfg.norm_eps)
+        self.kv_norm = Float32RMSNorm(d, cfg.norm_eps)
         self.o_a_proj = GroupedLinear(h * d // a.o_groups, a.o_groups * a.o_lora_rank, a.o_groups)
         self.o_b_proj = nn.Linear(a.o_groups * a.o_lora_rank, cfg.dim, bias=False)
         self.sinks = nn.Parameter(torch.zeros(h))
         rope = cfg.rope if self.layer_type == SLIDING else a.compress_rope
         self.register_buffer("inv_freq", inv_frequencies(a.qk_rope_head_dim, rope), persistent=False)
         self.scale = d**-0.5
+        self.train_indexer = False  # compute the indexer's KL in forward (training only)
         self.compressor: Compressor | None = None
         if self.layer_type != SLIDING:
             rate = a.rate(self.layer_type)
@@ -115,16 +123,40 @@ class V4Attention(KeepFloat32):
         o = self.o_a_proj(o.reshape(*o.shape[:2], self.cfg.o_groups, -1))
         return self.o_b_proj(o.flatten(2))
 
-    def forward(self, x: torch.Tensor, rope: object, step: Step,
-                cache: LayerCache | None = None) -> torch.Tensor:
+    @overload
+    def forward(self, x: torch.Tensor, rope: object, step: Step, cache: LayerCache | None = None,
+                *, with_loss: Literal[False] = False) -> torch.Tensor: ...
+
+    @overload
+    def forward(self, x: torch.Tensor, rope: object, step: Step, cache: LayerCache | None = None,
+                *, with_loss: Literal[True]) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def forward(self, x: torch.Tensor, rope: object, step: Step, cache: LayerCache | None = None,
+                *, with_loss: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, dim) -> (B, T, dim); ``with_loss``: and the indexer KL, a scalar for a CSA
+        layer with ``train_indexer`` set, None otherwise."""
         q, kv, c_q, rot = self.project(x, step.positions)
-        o = self.attend(x, q, kv, c_q, step, cache)
-        return self.output(o, rot)
+        loss = None
+        if self.train_indexer and self.indexer is not None:
+            if cache is not None:
+                raise ConfigError("a V4 indexer trains on whole sequences from position 0, not "
+                                  "through a cache")
+            probs: list[torch.Tensor] = []
+            selection: list[torch.Tensor] = []
+            o = self.attend(x, q, kv, c_q, step, None, entry_probs=probs, selection=selection)
+            loss = self.indexer_kl(x, c_q, step, selection[0], torch.cat(probs, dim=1))
+        else:
+            o = self.attend(x, q, kv, c_q, step, cache)
+        out = self.output(o, rot)
+        return (out, loss) if with_loss else out
 
     def attend(self, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, c_q: torch.Tensor,
                step: Step, cache: LayerCache | None,
-               entry_probs: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """The fast form: window ring + new keys, and gathered (CSA) or all (HCA) entries."""
+               entry_probs: list[torch.Tensor] | None = None,
+               selection: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The fast form: window ring + new keys, and gathered (CSA) or all (HCA) entries.
+        ``selection``, if given, receives CSA's (B, T, k) selected entries (the indexer's KL
+        is over them)."""
         assert cache is None or isinstance(cache, V4LayerKV)
         a = self.cfg
         b, t = x.shape[:2]
@@ -143,6 +175,8 @@ class V4Attention(KeepFloat32):
             if self.indexer is not None:
                 state = None if cache is None else cache.indexer
                 selected, _ = self.indexer.select(x, c_q, step, state)
+                if selection is not None:
+                    selection.append(selected)
             else:
                 visible = entry_visibility(step.positions, self.compressor.rate)
         return v4_attend(q, keys, ok, a.sliding_window, self.sinks, self.scale, entries,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from latentattn.attention.norm import RMSNorm
+from latentattn.attention.norm import Float32RMSNorm
 from latentattn.cache.kv import Step
 from latentattn.cache.v4 import CompressorState, row_starts
 from latentattn.config import RopeConfig
@@ -59,7 +59,7 @@ class Compressor(KeepFloat32):
         self.kv_proj = nn.Linear(dim, proj, bias=False)
         self.gate_proj = nn.Linear(dim, proj, bias=False)
         self.position_bias = nn.Parameter(torch.zeros(rate, proj))
-        self.kv_norm = RMSNorm(width, eps)
+        self.kv_norm = Float32RMSNorm(width, eps)
         self.register_buffer("inv_freq", inv_frequencies(rope_dim, rope), persistent=False)
 
     @property

@@ -13,23 +13,12 @@ from torch import nn
 
 from latentattn.attention import GroupedQueryAttention, MultiHeadLatentAttention, RMSNorm
 from latentattn.attention.dsa import SparseLatentAttention
+from latentattn.attention.norm import Float32RMSNorm
 from latentattn.attention.v4 import V4Attention
 from latentattn.cache.kv import LayerCache, Step
 from latentattn.config import MLAConfig, ModelConfig, V4AttentionConfig
 from latentattn.model.ffn import MLP, MoE
 from latentattn.model.hyper import HyperConnection, hyper_residual
-from latentattn.precision import KeepFloat32
-
-
-class Float32RMSNorm(KeepFloat32, RMSNorm):
-    """DeepSeek-V4's RMSNorm (transformers' DeepseekV4RMSNorm): an fp32 weight in any model
-    (``_keep_in_fp32_modules_strict`` lists the layer norms and the final norm), applied in fp32
-    before the result is rounded to the input's dtype. Equal to :class:`RMSNorm` in fp32."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig) -> RMSNorm:
