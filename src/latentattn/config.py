@@ -457,7 +457,8 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with top-level fields changed, plus the knobs a user tunes on a loaded model:
         ``mla_impl`` (``attention.impl``), ``index_topk`` and ``indexer_key_cache`` (the DSA
-        indexer's k and its key-cache format, ``"model"`` or ``"fp8"``)."""
+        indexer's k and its key-cache format, ``"model"`` or ``"fp8"``; V4's CSA layers take
+        ``index_topk`` too)."""
         nested = {k: changes.pop(k) for k in NESTED_OVERRIDES if changes.get(k) is not None}
         changes = {k: v for k, v in changes.items() if k not in NESTED_OVERRIDES}
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -470,6 +471,9 @@ class ModelConfig:
             if not isinstance(a, MLAConfig):
                 raise ConfigError(f"mla_impl applies only to MLA models; {cfg.name} is {a.name.upper()}")
             a = dataclasses.replace(a, impl=nested["mla_impl"])
+        if isinstance(a, V4AttentionConfig) and "index_topk" in nested:
+            # V4's CSA layers select with the same knob (its indexer keys are not cached in fp8 here).
+            a = dataclasses.replace(a, index_topk=nested.pop("index_topk"))
         indexer = {f: nested[k] for k, f in (("index_topk", "index_topk"),
                                               ("indexer_key_cache", "key_cache")) if k in nested}
         if indexer:
