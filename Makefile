@@ -27,6 +27,8 @@ test: $(VENV)/.dev
 demo: $(VENV)/.dev
 	$(BIN)/latentattn kv-cache --model deepseek-v3 --context 131072
 	$(BIN)/latentattn info --model tiny-mla
+	$(BIN)/latentattn kv-cache --model deepseek-v4-flash --context 1048576
+	$(BIN)/latentattn generate --model tiny-v4 --prompt "Compressed sparse attention" --max-new-tokens 16 --seed 0
 	$(BIN)/latentattn generate --model tiny-mla --prompt "Latent attention" --max-new-tokens 24 --seed 0
 	$(BIN)/latentattn generate --model smollm2-135m --prompt "The capital of France is" --max-new-tokens 12
 	rm -rf demo-mla
