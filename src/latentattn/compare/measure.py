@@ -12,6 +12,7 @@ from torch import nn
 
 from latentattn.attention import GroupedQueryAttention, MultiHeadLatentAttention
 from latentattn.attention.dsa import SparseLatentAttention
+from latentattn.attention.v4 import V4Attention
 from latentattn.data import random_batch
 from latentattn.model.transformer import Transformer
 from latentattn.train.dsa import selection_recall
@@ -27,9 +28,17 @@ def kv_parameters_per_layer(model: Transformer) -> int:
       and ``kv_b_proj`` (the up-projections to per-head keys and values; absorbed decode folds
       them into the query and output sides, but they are still K/V weights).
     * MLA+DSA: those, plus the indexer's ``wk`` and ``k_norm``, which make its cached key.
+    * DeepSeek-V4: ``kv_proj`` and ``kv_norm`` (the shared key-value vector), and for CSA / HCA
+      layers their compressor (``kv_proj``, ``gate_proj``, ``position_bias``, ``kv_norm``: what
+      makes the cached entries) and CSA's indexer compressor (its cached keys; the indexer's
+      query side, ``q_b_proj`` and ``weights_proj``, is left out as DSA's is). Its layer types
+      differ, so this is the mean over its layers, rounded.
 
     Query-side and output projections are left out: every variant has them.
     """
+    if any(isinstance(blk.self_attn, V4Attention) for blk in model.blocks):
+        per_layer = [_v4_kv_parameters(blk.self_attn) for blk in model.blocks]
+        return round(sum(per_layer) / len(per_layer))
     attn = model.blocks[0].self_attn
     parts: list[nn.Module]
     if isinstance(attn, GroupedQueryAttention):
@@ -44,10 +53,25 @@ def kv_parameters_per_layer(model: Transformer) -> int:
     return sum(p.numel() for m in parts for p in m.parameters())
 
 
+def _v4_kv_parameters(attn: nn.Module) -> int:
+    assert isinstance(attn, V4Attention)
+    own = [attn.kv_proj.weight, attn.kv_norm.weight]
+    # A compressor's key side (the indexer is a child of the main compressor: named apart).
+    for comp in (attn.compressor, attn.indexer):
+        if comp is not None:
+            own += [comp.kv_proj.weight, comp.gate_proj.weight, comp.position_bias, comp.kv_norm.weight]
+    return sum(p.numel() for p in own)
+
+
 def kv_bytes_per_token(model: Transformer, dtype: torch.dtype | None = None) -> float:
     """Bytes per cached token over all layers that ``make_cache`` allocates (in the model's dtype
-    unless given): the buffers' size, not a formula."""
-    cache = model.make_cache(1, min(64, model.config.max_seq_len), dtype=dtype)
+    unless given): the buffers' size, not a formula. A V4 cache holds a bounded window and
+    compressor state beside entries that grow one per ``rate`` tokens, so its bytes per token
+    depend on the context: they are taken at the model's training window (``max_seq_len``), the
+    window and state amortised over it; the other caches grow linearly (64 tokens suffice)."""
+    cfg = model.config
+    v4 = any(isinstance(blk.self_attn, V4Attention) for blk in model.blocks)
+    cache = model.make_cache(1, cfg.max_seq_len if v4 else min(64, cfg.max_seq_len), dtype=dtype)
     return cache.bytes_per_token
 
 

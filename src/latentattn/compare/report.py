@@ -100,6 +100,7 @@ class VariantResult:
     train_flops_per_token: float = 0.0  # latentattn.calc.flops, at the training window
     retrofit_of: str = ""  # a DSA retrofit: the label of the dense variant it forks
     dsa_density: dict[str, float] | None = None  # DSA: latentattn.calc.topk_density at seq_len
+    v4_read: dict[str, Any] | None = None  # V4: latentattn.calc.density.v4_read_fraction at seq_len
 
     @property
     def train_val_gap(self) -> Summary:

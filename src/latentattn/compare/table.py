@@ -67,8 +67,12 @@ def verdict_lines(report: CompareReport) -> list[str]:
             continue
         p = report.versus_mha(v.label)
         extra = "" if p.p_value is None else f", p = {p.p_value:.3f}, TOST p = {p.tost_p:.3f}"
+        read = "" if v.v4_read is None else (
+            f"; its queries' windows and entries cover {v.v4_read['per_query']:.0%} of their visible "
+            f"tokens, attending {v.v4_read['keys_per_query']:.0%} as many keys (mean over layers "
+            f"at {v.v4_read['seq_len']} tokens)")
         lines.append(f"- {v.mechanism}: {p.fmt(3)} nats/byte{extra}: {report.verdict(v.label)}, with "
-                     f"{v.kv_bytes_per_token / mha.kv_bytes_per_token:.3f}x MHA's KV cache.")
+                     f"{v.kv_bytes_per_token / mha.kv_bytes_per_token:.3f}x MHA's KV cache{read}.")
     for v in report.retrofits:
         p = report.versus_dense(v.label)
         dense = report.variant(v.retrofit_of)
@@ -174,7 +178,8 @@ def markdown_report(report: CompareReport) -> str:
         "",
         *(f"- {n}" for n in report.notes),
         "- KV params: the weights that produce cached keys/values (k/v projections; MLA: "
-        "kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj; DSA adds the indexer's wk and k_norm). "
+        "kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj; DSA adds the indexer's wk and k_norm; V4: "
+        "kv_proj, kv_norm and its compressors' key side, the mean over its layer types). "
         "KV cache bytes are what make_cache allocates; bf16 halves them.",
         "- DSA recall: the dense attention's probability mass inside the indexer's top-k on "
         "validation windows, mean over layers, beside the k most recent keys and k random keys.",
