@@ -63,17 +63,22 @@ def test_tiny_run_writes_every_variant(tmp_path: Path, text_file: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     data, out = _run(tmp_path, text_file, "--seeds", "2")
     variants = {v["label"]: v for v in data["variants"]}
-    assert list(variants) == [*KINDS, "dsa-retrofit", "control"]
+    assert list(variants) == [*KINDS, "dsa-retrofit", "v4", "control"]
     mha = variants["mha"]
     # tiny family: 4 heads of 8, d_c 16, d_r 4, indexer key 8, 2 layers, fp32 (4 B/value); the
-    # control's latent is an eighth of a head, d_c 1
+    # control's latent is an eighth of a head, d_c 1. V4 (layers CSA, HCA; D 16, d_I 8, W 4, m 4,
+    # m' 8) allocates at the 32-token window: CSA 4 * 16 window + 8 * 16 entries + 2 rings of
+    # 8 x 32 (pending kv, gate) + the indexer's 8 * 8 + 2 * 8 * 16 = 1,024 values; HCA 4 * 16 +
+    # 4 * 16 + 2 * 8 * 16 = 384: (1,024 + 384) / 32 tokens / 2 layers = 22 values a layer.
     expected_kv_bytes = {"mha": 2 * 4 * 8, "mqa": 2 * 8, "gqa": 2 * 2 * 8, "mla": 16 + 4,
-                         "dsa": 16 + 4 + 8, "dsa-retrofit": 16 + 4 + 8, "control": 1 + 4}
+                         "dsa": 16 + 4 + 8, "dsa-retrofit": 16 + 4 + 8, "control": 1 + 4, "v4": 22}
     mla_kv = 32 * (16 + 4) + 16 + 16 * 4 * (8 + 8)  # kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
     expected_kv_params = {"mha": 2 * 32 * 32, "mqa": 2 * 32 * 8, "gqa": 2 * 32 * 16,
                           "mla": mla_kv, "dsa": mla_kv + 32 * 8 + 2 * 8,  # + indexer wk, k_norm
                           "dsa-retrofit": mla_kv + 32 * 8 + 2 * 8,
-                          "control": 32 * (1 + 4) + 1 + 1 * 4 * (8 + 8)}
+                          "control": 32 * (1 + 4) + 1 + 1 * 4 * (8 + 8),
+                          # the mean of its CSA and HCA layers (tests/test_compare_v4.py)
+                          "v4": (3816 + 1696) // 2}
     assert variants["control"]["control"] and variants["control"]["latent"] == {"kv_lora_rank": 1}
     assert data["control"] == "control" and isinstance(data["control_resolved"], bool)
     if not data["control_resolved"]:
@@ -103,8 +108,8 @@ def test_tiny_run_writes_every_variant(tmp_path: Path, text_file: Path,
     assert data["margin"] == 0.02 and "paired by seed" in data["rule"]
     assert data["tokens_per_run"] == 8 * 2 * 32 and data["epochs"] == 8 * 2 * 32 / data["train_tokens"]
     assert all(v["train_flops_per_token"] > 0 and v["train_val_gap"]["n"] == 2 for v in data["variants"])
-    assert set(data["horizon"]) == set(KINDS) - {"mha"} | {"control"}  # a retrofit's half is MLA's
-    assert set(data["vs_mha"]) == set(KINDS) - {"mha"} | {"control", "dsa-retrofit"}
+    assert set(data["horizon"]) == set(KINDS) - {"mha"} | {"control", "v4"}  # a retrofit's half is MLA's
+    assert set(data["vs_mha"]) == set(KINDS) - {"mha"} | {"control", "dsa-retrofit", "v4"}
     retro, mla = variants["dsa-retrofit"], variants["mla"]
     assert retro["retrofit_of"] == "mla" and retro["lr"] == mla["lr"]
     assert retro["dsa_density"]["topk"] == 2 and 0 < retro["dsa_density"]["per_query"] < 0.25
@@ -122,7 +127,7 @@ def test_tiny_run_writes_every_variant(tmp_path: Path, text_file: Path,
     assert data["command"].startswith("latentattn compare ") and "--steps 8 " in data["command"]
     assert "--retrofit-at 0.75 --retrofit-warmup 0.05" in data["command"]
     md = (out / "results.md").read_text()
-    for name in ("MHA", "MQA", "GQA-2", "MLA", "MLA+DSA", "KV params / layer", "bits/byte",
+    for name in ("MHA", "MQA", "GQA-2", "MLA", "MLA+DSA", "| V4 |", "KV params / layer", "bits/byte",
                  "decode tok/s @16", "decode tok/s @32", "vs MHA: Δ [95% CI]", "verdict",
                  "per seed", "| seed 0 | seed 1 |", "Scale:", "MFLOP/token"):
         assert name in md
@@ -168,8 +173,8 @@ def test_stopped_compare_continues_where_it_stopped(tmp_path: Path, text_file: P
     trained = []
     monkeypatch.setattr(run_mod, "_train_one", lambda *a, **k: trained.append(a[0]) or real(*a, **k))
     assert main(argv) == 0
-    assert "3 of 14 runs already finished" in capsys.readouterr().err
-    assert len(trained) == 14 - 3  # only the missing runs were trained
+    assert "3 of 16 runs already finished" in capsys.readouterr().err
+    assert len(trained) == 16 - 3  # only the missing runs were trained
     resumed = json.loads((out / "results.json").read_text())
     assert _outcome(resumed) == _outcome(whole)
 
@@ -187,12 +192,12 @@ def test_stopped_compare_continues_where_it_stopped(tmp_path: Path, text_file: P
     assert {p.name: p.read_bytes() for p in (out / "runs").iterdir()} == kept
     trained.clear()
     assert main([*argv, "--restart", "--seeds", "1", "--no-control"]) == 0
-    assert len(trained) == 6
+    assert len(trained) == 7
 
 
 def test_lr_pilot_picks_the_lowest_pilot_loss(tmp_path: Path, text_file: Path) -> None:
     data, out = _run(tmp_path, text_file, "--seeds", "1", "--lr-grid", "3e-2,1e-3",
-                     "--lr", "mha=3e-3", "--no-control")
+                     "--lr", "mha=3e-3", "--no-control", "--no-v4")
     by_label = {v["label"]: v for v in data["variants"]}
     assert by_label["mha"]["lr"] == 3e-3 and by_label["mha"]["lr_source"] == "pinned"
     assert by_label["mha"]["pilot_losses"] == {}
@@ -226,7 +231,7 @@ def test_lr_parsing_and_pick() -> None:
 
 def test_kv_bytes_equal_formula() -> None:
     """The allocated bytes the report uses agree with the kv-cache formula (fp32 here)."""
-    for v in build_variants(family_size(32, 2, 32)):
+    for v in build_variants(family_size(32, 2, 32), v4=False):  # V4's: tests/test_compare_v4.py
         model = Transformer(v.config)
         assert kv_bytes_per_token(model) == 2 * cache_bytes_per_token_per_layer(v.config, 4)
 
@@ -234,7 +239,7 @@ def test_kv_bytes_equal_formula() -> None:
 def test_sweep_adds_points_and_pareto(tmp_path: Path, text_file: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     data, out = _run(tmp_path, text_file, "--seeds", "1", "--sweep", "kv_lora_rank=8,16",
-                     "--sweep", "index_topk=2,8", "--no-control", "--no-retrofit")
+                     "--sweep", "index_topk=2,8", "--no-control", "--no-retrofit", "--no-v4")
     labels = [v["label"] for v in data["variants"]]
     # the tiny family's own values are kv_lora_rank 16 and index_topk 2: those points are the
     # base MLA / DSA variants and are not trained twice
@@ -266,7 +271,7 @@ def test_parameter_counts_matched(size: FamilySize) -> None:
     variants = build_variants(size, sweeps, control=False, retrofit=False)
     counts = {v.label: Transformer(v.config).num_parameters() for v in variants}
     mha = counts["mha"]
-    assert {v.kind for v in variants} == set(KINDS)
+    assert {v.kind for v in variants} == {*KINDS, "v4"}
     for label, n in counts.items():
         assert abs(n - mha) / mha <= 0.03, (label, n, mha)
     widths = {v.label: v.config.intermediate_size for v in variants}
@@ -299,7 +304,8 @@ def test_retrofit_is_the_mla_variant_with_indexers() -> None:
 
 
 def test_ablations_run(tmp_path: Path, text_file: Path) -> None:
-    data, out = _run(tmp_path, text_file, "--seeds", "1", "--ablations", "--no-control", "--no-retrofit")
+    data, out = _run(tmp_path, text_file, "--seeds", "1", "--ablations", "--no-control", "--no-retrofit",
+                     "--no-v4")
     labels = [v["label"] for v in data["variants"]]
     assert labels == [*KINDS, "mla-noq", "mla-mqa-bytes", "mla-scaled"] and "--ablations" in data["command"]
     assert "MLA (no query compression)" in (out / "results.md").read_text()

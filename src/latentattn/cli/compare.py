@@ -1,8 +1,8 @@
 """``latentattn compare``: the subcommand's flags, presets and output files.
 
 Presets, sized on a 2-core CPU (torch 2.13, fp32, 2 threads); both train the same ~230K-parameter
-models (dim 64, 3 layers, 4 heads; the five variants, DSA retrofitted onto the MLA runs, and the
-positive control):
+models (dim 64, 3 layers, 4 heads; the five variants, DSA retrofitted onto the MLA runs,
+DeepSeek-V4's attention scaled to the window (``--no-v4`` leaves it out) and the positive control):
 
 * default (the standard run): 7 seeds, 600 steps of 16 x 128 bytes (5.3 bytes per parameter),
   each variant's LR from a pilot over 1.5e-3, 3e-3, 6e-3, decode at 256 and 2048 tokens;
@@ -83,9 +83,10 @@ def int_tuple(text: str) -> tuple[int, ...]:
 def register(sub: Any) -> None:
     """Add ``compare`` to the ``latentattn`` subcommands (``sub`` from ``add_subparsers``)."""
     c = sub.add_parser(
-        "compare", help="train MHA, MQA, GQA, MLA and MLA+DSA alike and measure them",
-        description="Train the five attention mechanisms, and a positive control (MLA with a "
-        "latent of half a head, which must come out worse than MHA), at the same depth and "
+        "compare", help="train MHA, MQA, GQA, MLA, MLA+DSA and V4 alike and measure them",
+        description="Train the five attention mechanisms, DeepSeek-V4's attention (sliding, CSA "
+        "and HCA layers, its windows scaled to --seq-len), and a positive control (MLA with a "
+        "latent of an eighth of a head, which must come out worse than MHA), at the same depth and "
         "width, with parameter counts matched within 3% through the FFN width, on the same data, "
         "seeds, steps and schedule, each with its own LR from a short pilot over --lr-grid; "
         "measure parameters, KV parameters, allocated KV cache bytes per token, validation loss "
@@ -156,6 +157,10 @@ def register(sub: Any) -> None:
                    f"({DEFAULT_RETROFIT_WARMUP:g})")
     c.add_argument("--no-retrofit", action="store_true",
                    help="leave out the DSA retrofit (MLA+DSA trained from scratch stays)")
+    c.add_argument("--no-v4", action="store_true",
+                   help="leave out DeepSeek-V4's attention (window --seq-len/8, CSA rate 4 with "
+                   "top-k --seq-len/32 entries, HCA rate --seq-len/16; trained from scratch with "
+                   "its indexer's KL)")
     c.add_argument("--ablations", action="store_true",
                    help="add MLA without query compression and MLA at MQA's cache bytes (both "
                    "parameter-matched), and MLA with DeepSeek-V2's latent scale sqrt(dim/rank): "
@@ -242,6 +247,8 @@ def _command(args: argparse.Namespace, v: dict[str, Any]) -> str:
         parts.append("--no-control")
     if args.ablations:
         parts.append("--ablations")
+    if args.no_v4:
+        parts.append("--no-v4")
     if args.no_retrofit:
         parts.append("--no-retrofit")
     else:
@@ -312,7 +319,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"{need:,.0f} bytes, or fewer --steps")
     size = family_size(v["dim"], v["layers"], v["seq_len"])
     variants = build_variants(size, sweeps, control=not args.no_control, ablations=args.ablations,
-                              retrofit=not args.no_retrofit)
+                              retrofit=not args.no_retrofit, v4=not args.no_v4)
     check_labels(v["lrs"], [x.label for x in variants])
     train_settings = TrainSettings(
         steps=v["steps"], batch_size=v["batch_size"], seq_len=v["seq_len"], lr=v["lr"], bf16=v["bf16"],

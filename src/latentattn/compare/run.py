@@ -25,7 +25,7 @@ from typing import Protocol
 
 import torch
 
-from latentattn.calc.density import topk_density
+from latentattn.calc.density import topk_density, v4_read_fraction
 from latentattn.calc.flops import training_flops_per_token
 from latentattn.compare.lr import PILOT_SEED, on_edge, pick
 from latentattn.compare.measure import (
@@ -35,8 +35,8 @@ from latentattn.compare.measure import (
     kv_parameters_per_layer,
 )
 from latentattn.compare.report import CompareReport, CompareSettings, SeedRun, VariantResult
-from latentattn.compare.variants import Variant, build_variants, scale_latent_norms
-from latentattn.config import MLAConfig
+from latentattn.compare.variants import Variant, build_variants, scale_latent_norms, v4_note
+from latentattn.config import MLAConfig, V4AttentionConfig
 from latentattn.errors import ConfigError, LatentAttnError
 from latentattn.loading import load
 from latentattn.model.transformer import Transformer
@@ -200,6 +200,8 @@ def _measured(variant: Variant, model: Transformer, settings: CompareSettings) -
         retrofit_of=variant.retrofit_of,
         dsa_density=None if "index_topk" not in variant.latent_settings() else
         topk_density(settings.train.seq_len, variant.latent_settings()["index_topk"]).as_dict(),
+        v4_read=None if not isinstance(cfg.attention, V4AttentionConfig) else
+        v4_read_fraction(settings.train.seq_len, cfg.attention).as_dict(),
     )
 
 
@@ -249,6 +251,9 @@ def _notes(settings: CompareSettings, variants: list[Variant]) -> list[str]:
                 f"steps on the same data stream and LR schedule: it ends on the same tokens as its "
                 f"dense continuation, the {v.retrofit_of} run itself, and is compared with it "
                 "paired by seed.")
+    for v in variants:
+        if isinstance(v.config.attention, V4AttentionConfig):
+            notes.append(v4_note(v.label, v.config.attention, t.seq_len))
     for v in variants:
         topk = v.latent_settings().get("index_topk")
         if topk is not None and topk < t.seq_len:

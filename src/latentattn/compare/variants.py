@@ -1,6 +1,6 @@
 """The compared models: one family (``latentattn.train.family``) at one depth and width, each
-variant's SwiGLU width chosen so its parameter count matches MHA's within 3%, plus the swept
-MLA / MLA+DSA points."""
+variant's SwiGLU width chosen so its parameter count matches MHA's within 3%: the five kinds,
+DeepSeek-V4's attention (``v4_variant``), plus the swept MLA / MLA+DSA points."""
 
 from __future__ import annotations
 
@@ -10,16 +10,27 @@ from dataclasses import dataclass
 
 import torch
 
+from latentattn.calc.density import v4_read_fraction
 from latentattn.compare.sweep import SweepPoint, sweep_points
-from latentattn.config import GQAConfig, IndexerConfig, MLAConfig, ModelConfig
+from latentattn.config import (
+    CSA,
+    HCA,
+    SLIDING,
+    GQAConfig,
+    IndexerConfig,
+    MLAConfig,
+    ModelConfig,
+    V4AttentionConfig,
+)
 from latentattn.errors import ConfigError
 from latentattn.model.transformer import Transformer
-from latentattn.train.family import ATTN_KINDS, FamilySize, matched_configs
+from latentattn.train.family import ATTN_KINDS, V4_KIND, FamilySize, matched_configs
 
 N_HEADS = 4
 PARAM_TOLERANCE = 0.03
 CONTROL = "control"  # the label of the positive control
 RETROFIT = "dsa-retrofit"  # the label of DSA forked from the MLA runs (retrofit_variant)
+V4 = V4_KIND  # the label of DeepSeek-V4's attention (v4_variant)
 
 
 def family_size(dim: int = 128, n_layers: int = 4, seq_len: int = 256) -> FamilySize:
@@ -136,6 +147,50 @@ def scale_latent_norms(model: Transformer) -> None:
                     norm.weight.fill_(math.sqrt(model.config.dim / getattr(attn.cfg, rank)))
 
 
+def v4_variant(size: FamilySize) -> Variant:
+    """DeepSeek-V4's attention (``latentattn.attention.v4``) in the family: a plain block (no mHC,
+    a dense SwiGLU, as every variant here), parameters matched to MHA's through the SwiGLU width.
+    Its shape (``latentattn.train.family.v4_attention``) scales V4's windows to the training
+    window L = ``seq_len``:
+
+    * one shared-KV head of ``kv_lora_rank`` values (as wide as MLA's latent), ``n_heads``
+      query heads of that width, sinks, 2 output groups;
+    * sliding window W = L / 8; CSA entries every m = 4 tokens (V4's rate), of which the
+      indexer picks k = L / 32 (k m = L / 8 tokens' worth); HCA entries every m' = L / 16;
+    * at L = 128 (the standard run): W 16, m 4, k 4, m' 8, layers sliding / CSA / HCA; at
+      L = 256 (``FamilySize()``): W 32, m 4, k 8, m' 16, layers sliding / CSA / HCA / CSA.
+
+    The share of its visible tokens a query reads is ``latentattn.calc.density.v4_read_fraction``
+    (in the report). It trains from scratch as DeepSeek-V3.2's sparse stage: top-k selection from
+    the first step, the LM loss plus the indexer's KL (its inputs detached, so the indexer learns
+    only from the KL), every parameter trainable (``latentattn.train.v4``)."""
+    cfg = matched_configs(size, kinds=(V4_KIND,), tolerance=PARAM_TOLERANCE)[V4_KIND]
+    return Variant(V4, V4_KIND, cfg)
+
+
+def v4_note(label: str, a: V4AttentionConfig, seq_len: int) -> str:
+    """What the V4 variant ``label`` is at this scale and how much of its context a query reads."""
+    read = v4_read_fraction(seq_len, a)
+    short = {SLIDING: "sliding", CSA: "CSA", HCA: "HCA"}
+    per_type = "; ".join(f"{short[t]} {read.covered[t]:.0%}, {read.keys[t]:.0%} as keys"
+                         for t in read.covered)
+    return (f"{label}: DeepSeek-V4's attention scaled to the {seq_len}-token window: layers "
+            f"{' / '.join(short[t] for t in a.layer_types)}; sliding window {a.sliding_window}; CSA "
+            f"entries every {a.csa_rate} tokens, the indexer ({a.index_n_heads} x "
+            f"{a.index_head_dim}) picks {a.index_topk} ({a.index_topk * a.csa_rate} tokens' worth); "
+            f"HCA entries every {a.hca_rate} tokens, all read; one shared K=V head of "
+            f"{a.head_dim} values ({a.qk_rope_head_dim} rotary), {a.n_heads} query heads, sinks, "
+            f"{a.o_groups} output groups; a plain block (no mHC, dense SwiGLU). A query's window "
+            f"and entries cover on average {read.per_query:.0%} of its visible tokens over the "
+            f"layers ({per_type}; CSA's assumes the picked entries lie before the window, the "
+            f"most they can cover) and it attends {read.keys_per_query:.0%} as many keys as it "
+            "sees tokens. Trained from scratch as DeepSeek-V3.2's sparse stage: top-k from the "
+            "first step, LM loss plus the indexer KL (the indexer's inputs detached), every "
+            "parameter trained; its val loss is the served (top-k) form. KV bytes per token at "
+            f"the {seq_len}-token window: the window and the compressors' pending state do not "
+            "grow with the context, the entries grow one per rate tokens.")
+
+
 def ablation_variants(size: FamilySize) -> list[Variant]:
     """What the MLA-vs-MHA claim should not hinge on (next-facts section 3.3), parameters matched:
 
@@ -162,15 +217,18 @@ def ablation_variants(size: FamilySize) -> list[Variant]:
 
 
 def build_variants(size: FamilySize, sweeps: dict[str, tuple[int, ...]] | None = None,
-                   control: bool = True, ablations: bool = False, retrofit: bool = True
-                   ) -> list[Variant]:
-    """The five kinds, DSA retrofitted onto MLA (unless ``retrofit=False``), the positive control
-    (unless ``control=False``), the ablations (with ``ablations=True``), then every sweep point
-    whose config is not already one of them."""
+                   control: bool = True, ablations: bool = False, retrofit: bool = True,
+                   v4: bool = True) -> list[Variant]:
+    """The five kinds, DSA retrofitted onto MLA (unless ``retrofit=False``), DeepSeek-V4's
+    attention (unless ``v4=False``), the positive control (unless ``control=False``), the
+    ablations (with ``ablations=True``), then every sweep point whose config is not already one
+    of them."""
     base = matched_configs(size, kinds=ATTN_KINDS, tolerance=PARAM_TOLERANCE)
     variants = [Variant(kind, kind, cfg) for kind, cfg in base.items()]
     if retrofit:
         variants.append(retrofit_variant(size, base["mla"]))
+    if v4:
+        variants.append(v4_variant(size))
     if control:
         variants.append(control_variant(size, base["mla"]))
     if ablations:
