@@ -22,8 +22,7 @@ from latentattn.attention.norm import Float32RMSNorm
 from latentattn.cache.kv import Step
 from latentattn.cache.v4 import CompressorState, row_starts
 from latentattn.config import RopeConfig
-from latentattn.kernels.sparse import select_topk
-from latentattn.kernels.v4 import entry_visibility
+from latentattn.kernels.v4 import entry_visibility, linear, select_entries
 from latentattn.precision import KeepFloat32
 from latentattn.rope import apply_rope, inv_frequencies
 
@@ -70,7 +69,8 @@ class Compressor(KeepFloat32):
     def forward(self, x: torch.Tensor, step: Step, state: CompressorState | None) -> torch.Tensor:
         """x (B, T, dim) of the step's tokens -> every entry available after the step,
         (B, E, width) (without a cache: the T // rate entries of a sequence from position 0)."""
-        kv, gate = self.kv_proj(x), self.gate_proj(x)
+        # linear: a decode step's one-row products read the weights at the copy rate (kernels.v4)
+        kv, gate = linear(x, self.kv_proj.weight), linear(x, self.gate_proj.weight)
         start, new = row_starts(step)
         b, t, _ = x.shape
         first = torch.div(start, self.rate, rounding_mode="floor")
@@ -158,9 +158,9 @@ class Indexer(Compressor):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """q (B, T, H_I, d_I) rotated at the query positions, w (B, T, H_I), both fp32."""
         b, t, _ = x.shape
-        q = self.q_b_proj(c_q).view(b, t, self.n_heads, self.width)
+        q = linear(c_q, self.q_b_proj.weight).view(b, t, self.n_heads, self.width)
         q = rotate_tail(q, *rope_tables(self.inv_freq, positions))
-        w = self.scorer.weights_proj(x).float() * self.n_heads**-0.5
+        w = linear(x, self.scorer.weights_proj.weight).float() * self.n_heads**-0.5
         return q.float(), w
 
     def select(self, x: torch.Tensor, c_q: torch.Tensor, step: Step, state: CompressorState | None
@@ -169,5 +169,5 @@ class Indexer(Compressor):
         keys = self(x, step, state)
         q, w = self.queries(x, c_q, step.positions)
         last = entry_visibility(step.positions, self.rate) - 1  # the last entry each query sees
-        idx = select_topk(q, w, keys.float(), last, self.topk, self.width**-0.5)
+        idx = select_entries(q, w, keys, last, self.topk, self.width**-0.5)
         return idx, keys

@@ -9,6 +9,9 @@ compressed entries (all of them for HCA, the indexer's top-k for CSA) and a per-
   T * (window + k) for CSA, never T * L.
 * ``v4_attend_reference``: dense scores over every token and every entry of a sequence from
   position 0 with masks, as transformers computes it: obviously right, O(T * (L + L / m)).
+* ``select_entries``: the lightning indexer's top-k over the compressed entries, the result of
+  ``kernels.sparse.select_topk`` (its reference) computed in one top-k per query block.
+* ``linear``: ``F.linear`` (its reference), with a decode fast path for one fp32 row on a CPU.
 
 Keys are values (shared-KV MQA): the output is the probability-weighted sum of the same vectors.
 The sink is one extra logit per head in the softmax whose probability is dropped.
@@ -17,8 +20,35 @@ The sink is one extra logit per head in the softmax whose probability is dropped
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from latentattn.kernels.sparse import gather_rows
+from latentattn.kernels.sparse import _top, gather_rows
+
+# One block of per-head indexer logits (fp32). Under glibc's 32 MiB ceiling on its dynamic mmap
+# threshold, so a freed block is reused from the heap instead of every block's pages being
+# faulted in (and zeroed) anew; large enough that a block's GEMM runs at full rate.
+SCORE_BLOCK_BYTES = 16 << 20
+SCORE_ROWS = 2048  # query-head rows per block (32 queries at 64 indexer heads)
+ROW_BLOCKS = 8  # weight row blocks of a one-row product on a CPU (2 to 16 measured the same)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ weight (out, in)^T, as ``F.linear`` without a bias.
+
+    A decode step's projection is one row times the weight, bound by reading the weight. On a
+    CPU, torch 2.13's fp32 one-row product (MKL's GEMV, two threads) read V4-Flash's weights at
+    14-21 GB/s on this 2-core EPYC while a copy moved 30-47 GB/s; the same product as ``bmm``
+    over ``ROW_BLOCKS`` row blocks of the weight (torch parallelises over the blocks, one
+    single-threaded product each) read them at 30-43 GB/s, and each output is the same dot
+    product. bf16 gains nothing that way (13-17 GB/s either way), so only fp32 takes it.
+    """
+    out = weight.shape[0]
+    if (x.numel() != x.shape[-1] or x.device.type != "cpu" or x.dtype != torch.float32
+            or weight.dtype != torch.float32 or out % ROW_BLOCKS):
+        return F.linear(x, weight)
+    g = ROW_BLOCKS
+    y = torch.bmm(x.reshape(1, 1, -1).expand(g, 1, -1), weight.view(g, out // g, -1).transpose(1, 2))
+    return y.reshape(*x.shape[:-1], out)  # (g, 1, out / g) -> (..., out)
 
 
 def _softmax_with_sink(logits: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
@@ -101,6 +131,51 @@ def v4_attend_reference(
     logits = torch.einsum("bthd,bsd->bhts", q, kv).float() * scale
     p = _softmax_with_sink(logits.masked_fill(~mask[:, None], float("-inf")), sinks)
     return torch.einsum("bhts,bsd->bthd", p.to(q.dtype), kv)
+
+
+def select_entries(
+    q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, last: torch.Tensor, topk: int,
+    scale: float, rows: int = SCORE_ROWS, block_bytes: int = SCORE_BLOCK_BYTES,
+) -> torch.Tensor:
+    """The indexer's top-k entries per query: what ``select_topk`` returns (the same scores
+    sum_h w_h ReLU(q_h . k) * scale, ties to the earlier entry), computed differently.
+
+    q (B, T, H, d) and w (B, T, H) fp32; keys (B, E, d), any float dtype (scored in fp32, one
+    block at a time, so a bf16 store is never copied whole); last (B, T): the last entry each
+    query sees (-1: none). Returns (B, T, K) int64, K = min(topk, E), -1 where fewer are visible.
+
+    Per block of queries (``rows`` query-head rows) the scores of every visible entry go into one
+    (Tb, S) buffer, key block by key block (logit blocks of at most ``block_bytes``, 2-D GEMMs),
+    and one top-k ranks them all: no running top-k to merge, and a decode step over 1M tokens'
+    262,144 entries scores four 16 MB blocks rather than one 64 MB block.
+    """
+    b, t, h, d = q.shape
+    e = keys.shape[1]
+    out = torch.full((b, t, min(topk, e)), -1, dtype=torch.long, device=q.device)
+    tb = max(1, rows // h)
+    for r in range(b):
+        for t0 in range(0, t, tb):
+            n = min(tb, t - t0)
+            pos = last[r, t0: t0 + n]
+            stop = min(int(pos.max()) + 1, e)  # entries past the block's last are never visible
+            if stop <= 0:
+                continue
+            qb, wb = q[r, t0: t0 + n].reshape(n * h, d), w[r, t0: t0 + n].unsqueeze(1)  # (n H, d), (n, 1, H)
+            kb = max(1, block_bytes // (4 * n * h))
+            scores = torch.empty(n, stop, device=q.device)
+            for s0 in range(0, stop, kb):
+                s1 = min(s0 + kb, stop)
+                kf = keys[r, s0:s1].float()
+                if n == 1:  # decode: keys @ q^T streams the keys as stored (~15% faster here)
+                    scores[0, s0:s1] = torch.mv(torch.mm(kf, qb.t()).relu_(), wb[0, 0]) * scale
+                else:
+                    logits = torch.mm(qb, kf.t()).view(n, h, s1 - s0).relu_()
+                    scores[:, s0:s1] = torch.bmm(wb, logits).squeeze(1) * scale
+            j = torch.arange(stop, device=q.device)
+            scores.masked_fill_(j[None, :] > pos[:, None], float("-inf"))
+            values, sel = _top(scores, min(topk, stop), j)
+            out[r, t0: t0 + n, : sel.shape[-1]] = sel.masked_fill(values == float("-inf"), -1)
+    return out
 
 
 def entry_visibility(positions: torch.Tensor, rate: int) -> torch.Tensor:
