@@ -125,6 +125,7 @@ def test_quick_run_has_every_kind(tmp_path: Path, capsys: pytest.CaptureFixture[
     for p in decode.values():
         assert p["note"] == "" and p["median_ms"] > 0 and p["part_ms"] > 0
         assert p["gflop"] > 0 and p["mbytes"] > 0 and p["predicted_ms"] > 0 and p["peak_rss_mib"] > 0
+        assert p["gemm_gflops"] > 0 and p["copy_gbps"] > 0  # the rates its own process measured
     assert {p["kind"] for p in data["points"] if p["phase"] == "prefill"} == {"csa", "hca"}
     assert set(data["rates"]["gemm_gflops"]) == {"float32"} and data["rates"]["copy_gbps"] > 0
     assert [t["met"] for t in data["targets"]] == [None] * 4  # measured at V4-Flash sizes only

@@ -52,14 +52,15 @@ def _child(conn: Connection, fn: Callable[..., Result], args: tuple[Any, ...]) -
         out = fn(*args)
     except Exception as e:  # reported as the point's failure; the parent carries on
         out = {"error": f"{type(e).__name__}: {e}"}
-    out["peak_rss_mib"] = peak_rss_mib()
+    out.setdefault("peak_rss_mib", peak_rss_mib())  # fn may record its peak before extra work
     conn.send(out)
     conn.close()
 
 
 def run_isolated(fn: Callable[..., Result], *args: Any) -> Result:
     """``fn(*args)`` (a module-level function returning a dict) in a fresh process; its dict
-    gains ``peak_rss_mib``. A child that dies (killed for memory, say) gives {"error": ...}."""
+    gains ``peak_rss_mib`` (unless it has one). A child that dies (killed for memory, say)
+    gives {"error": ...}."""
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(send, fn, args))

@@ -26,7 +26,7 @@ import torch
 
 from latentattn.attention.v4 import V4Attention
 from latentattn.bench import dsa
-from latentattn.bench.isolated import Result, rss_mib, run_isolated
+from latentattn.bench.isolated import Result, peak_rss_mib, rss_mib, run_isolated
 from latentattn.bench.v4_cost import (
     Cost,
     Rates,
@@ -109,6 +109,23 @@ def predicted_mib(s: Setup, kind: str, tokens: int, dtype: torch.dtype, chunk: i
     return BASE_MIB + (values * elt + work) / MIB
 
 
+def _rate_sizes(quick: bool) -> dict[str, int]:
+    return {"n": 256, "copy_mib": 16} if quick else {"n": 2048, "copy_mib": 256}
+
+
+def _timed(step: Callable[[], object], part: Callable[[], object], repeats: int, quick: bool,
+           dtype: torch.dtype) -> Result:
+    """Time a decode point's whole step and its part; then record the peak RSS, and only then
+    measure the GEMM and copy rates in the same process (their buffers would count in the peak),
+    so that a point is predicted from the machine as it was when it ran."""
+    setup_rss = rss_mib()
+    samples, part_ms = time_call(step, repeats), time_call(part, repeats)
+    peak = peak_rss_mib()
+    rates = measure_rates((dtype,), **_rate_sizes(quick))
+    return {"samples_ms": samples, "part_ms": part_ms, "setup_rss_mib": setup_rss,
+            "peak_rss_mib": peak, "rates": {"gemm_flops": rates.gemm_flops, "copy_bytes": rates.copy_bytes}}
+
+
 def _v4_layer(cfg: ModelConfig, kind: str, dtype: torch.dtype) -> V4Attention:
     a = cfg.attention
     assert isinstance(a, V4AttentionConfig)
@@ -142,10 +159,9 @@ def v4_decode(quick: bool, kind: str, context: int, dtype_name: str, repeats: in
     q, kv, c_q, _ = layer.project(x, step.positions)
     # Each call writes the token at position `context` again (an entry completes only when
     # (context + 1) % rate == 0): every repeat decodes the same state.
-    setup_rss = rss_mib()
-    return {"samples_ms": time_call(lambda: layer(x, None, step, cache), repeats),
-            "part_ms": time_call(lambda: layer.attend(x, q, kv, c_q, step, cache), repeats),
-            "cache_mib": cache.nbytes / MIB, "setup_rss_mib": setup_rss}
+    out = _timed(lambda: layer(x, None, step, cache), lambda: layer.attend(x, q, kv, c_q, step, cache),
+                 repeats, quick, dtype)
+    return {**out, "cache_mib": cache.nbytes / MIB}
 
 
 def _rope_at(d: dsa.DSADims, position: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,10 +204,8 @@ def v32_decode(quick: bool, kind: str, context: int, dtype_name: str, repeats: i
             o_lat, _ = sparse_mqa(layer.absorb_query(q), latent, idx, layer.scale, d.kv_lora_rank)
             return layer.unabsorb(o_lat)
 
-    setup_rss = rss_mib()
-    return {"samples_ms": time_call(lambda: layer(x, rope, step, cached), repeats),
-            "part_ms": time_call(part, repeats), "cache_mib": cached.nbytes / MIB,
-            "setup_rss_mib": setup_rss}
+    out = _timed(lambda: layer(x, rope, step, cached), part, repeats, quick, dtype)
+    return {**out, "cache_mib": cached.nbytes / MIB}
 
 
 @torch.no_grad()
@@ -215,8 +229,12 @@ def v4_prefill(quick: bool, kind: str, tokens: int, chunk: int, dtype_name: str)
 
 def _point(phase: str, kind: str, tokens: int, out: Result, predicted_mem: float,
            parts: dict[str, Cost] | None, rates: Rates) -> Point:
+    """A Point from a child's result; predicted from the rates the child measured (the run's
+    opening ones where it has none)."""
     samples = out.get("samples_ms", [])
     part = out.get("part_ms")
+    if "rates" in out:
+        rates = Rates(**out["rates"])
     return Point(
         phase=phase, kind=kind, context=tokens,
         median_ms=sorted(samples)[len(samples) // 2] if samples else None, samples_ms=samples,
@@ -224,6 +242,9 @@ def _point(phase: str, kind: str, tokens: int, out: Result, predicted_mem: float
         gflop=sum(p.flop for p in parts.values()) / 1e9 if parts else None,
         mbytes=sum(p.bytes for p in parts.values()) / 1e6 if parts else None,
         predicted_ms=predicted_seconds(parts, rates) * 1e3 if parts else None,
+        predicted_parts_ms={k: p.seconds(rates) * 1e3 for k, p in parts.items()} if parts else None,
+        gemm_gflops=rates.gemm_flops[parts["projections"].compute] / 1e9 if parts else None,
+        copy_gbps=rates.copy_bytes / 1e9 if parts else None,
         predicted_mib=predicted_mem, peak_rss_mib=out.get("peak_rss_mib"),
         setup_rss_mib=out.get("setup_rss_mib"), cache_mib=out.get("cache_mib"),
         load1=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,

@@ -30,6 +30,9 @@ class Point:
     gflop: float | None
     mbytes: float | None
     predicted_ms: float | None
+    predicted_parts_ms: dict[str, float] | None  # per part: max(FLOP / GEMM rate, bytes / copy rate)
+    gemm_gflops: float | None  # the rates this point was predicted from (measured in its process)
+    copy_gbps: float | None
     predicted_mib: float
     peak_rss_mib: float | None
     setup_rss_mib: float | None
@@ -99,17 +102,21 @@ def table(report: V4Report) -> str:
     """The decode table (one row per context and kind), the prefill rows and the targets."""
     r = report.rates
     gemm = ", ".join(f"{k} {v:,.0f}" for k, v in r["gemm_gflops"].items())
-    lines = [f"measured: GEMM GFLOP/s {gemm}; copy {r['copy_gbps']:.1f} GB/s (read + write); "
-             f"dtype {report.dtype}; dims {report.dims}",
+    lines = [f"measured at the start: GEMM GFLOP/s {gemm}; copy {r['copy_gbps']:.1f} GB/s (read + write); "
+             f"dtype {report.dtype}; dims {report.dims}; CPU {report.machine.get('cpu_model')}",
+             "each decode point is predicted from the GEMM (model dtype) and copy rates measured in its own "
+             "process right after its timed calls (columns GFLOP/s, GB/s)",
              f"{'context':>9} {'kind':<7} {'step ms':>9} {'part ms':>9} {'GFLOP':>8} {'MB read':>8} "
-             f"{'pred ms':>8} {'x pred':>6} {'RSS MiB':>8} {'pred MiB':>8} {'load':>5}  note"]
+             f"{'pred ms':>8} {'x pred':>6} {'GFLOP/s':>7} {'GB/s':>5} {'RSS MiB':>8} {'pred MiB':>8} "
+             f"{'load':>5}  note"]
     for p in report.points:
         if p.phase != "decode":
             continue
         x = p.median_ms / p.predicted_ms if p.median_ms and p.predicted_ms else None
         lines.append(f"{p.context:>9,} {p.kind:<7} {_num(p.median_ms, '9.2f')} {_num(p.part_ms, '9.2f')} "
                      f"{_num(p.gflop, '8.3f')} {_num(p.mbytes, '8.1f')} {_num(p.predicted_ms, '8.2f')} "
-                     f"{_num(x, '6.2f')} {_num(p.peak_rss_mib, '8,.0f')} {p.predicted_mib:>8,.0f} "
+                     f"{_num(x, '6.2f')} {_num(p.gemm_gflops, '7.0f')} {_num(p.copy_gbps, '5.1f')} "
+                     f"{_num(p.peak_rss_mib, '8,.0f')} {p.predicted_mib:>8,.0f} "
                      f"{_num(p.load1, '5.2f')}  {p.note}")
     for p in report.points:
         if p.phase == "prefill":
