@@ -97,12 +97,12 @@ def test_tiny_run_writes_every_variant(tmp_path: Path, text_file: Path,
         assert set(v["decode_tokens_per_s"]) == {"16", "32"}
         assert all(x > 0 for x in v["decode_tokens_per_s"].values())
         assert v["val_curve_mean"] and v["val_curve_mean"][-1][0] == 8
-        if label in ("dsa", "dsa-retrofit"):
-            assert len(v["dsa_recall"]) == 2  # per layer
+        if label in ("dsa", "dsa-retrofit", "v4"):
+            assert len(v["dsa_recall"]) == (1 if label == "v4" else 2)  # per (V4: CSA) layer
             for layer in v["dsa_recall"]:
                 assert set(layer) == {"indexer", "recent", "uniform"}
                 assert all(0 < x <= 1 + 1e-6 for x in layer.values())
-            assert v["dsa_val_loss_dense"]["n"] == 2
+            assert label == "v4" or v["dsa_val_loss_dense"]["n"] == 2
         else:
             assert v["dsa_recall"] is None
     assert data["margin"] == 0.02 and "paired by seed" in data["rule"]

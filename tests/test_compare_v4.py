@@ -21,6 +21,7 @@ from latentattn.compare.measure import kv_bytes_per_token, kv_parameters_per_lay
 from latentattn.compare.variants import build_variants, family_size, v4_variant
 from latentattn.config import CSA, HCA, SLIDING, V4AttentionConfig
 from latentattn.train.family import FamilySize, v4_layer_types
+from latentattn.train.v4 import entry_mass, set_v4_indexer_training, v4_layers, v4_selection_recall
 
 # The tiny family of tests/test_compare.py: dim 32, 2 layers, 32-byte windows, one LR, no pilots.
 TINY = ["--steps", "8", "--dim", "32", "--layers", "2", "--seq-len", "32", "--batch-size", "2",
@@ -141,6 +142,41 @@ def test_v4_cache_bytes_and_kv_parameters() -> None:
     hca = 32 * 16 + 16 + (2 * 32 * 16 + 8 * 16 + 16)
     model = Transformer(v4_variant(family_size(32, 2, 32)).config)
     assert kv_parameters_per_layer(model) == round((csa + hca) / 2)
+
+
+def test_v4_recall(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry recall against what it must be: an indexer that picks the k most recent entries
+    scores exactly the "recent" baseline, "uniform" is k / visible by hand, the shares are
+    shares, and the layers' training flag and hooks are as they were."""
+    size = family_size(32, 2, 32)  # layers CSA, HCA; CSA: m 4, k 1, 32 tokens
+    torch.manual_seed(0)
+    model = Transformer(v4_variant(size).config)
+    csa = v4_layers(model)[0]
+    assert csa.indexer is not None
+    set_v4_indexer_training(model, True)
+    ids = torch.randint(0, 256, (2, 32))
+    (r,) = v4_selection_recall(model, ids)
+    # queries t = 7 .. 31 see (t + 1) // 4 = 2 .. 8 entries > k = 1: 4 queries see each of
+    # 2..7 entries (t = 7..10, ..., 27..30) and one sees 8 (t = 31); uniform = mean of 1 / visible.
+    uniform = (4 * sum(1 / v for v in range(2, 8)) + 1 / 8) / 25
+    assert r["uniform"] == pytest.approx(uniform)
+    assert all(0 <= x <= 1 + 1e-6 for x in r.values())
+    assert csa.train_indexer and not csa._forward_hooks  # restored
+
+    def recent(x: torch.Tensor, c_q: torch.Tensor, step: object, state: object) -> tuple[torch.Tensor, None]:
+        visible = (torch.arange(x.shape[1]) + 1) // 4
+        return (visible - 1).expand(x.shape[0], -1)[..., None], None  # -1 where none is visible
+
+    monkeypatch.setattr(csa.indexer, "select", recent)
+    (r,) = v4_selection_recall(model, ids)
+    assert r["indexer"] == pytest.approx(r["recent"], abs=1e-7)
+    # The mass: shares of the entries' probability, zero on entries a query cannot see.
+    from latentattn.cache.kv import fresh_step
+
+    x = torch.randn(1, 32, 32)
+    mass, _, visible = entry_mass(csa, x, fresh_step(1, 32, x.device))
+    hidden = torch.arange(mass.shape[-1]) >= visible[..., None]
+    assert mass.shape == (1, 32, 8) and bool((mass[hidden] == 0).all()) and bool((mass >= 0).all())
 
 
 def test_quick_compare_has_the_v4_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,6 +16,7 @@ from latentattn.attention.v4 import V4Attention
 from latentattn.data import random_batch
 from latentattn.model.transformer import Transformer
 from latentattn.train.dsa import selection_recall
+from latentattn.train.v4 import is_v4, v4_selection_recall
 
 PREFILL_CHUNK = 1024  # prompt tokens per forward when filling the cache (bounds score memory)
 
@@ -115,11 +116,14 @@ def dsa_recall(model: Transformer, val_tokens: torch.Tensor, seq_len: int, batch
                batches: int, seed: int = 0) -> list[dict[str, float]]:
     """Per DSA layer, mean over ``batches`` validation batches of
     :func:`latentattn.train.dsa.selection_recall`: the dense attention mass inside the indexer's
-    top-k ("indexer"), the k most recent keys ("recent") and k random keys ("uniform")."""
+    top-k ("indexer"), the k most recent keys ("recent") and k random keys ("uniform"). For a V4
+    model, per CSA layer, :func:`latentattn.train.v4.v4_selection_recall`: the same over its
+    compressed entries."""
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
-    runs = [selection_recall(model, random_batch(val_tokens, batch_size, seq_len, g)[:, :-1].to(model.device))
+    recall = v4_selection_recall if is_v4(model) else selection_recall
+    runs = [recall(model, random_batch(val_tokens, batch_size, seq_len, g)[:, :-1].to(model.device))
             for _ in range(batches)]
     model.train(was_training)
     return [{key: statistics.mean(run[layer][key] for run in runs) for key in runs[0][layer]}

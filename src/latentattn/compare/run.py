@@ -2,7 +2,7 @@
 
 For each variant and seed: ``torch.manual_seed(seed)``, build the model, ``train()`` it (DSA runs
 its two V3.2 stages inside), then evaluate the validation loss (DSA in its top-k inference
-form; its dense-attention loss is kept beside it) and, for DSA, the attention-mass recall. The
+form; its dense-attention loss is kept beside it) and, for DSA and V4, the attention-mass recall. The
 things that do not depend on the seed (parameters, KV bytes, decode speed) are measured on the
 first seed's model only.
 
@@ -42,6 +42,7 @@ from latentattn.loading import load
 from latentattn.model.transformer import Transformer
 from latentattn.timing import machine_info
 from latentattn.train.dsa import retrofit_dsa, set_dsa_stage
+from latentattn.train.family import V4_KIND
 from latentattn.train.loop import evaluate, train
 from latentattn.train.settings import TrainResult, TrainSettings
 
@@ -129,6 +130,9 @@ def _train_one(variant: Variant, seed: int, settings: CompareSettings, train_tok
         recall = dsa_recall(model, val_tokens, ts.seq_len, ts.batch_size, settings.recall_batches,
                             seed=seed)
         set_dsa_stage(model, "inference")
+    elif variant.kind == V4_KIND:  # top-k always: its val loss is the served form already
+        recall = dsa_recall(model, val_tokens, ts.seq_len, ts.batch_size, settings.recall_batches,
+                            seed=seed)
     run = SeedRun(
         seed=seed, val_loss=evaluate(model, val_tokens, ts), train_tokens_per_s=result.tokens_per_s,
         seconds=result.seconds, steps_done=result.steps_done, train_losses=list(result.train_losses),

@@ -33,7 +33,7 @@ def markdown_table(report: CompareReport) -> str:
                f"KV cache B/token ({dtype}, {layers} layers)", "KV vs MHA",
                "peak LR", "val loss (nats/byte)", "vs MHA: Δ [95% CI]", "verdict", "bits/byte",
                "train tok/s",
-               *(f"decode tok/s @{c:,}" for c in contexts), "DSA recall (top-k mass)"]
+               *(f"decode tok/s @{c:,}" for c in contexts), "top-k recall (DSA keys, V4 entries)"]
     rows = []
     for v in report.variants:
         rows.append([
@@ -181,8 +181,10 @@ def markdown_report(report: CompareReport) -> str:
         "kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj; DSA adds the indexer's wk and k_norm; V4: "
         "kv_proj, kv_norm and its compressors' key side, the mean over its layer types). "
         "KV cache bytes are what make_cache allocates; bf16 halves them.",
-        "- DSA recall: the dense attention's probability mass inside the indexer's top-k on "
-        "validation windows, mean over layers, beside the k most recent keys and k random keys.",
+        "- Top-k recall: the dense attention's probability mass inside the indexer's top-k on "
+        "validation windows, mean over layers, beside the k most recent keys and k random keys; "
+        "for V4, over its CSA layers' compressed entries (the main attention over every visible "
+        "entry, the share its indexer's k entries hold, beside the k most recent and k random).",
         "",
     ]
     return "\n".join(parts)
