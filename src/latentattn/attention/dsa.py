@@ -26,7 +26,9 @@ import torch
 
 from latentattn.attention.indexer import Indexer
 from latentattn.attention.mla import MultiHeadLatentAttention
-from latentattn.cache.kv import IndexedLatentKV, LayerCache, Step
+from latentattn.cache.build import LatentSpec
+from latentattn.cache.layer import LayerCache
+from latentattn.cache.step import Step
 from latentattn.config import MLAConfig, ModelConfig
 from latentattn.kernels.backend import runs_triton
 from latentattn.kernels.indexer_logits import indexer_logits_triton
@@ -64,14 +66,13 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         self.record = False  # keep (dense head-mean probs, selection) for attention_mass_recall
         self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def make_cache(self, batch: int, capacity: int, dtype: torch.dtype,
-                   device: torch.device | str | None, latent_fp8: bool = False) -> LayerCache:
-        """``latent_fp8``: the latent in FlashMLA's fp8 record, as V3.2 is served."""
+    def cache_spec(self) -> LatentSpec:
+        """What a token leaves in the cache: the latent and its indexer key (in the format
+        ``IndexerConfig.key_cache`` names), whatever ``impl`` is."""
         a = self.cfg
         assert a.indexer is not None
-        return IndexedLatentKV(batch, capacity, a.kv_lora_rank, a.qk_rope_head_dim,
-                               a.indexer.index_head_dim, dtype, device, fp8=a.indexer.key_cache == "fp8",
-                               latent_fp8=latent_fp8)
+        return LatentSpec(a.kv_lora_rank, a.qk_rope_head_dim, a.indexer.index_head_dim,
+                          a.indexer.key_cache)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step,
@@ -92,26 +93,26 @@ class SparseLatentAttention(MultiHeadLatentAttention):
         idx = None
         records = None  # the cache's fp8 latent records, when decode reads them in place
         if cache is not None:
-            cache.write(step, latent, k_i)
+            cache.latent.write(step, latent)
+            cache.index_keys.write(step, k_i)
             if need_selection and t == 1 and not self.train_indexer and runs_triton(q_i):
                 # Decode through the Triton indexer, straight from the cache: it reads the keys
                 # as stored (fp8 bytes and their scales, or the cache dtype) in place, where a
                 # read would first copy the whole key cache out in fp32.
-                assert isinstance(cache, IndexedLatentKV)
-                stored, keys, *key_scale = cache.views(step)
-                if cache.latent_fp8 and self.mode == "sparse":
-                    records = stored  # the sparse kernel decodes the selected records itself
-                elif cache.latent_fp8:
-                    latent = cache.read(step, latent.dtype)[0]  # dense mode attends to every row
+                keys, *key_scale = cache.index_keys.views(step)
+                if cache.latent.fp8 and self.mode == "sparse":
+                    # the sparse kernel decodes the selected records itself
+                    (records,) = cache.latent.views(step)
                 else:
-                    latent = stored.to(latent.dtype)  # a view when the dtypes agree
+                    latent = cache.latent.read(step, latent.dtype)  # a view when dtypes agree
                 logits = indexer_logits_triton(q_i, w, keys, step.positions, self.indexer.scale,
                                                k_scale=key_scale[0] if key_scale else None)
                 idx = topk_reference(logits, step.positions, self.topk)
             else:
                 # Read back even on a fresh prefill: with the fp8 key cache, prefill and decode
                 # must score the same quantised keys or they select differently.
-                latent, k_i = cache.read(step, latent.dtype)  # k_i: fp32, as scored
+                latent = cache.latent.read(step, latent.dtype)
+                k_i = cache.index_keys.read(step, torch.float32)  # as scored
         k_i = k_i.float()
         s = step.kv_len if cache is not None else latent.shape[1]
         if need_selection and idx is None:

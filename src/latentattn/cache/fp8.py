@@ -79,12 +79,3 @@ def record_parts(records: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     nb = rank // block_size(rank)
     return (records[..., :rank], records[..., rank: rank + 4 * nb].contiguous().view(torch.float32),
             records[..., rank + 4 * nb:].contiguous().view(torch.bfloat16))
-
-
-def latent_row(rank: int, rope_dim: int, dtype: torch.dtype, fp8: bool) -> tuple[int, torch.dtype]:
-    """(width, dtype) of one token's latent row in a cache: [c | k_rope] in ``dtype``, or with
-    ``fp8`` a record of :func:`record_bytes` uint8 (its rank checked)."""
-    if not fp8:
-        return rank + rope_dim, dtype
-    check_record_rank(rank)
-    return record_bytes(rank, rope_dim), torch.uint8

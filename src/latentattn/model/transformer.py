@@ -10,8 +10,9 @@ from torch import nn
 
 from latentattn.attention import GroupedQueryAttention, MultiHeadLatentAttention, RMSNorm
 from latentattn.attention.dsa import SparseLatentAttention
-from latentattn.cache.kv import FP8LatentKV, KVCache, LayerCache, fresh_step
-from latentattn.cache.paged import PagedKVCache, PagedLatentKV, PagePool
+from latentattn.cache.build import build_cache
+from latentattn.cache.kv import KVCache
+from latentattn.cache.step import fresh_step
 from latentattn.config import MLAConfig, ModelConfig
 from latentattn.errors import ConfigError
 from latentattn.model.ffn import MLP, MoE, Router
@@ -92,48 +93,22 @@ class Transformer(nn.Module):
         device: torch.device | str | None = None, latent_fp8: bool = False,
         page_size: int | None = None, num_pages: int | None = None,
     ) -> KVCache:
-        """Preallocate every layer's cache: the form follows the attention (and ``mla.impl``).
-        ``latent_fp8``: MLA's latent in FlashMLA's fp8 record (cache.kv.FP8LatentKV; dense
-        absorbed/auto MLA, or DSA beside its indexer keys), ``dtype`` then being what it is read
-        back as. ``page_size``: the
-        latent in pages of that many tokens from a pool of ``num_pages`` (default: room for every
-        row at ``capacity``; cache.paged, dense absorbed/auto MLA only); both together: pages of
-        fp8 records, FlashMLA's paged fp8 layout."""
+        """Preallocate every layer's cache (:func:`latentattn.cache.build.build_cache`): each
+        attention says what it caches (``cache_spec``: per-head K/V, the MLA latent, DSA's
+        latent and indexer keys). ``dtype`` (default the model's): what the cache holds, or what
+        fp8 stores are read back as. ``latent_fp8``: the latent in FlashMLA's fp8 record (MLA
+        with impl auto or absorb, or DSA beside its indexer keys). ``page_size``: the latent in
+        pages of that many tokens from a pool of ``num_pages`` (default: room for every row at
+        ``capacity``; dense MLA only); both together: FlashMLA's paged fp8 layout."""
         capacity = capacity or self.config.max_seq_len
         if capacity > self.config.max_seq_len:
             raise ConfigError(
                 f"cache capacity {capacity} exceeds the model's max_seq_len {self.config.max_seq_len}"
             )
-        dtype, device = dtype or self.dtype, device or self.device
-        if latent_fp8 or page_size is not None:
-            return self._latent_cache(batch, capacity, dtype, device, latent_fp8, page_size, num_pages)
-        layers = [blk.self_attn.make_cache(batch, capacity, dtype, device) for blk in self.blocks]
-        return KVCache(layers, batch, capacity, device)
-
-    def _latent_cache(self, batch: int, capacity: int, dtype: torch.dtype,
-                      device: torch.device | str | None, latent_fp8: bool, page_size: int | None,
-                      num_pages: int | None) -> KVCache:
-        """make_cache's fp8 and paged forms: fp8 records for dense MLA (auto or absorb) and for
-        DSA (whose cache adds the indexer keys), pages for dense MLA."""
-        mla = [blk.self_attn for blk in self.blocks if isinstance(blk.self_attn, MultiHeadLatentAttention)]
-        dsa = [a for a in mla if isinstance(a, SparseLatentAttention)]
-        dense = [a for a in mla if not isinstance(a, SparseLatentAttention) and a.cfg.impl != "naive"]
-        if page_size is None:  # fp8 records, contiguous
-            if len(dense) + len(dsa) != len(self.blocks):
-                raise ConfigError(f"the fp8 latent cache holds the latent of MLA (impl auto or absorb) "
-                                  f"or DSA; {self.config.name} has other attention")
-            return KVCache([a.make_cache(batch, capacity, dtype, device, latent_fp8=True)
-                            if isinstance(a, SparseLatentAttention)
-                            else FP8LatentKV(batch, capacity, a.cfg.kv_lora_rank, a.cfg.qk_rope_head_dim,
-                                             device) for a in mla], batch, capacity, device)
-        if len(dense) != len(self.blocks):
-            raise ConfigError(f"the paged latent cache holds dense MLA's latent (impl auto or absorb); "
-                              f"{self.config.name} has other attention")
-        pool = PagePool(num_pages or batch * -(-capacity // max(1, page_size)), page_size, batch,
-                        capacity, device)
-        paged: list[LayerCache] = [PagedLatentKV(pool, a.cfg.kv_lora_rank, a.cfg.qk_rope_head_dim,
-                                                 dtype, device, fp8=latent_fp8) for a in dense]
-        return PagedKVCache(paged, pool, batch, capacity, device)
+        return build_cache([blk.self_attn.cache_spec() for blk in self.blocks], batch, capacity,
+                           dtype or self.dtype, device or self.device,
+                           latent_format="fp8" if latent_fp8 else "model", page_size=page_size,
+                           num_pages=num_pages, name=self.config.name)
 
     def forward(
         self, input_ids: torch.Tensor, cache: KVCache | None = None,
