@@ -3,7 +3,7 @@ pre-norm attention, pre-norm FFN or MoE, residuals, final norm, untied LM head).
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Literal, cast, overload
 
 import torch
 from torch import nn
@@ -42,6 +42,8 @@ class Transformer(nn.Module):
 
     With a cache, the T tokens of each row are appended after the row's cached tokens;
     ``lengths`` (B,) marks how many of them are real in a right-padded ragged batch.
+    ``return_indexer_loss=True`` returns ``(logits, indexer_loss)``: the DSA layers' indexer KL
+    summed over layers, None when no layer trains its indexer (``train.dsa.set_dsa_stage``).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -55,6 +57,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope, cfg.max_seq_len)
         self.apply(self._init_weights)
+        # The indexer loss of the last forward, for train.dsa.indexer_loss(model): code that
+        # reads it after model(ids). Training takes the returned one instead.
+        self.last_indexer_loss: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> Transformer:
@@ -110,10 +115,20 @@ class Transformer(nn.Module):
                            latent_format="fp8" if latent_fp8 else "model", page_size=page_size,
                            num_pages=num_pages, name=self.config.name)
 
+    @overload
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                lengths: torch.Tensor | None = None, *,
+                return_indexer_loss: Literal[False] = False) -> torch.Tensor: ...
+
+    @overload
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                lengths: torch.Tensor | None = None, *, return_indexer_loss: Literal[True]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
     def forward(
         self, input_ids: torch.Tensor, cache: KVCache | None = None,
-        lengths: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        lengths: torch.Tensor | None = None, *, return_indexer_loss: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         b, t = input_ids.shape
         if cache is None:
             if t > self.config.max_seq_len:
@@ -125,13 +140,22 @@ class Transformer(nn.Module):
             step = cache.step(t, lengths)
         rope = self.rotary(step.positions)
         h = self.embed_tokens(input_ids)
+        losses = []
         for i, blk in enumerate(self.blocks):
-            h = h + blk.self_attn(blk.input_layernorm(h), rope, step,
-                                  None if cache is None else cache[i])
+            x, layer_cache = blk.input_layernorm(h), None if cache is None else cache[i]
+            if isinstance(blk.self_attn, SparseLatentAttention):
+                out, loss = blk.self_attn(x, rope, step, layer_cache, with_loss=True)
+                if loss is not None:
+                    losses.append(loss)
+            else:
+                out = blk.self_attn(x, rope, step, layer_cache)
+            h = h + out
             h = h + blk.mlp(blk.post_attention_layernorm(h))
         if cache is not None:
             cache.advance(t, lengths)
-        return self.lm_head(self.norm(h))
+        logits = self.lm_head(self.norm(h))
+        self.last_indexer_loss = torch.stack(losses).sum() if losses else None
+        return (logits, self.last_indexer_loss) if return_indexer_loss else logits
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
