@@ -168,7 +168,8 @@ class LatentKV(metaclass=CacheKind):
 
 
 class FP8LatentKV(metaclass=CacheKind):
-    """MLA's latent as FlashMLA's fp8 records in rows (:class:`~latentattn.cache.store.Record`)."""
+    """MLA's latent as FlashMLA's fp8 records in rows (:class:`~latentattn.cache.store.Record`);
+    a DSA cache with such a latent is one too (isinstance asks what the latent is)."""
 
     @staticmethod
     def build(batch: int, capacity: int, kv_lora_rank: int, rope_dim: int,
