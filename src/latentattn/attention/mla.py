@@ -3,7 +3,8 @@
 Parameter names are DeepSeek's/Hugging Face's. Shapes: x (B, T, dim); H heads; d_c latent;
 d_n/d_r the nope/rope parts of a query/key head; d_v value head.
 
-Two inference forms, equal in exact arithmetic (facts file section 3):
+Two inference forms, equal in exact arithmetic (DeepSeek-V2, arXiv 2405.04434, s2.1.2: W_UK
+absorbed into the query, W_UV into the output):
 * naive ("MHA mode"): k_nope, v = W_UK c, W_UV c per head; attention over H heads of
   d_qk-dim keys. Compute-friendly: prefill and training.
 * absorb ("MQA mode"): q_lat[h] = W_UK[h]^T q_nope[h]; one shared (d_c + d_r)-dim key

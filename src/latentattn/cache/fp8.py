@@ -44,8 +44,8 @@ def bytes_per_vector(dim: int) -> int:
 
 
 # ---------------------------------------------------------------------------- FlashMLA's record
-# One token of MLA's latent cache as FlashMLA stores it in fp8 (FlashMLA tests/quant.py, facts
-# s4): [R e4m3 bytes | R / 128 fp32 scales | Dr bf16 rope values], 512 + 16 + 128 = 656 bytes
+# One token of MLA's latent cache as FlashMLA stores it in fp8 (FlashMLA tests/quant.py):
+# [R e4m3 bytes | R / 128 fp32 scales | Dr bf16 rope values], 512 + 16 + 128 = 656 bytes
 # at DeepSeek's 512 + 64, one uint8 row, so a page of them is one contiguous block of bytes.
 def check_record_rank(rank: int) -> None:
     """The ranks a record holds: whole 128-value blocks (or one block under 128), and a latent
