@@ -16,7 +16,8 @@ import torch
 
 from conftest import assert_within_rounding
 from latentattn.attention.v4 import V4Attention
-from latentattn.cache.kv import KVCache, fresh_step
+from latentattn.cache.build import build_cache
+from latentattn.cache.step import fresh_step
 from latentattn.config import CSA, HCA, SLIDING, ModelConfig, RopeConfig, V4AttentionConfig, YarnConfig
 
 transformers = pytest.importorskip("transformers")
@@ -88,7 +89,7 @@ def test_layer_matches_transformers(shape: str, layer: int) -> None:
 
 
 def run_chunks(attn: V4Attention, x: torch.Tensor, chunks: list[int]) -> torch.Tensor:
-    cache = KVCache([attn.make_cache(x.shape[0], 64, x.dtype)], x.shape[0], 64)
+    cache = build_cache([attn.cache_spec()], x.shape[0], 64, x.dtype)
     outs, s = [], 0
     for c in chunks:
         outs.append(attn(x[:, s:s + c], None, cache.step(c), cache[0]))
@@ -120,7 +121,7 @@ def test_ragged_rows_match_their_own_runs(layer: int) -> None:
     x = torch.randn(2, 29, cfg.dim)
     with torch.no_grad():
         full = attn(x, None, fresh_step(2, 29, x.device), None)
-        cache = KVCache([attn.make_cache(2, 64, x.dtype)], 2, 64)
+        cache = build_cache([attn.cache_spec()], 2, 64, x.dtype)
         first = torch.tensor([20, 29])
         y1 = attn(x, None, cache.step(29, first), cache[0])
         cache.advance(29, first)
@@ -144,7 +145,7 @@ def test_an_entry_appears_exactly_when_its_window_completes(layer: int) -> None:
     x = torch.randn(1, 3 * m, cfg.dim)
     with torch.no_grad():
         want = attn.compressor(x, fresh_step(1, 3 * m, x.device), None)  # (1, 3, D)
-        cache = KVCache([attn.make_cache(1, 64, x.dtype)], 1, 64)
+        cache = build_cache([attn.cache_spec()], 1, 64, x.dtype)
         state = cache[0].compressor  # type: ignore[attr-defined]
         for t in range(3 * m):
             attn(x[:, t:t + 1], None, cache.step(1), cache[0])
@@ -163,7 +164,7 @@ def test_cache_nbytes_is_the_formula(layer: int) -> None:
     assert isinstance(a, V4AttentionConfig)
     attn = V4Attention(cfg, layer)
     batch, cap, size = 3, 50, 2  # bf16
-    layer_cache = attn.make_cache(batch, cap, torch.bfloat16)
+    layer_cache = build_cache([attn.cache_spec()], batch, cap, torch.bfloat16)[0]
     want = a.sliding_window * a.head_dim  # the window ring
     if layer == 1:  # CSA: entries + 2m pending tokens of kv and gate (2 series), and the indexer's
         m = a.csa_rate

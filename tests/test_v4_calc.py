@@ -278,5 +278,6 @@ def test_bad_v4_model_names_the_field(capsys: pytest.CaptureFixture[str]) -> Non
     for f in (cache_bytes_per_token_per_layer, kv_table):
         with pytest.raises(ConfigError, match=r"not a per-token constant.*calc\.v4_kv"):
             f(cfg)
+    # --index-topk sets V4's CSA k; the fp8 indexer-key format is DSA's alone.
     assert "applies only to DSA models" in cli_error(
-        capsys, ["kv-cache", "--model", "deepseek-v4-flash", "--index-topk", "8"])
+        capsys, ["kv-cache", "--model", "deepseek-v4-flash", "--indexer-keys", "fp8"])

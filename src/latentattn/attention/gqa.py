@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from latentattn.cache.kv import DenseKV, LayerCache, Step
+from latentattn.cache.build import DenseSpec
+from latentattn.cache.layer import LayerCache
+from latentattn.cache.step import Step
 from latentattn.config import GQAConfig, ModelConfig
 from latentattn.kernels import attention
 from latentattn.rope import apply_rope
@@ -26,10 +28,10 @@ class GroupedQueryAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.o_proj = nn.Linear(a.n_heads * a.head_dim, cfg.dim, bias=a.o_bias)
 
-    def make_cache(self, batch: int, capacity: int, dtype: torch.dtype,
-                   device: torch.device | str | None) -> LayerCache:
+    def cache_spec(self) -> DenseSpec:
+        """What a token leaves in the cache: its n_kv_heads keys and values."""
         a = self.cfg
-        return DenseKV(batch, capacity, a.n_kv_heads, a.head_dim, a.head_dim, dtype, device)
+        return DenseSpec(a.n_kv_heads, a.head_dim, a.head_dim)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step,
@@ -42,9 +44,10 @@ class GroupedQueryAttention(nn.Module):
         k = apply_rope(self.k_proj(x).view(b, t, a.n_kv_heads, a.head_dim), *rope, self.interleaved)
         v = self.v_proj(x).view(b, t, a.n_kv_heads, a.head_dim)
         if cache is not None:
-            cache.write(step, k, v)
-            if not step.causal:
-                k, v = cache.read(step, k.dtype)  # (B, S, Hkv, D), whatever the cache's dtype
+            cache.keys.write(step, k)
+            cache.values.write(step, v)
+            if not step.causal:  # (B, S, Hkv, D) in the compute dtype, whatever the cache's
+                k, v = cache.keys.read(step, k.dtype), cache.values.read(step, v.dtype)
         o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale,
                       mask=step.mask, causal=step.causal)  # (B, H, T, D)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim))

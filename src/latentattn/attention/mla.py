@@ -3,7 +3,8 @@
 Parameter names are DeepSeek's/Hugging Face's. Shapes: x (B, T, dim); H heads; d_c latent;
 d_n/d_r the nope/rope parts of a query/key head; d_v value head.
 
-Two inference forms, equal in exact arithmetic (facts file section 3):
+Two inference forms, equal in exact arithmetic (DeepSeek-V2, arXiv 2405.04434, s2.1.2: W_UK
+absorbed into the query, W_UV into the output):
 * naive ("MHA mode"): k_nope, v = W_UK c, W_UV c per head; attention over H heads of
   d_qk-dim keys. Compute-friendly: prefill and training.
 * absorb ("MQA mode"): q_lat[h] = W_UK[h]^T q_nope[h]; one shared (d_c + d_r)-dim key
@@ -17,8 +18,10 @@ import torch
 from torch import nn
 
 from latentattn.attention.norm import RMSNorm
-from latentattn.cache.kv import DenseKV, FP8LatentKV, LatentKV, LayerCache, Step
-from latentattn.cache.paged import PagedLatentKV
+from latentattn.cache.build import CacheSpec, DenseSpec, LatentSpec
+from latentattn.cache.layer import LayerCache
+from latentattn.cache.step import Step
+from latentattn.cache.store import Store
 from latentattn.config import MLAConfig, ModelConfig
 from latentattn.kernels import attention
 from latentattn.kernels.backend import runs_triton
@@ -139,12 +142,13 @@ class MultiHeadLatentAttention(nn.Module):
         return o.transpose(1, 2).reshape(b, t, h * v.shape[-1])
 
     # ----------------------------------------------------------------- forward
-    def make_cache(self, batch: int, capacity: int, dtype: torch.dtype,
-                   device: torch.device | str | None) -> LayerCache:
+    def cache_spec(self) -> CacheSpec:
+        """What a token leaves in the cache: the decompressed per-head K/V for the naive form,
+        the latent [c | k_rope] otherwise."""
         a = self.cfg
         if a.impl == "naive":
-            return DenseKV(batch, capacity, a.n_heads, a.qk_head_dim, a.v_head_dim, dtype, device)
-        return LatentKV(batch, capacity, a.kv_lora_rank, a.qk_rope_head_dim, dtype, device)
+            return DenseSpec(a.n_heads, a.qk_head_dim, a.v_head_dim)
+        return LatentSpec(a.kv_lora_rank, a.qk_rope_head_dim)
 
     def use_absorbed(self, seq_len: int) -> bool:
         """auto: naive for prefill/training (T > 1), absorbed for decode (T == 1)."""
@@ -160,43 +164,37 @@ class MultiHeadLatentAttention(nn.Module):
         q, _ = self.rotated_query(x, rope)
         c, k_rope = self.project_latent(x, rope)
 
-        if isinstance(cache, DenseKV):  # naive form with a decompressed cache
+        if cache is not None and not cache.holds("latent"):  # naive form, decompressed K/V cached
             k, v = self.decompress(c, k_rope)
-            cache.write(step, k, v)
-            if not step.causal:
-                k, v = cache.read(step, k.dtype)  # the compute dtype, whatever the cache's
+            cache.keys.write(step, k)
+            cache.values.write(step, v)
+            if not step.causal:  # the compute dtype, whatever the cache's
+                k, v = cache.keys.read(step, k.dtype), cache.values.read(step, v.dtype)
             return self.o_proj(self._attend_heads(q, k, v, step))
 
         latent = torch.cat((c, k_rope), dim=-1)  # (B, T, d_c + d_r)
         if cache is not None:
-            cache.write(step, latent)
+            cache.latent.write(step, latent)
             # Decode through the kernel before any read: it reads the cache in place, and a read
             # would copy (or dequantise) the whole cache for nothing.
             if x.shape[1] == 1 and step.valid is None and self.use_absorbed(1):
-                o_lat = self._decode_kernel(q, cache, step)
+                o_lat = self._decode_kernel(q, cache.latent, step)
                 if o_lat is not None:
                     return self.o_proj(self.unabsorb(o_lat.unsqueeze(2)))
             if not step.causal:
-                (latent,) = cache.read(step, latent.dtype)
+                latent = cache.latent.read(step, latent.dtype)
         if self.use_absorbed(x.shape[1]):
             return self.o_proj(self.absorbed(q, latent, step))
         c_all, k_rope_all = latent.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         return self.o_proj(self.naive(q, c_all, k_rope_all, step))
 
-    def _decode_kernel(self, q: torch.Tensor, cache: LayerCache, step: Step
-                       ) -> torch.Tensor | None:
-        """One decode step through the Triton kernel, straight from the cache (no read copy):
-        the latent-space output (B, H, R), or None when the backend is torch or the cache is not
-        one the kernel reads (a latent cache in q's dtype, or fp8 records; contiguous or paged)."""
-        if isinstance(cache, FP8LatentKV):
-            buf, table, fp8 = cache.records, None, True
-        elif isinstance(cache, PagedLatentKV):
-            buf, table, fp8 = cache.pages, cache.pool.table, cache.fp8
-        elif type(cache) is LatentKV:
-            buf, table, fp8 = cache.kv, None, False
-        else:
-            return None
-        if (not fp8 and buf.dtype != q.dtype) or not runs_triton(q):
+    def _decode_kernel(self, q: torch.Tensor, latent: Store, step: Step) -> torch.Tensor | None:
+        """One decode step through the Triton kernel, straight from the latent store (no read
+        copy): the latent-space output (B, H, R), or None when the backend is torch or the store
+        is not one the kernel reads (rows in q's dtype, or fp8 records; contiguous or paged)."""
+        buf, fp8, table = latent.buffers[0], latent.fp8, latent.block_table
+        one_row = len(latent.buffers) == 1  # latent rows or fp8 records, one tensor either way
+        if not one_row or (not fp8 and buf.dtype != q.dtype) or not runs_triton(q):
             return None
         lengths = (step.positions[:, 0] + 1).to(torch.int32)
         qa = self.absorb_query(q)[:, :, 0]

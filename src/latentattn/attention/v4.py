@@ -28,8 +28,9 @@ from torch import nn
 
 from latentattn.attention.norm import Float32RMSNorm
 from latentattn.attention.v4_compressor import Compressor, Indexer, rope_tables, rotate_tail
-from latentattn.cache.kv import LayerCache, Step
-from latentattn.cache.v4 import CompressorState, Ring, V4LayerKV, row_starts
+from latentattn.cache.layer import LayerCache
+from latentattn.cache.step import Step
+from latentattn.cache.v4 import CompressorSpec, V4LayerKV, V4Spec, row_starts
 from latentattn.config import CSA, HCA, SLIDING, ModelConfig, V4AttentionConfig
 from latentattn.errors import ConfigError
 from latentattn.kernels.sparse import gather_rows
@@ -91,16 +92,12 @@ class V4Attention(KeepFloat32):
         idx = getattr(self.compressor, "indexer", None)
         return idx if isinstance(idx, Indexer) else None
 
-    def make_cache(self, batch: int, capacity: int, dtype: torch.dtype,
-                   device: torch.device | str | None = None) -> LayerCache:
-        a = self.cfg
-        window = Ring(batch, a.sliding_window, a.head_dim, dtype, device)
-        states = []
-        for comp in (self.compressor, self.indexer):
-            if comp is not None:
-                states.append(CompressorState(batch, capacity, comp.rate, comp.width,
-                                              comp.kv_proj.out_features, comp.span, dtype, device))
-        return V4LayerKV(window, *states)
+    def cache_spec(self) -> V4Spec:
+        """What this layer caches (``latentattn.cache.build.build_cache`` builds it): the window,
+        and its compressor's (and indexer's) entries and pending tokens."""
+        parts = [None if c is None else CompressorSpec(c.rate, c.width, c.kv_proj.out_features, c.span)
+                 for c in (self.compressor, self.indexer)]
+        return V4Spec(self.cfg.sliding_window, self.cfg.head_dim, *parts)
 
     # ----------------------------------------------------------------- projections
     def project(self, x: torch.Tensor, positions: torch.Tensor
@@ -166,7 +163,7 @@ class V4Attention(KeepFloat32):
             ring_ok = torch.zeros(b, a.sliding_window, dtype=torch.bool, device=x.device)
         else:
             ring, ring_ok = cache.window.ordered(start)
-            cache.window.write(kv.detach(), step)
+            cache.window.write(step, kv.detach())
         keys = torch.cat((ring.to(kv.dtype), kv), dim=1)
         ok = torch.cat((ring_ok, torch.ones(b, t, dtype=torch.bool, device=x.device)), dim=1)
         entries = visible = selected = None

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from latentattn.attention.norm import Float32RMSNorm
-from latentattn.cache.kv import Step
+from latentattn.cache.step import Step
 from latentattn.cache.v4 import CompressorState, row_starts
 from latentattn.config import RopeConfig
 from latentattn.kernels.v4 import entry_visibility, linear, select_entries
@@ -86,8 +86,8 @@ class Compressor(KeepFloat32):
         if candidates:
             e = first[:, None] + torch.arange(candidates, device=x.device)
             state.store_entries(entries.detach(), e, e < done[:, None])
-        state.kv.write(kv.detach(), step)
-        state.gate.write(gate.detach(), step)
+        state.kv.write(step, kv.detach())
+        state.gate.write(step, gate.detach())
         return state.entries[:, : step.kv_len // self.rate].to(x.dtype)
 
     def _complete(self, kv: torch.Tensor, gate: torch.Tensor, state: CompressorState | None,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from latentattn.attention import GroupedQueryAttention, MultiHeadLatentAttention
-from latentattn.cache.kv import DenseKV, KVCache, LatentKV
+from latentattn.cache.build import build_cache
 from latentattn.config import GQAConfig, MLAConfig, ModelConfig, RopeConfig, YarnConfig
 from latentattn.errors import LatentAttnError
 from latentattn.rope import RotaryEmbedding
@@ -287,26 +287,23 @@ def _bench_ours(variant: str, layer: torch.nn.Module, rotary: RotaryEmbedding, x
                 ) -> tuple[Result, torch.Tensor]:
     b = x.shape[0]
     assert isinstance(layer, (GroupedQueryAttention, MultiHeadLatentAttention))
-    lc = layer.make_cache(b, ctx + 1, dtype, None)
-    if isinstance(lc, LatentKV):
-        lc.kv[:, :ctx] = latent
+    cache = build_cache([layer.cache_spec()], b, ctx + 1, dtype)
+    lc = cache[0]
+    if lc.holds("latent"):
+        lc.latent.buffers[0][:, :ctx] = latent
     elif isinstance(layer, MultiHeadLatentAttention):
-        assert isinstance(lc, DenseKV)
         a = layer.cfg
+        keys, values = lc.keys.buffers[0], lc.values.buffers[0]
         for s in range(0, ctx, FILL_CHUNK):  # decompress the same latents, chunk by chunk
             e = min(s + FILL_CHUNK, ctx)
             c, k_rope = latent[:, s:e].split([a.kv_lora_rank, a.qk_rope_head_dim], -1)
-            k, v = layer.decompress(c, k_rope)
-            lc.k[:, s:e] = k
-            lc.v[:, s:e] = v
+            keys[:, s:e], values[:, s:e] = layer.decompress(c, k_rope)
     else:
-        assert isinstance(lc, DenseKV)
         g = torch.Generator().manual_seed(ctx + b)
-        for buf in (lc.k, lc.v):  # unit-variance keys/values: timing does not depend on values
+        for buf in lc.buffers:  # unit-variance keys/values: timing does not depend on values
             for s in range(0, ctx, FILL_CHUNK):
                 chunk = buf[:, s : min(s + FILL_CHUNK, ctx)]
                 chunk.copy_(torch.randn(chunk.shape, generator=g))
-    cache = KVCache([lc], b, ctx + 1)
     cache.lengths.fill_(ctx)
     step = cache.step(1)  # the same plan every repeat: lengths never move (rolled back below)
     rope = rotary(step.positions)

@@ -27,7 +27,9 @@ from typing import Any
 import torch
 
 from latentattn.attention.dsa import SparseLatentAttention
-from latentattn.cache.kv import IndexedLatentKV, KVCache, fresh_step
+from latentattn.cache.build import LatentSpec, build_cache
+from latentattn.cache.kv import KVCache
+from latentattn.cache.step import fresh_step
 from latentattn.config import IndexerConfig, MLAConfig, ModelConfig, RopeConfig, YarnConfig
 from latentattn.kernels.sparse import select_topk, sparse_mqa
 from latentattn.model.transformer import Transformer
@@ -151,12 +153,12 @@ def _filled_cache(dims: DSADims, context: int, dtype: torch.dtype) -> KVCache:
     """A cache holding ``context`` tokens of plausible content: unit-RMS latents (they are
     RMSNorm'd), unit rope keys, LayerNorm'd indexer keys. Filled directly: no prefill."""
     g = torch.Generator().manual_seed(1)
-    layer = IndexedLatentKV(1, context + 1, dims.kv_lora_rank, dims.qk_rope_head_dim,
-                            dims.index_head_dim, dtype)
-    layer.kv[0, :context] = torch.randn(context, dims.kv_lora_rank + dims.qk_rope_head_dim, generator=g)
-    keys = torch.randn(context, dims.index_head_dim, generator=g)
-    layer.index_k[0, :context] = torch.nn.functional.layer_norm(keys, (dims.index_head_dim,))
-    cache = KVCache([layer], 1, context + 1)
+    spec = LatentSpec(dims.kv_lora_rank, dims.qk_rope_head_dim, dims.index_head_dim)
+    cache = build_cache([spec], 1, context + 1, dtype)
+    latent, keys = cache[0].latent.buffers[0], cache[0].index_keys.buffers[0]
+    latent[0, :context] = torch.randn(context, dims.kv_lora_rank + dims.qk_rope_head_dim, generator=g)
+    k = torch.randn(context, dims.index_head_dim, generator=g)
+    keys[0, :context] = torch.nn.functional.layer_norm(k, (dims.index_head_dim,))
     cache.lengths.fill_(context)
     return cache
 
@@ -174,8 +176,7 @@ def _decode_points(dims: DSADims, ctx: int, topks: Sequence[int], repeats: int,
     assert c_q is not None
     q_i, w = layer.indexer.queries(x, c_q, rope)
     cached = cache[0]
-    assert isinstance(cached, IndexedLatentKV)
-    latent, k_i = cached.kv[:, :ctx], cached.index_k[:, :ctx].float()
+    latent, k_i = cached.latent.buffers[0][:, :ctx], cached.index_keys.buffers[0][:, :ctx].float()
     positions = torch.full((1, 1), ctx - 1)  # attend to the ctx cached tokens
     dense_step = dataclasses.replace(step, kv_len=ctx, mask=torch.ones(1, 1, 1, ctx, dtype=torch.bool))
 

@@ -1,5 +1,5 @@
 """``latentattn bench fp8-cache``: what MLA's fp8 latent cache (FlashMLA's 656-byte record,
-cache.kv.FP8LatentKV) costs in accuracy against a bf16 latent cache, on a model's own text.
+cache.store.Record) costs in accuracy against a bf16 latent cache, on a model's own text.
 
 Two measurements over the same tokens of a text:
 * teacher-forced: the first ``prompt`` tokens are prefilled, then the next ``tokens`` are fed one

@@ -25,7 +25,7 @@ from latentattn.config import IndexerConfig, MLAConfig, ModelConfig, RopeConfig
 from latentattn.data import byte_tokens, random_batch, train_val_split
 from latentattn.model.transformer import Transformer
 from latentattn.timing import machine_info
-from latentattn.train.dsa import indexer_loss, selection_recall, set_dsa_stage
+from latentattn.train.dsa import required, selection_recall, set_dsa_stage
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,8 @@ def run_indexer_bench(
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=s.warmup_lr)
     for i in range(s.warmup_steps):
-        model(random_batch(train, s.batch, s.seq_len, gen)[:, :-1])
-        loss = indexer_loss(model)
+        _, kl = model(random_batch(train, s.batch, s.seq_len, gen)[:, :-1], return_indexer_loss=True)
+        loss = required(kl)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -10,13 +10,13 @@ fp8 records (656 bytes a token at DeepSeek's dims), and on 64-token pages. Spars
 same context.
 
 The PyTorch path is what the model runs at decode without the kernels
-(:mod:`latentattn.bench.kernel_paths`): the cache read as the model reads it
-(``LatentKV.read``: a view of the bf16 rows;
-``FP8LatentKV.read``: FlashMLA's records dequantised), then for dense decode the model's own
-:func:`latent_attention` under the Step its decode passes (``KVCache.step(1)``, with its
-(B, 1, 1, S) mask: SDPA then folds the heads into the query axis and reads the one latent key
-for all of them, rather than its GQA path at head dim R + Dr), and for sparse decode
-``kernels.sparse.sparse_mqa`` over the selected rows, as ``SparseLatentAttention`` calls it.
+(:mod:`latentattn.bench.kernel_paths`): the cache read as the model reads it (the latent
+store's ``read``: a view of the bf16 rows, or FlashMLA's records dequantised), then for dense
+decode the model's own :func:`latent_attention` under the Step its decode passes
+(``KVCache.step(1)``, with its (B, 1, 1, S) mask: SDPA then folds the heads into the query
+axis and reads the one latent key for all of them, rather than its GQA path at head dim
+R + Dr), and for sparse decode ``kernels.sparse.sparse_mqa`` over the selected rows, as
+``SparseLatentAttention`` calls it.
 
 A point that fails (out of memory, most often the PyTorch path at long context and big batch,
 or any other RuntimeError) stays in the report, with no time and its reason in ``error``; the
@@ -49,7 +49,8 @@ from latentattn.cache.fp8 import (
     pack_record,
     record_bytes,
 )
-from latentattn.cache.kv import FP8LatentKV, LatentKV
+from latentattn.cache.layer import latent_cache
+from latentattn.cache.store import Rows
 from latentattn.errors import LatentAttnError
 from latentattn.timing import machine_info
 
@@ -242,13 +243,13 @@ def _runs(b: int, s: int, k: int, h: int, r: int, dr: int, dtype: torch.dtype,
     g = torch.Generator(device=device).manual_seed(s * 1000 + b)
     q = torch.randn(b, h, 1, width, generator=g, device=device, dtype=dtype)
     # The caches as the model holds them: the latent rows, and the same rows as FlashMLA's
-    # records (what FP8LatentKV.write stores).
-    cache = LatentKV(b, s, r, dr, dtype, device)
-    cache.kv.normal_(generator=g)
-    kv = cache.kv
-    fp8 = FP8LatentKV(b, s, r, dr, device)
-    fp8.records.copy_(pack_record(kv, r))
-    records = fp8.records
+    # records (what the fp8 latent store's write stores).
+    cache = latent_cache(r, dr, Rows(b, s), dtype, device)
+    kv = cache.latent.buffers[0]
+    kv.normal_(generator=g)
+    fp8 = latent_cache(r, dr, Rows(b, s), dtype, device, latent_format="fp8")
+    records = fp8.latent.buffers[0]
+    records.copy_(pack_record(kv, r))
     step = decode_step(b, s, device)
     idx = torch.stack([torch.randperm(s, generator=g, device=device)[:k] for _ in range(b)])[:, None]
     runs: dict[tuple[str, str], Run] = {

@@ -38,8 +38,10 @@ from latentattn.bench.v4_cost import (
     v4_weights,
 )
 from latentattn.bench.v4_report import Point, V4Report
-from latentattn.cache.kv import IndexedLatentKV, KVCache, Step
-from latentattn.cache.v4 import V4LayerKV
+from latentattn.cache.build import LatentSpec, build_cache
+from latentattn.cache.layer import LatentCache
+from latentattn.cache.step import Step
+from latentattn.cache.v4 import V4LayerKV, v4_layer_cache
 from latentattn.config import CSA, HCA, SLIDING, ModelConfig, V4AttentionConfig
 from latentattn.kernels.sparse import select_topk, sparse_mqa
 from latentattn.model.transformer import Transformer
@@ -151,7 +153,7 @@ def v4_decode(quick: bool, kind: str, context: int, dtype_name: str, repeats: in
     """In a child: one V4 layer's decode step at ``context`` (whole call, and ``attend`` alone)."""
     s, dtype = setup(quick), getattr(torch, dtype_name)
     layer = _v4_layer(s.v4, kind, dtype)
-    cache = layer.make_cache(1, context + 1, dtype)
+    cache = v4_layer_cache(layer.cache_spec(), 1, context + 1, dtype)
     assert isinstance(cache, V4LayerKV)
     _fill_v4(cache, context)
     step = Step(positions=torch.full((1, 1), context), valid=None, kv_len=context + 1, mask=None)
@@ -179,11 +181,13 @@ def v32_decode(quick: bool, kind: str, context: int, dtype_name: str, repeats: i
     s, dtype = setup(quick), getattr(torch, dtype_name)
     d = s.v32
     layer = dsa._layer(d, s.topk, context + 1, dtype)
-    cached = IndexedLatentKV(1, context + 1, d.kv_lora_rank, d.qk_rope_head_dim, d.index_head_dim, dtype)
+    spec = LatentSpec(d.kv_lora_rank, d.qk_rope_head_dim, d.index_head_dim)
+    cache = build_cache([spec], 1, context + 1, dtype)
+    cached = cache[0]
+    assert isinstance(cached, LatentCache)
     g = torch.Generator().manual_seed(1)
     cached.kv[0, :context].normal_(generator=g)
     cached.index_k[0, :context].normal_(generator=g)
-    cache = KVCache([cached], 1, context + 1)
     cache.lengths.fill_(context)
     step, rope = cache.step(1), _rope_at(d, context)
     x = torch.randn(1, 1, d.dim).to(dtype)
@@ -214,7 +218,7 @@ def v4_prefill(quick: bool, kind: str, tokens: int, chunk: int, dtype_name: str)
     hidden states, generated outside the timer); one timed pass."""
     s, dtype = setup(quick), getattr(torch, dtype_name)
     layer = _v4_layer(s.v4, kind, dtype)
-    cache = layer.make_cache(1, tokens, dtype)
+    cache = v4_layer_cache(layer.cache_spec(), 1, tokens, dtype)
     g = torch.Generator().manual_seed(2)
     chunk_ms = []
     for s0 in range(0, tokens, chunk):

@@ -44,8 +44,8 @@ def bytes_per_vector(dim: int) -> int:
 
 
 # ---------------------------------------------------------------------------- FlashMLA's record
-# One token of MLA's latent cache as FlashMLA stores it in fp8 (FlashMLA tests/quant.py, facts
-# s4): [R e4m3 bytes | R / 128 fp32 scales | Dr bf16 rope values], 512 + 16 + 128 = 656 bytes
+# One token of MLA's latent cache as FlashMLA stores it in fp8 (FlashMLA tests/quant.py):
+# [R e4m3 bytes | R / 128 fp32 scales | Dr bf16 rope values], 512 + 16 + 128 = 656 bytes
 # at DeepSeek's 512 + 64, one uint8 row, so a page of them is one contiguous block of bytes.
 def check_record_rank(rank: int) -> None:
     """The ranks a record holds: whole 128-value blocks (or one block under 128), and a latent
@@ -79,12 +79,3 @@ def record_parts(records: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     nb = rank // block_size(rank)
     return (records[..., :rank], records[..., rank: rank + 4 * nb].contiguous().view(torch.float32),
             records[..., rank + 4 * nb:].contiguous().view(torch.bfloat16))
-
-
-def latent_row(rank: int, rope_dim: int, dtype: torch.dtype, fp8: bool) -> tuple[int, torch.dtype]:
-    """(width, dtype) of one token's latent row in a cache: [c | k_rope] in ``dtype``, or with
-    ``fp8`` a record of :func:`record_bytes` uint8 (its rank checked)."""
-    if not fp8:
-        return rank + rope_dim, dtype
-    check_record_rank(rank)
-    return record_bytes(rank, rope_dim), torch.uint8

@@ -1,5 +1,5 @@
-"""A paged latent cache: MLA's latent rows in fixed-size pages taken from a pool, one block
-table per batch (vLLM's PagedAttention layout, FlashMLA's 64-token pages).
+"""Pages: a layout for a store whose rows take fixed-size pages from a pool, one block table per
+batch (vLLM's PagedAttention layout, FlashMLA's 64-token pages).
 
 Token n of row b lives at slot n % page_size of page table[b, n // page_size]. Pages are taken
 from the pool as a row grows (:meth:`PagedKVCache.step`) and given back when a row is released
@@ -7,16 +7,17 @@ from the pool as a row grows (:meth:`PagedKVCache.step`) and given back when a r
 reserving the longest row's room. Every layer has its own page tensor; the block table is one
 for all of them (a page index means the same token range in every layer). ``nbytes`` is what
 torch holds: the whole pool (``used_bytes``: the pages in use). The PyTorch path reads a row's
-tokens back through the table (:meth:`PagedLatentKV.views`); the Triton decode kernel reads the
-pages in place (:func:`latentattn.kernels.mla_decode.mla_decode_triton` with ``block_table``).
+tokens back through the table (:meth:`Pages.take`); the Triton decode kernel reads the pages in
+place (:func:`latentattn.kernels.mla_decode.mla_decode_triton` with ``block_table``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from latentattn.cache.fp8 import latent_row, pack_record, unpack_record
 from latentattn.cache.kv import KVCache, LayerCache, Step
+from latentattn.cache.layer import CacheKind, LatentCache, latent_cache
+from latentattn.cache.store import Part, step_rows
 from latentattn.errors import CacheOverflowError, ConfigError
 
 PAGE_SIZE = 64
@@ -58,55 +59,56 @@ class PagePool:
         return self.num_pages - len(self.free)
 
 
-class PagedLatentKV(LayerCache):
-    """One layer's latent rows [c | k_rope] in pages (num_pages, page_size, d_c + d_r); with
-    ``fp8``, FlashMLA's fp8 record per token instead (pages of uint8 rows,
-    :func:`latentattn.cache.fp8.pack_record`: 656 bytes at DeepSeek's dims), FlashMLA's own
-    paged fp8 layout."""
+class Pages:
+    """The paged layout of a :class:`~latentattn.cache.store.TokenStore`: buffers
+    (num_pages, page_size, ...) read and written through the pool's block table."""
 
-    def __init__(self, pool: PagePool, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None, fp8: bool = False) -> None:
+    def __init__(self, pool: PagePool) -> None:
         self.pool = pool
-        self.kv_lora_rank = kv_lora_rank
-        self.fp8 = fp8
-        width, pages_dtype = latent_row(kv_lora_rank, rope_dim, dtype, fp8)
-        self.pages = torch.zeros(pool.num_pages, pool.page_size, width, dtype=pages_dtype,
-                                 device=device)
-        self.buffers = (self.pages,)
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        return self.pool.table
+
+    def allocate(self, part: Part, device: torch.device | str | None) -> torch.Tensor:
+        shape, dtype = part
+        return torch.zeros(self.pool.num_pages, self.pool.page_size, *shape, dtype=dtype, device=device)
 
     def _slots(self, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.pool.page_size
         return self.pool.table[rows, positions // p].long(), positions % p
 
-    def write(self, step: Step, *values: torch.Tensor) -> None:
-        (latent,) = values
-        rows = torch.arange(step.positions.shape[0], device=step.positions.device)[:, None]
-        rows = rows.expand_as(step.positions)
-        pos, val = step.positions, latent
-        if step.valid is not None:
-            rows, pos, val = rows[step.valid], pos[step.valid], latent[step.valid]
-        page, slot = self._slots(rows, pos)
-        self.pages[page, slot] = (pack_record(val, self.kv_lora_rank) if self.fp8
-                                  else val.to(self.pages.dtype))
+    def put(self, buf: torch.Tensor, step: Step, values: torch.Tensor) -> None:
+        page, slot = self._slots(*step_rows(step))
+        buf[page, slot] = values if step.valid is None else values[step.valid]
 
-    def views(self, step: Step) -> tuple[torch.Tensor, ...]:
-        """Each row's first kv_len tokens gathered through the table, (B, kv_len, width) as
+    def take(self, buf: torch.Tensor, step: Step) -> torch.Tensor:
+        """Each row's first kv_len tokens gathered through the table, (B, kv_len, ...) as
         stored; positions past a row's pages read page 0 (the attention mask hides them)."""
         b = self.pool.table.shape[0]
-        j = torch.arange(step.kv_len, device=self.pages.device)
-        rows = torch.arange(b, device=self.pages.device)[:, None].expand(b, step.kv_len)
+        j = torch.arange(step.kv_len, device=buf.device)
+        rows = torch.arange(b, device=buf.device)[:, None].expand(b, step.kv_len)
         page, slot = self._slots(rows, j[None, :].expand(b, step.kv_len))
-        return (self.pages[page.clamp(min=0), slot],)
+        return buf[page.clamp(min=0), slot]
 
-    def read(self, step: Step, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
-        if not self.fp8:
-            return super().read(step, dtype)
-        (records,) = self.views(step)
-        return (unpack_record(records, self.kv_lora_rank, dtype or torch.bfloat16),)
+    def used_bytes(self, buf: torch.Tensor) -> int:
+        return self.pool.pages_in_use * buf[0].numel() * buf.element_size()
 
-    @property
-    def used_bytes(self) -> int:
-        return self.pool.pages_in_use * self.pages[0].numel() * self.pages.element_size()
+
+class PagedLatentKV(metaclass=CacheKind):
+    """One layer's latent rows [c | k_rope] in pages (num_pages, page_size, d_c + d_r); with
+    ``fp8``, FlashMLA's fp8 record per token instead (656 bytes at DeepSeek's dims), FlashMLA's
+    own paged fp8 layout."""
+
+    @staticmethod
+    def build(pool: PagePool, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
+              device: torch.device | str | None = None, fp8: bool = False) -> LayerCache:
+        return latent_cache(kv_lora_rank, rope_dim, Pages(pool), dtype, device,
+                            latent_format="fp8" if fp8 else "model")
+
+    @staticmethod
+    def holds(cache: LayerCache) -> bool:
+        return isinstance(cache, LatentCache) and cache.latent.paged
 
 
 class PagedKVCache(KVCache):
@@ -134,9 +136,5 @@ class PagedKVCache(KVCache):
         for row in range(self.batch):
             self.release(row)
 
-    @property
-    def used_bytes(self) -> int:
-        return sum(getattr(layer, "used_bytes", layer.nbytes) for layer in self.layers)
 
-
-__all__ = ["PAGE_SIZE", "PagePool", "PagedKVCache", "PagedLatentKV"]
+__all__ = ["PAGE_SIZE", "PagePool", "PagedKVCache", "PagedLatentKV", "Pages"]

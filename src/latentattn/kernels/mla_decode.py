@@ -149,9 +149,9 @@ def mla_decode_fp8_triton(q: torch.Tensor, records: torch.Tensor, lengths: torch
                           kv_lora_rank: int, block_table: torch.Tensor | None = None,
                           num_splits: int | None = None, max_len: int | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel over FlashMLA's fp8 records (:func:`latentattn.cache.fp8.pack_record`), as
-    :class:`~latentattn.cache.kv.FP8LatentKV` (B, S, bytes) or a paged fp8
-    :class:`~latentattn.cache.paged.PagedLatentKV` (pages, page_size, bytes) holds them; the
+    """The kernel over FlashMLA's fp8 records (:func:`latentattn.cache.fp8.pack_record`), as a
+    latent store in :class:`~latentattn.cache.store.Record` format holds them, in rows
+    (B, S, bytes) or :class:`~latentattn.cache.paged.Pages` (pages, page_size, bytes); the
     latent is decoded in the kernel and the products run in q's dtype. ``num_splits`` and
     ``max_len`` as in :func:`mla_decode_triton`."""
     check_fp8_records(q, records, kv_lora_rank)

@@ -111,9 +111,9 @@ def sparse_mla_triton(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scal
 def sparse_mla_fp8_triton(q: torch.Tensor, records: torch.Tensor, idx: torch.Tensor, scale: float,
                           rank: int, num_splits: int | None = None, check_indices: bool = True
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward over FlashMLA's fp8 records (B, S, bytes) uint8 (the layout of
-    :class:`~latentattn.cache.kv.FP8LatentKV`; FlashMLA's sparse decode reads the same 656-byte
-    rows), each selected record decoded in the kernel: an inference cache, so there is no
+    """The forward over FlashMLA's fp8 records (B, S, bytes) uint8 (a latent store in
+    :class:`~latentattn.cache.store.Record` format; FlashMLA's sparse decode reads the same
+    656-byte rows), each selected record decoded in the kernel: an inference cache, so there is no
     backward. Arguments as in :func:`sparse_mla_triton`; the reference is
     :func:`sparse_mla_ref` on ``unpack_record``."""
     if q.dim() != 4 or records.dim() != 3 or records.dtype != torch.uint8:

@@ -54,18 +54,32 @@ class Block(nn.Module):
         """The FFN on x (B, T, dim); a MoE also gets the ids (B, T): hash layers route by them."""
         return self.mlp(x, input_ids) if isinstance(self.mlp, MoE) else self.mlp(x)
 
+    def attention(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step,
+                  cache: LayerCache | None, losses: list[torch.Tensor] | None) -> torch.Tensor:
+        """The attention on the normalised x; a layer with an indexer in training appends its KL
+        to ``losses`` (returned by the layer, not stored on it; None: not collected)."""
+        if losses is not None and isinstance(self.self_attn, (SparseLatentAttention, V4Attention)):
+            out, loss = self.self_attn(x, rope, step, cache, with_loss=True)
+            if loss is not None:
+                losses.append(loss)
+            return out
+        return self.self_attn(x, rope, step, cache)
+
     def residual(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step,
-                 cache: LayerCache | None, input_ids: torch.Tensor) -> torch.Tensor:
+                 cache: LayerCache | None, input_ids: torch.Tensor,
+                 losses: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The plain residual layer: h (B, T, dim) -> (B, T, dim)."""
-        h = h + self.self_attn(self.input_layernorm(h), rope, step, cache)
+        h = h + self.attention(self.input_layernorm(h), rope, step, cache, losses)
         return h + self.ffn(self.post_attention_layernorm(h), input_ids)
 
     def streams(self, hs: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step,
-                cache: LayerCache | None, input_ids: torch.Tensor) -> torch.Tensor:
+                cache: LayerCache | None, input_ids: torch.Tensor,
+                losses: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The layer under mHC: streams hs (B, T, N, dim) -> (B, T, N, dim); each sub-block reads
         its HyperConnection's collapse and writes back through :func:`hyper_residual`."""
         assert self.attn_hc is not None and self.ffn_hc is not None, "a Block built without mHC"
         post, comb, x = self.attn_hc(hs)
-        hs = hyper_residual(post, comb, self.self_attn(self.input_layernorm(x), rope, step, cache), hs)
+        out = self.attention(self.input_layernorm(x), rope, step, cache, losses)
+        hs = hyper_residual(post, comb, out, hs)
         post, comb, x = self.ffn_hc(hs)
         return hyper_residual(post, comb, self.ffn(self.post_attention_layernorm(x), input_ids), hs)

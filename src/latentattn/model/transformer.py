@@ -6,15 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import cast
+from typing import Literal, cast, overload
 
 import torch
 from torch import nn
 
-from latentattn.attention import MultiHeadLatentAttention
-from latentattn.attention.dsa import SparseLatentAttention
-from latentattn.cache.kv import FP8LatentKV, KVCache, LayerCache, fresh_step
-from latentattn.cache.paged import PagedKVCache, PagedLatentKV, PagePool
+from latentattn.cache.build import build_cache
+from latentattn.cache.kv import KVCache
+from latentattn.cache.step import fresh_step
 from latentattn.config import ModelConfig
 from latentattn.errors import ConfigError
 from latentattn.model.block import Block, make_norm
@@ -48,6 +47,8 @@ class Transformer(nn.Module):
 
     With a cache, the T tokens of each row are appended after the row's cached tokens;
     ``lengths`` (B,) marks how many of them are real in a right-padded ragged batch.
+    ``return_indexer_loss=True`` returns ``(logits, indexer_loss)``: the DSA layers' indexer KL
+    summed over layers, None when no layer trains its indexer (``train.dsa.set_dsa_stage``).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -62,6 +63,9 @@ class Transformer(nn.Module):
         self.hc_head = HyperHead(cfg) if cfg.hyper is not None else None
         self.rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope, cfg.max_seq_len)
         self.apply(self._init_weights)
+        # The indexer loss of the last forward, for train.dsa.indexer_loss(model): code that
+        # reads it after model(ids). Training takes the returned one instead.
+        self.last_indexer_loss: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> Transformer:
@@ -116,53 +120,37 @@ class Transformer(nn.Module):
         device: torch.device | str | None = None, latent_fp8: bool = False,
         page_size: int | None = None, num_pages: int | None = None,
     ) -> KVCache:
-        """Preallocate every layer's cache: the form follows the attention (and ``mla.impl``).
-        ``latent_fp8``: MLA's latent in FlashMLA's fp8 record (cache.kv.FP8LatentKV; dense
-        absorbed/auto MLA, or DSA beside its indexer keys), ``dtype`` then being what it is read
-        back as. ``page_size``: the
-        latent in pages of that many tokens from a pool of ``num_pages`` (default: room for every
-        row at ``capacity``; cache.paged, dense absorbed/auto MLA only); both together: pages of
-        fp8 records, FlashMLA's paged fp8 layout."""
+        """Preallocate every layer's cache (:func:`latentattn.cache.build.build_cache`): each
+        attention says what it caches (``cache_spec``: per-head K/V, the MLA latent, DSA's
+        latent and indexer keys). ``dtype`` (default the model's): what the cache holds, or what
+        fp8 stores are read back as. ``latent_fp8``: the latent in FlashMLA's fp8 record (MLA
+        with impl auto or absorb, or DSA beside its indexer keys). ``page_size``: the latent in
+        pages of that many tokens from a pool of ``num_pages`` (default: room for every row at
+        ``capacity``; dense MLA only); both together: FlashMLA's paged fp8 layout."""
         capacity = capacity or self.config.max_seq_len
         if capacity > self.config.max_seq_len:
             raise ConfigError(
                 f"cache capacity {capacity} exceeds the model's max_seq_len {self.config.max_seq_len}"
             )
-        dtype, device = dtype or self.dtype, device or self.device
-        if latent_fp8 or page_size is not None:
-            return self._latent_cache(batch, capacity, dtype, device, latent_fp8, page_size, num_pages)
-        layers = [blk.self_attn.make_cache(batch, capacity, dtype, device) for blk in self.blocks]
-        return KVCache(layers, batch, capacity, device)
+        return build_cache([blk.self_attn.cache_spec() for blk in self.blocks], batch, capacity,
+                           dtype or self.dtype, device or self.device,
+                           latent_format="fp8" if latent_fp8 else "model", page_size=page_size,
+                           num_pages=num_pages, name=self.config.name)
 
-    def _latent_cache(self, batch: int, capacity: int, dtype: torch.dtype,
-                      device: torch.device | str | None, latent_fp8: bool, page_size: int | None,
-                      num_pages: int | None) -> KVCache:
-        """make_cache's fp8 and paged forms: fp8 records for dense MLA (auto or absorb) and for
-        DSA (whose cache adds the indexer keys), pages for dense MLA."""
-        mla = [blk.self_attn for blk in self.blocks if isinstance(blk.self_attn, MultiHeadLatentAttention)]
-        dsa = [a for a in mla if isinstance(a, SparseLatentAttention)]
-        dense = [a for a in mla if not isinstance(a, SparseLatentAttention) and a.cfg.impl != "naive"]
-        if page_size is None:  # fp8 records, contiguous
-            if len(dense) + len(dsa) != len(self.blocks):
-                raise ConfigError(f"the fp8 latent cache holds the latent of MLA (impl auto or absorb) "
-                                  f"or DSA; {self.config.name} has other attention")
-            return KVCache([a.make_cache(batch, capacity, dtype, device, latent_fp8=True)
-                            if isinstance(a, SparseLatentAttention)
-                            else FP8LatentKV(batch, capacity, a.cfg.kv_lora_rank, a.cfg.qk_rope_head_dim,
-                                             device) for a in mla], batch, capacity, device)
-        if len(dense) != len(self.blocks):
-            raise ConfigError(f"the paged latent cache holds dense MLA's latent (impl auto or absorb); "
-                              f"{self.config.name} has other attention")
-        pool = PagePool(num_pages or batch * -(-capacity // max(1, page_size)), page_size, batch,
-                        capacity, device)
-        paged: list[LayerCache] = [PagedLatentKV(pool, a.cfg.kv_lora_rank, a.cfg.qk_rope_head_dim,
-                                                 dtype, device, fp8=latent_fp8) for a in dense]
-        return PagedKVCache(paged, pool, batch, capacity, device)
+    @overload
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                lengths: torch.Tensor | None = None, *,
+                return_indexer_loss: Literal[False] = False) -> torch.Tensor: ...
+
+    @overload
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                lengths: torch.Tensor | None = None, *, return_indexer_loss: Literal[True]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def forward(
         self, input_ids: torch.Tensor, cache: KVCache | None = None,
-        lengths: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        lengths: torch.Tensor | None = None, *, return_indexer_loss: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         b, t = input_ids.shape
         if cache is None:
             if t > self.config.max_seq_len:
@@ -174,18 +162,21 @@ class Transformer(nn.Module):
             step = cache.step(t, lengths)
         rope = self.rotary(step.positions)
         h = self.embed_tokens(input_ids)
+        losses: list[torch.Tensor] = []  # the indexer KLs of DSA / V4 CSA layers that train one
         if self.hc_head is None:
             for i, blk in enumerate(self.blocks):
-                h = blk.residual(h, rope, step, None if cache is None else cache[i], input_ids)
+                h = blk.residual(h, rope, step, None if cache is None else cache[i], input_ids, losses)
         else:
             # mHC: every stream starts as the embedding (transformers' DeepseekV4Model).
             h = h.unsqueeze(2).expand(-1, -1, self.hc_head.hc_mult, -1).contiguous()  # (B, T, N, dim)
             for i, blk in enumerate(self.blocks):
-                h = blk.streams(h, rope, step, None if cache is None else cache[i], input_ids)
+                h = blk.streams(h, rope, step, None if cache is None else cache[i], input_ids, losses)
             h = self.hc_head(h)  # (B, T, dim)
         if cache is not None:
             cache.advance(t, lengths)
-        return self.lm_head(self.norm(h))
+        logits = self.lm_head(self.norm(h))
+        self.last_indexer_loss = torch.stack(losses).sum() if losses else None
+        return (logits, self.last_indexer_loss) if return_indexer_loss else logits
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

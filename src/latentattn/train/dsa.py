@@ -1,10 +1,12 @@
 """Training DeepSeek Sparse Attention in two stages (DeepSeek-V3.2 report, arXiv 2512.02556 s2.1).
 
-A training loop needs three calls::
+A training loop needs two calls and the forward's returned loss::
 
     set_dsa_stage(model, "warmup")   # dense attention; everything but the indexers frozen
-    loss = indexer_loss(model)       # after a forward: sum over layers of the indexer KL
-    set_dsa_stage(model, "sparse")   # top-k on, all weights train; add indexer_loss to the LM loss
+    logits, kl = model(ids, return_indexer_loss=True)  # kl: the indexer KL summed over layers
+    set_dsa_stage(model, "sparse")   # top-k on, all weights train; add kl to the LM loss
+
+(``indexer_loss(model)`` after a plain ``model(ids)`` gives the same KL, that forward's.)
 
 and ``attention_mass_recall`` tells whether the indexer has learnt anything. ``retrofit_dsa``
 is where V3.2 starts: a trained dense MLA model with an indexer added, fresh, beside its weights.
@@ -13,7 +15,7 @@ is where V3.2 starts: a trained dense MLA model with an indexer added, fresh, be
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -51,7 +53,7 @@ def set_dsa_stage(model: Transformer, stage: Stage, freeze: bool = True) -> None
     for layer in layers:
         layer.mode = "dense" if stage in ("dense", "warmup") else "sparse"
         layer.train_indexer = stage in ("warmup", "sparse")
-        layer.indexer_loss = None
+    model.last_indexer_loss = None
     if stage == "inference":
         return
     if stage == "dense":
@@ -85,14 +87,20 @@ def retrofit_dsa(model: Transformer, indexer: IndexerConfig, seed: int = 0) -> T
     return dsa
 
 
-def indexer_loss(model: Transformer) -> torch.Tensor:
-    """Sum over DSA layers of the indexer KL stored by the last forward pass."""
-    losses = [layer.indexer_loss for layer in dsa_layers(model)]
-    if any(loss is None for loss in losses):
+def required(loss: torch.Tensor | None) -> torch.Tensor:
+    """The indexer loss a forward returned, or the error that says why there is none."""
+    if loss is None:
         raise ConfigError(
             "no indexer loss: call set_dsa_stage(model, 'warmup' or 'sparse') and run a forward"
         )
-    return torch.stack([loss for loss in losses if loss is not None]).sum()
+    return loss
+
+
+def indexer_loss(model: Transformer) -> torch.Tensor:
+    """The indexer KL of the model's last forward, summed over DSA layers: what
+    ``model(ids, return_indexer_loss=True)`` returned, for code that reads it afterwards."""
+    dsa_layers(model)
+    return required(model.last_indexer_loss)
 
 
 def _mass(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -110,18 +118,26 @@ def selection_recall(model: Transformer, input_ids: torch.Tensor) -> list[dict[s
     * ``recent``: the k most recent keys (a sliding window), the obvious cheap alternative;
     * ``uniform``: k keys drawn at random, in expectation k / (visible keys).
 
-    Runs the model densely, so each layer's input is the dense model's; restores the layers' state.
+    Runs the model densely, so each layer's input is the dense model's (each layer's
+    ``dense_selection`` of it, taken by a forward hook); restores the layers' state.
     """
     layers = dsa_layers(model)
-    saved = [(layer.mode, layer.train_indexer, layer.record) for layer in layers]
+    saved = [(layer.mode, layer.train_indexer) for layer in layers]
+    seen: dict[SparseLatentAttention, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(layer: torch.nn.Module, args: tuple[Any, ...], _out: object) -> None:
+        assert isinstance(layer, SparseLatentAttention)
+        x, rope, step = args[:3]
+        seen[layer] = layer.dense_selection(x, rope, step)
+
+    hooks = [layer.register_forward_hook(keep) for layer in layers]
     try:
         for layer in layers:
-            layer.mode, layer.train_indexer, layer.record = "dense", False, True
+            layer.mode, layer.train_indexer = "dense", False
         model(input_ids)
         out = []
         for layer in layers:
-            assert layer.recorded is not None
-            probs, idx = layer.recorded  # (B, T, S), (B, T, K)
+            probs, idx = seen[layer]  # (B, T, S), (B, T, K)
             t = torch.arange(probs.shape[1], device=probs.device)
             informative = t >= layer.topk  # query t sees t + 1 keys
             if not bool(informative.any()):
@@ -137,9 +153,10 @@ def selection_recall(model: Transformer, input_ids: torch.Tensor) -> list[dict[s
             })
         return out
     finally:
-        for layer, (mode, train, record) in zip(layers, saved, strict=True):
-            layer.mode, layer.train_indexer, layer.record = mode, train, record
-            layer.recorded = None
+        for hook in hooks:
+            hook.remove()
+        for layer, (mode, train) in zip(layers, saved, strict=True):
+            layer.mode, layer.train_indexer = mode, train
 
 
 def attention_mass_recall(model: Transformer, input_ids: torch.Tensor) -> list[float]:

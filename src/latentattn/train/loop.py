@@ -56,7 +56,7 @@ from latentattn.train.checkpoint import (
 )
 from latentattn.train.distill import check_teacher, kl_to_teacher, set_trainable
 from latentattn.train.distributed import distributed, full_state, global_mean, load_full_state, wrap
-from latentattn.train.dsa import Stage, indexer_loss, set_dsa_stage
+from latentattn.train.dsa import Stage, required, set_dsa_stage
 from latentattn.train.resume import check_resumable
 from latentattn.train.settings import TrainResult, TrainSettings, lr_at
 
@@ -259,9 +259,13 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
                 batch = random_batch(train_tokens, settings.batch_size, settings.seq_len, gen)
                 batch = batch[d.rank :: d.world].to(device)  # (B / world, T + 1)
                 with _autocast(model, settings.bf16):
-                    logits = fwd(batch[:, :-1])
-                    lm = lm_loss(logits, batch[:, 1:])
-                    loss = (lm + indexer_loss(model)) if dsa else lm
+                    if dsa:  # the indexer KL comes back beside the logits
+                        logits, kl = fwd(batch[:, :-1], return_indexer_loss=True)
+                        lm = lm_loss(logits, batch[:, 1:])
+                        loss = lm + required(kl)
+                    else:
+                        logits = fwd(batch[:, :-1])
+                        lm = loss = lm_loss(logits, batch[:, 1:])
                     if teacher is not None:
                         with torch.no_grad():
                             target = teacher(batch[:, :-1])
