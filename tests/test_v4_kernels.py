@@ -2,7 +2,9 @@
 against ``kernels.sparse.select_topk`` (itself tested against dense scores and
 ``topk_reference``): the same entries in the same order, on odd sizes, ragged rows, tiny blocks
 that split the keys and queries many ways, fewer entries than k, exact ties, and bf16 keys; the
-decode projection (``kernels.v4.linear``) against ``F.linear`` within rounding."""
+decode projection (``kernels.v4.linear``) against ``F.linear`` within rounding; the gathered
+attention (``kernels.v4.v4_attend``) against the dense ``v4_attend_reference`` within rounding,
+for every query block size."""
 
 from __future__ import annotations
 
@@ -12,7 +14,15 @@ import torch.nn.functional as F
 
 from conftest import assert_within_rounding
 from latentattn.kernels.sparse import select_topk
-from latentattn.kernels.v4 import ROW_BLOCKS, linear, select_entries
+from latentattn.kernels.v4 import (
+    ROW_BLOCKS,
+    entry_visibility,
+    linear,
+    select_entries,
+    selected_mask,
+    v4_attend,
+    v4_attend_reference,
+)
 
 CASES = {  # batch, queries, heads, dim, entries, k
     "decode": (1, 1, 16, 24, 301, 37),
@@ -91,3 +101,43 @@ def test_linear_gradients_are_f_linear_s() -> None:
     exact = grads(F.linear, torch.float64)
     for a, b, c, terms in zip(got, base, exact, (4 * ROW_BLOCKS, 33), strict=True):
         assert_within_rounding(a, c, b, terms=terms, magnitude=float(c.abs().max()))
+
+
+@pytest.mark.parametrize("form", ["sliding", "csa", "hca"])
+@pytest.mark.parametrize("q_block", [1, 5, 16, 64])
+def test_v4_attend_is_the_dense_reference(form: str, q_block: int) -> None:
+    """A sequence from position 0 (the window ring empty, window_ok False): odd sizes, a window
+    shorter than the sequence, CSA's selection random among each query's visible entries with
+    -1 slots, HCA's every visible entry."""
+    b, t, h, d, window, rate, k = 2, 29, 3, 20, 6, 3, 4
+    g = torch.Generator().manual_seed(7)
+    q, keys = torch.randn(b, t, h, d, generator=g), torch.randn(b, t, d, generator=g)
+    entries, sinks = torch.randn(b, t // rate, d, generator=g), torch.randn(h, generator=g)
+    visible = entry_visibility(torch.arange(t).expand(b, t), rate)  # (B, T)
+    ring = torch.zeros(b, window, d)
+    ok = torch.cat((torch.zeros(b, window, dtype=torch.bool), torch.ones(b, t, dtype=torch.bool)), 1)
+    kw: dict[str, torch.Tensor] = {}
+    mask = None
+    if form == "csa":  # k random distinct visible entries, -1 where fewer are visible
+        rank = torch.rand(b, t, t // rate, generator=g).masked_fill(
+            torch.arange(t // rate) >= visible[..., None], 2.0).argsort(-1)[..., :k]
+        kw["selected"] = rank.masked_fill(rank >= visible[..., None], -1)
+        kw["entries"], mask = entries, selected_mask(kw["selected"], t // rate)
+    elif form == "hca":
+        kw["entries"], kw["visible_entries"] = entries, visible
+        mask = torch.arange(t // rate) < visible[..., None]
+    got = v4_attend(q, torch.cat((ring, keys), 1), ok, window, sinks, 0.2, q_block=q_block, **kw)
+    ref = v4_attend_reference(q, keys, window, sinks, 0.2, kw.get("entries"), mask)
+    exact = v4_attend_reference(q.double(), keys.double(), window, sinks.double(), 0.2,
+                                None if mask is None else entries.double(), mask)
+    assert_within_rounding(got, exact, ref, terms=d + window + t // rate, magnitude=float(exact.abs().max()))
+    if form != "sliding":  # the compressed part's head-summed mass, the same for any block size
+        probs: list[torch.Tensor] = []
+        v4_attend(q, torch.cat((ring, keys), 1), ok, window, sinks, 0.2, q_block=q_block,
+                  entry_probs=probs, **kw)
+        whole: list[torch.Tensor] = []
+        v4_attend(q, torch.cat((ring, keys), 1), ok, window, sinks, 0.2, q_block=t, entry_probs=whole, **kw)
+        # sums of h probabilities <= 1 each: a few fp32 roundings apart at most
+        eps = torch.finfo(torch.float32).eps
+        torch.testing.assert_close(torch.cat(probs, 1), whole[0], rtol=0, atol=4 * h * eps)
+        assert float(whole[0].max()) <= h

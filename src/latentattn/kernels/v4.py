@@ -63,7 +63,7 @@ def v4_attend(
     q: torch.Tensor, window_keys: torch.Tensor, window_ok: torch.Tensor, window: int,
     sinks: torch.Tensor, scale: float, entries: torch.Tensor | None = None,
     visible_entries: torch.Tensor | None = None, selected: torch.Tensor | None = None,
-    q_block: int = 64, entry_probs: list[torch.Tensor] | None = None,
+    q_block: int = 16, entry_probs: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """V4 attention for T new queries per row.
 
@@ -77,40 +77,69 @@ def v4_attend(
     Returns (B, T, H, D) in q's dtype. ``entry_probs``, if given, receives per query block the
     compressed part's probabilities summed over heads, (B, Tb, k or E) fp32 with grad (the
     indexer's training target, DeepSeek-V3.2 report section 2.1).
+
+    A block of ``q_block`` queries keeps its temporaries (the gathered entries, Tb * k * D) at
+    16 MB at V4-Flash dims: under glibc's 32 MiB ceiling on its mmap threshold, so they are
+    reused from the heap rather than faulted in anew each block (64-query blocks spent more time
+    in page faults of the gather than in the attention's GEMMs on this CPU).
     """
-    t = q.shape[1]
+    b, t, h, d = q.shape
+    ninf = float("-inf")
+    sink = sinks.float().view(1, 1, h, 1)
+    buffers: dict[tuple[int, ...], torch.Tensor] = {}
     outs = []
     for t0 in range(0, t, q_block):
         t1 = min(t0 + q_block, t)
-        qb = q[:, t0:t1].transpose(1, 2)  # (B, H, Tb, D)
-        keys = window_keys[:, t0 + 1: t1 + window]  # (B, Tb + W - 1, D)
+        n = t1 - t0
+        qb = q[:, t0:t1]  # (B, n, H, D): logits are (B, n, H, S), the block's rows in one GEMM
+        keys = window_keys[:, t0 + 1: t1 + window]  # (B, n + W - 1, D)
+        s = keys.shape[1]
         i = torch.arange(t0 + 1, t1 + window, device=q.device)
         tq = torch.arange(t0, t1, device=q.device)
-        ok = (i[None, :] > tq[:, None]) & (i[None, :] <= tq[:, None] + window)  # (Tb, Tb + W - 1)
-        ok = ok[None] & window_ok[:, None, t0 + 1: t1 + window]  # (B, Tb, Tb + W - 1)
-        logits = [torch.einsum("bhtd,bsd->bhts", qb, keys).float().masked_fill(~ok[:, None], float("-inf"))]
+        ok = (i[None, :] > tq[:, None]) & (i[None, :] <= tq[:, None] + window)  # (n, n + W - 1)
+        ok = ok[None] & window_ok[:, None, t0 + 1: t1 + window]  # (B, n, n + W - 1)
+        win = torch.matmul(qb.reshape(b, n * h, d), keys.transpose(1, 2)).view(b, n, h, s).float()
+        logits = [win.masked_fill_(~ok[:, :, None], ninf)]
         values = None
         if entries is not None and selected is not None:
             idx = selected[:, t0:t1]
-            values = gather_rows(entries, idx)  # (B, Tb, k, D)
-            comp = torch.einsum("bhtd,btkd->bhtk", qb, values).float()
-            logits.append(comp.masked_fill((idx < 0)[:, None], float("-inf")))
+            values = _gather(entries, idx, buffers)  # (B, n, k, D)
+            comp = torch.matmul(qb, values.transpose(-1, -2)).float()  # per token (H, D) @ (D, k)
+            logits.append(comp.masked_fill_((idx < 0)[:, :, None], ninf))
         elif entries is not None and visible_entries is not None:
-            e = torch.arange(entries.shape[1], device=q.device)
-            hidden = e[None, None, :] >= visible_entries[:, t0:t1, None]  # (B, Tb, E)
-            comp = torch.einsum("bhtd,bed->bhte", qb, entries).float()
-            logits.append(comp.masked_fill(hidden[:, None], float("-inf")))
-        p = _softmax_with_sink(torch.cat(logits, dim=-1) * scale, sinks)
-        s = keys.shape[1]
+            e = entries.shape[1]
+            hidden = torch.arange(e, device=q.device)[None, None, :] >= visible_entries[:, t0:t1, None]
+            comp = torch.matmul(qb.reshape(b, n * h, d), entries.transpose(1, 2)).view(b, n, h, e).float()
+            logits.append(comp.masked_fill_(hidden[:, :, None], ninf))
+        z = (logits[0] if len(logits) == 1 else torch.cat(logits, dim=-1)) * scale
+        # Softmax with the sink: one more logit per head, its probability dropped.
+        p = torch.softmax(torch.cat((z, sink.expand(b, n, h, 1)), dim=-1), dim=-1)[..., :-1]
         if entry_probs is not None:
-            entry_probs.append(p[..., s:].sum(dim=1))
-        out = torch.einsum("bhts,bsd->bhtd", p[..., :s].to(q.dtype), keys)
+            entry_probs.append(p[..., s:].sum(dim=2))
+        o = torch.matmul(p[..., :s].to(q.dtype).reshape(b, n * h, s), keys).view(b, n, h, d)
         if values is not None:
-            out = out + torch.einsum("bhtk,btkd->bhtd", p[..., s:].to(q.dtype), values)
+            o = o + torch.matmul(p[..., s:].to(q.dtype), values)
         elif entries is not None and visible_entries is not None:
-            out = out + torch.einsum("bhte,bed->bhtd", p[..., s:].to(q.dtype), entries)
-        outs.append(out.transpose(1, 2))
+            o = o + torch.matmul(p[..., s:].to(q.dtype).reshape(b, n * h, -1), entries).view(b, n, h, d)
+        outs.append(o)
     return torch.cat(outs, dim=1)
+
+
+def _gather(entries: torch.Tensor, idx: torch.Tensor, buffers: dict[tuple[int, ...], torch.Tensor]
+            ) -> torch.Tensor:
+    """``gather_rows(entries, idx)`` (B, n, k, D). Without autograd, into one buffer per shape
+    reused by every query block: a fresh 16 MB result per block took 1-5 ms here (two-thread
+    ``index_select`` into new pages) against 0.3 ms into a buffer already touched."""
+    if torch.is_grad_enabled() and entries.requires_grad:
+        return gather_rows(entries, idx)
+    b, s, d = entries.shape
+    shape = (*idx.shape, d)
+    buf = buffers.get(shape)
+    if buf is None:
+        buf = buffers[shape] = entries.new_empty(shape)
+    flat = idx.clamp(min=0) + torch.arange(b, device=idx.device)[:, None, None] * s
+    torch.index_select(entries.reshape(b * s, d), 0, flat.flatten(), out=buf.view(-1, d))
+    return buf
 
 
 def v4_attend_reference(
