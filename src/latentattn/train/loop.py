@@ -13,6 +13,10 @@ warm-up (the model learns from the LM loss, the indexer from its KL); with
 :func:`latentattn.train.dsa.retrofit_dsa`) everything but the indexers is, as in V3.2.
 The loss is LM + indexer KL in both stages; ``train_losses`` records the LM part.
 
+DeepSeek-V4 models (:mod:`latentattn.train.v4`): every step is V3.2's sparse stage (top-k, the
+LM loss plus the CSA indexers' KL, their inputs detached, nothing frozen); the KL is off while
+evaluating and after training.
+
 MoE models (:mod:`latentattn.train.balance`): sigmoid routers' correction biases move after each
 step by ``router_bias_rate`` (DeepSeek-V3's aux-loss-free balancing), and ``moe_aux_loss`` > 0
 adds DeepSeek-V2's expert-level balance loss (not in ``train_losses`` either).
@@ -59,6 +63,7 @@ from latentattn.train.distributed import distributed, full_state, global_mean, l
 from latentattn.train.dsa import Stage, required, set_dsa_stage
 from latentattn.train.resume import check_resumable
 from latentattn.train.settings import TrainResult, TrainSettings, lr_at
+from latentattn.train.v4 import is_v4, set_v4_indexer_training
 
 
 def is_dsa(model: Transformer) -> bool:
@@ -157,6 +162,7 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
         check_teacher(model, teacher)
         teacher.eval()
     dsa = is_dsa(model)
+    v4 = is_v4(model)
     if dsa and settings.trainable != "all":
         raise ConfigError("a DSA model trains with trainable='all': its stages choose what is frozen")
     set_trainable(model, settings.trainable)
@@ -214,6 +220,12 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
                 stage = new
 
         def run_eval(done: int) -> float:
+            if v4:  # evaluation computes no indexer KL
+                set_v4_indexer_training(model, False)
+                try:
+                    return evaluate(model, val_tokens, settings)
+                finally:
+                    set_v4_indexer_training(model, True)
             if not dsa:
                 return evaluate(model, val_tokens, settings)
             saved = stage
@@ -248,6 +260,7 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
         from tqdm import tqdm
 
         model.train()
+        set_v4_indexer_training(model, v4)
         with tqdm(total=stop, initial=start, desc="train", unit="step", file=sys.stderr,
                   disable=not progress or d.rank != 0, dynamic_ncols=True) as bar:
             for step in range(start, stop):
@@ -259,10 +272,11 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
                 batch = random_batch(train_tokens, settings.batch_size, settings.seq_len, gen)
                 batch = batch[d.rank :: d.world].to(device)  # (B / world, T + 1)
                 with _autocast(model, settings.bf16):
-                    if dsa:  # the indexer KL comes back beside the logits
+                    if dsa or v4:  # the indexer KL comes back beside the logits
                         logits, kl = fwd(batch[:, :-1], return_indexer_loss=True)
                         lm = lm_loss(logits, batch[:, 1:])
-                        loss = lm + required(kl)
+                        # A V4 model without CSA layers has no indexer to train.
+                        loss = lm + required(kl) if dsa or kl is not None else lm
                     else:
                         logits = fwd(batch[:, :-1])
                         lm = loss = lm_loss(logits, batch[:, 1:])
@@ -301,6 +315,7 @@ def train(model: Transformer, train_tokens: torch.Tensor, val_tokens: torch.Tens
             val_losses.append((settings.steps, run_eval(settings.steps)))
         if dsa:
             set_dsa_stage(model, _eval_stage(stop, warm), freeze=settings.dsa_freeze_warmup)
+        set_v4_indexer_training(model, False)
         model.eval()
         ran = stop - start
         return TrainResult(
