@@ -1,7 +1,7 @@
 """ModelConfig <-> plain JSON-able dicts (training checkpoints' ``state.json``).
 
 The dict mirrors the dataclasses field by field; the attention config carries its ``kind``
-(``gqa`` or ``mla``) so that it reads back as the right class. Reading is strict: a missing or
+(``gqa``, ``mla`` or ``v4``) so that it reads back as the right class. Reading is strict: a missing or
 unknown field raises :class:`ConfigError` naming it, so a checkpoint from another version of the
 code fails loudly instead of building a different model; only the fields in ``ADDED_FIELDS``,
 which configs saved before them lack, read as the value those configs had.
@@ -14,12 +14,14 @@ from typing import Any
 
 from latentattn.config import (
     GQAConfig,
+    HyperConfig,
     IndexerConfig,
     MLAConfig,
     ModelConfig,
     MoEConfig,
     RopeConfig,
     RopeScaling,
+    V4AttentionConfig,
     YarnConfig,
 )
 from latentattn.errors import ConfigError
@@ -36,6 +38,8 @@ ADDED_FIELDS: dict[type, dict[str, Any]] = {
     GQAConfig: {"qkv_bias": False, "o_bias": False},
     MLAConfig: {"latent_norm": True, "qkv_bias": False, "o_bias": False},
     RopeConfig: {"scaling": None, "blocks": 1, "source_dim": 0, "pairs": ()},
+    MoEConfig: {"n_hash_layers": 0, "swiglu_limit": None},
+    ModelConfig: {"hyper": None},
 }
 
 
@@ -60,7 +64,7 @@ def _build(cls: type, d: object, where: str, nested: dict[str, Any] | None = Non
     return cls(**kwargs)
 
 
-def _attention(d: object, where: str) -> GQAConfig | MLAConfig:
+def _attention(d: object, where: str) -> GQAConfig | MLAConfig | V4AttentionConfig:
     if not isinstance(d, dict):
         raise ConfigError(f"{where} must be a JSON object, got {type(d).__name__}")
     kind = d.get("kind")
@@ -69,7 +73,11 @@ def _attention(d: object, where: str) -> GQAConfig | MLAConfig:
     if kind == "mla":
         indexer = {"indexer": lambda v, w: _build(IndexerConfig, v, w)}
         return _build(MLAConfig, d, where, indexer)
-    raise ConfigError(f"{where}.kind must be 'gqa' or 'mla', got {kind!r}")
+    if kind == "v4":
+        nested = {"compress_rope": _rope,
+                  "layer_types": lambda v, w: tuple(v) if isinstance(v, (list, tuple)) else v}
+        return _build(V4AttentionConfig, d, where, nested)
+    raise ConfigError(f"{where}.kind must be 'gqa', 'mla' or 'v4', got {kind!r}")
 
 
 def _rope(d: object, where: str) -> RopeConfig:
@@ -85,6 +93,7 @@ def config_from_dict(d: object) -> ModelConfig:
         "attention": _attention,
         "rope": _rope,
         "moe": lambda v, w: _build(MoEConfig, v, w),
+        "hyper": lambda v, w: _build(HyperConfig, v, w),
     }
     return _build(ModelConfig, d, "ModelConfig", nested)
 
