@@ -281,3 +281,21 @@ def test_bad_v4_model_names_the_field(capsys: pytest.CaptureFixture[str]) -> Non
     # --index-topk sets V4's CSA k; the fp8 indexer-key format is DSA's alone.
     assert "applies only to DSA models" in cli_error(
         capsys, ["kv-cache", "--model", "deepseek-v4-flash", "--indexer-keys", "fp8"])
+
+
+@pytest.mark.parametrize("context", [61, 512])
+def test_allocated_cache_equals_the_formula(context: int) -> None:
+    """What make_cache allocates for tiny-v4 in bf16 is calc.v4_kv's formula, layer by layer
+    (contexts of at least the window: the ring holds the window whatever the context; 61 is not
+    a multiple of either compression rate)."""
+    import torch
+
+    from latentattn.calc.v4_kv import layer_bytes, v4_cache_bytes
+    from latentattn.model.transformer import Transformer
+
+    cfg = get_preset("tiny-v4")
+    a = cfg.attention
+    assert isinstance(a, V4AttentionConfig) and context >= a.sliding_window
+    cache = Transformer(cfg).make_cache(1, context, dtype=torch.bfloat16)
+    assert [layer.nbytes for layer in cache.layers] == [layer_bytes(a, t, context) for t in a.layer_types]
+    assert cache.nbytes == v4_cache_bytes(cfg, context)
