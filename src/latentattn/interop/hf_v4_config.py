@@ -6,16 +6,14 @@ defaults and the legacy keys its ``__post_init__`` folds in: ``compress_ratios``
 ``rope_scaling``) and ``modeling_deepseek_v4.py`` (what each field does to the model). What the
 library cannot build the way transformers does is refused with one line naming the field.
 
-Quantised checkpoints (``quantization_config``) are read by :func:`v4_quantization`: transformers'
-``FineGrainedFP8Config`` (``utils/quantization_config.py``) with ``scale_fmt`` and
-``expert_dtype``, the form DeepSeek's V4 release uses.
+Quantised checkpoints (``quantization_config``) are checked by
+:func:`latentattn.interop.v4_quant.v4_quantization` (re-exported here, with :class:`V4Quant`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from latentattn.config import (
     CSA,
@@ -30,6 +28,7 @@ from latentattn.config import (
 )
 from latentattn.errors import ConfigError
 from latentattn.interop.hf_config import CONFIG_NAME, _build, _Fields, _rope_from_hf, rope_to_hf
+from latentattn.interop.v4_quant import V4Quant, v4_quantization
 
 V4_MODEL_TYPE = "deepseek_v4"
 HASH_MOE, MOE = "hash_moe", "moe"
@@ -57,65 +56,6 @@ _DEFAULT_PARTIAL_ROTARY = 64 / 512
 # The legacy per-layer `compress_ratios` (DeepSeek's own config.json): transformers'
 # _COMPRESS_RATIO_TO_LAYER_TYPE, a fixed table (any other value is a KeyError there).
 _RATIO_TO_TYPE = {0: SLIDING, 4: CSA, 128: HCA}
-
-
-# --------------------------------------------------------------------------- quantization
-@dataclass(frozen=True)
-class V4Quant:
-    """How a quantised V4 checkpoint stores its weights (``quantization_config``).
-
-    Linear weights are FP8 (e4m3) with one scale per ``block`` (rows, cols) tile; ``scale_fmt``
-    "float" stores fp32 scales (V3's ``weight_scale_inv``), "ue8m0" power-of-two exponents
-    (``float8_e8m0fnu``). Routed experts are FP8 the same way or, with ``expert_dtype`` "fp4",
-    e2m1 values packed two per byte with one ue8m0 scale per 32 values along a row.
-    """
-
-    block: tuple[int, int]
-    scale_fmt: Literal["float", "ue8m0"]
-    expert_dtype: Literal["fp8", "fp4"]
-
-
-def v4_quantization(d: dict[str, Any], source: str = CONFIG_NAME) -> V4Quant | None:
-    """The checkpoint's quantisation, None for a plain (bf16/fp32) one; ConfigError for a
-    format latentattn cannot dequantise, naming it."""
-    quant = d.get("quantization_config")
-    # DeepSeek's V4 config.json has `expert_dtype` at the top level; DeepseekV4Config.__post_init__
-    # moves it into quantization_config ("V4.1 ships expert_dtype in the quantization config").
-    top_expert = d.get("expert_dtype")
-    if quant is None:
-        if top_expert not in (None, "fp8", "bf16", "bfloat16"):
-            raise ConfigError(f"{source}: field 'expert_dtype' is {top_expert!r} but there is no "
-                              "quantization_config saying how the other weights are stored")
-        return None
-    if not isinstance(quant, dict):
-        raise ConfigError(f"{source}: field 'quantization_config' must be an object, got {quant!r}")
-    method = quant.get("quant_method")
-    if method != "fp8":
-        raise ConfigError(
-            f"{source}: quantization_config quant_method {method!r} is not supported for deepseek_v4 "
-            "(only fp8: block-scaled FP8 weights with FP8 or FP4 experts, dequantised on load)")
-    q = _Fields(quant, f"{source} quantization_config")
-    fmt = q.get("fmt", str, default="e4m3")
-    if fmt != "e4m3":
-        raise ConfigError(f"{source}: quantization_config fmt {fmt!r} is not supported (only e4m3)")
-    scheme = q.get("activation_scheme", str, default="dynamic")
-    if scheme != "dynamic":
-        raise ConfigError(f"{source}: quantization_config activation_scheme {scheme!r} is not "
-                          "supported (only dynamic: no activation scales in the checkpoint)")
-    scale_fmt = q.get("scale_fmt", str, default="float")
-    if scale_fmt not in ("float", "ue8m0"):
-        raise ConfigError(f"{source}: quantization_config scale_fmt {scale_fmt!r} is not supported "
-                          "(float or ue8m0)")
-    expert = quant.get("expert_dtype", top_expert) or "fp8"
-    if expert not in ("fp8", "fp4"):
-        raise ConfigError(f"{source}: quantization_config expert_dtype {expert!r} is not supported "
-                          "(fp8 or fp4)")
-    size = quant.get("weight_block_size") or [128, 128]
-    if (not isinstance(size, list) or len(size) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
-        raise ConfigError(f"{source}: quantization_config weight_block_size must be two positive "
-                          f"integers, got {size!r}")
-    return V4Quant((size[0], size[1]), scale_fmt, "fp4" if expert == "fp4" else "fp8")
 
 
 # --------------------------------------------------------------------------- config.json -> ours
