@@ -125,7 +125,7 @@ class VariantResult:
 
     @property
     def recall(self) -> list[dict[str, float]] | None:
-        """Per layer, each of indexer / recent / uniform averaged over seeds (DSA only)."""
+        """Per layer, each of indexer / recent / uniform averaged over seeds (DSA; V4: its CSA layers)."""
         runs = [r.dsa_recall for r in self.runs if r.dsa_recall is not None]
         if not runs:
             return None
