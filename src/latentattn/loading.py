@@ -39,7 +39,7 @@ from latentattn.attention.dsa import SparseLatentAttention
 from latentattn.config import MLAConfig, ModelConfig
 from latentattn.errors import CheckpointError, ConfigError
 from latentattn.model.transformer import Transformer
-from latentattn.precision import resolve_device, resolve_dtype
+from latentattn.precision import choose_dtype, resolve_device
 from latentattn.tokenizer import TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Tokenizer, check_byte_vocab
 
 ModelSpec = str | os.PathLike[str] | ModelConfig
@@ -253,15 +253,18 @@ def load(spec: ModelSpec, *, dtype: torch.dtype | str | None = None,
     """Load the model ``spec`` names, in eval mode (see the module docstring for the kinds).
 
     ``dtype=None`` keeps the checkpoint's own dtype (a bf16 checkpoint loads as bf16; a train
-    run as it was saved, fp32); random-init models are float32. ``device=None`` is the CPU.
+    run as it was saved, fp32); random-init models are float32. ``dtype="auto"``: bfloat16 where
+    bf16 is native on ``device`` (a CPU with AVX-512 BF16 or AMX, a CUDA GPU with bf16), float32
+    elsewhere (:func:`latentattn.precision.auto_dtype` says which and why, as the CLI prints it).
+    ``device=None`` is the CPU.
     ``seed`` seeds random init (None: torch's global generator). With ``with_tokenizer=True``
     returns ``(model, tokenizer)``. Raises LatentAttnError subclasses for anything a user can get
     wrong: an unknown preset, a missing file, a bad override, a checkpoint that does not match.
     """
     src = resolve(spec)
     cfg, runtime = _config(src, spec, overrides)
-    want = None if dtype is None else resolve_dtype(dtype)
     dev = resolve_device(device)
+    want = None if dtype is None else choose_dtype(dtype, dev).dtype
     if src.kind == "hf":
         from latentattn.interop.hf import from_pretrained
 

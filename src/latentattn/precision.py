@@ -6,13 +6,16 @@ indexer's per-head weights (DeepSeek-V3.2 ``inference/model.py``: ``weights_proj
 sums are what top-k choices hinge on, so bf16 rounding would change which experts or keys win.
 
 Also: ``resolve_dtype`` / ``resolve_device``, the one place user-given dtype and device names
-become torch objects (or a ConfigError naming the bad value); and the training precision:
+become torch objects (or a ConfigError naming the bad value); the training precision:
 ``cpu_bf16`` (does this CPU have native bf16?) and ``choose_precision`` (what ``--precision
-auto`` trains in).
+auto`` trains in); and the weights' dtype: ``auto_dtype`` / ``choose_dtype`` (what ``load(...,
+dtype="auto")`` and ``generate``/``eval --dtype auto`` load in). Both ``auto`` choices rest on one
+answer, :func:`bf16_native`, and say why in the same words.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,10 +58,28 @@ class KeepFloat32(nn.Module):
 
 
 class Float32Linear(KeepFloat32, nn.Linear):
-    """A bias-free-or-not Linear with an fp32 weight that also computes in fp32."""
+    """A bias-free-or-not Linear with an fp32 weight that also computes in fp32, under bf16
+    autocast too (:func:`fp32_compute`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight, None if self.bias is None else self.bias.float())
+        with fp32_compute(x):
+            return F.linear(x.float(), self.weight, None if self.bias is None else self.bias.float())
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda")  # where fp32_compute looks for an active autocast
+
+
+def fp32_compute(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """A context where ``x``'s device runs ops in their inputs' dtype: autocast off there while
+    it is on (``train --precision bf16`` trains under ``torch.autocast``, which casts the inputs
+    of ``F.linear``/``matmul`` to bf16 whatever they are: ``F.linear(x.float(), w_fp32)`` would
+    give bf16 logits), else nothing. For the arithmetic kept in fp32 in a bf16 model (the MoE
+    router, V4's mHC mix, DSA's indexer weights), so it stays fp32 in autocast training too.
+    Traceable by torch.compile (fullgraph)."""
+    dev = x.device.type
+    if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
 
 
 def resolve_dtype(dtype: object) -> torch.dtype:
@@ -164,10 +185,21 @@ class PrecisionChoice:
 
     bf16: bool
     why: str
+    emulated: bool = False  # bf16 on a CPU without native bf16: it runs, slower than fp32
 
     def line(self) -> str:
         """The one line ``train`` and heals print: ``precision: bf16 autocast (...)``."""
         return f"precision: {'bf16 autocast' if self.bf16 else 'fp32'} ({self.why})"
+
+    def warning(self) -> str | None:
+        """One line when bf16 is emulated here (``train`` prints it on stderr), else None."""
+        return _emulated("bf16 autocast", "fp32, what --precision auto takes here") if self.emulated else None
+
+
+def _emulated(what: str, instead: str) -> str:
+    """The warning for bf16 asked for on a CPU that emulates it (one wording for every command)."""
+    return (f"warning: {what} on this CPU is emulated and slow (no {' or '.join(BF16_CPU_FLAGS)}): "
+            f"{instead}, runs faster")
 
 
 def choose_precision(requested: str, device: torch.device | str,
@@ -179,17 +211,84 @@ def choose_precision(requested: str, device: torch.device | str,
     without native bf16 it is emulated, slower than fp32. A bad ``requested`` is a ConfigError."""
     if requested not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
-    dev = torch.device(device)
     if requested != "auto":
-        return PrecisionChoice(requested == "bf16", "as asked")
+        bf16 = requested == "bf16"
+        return PrecisionChoice(bf16, "as asked", emulated=bf16 and emulated_bf16(device, cpu))
+    return PrecisionChoice(*bf16_native(device, cpu))
+
+
+def emulated_bf16(device: torch.device | str, cpu: CpuBf16 | None = None) -> bool:
+    """Whether bf16 on ``device`` is a CPU's emulation (no flag of :data:`BF16_CPU_FLAGS`)."""
+    return torch.device(device).type == "cpu" and not bf16_native(device, cpu)[0]
+
+
+def bf16_native(device: torch.device | str, cpu: CpuBf16 | None = None) -> tuple[bool, str]:
+    """(whether bf16 arithmetic is native on ``device``, why in words): a CUDA GPU that does bf16
+    in hardware (compute capability 8.0 on; not torch's emulation on older ones), a CPU with a
+    flag of :data:`BF16_CPU_FLAGS` (``cpu``, default :func:`cpu_bf16` of this machine); no
+    elsewhere (other devices: not measured). What ``--precision auto`` (:func:`choose_precision`)
+    and ``--dtype auto`` (:func:`auto_dtype`) both rest on, so their lines give the same reason."""
+    dev = torch.device(device)
     if dev.type == "cuda":
-        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return PrecisionChoice(ok, "GPU supports bf16" if ok else "GPU has no bf16 support")
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return ok, "GPU supports bf16" if ok else "GPU has no bf16 support"
     if dev.type != "cpu":
-        return PrecisionChoice(False, f"bf16 autocast not measured on {dev.type}")
+        return False, f"bf16 not measured on {dev.type}"
     info = cpu if cpu is not None else cpu_bf16()
     if info.native:
-        return PrecisionChoice(True, f"CPU has native bf16: {', '.join(info.flags)}")
+        return True, f"CPU has native bf16: {', '.join(info.flags)}"
     if info.source == "unknown":
-        return PrecisionChoice(False, "CPU bf16 support unknown")
-    return PrecisionChoice(False, "CPU has no native bf16")
+        return False, "CPU bf16 support unknown"
+    return False, "CPU has no native bf16"
+
+
+# ---------------------------------------------------------------------------- weights dtype
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # what the CLI's --dtype takes
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype a model loads in: ``dtype``, ``why`` in words, ``auto`` when ``--dtype auto``
+    (``dtype="auto"``) chose it, ``emulated`` when it is bf16 on a CPU without native bf16 (it
+    runs, converted to fp32 op by op: slower than fp32)."""
+
+    dtype: torch.dtype
+    why: str
+    auto: bool = False
+    emulated: bool = False
+
+    @property
+    def name(self) -> str:
+        """``"bfloat16"``, ``"float32"``, ..."""
+        return str(self.dtype).removeprefix("torch.")
+
+    def line(self) -> str:
+        """``dtype: bfloat16 (auto: CPU has native bf16: avx512_bf16)``, ``dtype: float32 (auto:
+        CPU has no native bf16)``, ``dtype: bfloat16 (as asked)``."""
+        return f"dtype: {self.name} ({'auto: ' if self.auto else ''}{self.why})"
+
+    def warning(self) -> str | None:
+        """One line when the choice is slow here (bf16 emulated on this CPU), else None."""
+        return _emulated(self.name, "float32, what --dtype auto takes here") if self.emulated else None
+
+
+def auto_dtype(device: torch.device | str | None = None, cpu: CpuBf16 | None = None) -> DtypeChoice:
+    """What ``dtype="auto"`` loads in on ``device`` (None: the CPU): bfloat16 where bf16 is native
+    (:func:`bf16_native`: a CPU with AVX-512 BF16 or AMX, a CUDA GPU with bf16), float32
+    elsewhere. The arithmetic that needs fp32 stays fp32 in a bf16 model (RMSNorm's statistics,
+    the MoE router, V4's mHC and its Sinkhorn: :class:`KeepFloat32`, :class:`Float32Linear`)."""
+    native, why = bf16_native(resolve_device(device), cpu)
+    return DtypeChoice(torch.bfloat16 if native else torch.float32, why, auto=True)
+
+
+def choose_dtype(requested: object, device: torch.device | str | None = None,
+                 cpu: CpuBf16 | None = None) -> DtypeChoice:
+    """The dtype for ``requested`` (``"auto"``, a floating dtype or its name) on ``device``
+    (None: the CPU): :func:`auto_dtype` for "auto", else that dtype "as asked", marked
+    ``emulated`` when it is bf16 on a CPU without native bf16 (allowed: the CLI warns). A bad
+    name or device is a ConfigError."""
+    dev = resolve_device(device)
+    if requested == "auto":
+        return auto_dtype(dev, cpu)
+    dtype = resolve_dtype(requested)
+    return DtypeChoice(dtype, "as asked", emulated=dtype == torch.bfloat16 and emulated_bf16(dev, cpu))

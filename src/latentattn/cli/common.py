@@ -1,14 +1,17 @@
 """What every command shares: the user-error type, number formatting, the --model flags and the
-override knobs that go with them, comma-separated integer lists, and progress callbacks."""
+override knobs that go with them (--dtype and the line saying what auto chose), comma-separated
+integer lists, and progress callbacks."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from latentattn.config import GQAConfig, MLAConfig, ModelConfig, V4AttentionConfig
 from latentattn.errors import LatentAttnError
+from latentattn.precision import DTYPE_NAMES, DtypeChoice, choose_dtype
 
 PROG = "latentattn"
 GiB = 1 << 30
@@ -38,9 +41,11 @@ def add_model_args(p: argparse.ArgumentParser, *, flag: str = "--model", require
                        "by length (default: auto)")
         p.add_argument("--dsa-masked-max-keys", type=int, default=None, metavar="N",
                        help="DSA auto prefill: masked mode up to N keys (8192)")
-        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                       help="weights and compute dtype (default: the checkpoint's own; float32 for "
-                       "random-init presets)")
+        p.add_argument("--dtype", default="auto", metavar="{" + ",".join(DTYPE_NAMES) + "}",
+                       help="weights and compute dtype. auto (default): bfloat16 on a CPU with "
+                       "native bf16 (AVX-512 BF16 or AMX) or a CUDA GPU with bf16, float32 elsewhere; "
+                       "it says which on stderr. bfloat16 on a CPU without native bf16 runs, "
+                       "emulated and slow (a warning says so)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
 
 
@@ -54,6 +59,24 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
             "indexer_key_cache": args.indexer_keys,
             "dsa_prefill": getattr(args, "dsa_prefill", None),
             "dsa_masked_max_keys": getattr(args, "dsa_masked_max_keys", None)}
+
+
+def model_dtype(args: argparse.Namespace) -> DtypeChoice:
+    """The dtype --dtype (and --device) ask for: ``latentattn.load``'s ``dtype`` is its
+    ``.dtype``; :func:`say_dtype` prints it. A name outside :data:`DTYPE_NAMES` is a UserError
+    (one line, exit 2)."""
+    if args.dtype not in DTYPE_NAMES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {args.dtype!r}")
+    return choose_dtype(args.dtype, args.device)
+
+
+def say_dtype(choice: DtypeChoice) -> None:
+    """On stderr: what --dtype auto chose and why, or that the dtype asked for is emulated here
+    (nothing for a dtype asked for that runs natively). Said after the command's work, so that
+    an error stays the only line on stderr."""
+    for line in (choice.line() if choice.auto else None, choice.warning()):
+        if line is not None:
+            print(f"{PROG}: {line}", file=sys.stderr)
 
 
 def int_list(text: str) -> list[int]:

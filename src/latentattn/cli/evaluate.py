@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Any
 
-from latentattn.cli.common import UserError, add_model_args, model_overrides
+from latentattn.cli.common import UserError, add_model_args, model_dtype, model_overrides, say_dtype
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -24,10 +24,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             f"got {value}")
     text = load_text(args.data)
     source = resolve(args.model)
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+    dtype = model_dtype(args)
+    model, tokenizer = load(args.model, dtype=dtype.dtype, device=args.device, seed=args.seed,
                             with_tokenizer=True, **model_overrides(args))
     result = evaluate_text(model, tokenizer, text, seq_len=args.seq_len, max_tokens=args.max_tokens,
                            batch_size=args.batch_size, progress=not args.quiet and not args.json)
+    say_dtype(dtype)
     if not source.has_weights:
         print(f"latentattn: {args.model} is a random-init model (seed {args.seed}), not trained "
               "weights", file=sys.stderr)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from latentattn.cli.common import UserError, add_model_args, model_overrides
+from latentattn.cli.common import UserError, add_model_args, model_dtype, model_overrides, say_dtype
 from latentattn.kernels.backend import BACKENDS
 
 
@@ -25,7 +25,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with use_backend(backend):
         check_device_backend(args.device or "cpu")  # before loading: nothing to undo
     source = resolve(args.model)
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+    dtype = model_dtype(args)
+    model, tokenizer = load(args.model, dtype=dtype.dtype, device=args.device, seed=args.seed,
                             with_tokenizer=True, **model_overrides(args))
     ids = tokenizer.encode(args.prompt)
     if not ids:
@@ -45,6 +46,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     new = out[0, len(ids):].tolist()
     if eos is not None and eos in new:
         new = new[: new.index(eos)]
+    say_dtype(dtype)  # after generating, as the note below
     if not source.has_weights:
         # Said after generating, so that an error stays the only line on stderr.
         print(f"latentattn: {args.model} is a random-init model (seed {args.seed}), "

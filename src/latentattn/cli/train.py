@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -203,14 +204,15 @@ def _precision(args: argparse.Namespace, device: Any) -> Any:
     """The :class:`~latentattn.precision.PrecisionChoice` of --precision (--bf16) on ``device``.
     A resume under auto keeps its checkpoint's choice: the run must continue in the precision it
     started in (train.resume checks bf16), whatever machine it continues on."""
-    from latentattn.precision import PrecisionChoice, choose_precision
+    from latentattn.precision import PrecisionChoice, choose_precision, emulated_bf16
     from latentattn.train.checkpoint import STATE_FILE, read_state
 
     requested = "bf16" if args.bf16 else args.precision
     if requested == "auto" and args.resume and (Path(args.out) / STATE_FILE).exists():
         saved = read_state(Path(args.out)).get("settings")
         if isinstance(saved, dict) and isinstance(saved.get("bf16", False), bool):
-            return PrecisionChoice(saved.get("bf16", False), "the checkpoint's")
+            bf16 = saved.get("bf16", False)
+            return PrecisionChoice(bf16, "the checkpoint's", emulated=bf16 and emulated_bf16(device))
     return choose_precision(requested, device)
 
 
@@ -286,6 +288,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:
         print(precision.line(), flush=True)
+        warning = precision.warning()  # the same words as generate/eval --dtype bfloat16 here
+        if warning is not None:
+            print(f"latentattn: {warning}", file=sys.stderr, flush=True)
     model.train()
     result = train(model, train_t, val_t, settings, out_dir=args.out, resume=args.resume,
                    progress=not args.quiet, teacher=teacher)
