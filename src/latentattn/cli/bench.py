@@ -1,10 +1,11 @@
-"""``latentattn bench decode|dsa|v4|indexer|convert|precision|...``: benchmarks that write JSON and
+"""``latentattn bench decode|dsa|v4|generate|indexer|convert|precision|...``: benchmarks that write JSON and
 a plot, with a progress bar. The benchmarks themselves are :mod:`latentattn.bench`."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import Any
 
@@ -340,6 +341,111 @@ def cmd_bench_precision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compiler() -> Any:
+    """``latentattn.compile``, after checking that it exists and that this machine can compile
+    (``latentattn.model.compiled.compiler_error``: None, or the one-line reason it cannot)."""
+    import importlib
+
+    try:
+        compiled = importlib.import_module("latentattn.model.compiled")
+    except ImportError:
+        raise UserError("--compile: latentattn.compile is not in this build "
+                        "(latentattn.model.compiled is missing)") from None
+    reason = compiled.compiler_error()
+    if reason is not None:
+        raise UserError(f"--compile: {reason}")
+    import latentattn
+
+    return getattr(latentattn, "compile", None) or compiled.compile
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    import gc
+
+    import torch
+    from tqdm import tqdm
+
+    from latentattn.bench import generate as gb
+    from latentattn.bench.generate_report import plot_generate_report, table
+    from latentattn.loading import load, load_config
+    from latentattn.precision import cpu_bf16
+
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if path is not None:
+            check_parent(path, flag)
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.new_tokens < 2:
+        raise UserError(f"--new-tokens must be >= 2 (decode is timed as t_N - t_1), got {args.new_tokens}")
+    specs = list(dict.fromkeys(args.model))
+    contexts = list(dict.fromkeys(args.context))
+    dtype = getattr(torch, args.dtype)  # argparse limits it to float32 / bfloat16
+    compile_model = _compiler() if args.compile else None
+    for spec in specs:  # every model's config first: a bad one fails before anything is timed
+        cfg = load_config(spec)
+        need = max(contexts) + args.new_tokens
+        if need > cfg.max_seq_len:
+            raise UserError(f"--model {spec}: --context {max(contexts):,} + --new-tokens "
+                            f"{args.new_tokens} = {need:,} tokens exceeds the model's max_seq_len "
+                            f"{cfg.max_seq_len:,}")
+    include_hf = not args.no_transformers
+    if include_hf and not gb.hf_available():
+        print(f"latentattn: transformers is not installed, skipping its generate ({gb.HF_EXTRA_HINT} "
+              "to include it)", file=sys.stderr)
+        include_hf = False
+    notes = []
+    if dtype == torch.bfloat16 and not cpu_bf16().native:
+        notes.append("bfloat16 on a CPU without native bf16 (no avx512_bf16 / amx_bf16): emulated "
+                     "and slow")
+        print(f"latentattn: {notes[-1]}", file=sys.stderr)
+    if not include_hf:
+        notes.append("transformers: not run" + (" (--no-transformers)" if args.no_transformers else ""))
+    bandwidth = gb.measure_read_bandwidth()
+    report = gb.new_report(contexts, args.new_tokens, args.repeats, dtype, args.compile, args.seed,
+                           bandwidth)
+    report.notes += notes
+
+    def save(r: gb.GenerateReport) -> None:
+        if args.json is not None:
+            write_json(args.json, r.as_dict())
+
+    total = len(specs) * len(contexts) * (2 if include_hf else 1)
+    with tqdm(total=total, file=sys.stderr, desc="bench generate", unit="run",
+              disable=args.quiet) as bar:
+        progress = on_start(bar)
+        for spec in specs:
+            bar.set_postfix_str(f"loading {spec}")
+            model = load(spec, dtype=dtype, seed=args.seed)
+            entry = gb.model_entry(spec, model)
+            report.models.append(entry)
+            hf = None
+            if include_hf:
+                try:
+                    hf, entry.transformers = gb.to_transformers(model)
+                except ValueError as e:
+                    entry.transformers_note = str(e)
+                    bar.total -= len(contexts)
+                    bar.refresh()
+            else:
+                entry.transformers_note = "--no-transformers" if args.no_transformers else "not installed"
+            if compile_model is not None:
+                model = compile_model(model)
+            gb.run_model(report, spec, model, hf, progress=progress, on_point=save)
+            del model, hf
+            gc.collect()
+        bar.update(bar.total - bar.n)
+    if hasattr(os, "getloadavg"):
+        report.machine["loadavg_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    save(report)
+    if args.plot is not None:
+        atomic_write(args.plot, lambda tmp: plot_generate_report(report, tmp), suffix=".png")
+    print(table(report))
+    written = [p for p in (args.json, args.plot) if p is not None]
+    if written:
+        print("wrote " + " and ".join(written))
+    return 0
+
+
 def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -357,6 +463,36 @@ def register(sub: Any) -> None:
             b.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
             b.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # small dims, tests
         return b
+
+    gen = bench_parser(
+        "generate", help="whole-model prefill and decode tokens/s against transformers and the roofline",
+        description="Whole-model generation, batch 1, greedy, from a random prompt of each --context "
+        "length: latentattn's prefill tokens/s (a generate of 1 new token) and decode tokens/s "
+        "((t_N - t_1) / (N - 1) over a generate of --new-tokens N), after one untimed warm-up "
+        "generation, against transformers' generate on the same weights and dtype (Llama for GQA "
+        "models, DeepSeek's models for MLA/DSA in DeepSeek's format; skipped with a note where "
+        "transformers cannot run the model) and against the memory roofline: this machine's read "
+        "bandwidth (measured first: torch.sum over 1 GiB) over the bytes a decode step reads (every "
+        "weight once, the embedding's one row, the KV cache at that context). --compile: "
+        "latentattn.compile the model first and report each point's cold compile time. "
+        "Prints the table; --json and --plot are optional.", outputs_required=False)
+    gen.add_argument("--model", required=True, action="append", metavar="SPEC",
+                     help="the model (repeat for several): a preset, checkpoint, run directory, "
+                     "GGUF file or installed model (smollm2-135m)")
+    gen.add_argument("--context", type=int_list, default=[512, 2048, 8192], metavar="N1,N2,...",
+                     help="prompt lengths in tokens (512,2048,8192)")
+    gen.add_argument("--new-tokens", type=int, default=32, metavar="N",
+                     help="decoded tokens per timed generation (32; at least 2)")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                     help="weights, cache and compute dtype on both sides (float32)")
+    gen.add_argument("--compile", action="store_true",
+                     help="latentattn.compile the model (needs a C++ compiler); transformers stays eager")
+    gen.add_argument("--no-transformers", action="store_true", help="skip transformers' generate")
+    gen.add_argument("--repeats", type=int, default=3, metavar="N",
+                     help="timed generations of 1 and of N tokens per point, medians (3)")
+    gen.add_argument("--seed", type=int, default=0,
+                     help="the random prompts' seed and random-init presets' weights (0)")
+    gen.set_defaults(func=cmd_bench_generate)
 
     dec = bench_parser(
         "decode", help="time one decode step of one attention layer per variant",
