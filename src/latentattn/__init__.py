@@ -21,6 +21,7 @@ from latentattn.config import (
 from latentattn.errors import CacheOverflowError, CheckpointError, ConfigError, LatentAttnError
 from latentattn.loading import load, load_config, load_tokenizer
 from latentattn.model import Transformer, generate
+from latentattn.model.compiled import compile
 from latentattn.presets import PRESETS, get_preset
 
 __version__ = "0.1.0"
@@ -52,6 +53,7 @@ __all__ = [
     "RopeConfig",
     "Transformer",
     "YarnConfig",
+    "compile",
     "from_pretrained",
     "generate",
     "get_preset",

@@ -304,7 +304,7 @@ def _bench_ours(variant: str, layer: torch.nn.Module, rotary: RotaryEmbedding, x
             for s in range(0, ctx, FILL_CHUNK):
                 chunk = buf[:, s : min(s + FILL_CHUNK, ctx)]
                 chunk.copy_(torch.randn(chunk.shape, generator=g))
-    cache.lengths.fill_(ctx)
+    cache.fill(ctx)
     step = cache.step(1)  # the same plan every repeat: lengths never move (rolled back below)
     rope = rotary(step.positions)
     out: list[torch.Tensor] = []
@@ -313,7 +313,7 @@ def _bench_ours(variant: str, layer: torch.nn.Module, rotary: RotaryEmbedding, x
         out.append(layer(x, rope, step, lc))
 
     def rollback() -> None:
-        cache.lengths.fill_(ctx)  # the layer wrote position ctx; the next call overwrites it
+        cache.fill(ctx)  # the layer wrote position ctx; the next call overwrites it
         del out[:-1]
 
     samples = time_call(call, repeats, rollback)

@@ -159,7 +159,7 @@ def _filled_cache(dims: DSADims, context: int, dtype: torch.dtype) -> KVCache:
     latent[0, :context] = torch.randn(context, dims.kv_lora_rank + dims.qk_rope_head_dim, generator=g)
     k = torch.randn(context, dims.index_head_dim, generator=g)
     keys[0, :context] = torch.nn.functional.layer_norm(k, (dims.index_head_dim,))
-    cache.lengths.fill_(context)
+    cache.fill(context)
     return cache
 
 

@@ -24,7 +24,7 @@ def decode_step(batch: int, context: int, device: torch.device) -> Step:
     tokens and reads one more (an equal-length batch): ``KVCache.step(1)`` itself, positions
     context - 1, kv_len context and its (B, 1, 1, context) mask."""
     plan = KVCache([], batch, context, device)
-    plan.lengths.fill_(context - 1)
+    plan.fill(context - 1)
     return plan.step(1)
 
 

@@ -188,7 +188,7 @@ def v32_decode(quick: bool, kind: str, context: int, dtype_name: str, repeats: i
     g = torch.Generator().manual_seed(1)
     cached.kv[0, :context].normal_(generator=g)
     cached.index_k[0, :context].normal_(generator=g)
-    cache.lengths.fill_(context)
+    cache.fill(context)
     step, rope = cache.step(1), _rope_at(d, context)
     x = torch.randn(1, 1, d.dim).to(dtype)
     q, c_q = layer.rotated_query(x, rope)

@@ -55,11 +55,13 @@ def build_cache(
     specs: Sequence[CacheSpec], batch: int, capacity: int, dtype: torch.dtype,
     device: torch.device | str | None = None, *, latent_format: LatentFormat = "model",
     page_size: int | None = None, num_pages: int | None = None, name: str = "the model",
+    static: bool = False,
 ) -> KVCache:
     """One layer cache per spec, for ``batch`` rows of up to ``capacity`` tokens in ``dtype``
     (what fp8 stores are read back as). ``page_size``: the latent in pages of that many tokens
     from a pool of ``num_pages`` (default: room for every row at ``capacity``), dense MLA only
-    (DSA's indexer and sparse kernels read rows). ``name`` names the model in errors."""
+    (DSA's indexer and sparse kernels read rows). ``name`` names the model in errors.
+    ``static``: every step reads the whole capacity (:class:`~latentattn.cache.kv.KVCache`)."""
     if latent_format not in ("model", "fp8"):
         raise ConfigError(f"latent_format must be model or fp8, got {latent_format!r}")
     if page_size is not None and not all(
@@ -83,8 +85,8 @@ def build_cache(
         for s in specs
     ]
     if pool is not None:
-        return PagedKVCache(layers, pool, batch, capacity, device)
-    return KVCache(layers, batch, capacity, device)
+        return PagedKVCache(layers, pool, batch, capacity, device, static)
+    return KVCache(layers, batch, capacity, device, static)
 
 
 __all__ = ["CacheSpec", "DenseSpec", "LatentSpec", "build_cache"]

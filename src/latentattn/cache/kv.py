@@ -17,14 +17,27 @@ from latentattn.errors import CacheOverflowError
 
 
 class KVCache:
-    """All layers' caches plus the per-row lengths they share."""
+    """All layers' caches plus the per-row lengths they share.
+
+    ``lengths`` (B,) lives on the cache's device; the host keeps the same counts as Python ints
+    (``host_lengths``), so planning a step needs nothing back from the device: no ``.item()``, no
+    ``bool(tensor)``, nothing that would make a decode step wait on its device or stop a
+    compiler's graph (gpt-fast's design: fixed buffers, positions as a tensor). Only a ragged
+    step (``input_lengths`` given) reads its lengths back, once, on the host.
+
+    ``static``: every step after a fresh prefill reads all ``capacity`` positions under a mask
+    built from the positions, so a decode step has the same shapes every call and compiles once
+    (``latentattn.compile``); otherwise (the default, eager) a step reads only the longest row.
+    """
 
     def __init__(self, layers: list[LayerCache], batch: int, capacity: int,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, static: bool = False) -> None:
         self.layers = layers
         self.batch = batch
         self.capacity = capacity
+        self.static = static
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.host_lengths = [0] * batch
 
     def __getitem__(self, layer: int) -> LayerCache:
         return self.layers[layer]
@@ -53,39 +66,50 @@ class KVCache:
 
     def reset(self) -> None:
         """Forget every row's tokens; the buffers are kept and overwritten by the next writes."""
-        self.lengths.zero_()
+        self.fill(0)
+
+    def fill(self, length: int) -> None:
+        """Say every row holds ``length`` tokens (benchmarks that time one step over a cache
+        they filled themselves)."""
+        self.lengths.fill_(length)
+        self.host_lengths = [length] * self.batch
+
+    def _new_tokens(self, seq_len: int, input_lengths: torch.Tensor | None) -> list[int]:
+        """How many real tokens each row gets: read back from the device for a ragged step."""
+        if input_lengths is None:
+            return [seq_len] * self.batch
+        return [int(n) for n in input_lengths.tolist()]
 
     def step(self, seq_len: int, input_lengths: torch.Tensor | None = None) -> Step:
         """Plan a forward of seq_len new tokens per row (input_lengths (B,) of them real)."""
         device = self.lengths.device
-        t = torch.arange(seq_len, device=device)
-        new = (
-            torch.full_like(self.lengths, seq_len) if input_lengths is None
-            else input_lengths.to(device=device, dtype=torch.long)
-        )
-        end = self.lengths + new
-        if bool((end > self.capacity).any()):
-            row = int(torch.argmax(end).item())
+        new = self._new_tokens(seq_len, input_lengths)
+        ends = [n + m for n, m in zip(self.host_lengths, new, strict=True)]
+        longest = max(ends)
+        if longest > self.capacity:
+            row = ends.index(longest)
             raise CacheOverflowError(
-                f"KV cache overflow: row {row} would hold {int(end[row])} tokens but the cache "
+                f"KV cache overflow: row {row} would hold {longest} tokens but the cache "
                 f"was allocated for {self.capacity}"
             )
+        t = torch.arange(seq_len, device=device)
         positions = self.lengths[:, None] + t  # (B, T)
-        valid = None if input_lengths is None else t[None, :] < new[:, None]
-        if valid is not None and bool(valid.all()):
-            valid = None
-        if valid is not None:
+        valid = None
+        if input_lengths is not None and min(new) < seq_len:
+            valid = t[None, :] < input_lengths.to(device=device, dtype=torch.long)[:, None]
             # Padded tokens are never written; park their positions on a legal index.
             positions = torch.where(valid, positions, positions.clamp(max=self.capacity - 1))
-        kv_len = int(end.max().item())
-        if valid is None and not bool(self.lengths.any()):
-            return Step(positions=positions, valid=None, kv_len=kv_len, mask=None)
+        if valid is None and max(self.host_lengths) == 0:
+            return Step(positions=positions, valid=None, kv_len=seq_len, mask=None)
+        kv_len = self.capacity if self.static else longest
         j = torch.arange(kv_len, device=device)
         mask = (j[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, kv_len)
         return Step(positions=positions, valid=valid, kv_len=kv_len, mask=mask)
 
     def advance(self, seq_len: int, input_lengths: torch.Tensor | None = None) -> None:
         """Count the tokens of the step just run as cached."""
+        new = self._new_tokens(seq_len, input_lengths)
+        self.host_lengths = [n + m for n, m in zip(self.host_lengths, new, strict=True)]
         if input_lengths is None:
             self.lengths += seq_len
         else:

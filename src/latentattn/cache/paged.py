@@ -35,24 +35,30 @@ class PagePool:
         self.free = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
         self.table = torch.full((batch, -(-capacity // page_size)), -1, dtype=torch.int32,
                                 device=device)
-        self.held = [0] * batch  # pages held by each row
+        self.rows: list[list[int]] = [[] for _ in range(batch)]  # each row's pages, in order
 
     def ensure(self, row: int, tokens: int) -> None:
         """Give ``row`` enough pages for ``tokens`` tokens."""
         need = -(-tokens // self.page_size)
-        while self.held[row] < need:
+        pages = self.rows[row]
+        while len(pages) < need:
             if not self.free:
                 raise CacheOverflowError(f"the page pool is exhausted: all {self.num_pages} pages of "
                                          f"{self.page_size} tokens are in use (row {row} needs more)")
-            self.table[row, self.held[row]] = self.free.pop()
-            self.held[row] += 1
+            page = self.free.pop()
+            self.table[row, len(pages)] = page
+            pages.append(page)
 
     def release(self, row: int) -> None:
         """Return ``row``'s pages to the pool."""
-        pages = self.table[row, : self.held[row]].tolist()
-        self.free.extend(reversed(pages))
+        self.free.extend(reversed(self.rows[row]))
         self.table[row] = -1
-        self.held[row] = 0
+        self.rows[row] = []
+
+    @property
+    def held(self) -> list[int]:
+        """How many pages each row holds."""
+        return [len(pages) for pages in self.rows]
 
     @property
     def pages_in_use(self) -> int:
@@ -115,26 +121,32 @@ class PagedKVCache(KVCache):
     """A :class:`KVCache` whose layers are paged: ``step`` takes pages for the tokens to come."""
 
     def __init__(self, layers: list[LayerCache], pool: PagePool, batch: int, capacity: int,
-                 device: torch.device | str | None = None) -> None:
-        super().__init__(layers, batch, capacity, device)
+                 device: torch.device | str | None = None, static: bool = False) -> None:
+        super().__init__(layers, batch, capacity, device, static)
         self.pool = pool
 
     def step(self, seq_len: int, input_lengths: torch.Tensor | None = None) -> Step:
         plan = super().step(seq_len, input_lengths)
-        new = (torch.full_like(self.lengths, seq_len) if input_lengths is None
-               else input_lengths.to(device=self.lengths.device, dtype=torch.long))
-        for row, end in enumerate((self.lengths + new).tolist()):
-            self.pool.ensure(row, end)
+        # Pages come from the host's own counts: nothing is read back from the device.
+        new = self._new_tokens(seq_len, input_lengths)
+        for row, (n, m) in enumerate(zip(self.host_lengths, new, strict=True)):
+            self.pool.ensure(row, n + m)
         return plan
 
     def release(self, row: int) -> None:
         """Forget ``row``'s tokens and give its pages back to the pool."""
         self.pool.release(row)
         self.lengths[row] = 0
+        self.host_lengths[row] = 0
 
     def reset(self) -> None:
         for row in range(self.batch):
             self.release(row)
+
+    def fill(self, length: int) -> None:
+        super().fill(length)
+        for row in range(self.batch):
+            self.pool.ensure(row, length)
 
 
 __all__ = ["PAGE_SIZE", "PagePool", "PagedKVCache", "PagedLatentKV", "Pages"]

@@ -85,7 +85,9 @@ def select_topk(
     for t0 in range(0, t, q_block):
         t1 = min(t0 + q_block, t)
         pos = positions[:, t0:t1]
-        last = min(int(pos.max()) + 1, s)  # keys past the block's last position are never visible
+        # Keys past the block's last position are never visible. A decode step (one query a
+        # row) scores all s keys instead of asking the device for that position: no host sync.
+        last = s if t == 1 else min(int(pos.max()) + 1, s)
         best_v = torch.full((b, t1 - t0, 0), float("-inf"), device=q.device)
         best_i = torch.empty(b, t1 - t0, 0, dtype=torch.long, device=q.device)
         for s0 in range(0, last, k_block):

@@ -73,7 +73,7 @@ def generate(
 
     cache = (model.make_cache(b, total, dtype=cache_dtype, latent_fp8=latent_fp8,
                               page_size=page_size) if use_cache else None)
-    logits = model(input_ids, cache, lengths if ragged else None)[rows, lengths - 1]
+    logits = model(input_ids, cache, lengths if ragged else None, logits_at=lengths - 1)
     for i in range(max_new_tokens):
         nxt = sample(logits, temperature, top_p, top_k, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
@@ -88,5 +88,5 @@ def generate(
             logits = model(nxt[:, None], cache)[:, -1]
         else:
             upto = int((lengths + i + 1).max())
-            logits = model(out[:, :upto])[rows, lengths + i]
+            logits = model(out[:, :upto], logits_at=lengths + i)
     return out

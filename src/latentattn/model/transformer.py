@@ -4,8 +4,9 @@ form with mHC (the residual as ``hc_mult`` streams, :mod:`latentattn.model.hyper
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal, cast, overload
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from latentattn.cache.build import build_cache
 from latentattn.cache.kv import KVCache
-from latentattn.cache.step import fresh_step
+from latentattn.cache.step import Step, fresh_step
 from latentattn.config import ModelConfig
 from latentattn.errors import ConfigError
 from latentattn.model.block import Block, make_norm
@@ -21,7 +22,19 @@ from latentattn.model.ffn import Router
 from latentattn.model.hyper import HyperConnection, HyperHead
 from latentattn.rope import RotaryEmbedding
 
-__all__ = ["Block", "Transformer"]
+__all__ = ["Block", "CompiledSteps", "Transformer"]
+
+# Transformer.run's signature: (input_ids, step, cache, logits_at) -> (logits, indexer loss).
+Runner = Callable[[torch.Tensor, Step, "KVCache | None", "torch.Tensor | None"],
+                  tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+@dataclass(frozen=True)
+class CompiledSteps:
+    """What :func:`latentattn.compile` made of a model: its prefill and decode steps."""
+
+    prefill: Runner
+    decode: Runner
 
 
 @contextmanager
@@ -66,6 +79,8 @@ class Transformer(nn.Module):
         # The indexer loss of the last forward, for train.dsa.indexer_loss(model): code that
         # reads it after model(ids). Training takes the returned one instead.
         self.last_indexer_loss: torch.Tensor | None = None
+        # Set by latentattn.compile: the compiled prefill and decode steps.
+        self.compiled_steps: CompiledSteps | None = None
 
     @classmethod
     def empty(cls, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> Transformer:
@@ -118,7 +133,7 @@ class Transformer(nn.Module):
     def make_cache(
         self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None,
         device: torch.device | str | None = None, latent_fp8: bool = False,
-        page_size: int | None = None, num_pages: int | None = None,
+        page_size: int | None = None, num_pages: int | None = None, static: bool | None = None,
     ) -> KVCache:
         """Preallocate every layer's cache (:func:`latentattn.cache.build.build_cache`): each
         attention says what it caches (``cache_spec``: per-head K/V, the MLA latent, DSA's
@@ -126,7 +141,9 @@ class Transformer(nn.Module):
         fp8 stores are read back as. ``latent_fp8``: the latent in FlashMLA's fp8 record (MLA
         with impl auto or absorb, or DSA beside its indexer keys). ``page_size``: the latent in
         pages of that many tokens from a pool of ``num_pages`` (default: room for every row at
-        ``capacity``; dense MLA only); both together: FlashMLA's paged fp8 layout."""
+        ``capacity``; dense MLA only); both together: FlashMLA's paged fp8 layout. ``static``
+        (default: whether the model is compiled): every step reads the whole capacity, so a
+        decode step's shapes never change (:class:`~latentattn.cache.kv.KVCache`)."""
         capacity = capacity or self.config.max_seq_len
         if capacity > self.config.max_seq_len:
             raise ConfigError(
@@ -135,22 +152,26 @@ class Transformer(nn.Module):
         return build_cache([blk.self_attn.cache_spec() for blk in self.blocks], batch, capacity,
                            dtype or self.dtype, device or self.device,
                            latent_format="fp8" if latent_fp8 else "model", page_size=page_size,
-                           num_pages=num_pages, name=self.config.name)
+                           num_pages=num_pages, name=self.config.name,
+                           static=self.compiled_steps is not None if static is None else static)
 
     @overload
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                lengths: torch.Tensor | None = None, *,
-                return_indexer_loss: Literal[False] = False) -> torch.Tensor: ...
+                lengths: torch.Tensor | None = None, *, return_indexer_loss: Literal[False] = False,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor: ...
 
     @overload
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                lengths: torch.Tensor | None = None, *, return_indexer_loss: Literal[True]
-                ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+                lengths: torch.Tensor | None = None, *, return_indexer_loss: Literal[True],
+                logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def forward(
         self, input_ids: torch.Tensor, cache: KVCache | None = None,
         lengths: torch.Tensor | None = None, *, return_indexer_loss: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """``logits_at`` (B,): the logits of that position of each row only, (B, vocab) (what
+        generation needs of a prefill: the LM head over one position instead of T)."""
         b, t = input_ids.shape
         if cache is None:
             if t > self.config.max_seq_len:
@@ -159,7 +180,17 @@ class Transformer(nn.Module):
                 )
             step = fresh_step(b, t, input_ids.device)
         else:
-            step = cache.step(t, lengths)
+            step = cache.step(t, lengths)  # host bookkeeping: nothing read back from the device
+        logits, self.last_indexer_loss = self._runner(t, cache)(input_ids, step, cache, logits_at)
+        if cache is not None:
+            cache.advance(t, lengths)
+        return (logits, self.last_indexer_loss) if return_indexer_loss else logits
+
+    def run(self, input_ids: torch.Tensor, step: Step, cache: KVCache | None,
+            logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tensor work of one planned forward: (logits, indexer loss or None). Nothing here
+        reads a tensor back to the host or changes the cache's counts, so with a static cache a
+        decode step has the same graph every call (what :func:`latentattn.compile` compiles)."""
         rope = self.rotary(step.positions)
         h = self.embed_tokens(input_ids)
         losses: list[torch.Tensor] = []  # the indexer KLs of DSA / V4 CSA layers that train one
@@ -172,11 +203,20 @@ class Transformer(nn.Module):
             for i, blk in enumerate(self.blocks):
                 h = blk.streams(h, rope, step, None if cache is None else cache[i], input_ids, losses)
             h = self.hc_head(h)  # (B, T, dim)
-        if cache is not None:
-            cache.advance(t, lengths)
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at]  # (B, dim)
         logits = self.lm_head(self.norm(h))
-        self.last_indexer_loss = torch.stack(losses).sum() if losses else None
-        return (logits, self.last_indexer_loss) if return_indexer_loss else logits
+        return logits, (torch.stack(losses).sum() if losses else None)
+
+    def _runner(self, seq_len: int, cache: KVCache | None) -> Runner:
+        """``run``, or its compiled form for this kind of step after :func:`latentattn.compile`
+        (a compiled decode step needs a static cache: its shapes must not change)."""
+        steps = self.compiled_steps
+        if steps is None or (self.training and torch.is_grad_enabled()):
+            return self.run
+        if seq_len == 1 and cache is not None and cache.static:
+            return steps.decode
+        return steps.prefill
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
