@@ -130,3 +130,13 @@ def test_compile_without_a_compiler_is_one_clear_error(monkeypatch: pytest.Monke
     with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
         latentattn.compile(model)
     assert model.compiled_steps is None
+
+
+def test_generate_compile_without_a_compiler_exits_2(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import cli_error
+
+    monkeypatch.setattr(compiled, "compiler_error", lambda: "torch.compile needs a C++ compiler")
+    line = cli_error(capsys, ["generate", "--model", "tiny-mla", "--prompt", "x",
+                              "--max-new-tokens", "2", "--compile"])
+    assert "--compile: torch.compile needs a C++ compiler" in line

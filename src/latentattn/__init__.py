@@ -22,6 +22,7 @@ from latentattn.errors import CacheOverflowError, CheckpointError, ConfigError, 
 from latentattn.loading import load, load_config, load_tokenizer
 from latentattn.model import Transformer, generate
 from latentattn.model.compiled import compile
+from latentattn.model.layout import decode_layout
 from latentattn.presets import PRESETS, get_preset
 
 __version__ = "0.1.0"
@@ -54,6 +55,7 @@ __all__ = [
     "Transformer",
     "YarnConfig",
     "compile",
+    "decode_layout",
     "from_pretrained",
     "generate",
     "get_preset",

@@ -16,6 +16,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from latentattn.kernels.backend import check_device_backend, get_backend, use_backend
     from latentattn.loading import load, resolve
     from latentattn.model import generate
+    from latentattn.model.compiled import compile, compiler_error
+    from latentattn.model.layout import decode_layout
 
     if not args.prompt:
         raise UserError("--prompt must not be empty")
@@ -24,6 +26,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     backend = args.backend or get_backend()
     with use_backend(backend):
         check_device_backend(args.device or "cpu")  # before loading: nothing to undo
+    if args.compile and compiler_error() is not None:
+        raise UserError(f"--compile: {compiler_error()}")  # before loading: nothing to undo
     source = resolve(args.model)
     dtype = model_dtype(args)
     model, tokenizer = load(args.model, dtype=dtype.dtype, device=args.device, seed=args.seed,
@@ -36,6 +40,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                         f"{model.config.vocab_size}")
     if args.page_size is not None and args.page_size < 1:
         raise UserError(f"--page-size must be >= 1, got {args.page_size}")
+    decode_layout(model)  # fp32 CPU weights input-major: each decode GEMV streams them faster
+    if args.compile:
+        compile(model)
     eos = tokenizer.eos_token_id
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
     with use_backend(backend):
@@ -74,6 +81,11 @@ def register(sub: Any) -> None:
                      "at DeepSeek's dims against 1,152 in bf16)")
     gen.add_argument("--page-size", type=int, default=None, metavar="N",
                      help="dense MLA: keep the latent cache in pages of N tokens (FlashMLA: 64)")
+    gen.add_argument("--compile", action="store_true",
+                     help="compile the prefill and decode steps with torch.compile (latentattn."
+                     "compile); the first call pays the compilation (tens of seconds on a CPU), so "
+                     "it pays off for long generations (`latentattn bench generate --compile` "
+                     "measures both)")
     gen.add_argument("--backend", choices=list(BACKENDS), default=None,
                      help="attention implementation: auto (the default; LATENTATTN_BACKEND sets it "
                      "too) runs the Triton kernels for a CUDA --device when Triton imports and "
