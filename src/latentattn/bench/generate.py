@@ -74,7 +74,7 @@ def weight_bytes_per_token(model: Transformer) -> int:
     """Bytes of weights one batch-1 decode step reads: every parameter once (shared ones, the tied
     embedding / lm_head, once), but of an untied embedding only the one row it looks up."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())  # deduplicated
-    if not model.config.tie_word_embeddings:
+    if model.lm_head.weight is not model.embed_tokens.weight:  # untied (or decode_layout's copy)
         emb = model.embed_tokens.weight
         total -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
     return total

@@ -368,6 +368,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     from latentattn.bench import generate as gb
     from latentattn.bench.generate_report import plot_generate_report, table
     from latentattn.loading import load, load_config
+    from latentattn.model.layout import decode_layout
     from latentattn.precision import cpu_bf16
 
     for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
@@ -381,8 +382,11 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     contexts = list(dict.fromkeys(args.context))
     dtype = getattr(torch, args.dtype)  # argparse limits it to float32 / bfloat16
     compile_model = _compiler() if args.compile else None
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise UserError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
+    overrides = {} if args.max_seq_len is None else {"max_seq_len": args.max_seq_len}
     for spec in specs:  # every model's config first: a bad one fails before anything is timed
-        cfg = load_config(spec)
+        cfg = load_config(spec, **overrides)
         need = max(contexts) + args.new_tokens
         if need > cfg.max_seq_len:
             raise UserError(f"--model {spec}: --context {max(contexts):,} + --new-tokens "
@@ -415,7 +419,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         progress = on_start(bar)
         for spec in specs:
             bar.set_postfix_str(f"loading {spec}")
-            model = load(spec, dtype=dtype, seed=args.seed)
+            model = load(spec, dtype=dtype, seed=args.seed, **overrides)
             entry = gb.model_entry(spec, model)
             report.models.append(entry)
             hf = None
@@ -428,6 +432,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
                     bar.refresh()
             else:
                 entry.transformers_note = "--no-transformers" if args.no_transformers else "not installed"
+            decode_layout(model)  # after transformers' copy: what `latentattn generate` runs
             if compile_model is not None:
                 model = compile_model(model)
             gb.run_model(report, spec, model, hf, progress=progress, on_point=save)
@@ -488,6 +493,8 @@ def register(sub: Any) -> None:
     gen.add_argument("--compile", action="store_true",
                      help="latentattn.compile the model (needs a C++ compiler); transformers stays eager")
     gen.add_argument("--no-transformers", action="store_true", help="skip transformers' generate")
+    gen.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                     help="override the models' context limit (a preset such as tiny-dsa at 32k)")
     gen.add_argument("--repeats", type=int, default=3, metavar="N",
                      help="timed generations of 1 and of N tokens per point, medians (3)")
     gen.add_argument("--seed", type=int, default=0,
