@@ -432,9 +432,11 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
                     bar.refresh()
             else:
                 entry.transformers_note = "--no-transformers" if args.no_transformers else "not installed"
-            decode_layout(model)  # after transformers' copy: what `latentattn generate` runs
+            # After transformers' copy is made: what `latentattn generate` runs.
             if compile_model is not None:
                 model = compile_model(model)
+            else:
+                decode_layout(model)
             gb.run_model(report, spec, model, hf, progress=progress, on_point=save)
             del model, hf
             gc.collect()

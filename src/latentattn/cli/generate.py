@@ -40,9 +40,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                         f"{model.config.vocab_size}")
     if args.page_size is not None and args.page_size < 1:
         raise UserError(f"--page-size must be >= 1, got {args.page_size}")
-    decode_layout(model)  # fp32 CPU weights input-major: each decode GEMV streams them faster
     if args.compile:
         compile(model)
+    else:
+        decode_layout(model)  # fp32 CPU weights input-major: each eager decode GEMV streams faster
     eos = tokenizer.eos_token_id
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
     with use_backend(backend):

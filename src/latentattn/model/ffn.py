@@ -8,7 +8,7 @@ from torch import nn
 
 from latentattn.config import MoEConfig
 from latentattn.errors import ConfigError
-from latentattn.precision import KeepFloat32
+from latentattn.precision import KeepFloat32, fp32_compute
 
 
 class MLP(nn.Module):
@@ -92,7 +92,8 @@ class Router(KeepFloat32):
         """x (N, dim), input_ids (N,) or any shape of N ids (hash layers only) -> weights (N, k)
         fp32, indices (N, k)."""
         c = self.cfg
-        logits = F.linear(x.float(), self.weight)
+        with fp32_compute(x):  # bf16 autocast (training) would cast the fp32 inputs down
+            logits = F.linear(x.float(), self.weight)
         per_group = (-1, c.n_group, c.n_routed_experts // c.n_group)
         if c.scoring_func == "softmax":
             scores = probs = logits.softmax(dim=-1)

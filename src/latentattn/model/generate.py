@@ -7,6 +7,8 @@ import torch
 from latentattn.errors import LatentAttnError
 from latentattn.model.transformer import Transformer
 
+CAPACITY_STEP = 256  # a compiled model's cache capacity is a multiple of this (generate)
+
 
 def sample(
     logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -71,7 +73,12 @@ def generate(
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     ragged = prompt_lengths is not None and bool((lengths != t).any())
 
-    cache = (model.make_cache(b, total, dtype=cache_dtype, latent_fp8=latent_fp8,
+    capacity = total
+    if model.compiled_steps is not None:
+        # A compiled decode step is compiled for its cache's shape: capacities rounded up to a
+        # multiple of CAPACITY_STEP let later calls of similar lengths reuse the compiled graph.
+        capacity = min(limit, -(-total // CAPACITY_STEP) * CAPACITY_STEP)
+    cache = (model.make_cache(b, capacity, dtype=cache_dtype, latent_fp8=latent_fp8,
                               page_size=page_size) if use_cache else None)
     logits = model(input_ids, cache, lengths if ragged else None, logits_at=lengths - 1)
     for i in range(max_new_tokens):

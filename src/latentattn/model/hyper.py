@@ -23,7 +23,7 @@ from torch import nn
 
 from latentattn.config import HyperConfig, ModelConfig
 from latentattn.errors import ConfigError
-from latentattn.precision import KeepFloat32
+from latentattn.precision import KeepFloat32, fp32_compute
 
 
 def _hyper(cfg: ModelConfig) -> HyperConfig:
@@ -37,7 +37,8 @@ def _mix(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     weight, (B, T, rows), fp32 (transformers' DeepseekV4UnweightedRMSNorm, then F.linear)."""
     flat = streams.flatten(2).float()  # (B, T, N * dim)
     flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
-    return F.linear(flat, fn.float())
+    with fp32_compute(flat):  # bf16 autocast (training) would cast the fp32 inputs down
+        return F.linear(flat, fn.float())
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
