@@ -69,9 +69,17 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         rc = main(["bench", "generate", "--model", "tiny-gqa", "--model", "tiny-mla",
                    "--context", ",".join(map(str, CONTEXTS)), "--new-tokens", str(NEW),
                    "--repeats", "1", "--quiet", "--json", str(out / "g.json"),
-                   "--plot", str(out / "g.png")])
+                   "--plot", str(out / "g.png"), "--profile", str(out / "p.txt")])
     return {"rc": rc, "stdout": buf.getvalue(), "json": json.loads((out / "g.json").read_text()),
-            "png": out / "g.png"}
+            "png": out / "g.png", "profile": (out / "p.txt").read_text()}
+
+
+def test_the_profile_shows_each_models_decode_operators(run: dict[str, Any]) -> None:
+    text = run["profile"]
+    for spec in ("tiny-gqa", "tiny-mla"):
+        assert f"## {spec}, torch.float32, eager" in text
+    assert text.count("decode steps after 48 tokens") == 2
+    assert "aten::mm" in text and "Input Shapes" in text  # the GEMVs, grouped by shape
 
 
 def test_the_run_writes_its_files_and_table(run: dict[str, Any]) -> None:

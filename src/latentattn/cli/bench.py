@@ -7,6 +7,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from latentattn.cli.common import UserError, int_list, on_start
@@ -84,7 +85,7 @@ def cmd_bench_v4(args: argparse.Namespace) -> int:
     from latentattn.bench import v4
     from latentattn.bench.v4_report import V4Report, plot_v4_report, table
 
-    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot"), (args.profile, "--profile")):
         if path is not None:
             check_parent(path, flag)
     if args.repeats < 1 or (args.chunk is not None and args.chunk < 1):
@@ -367,6 +368,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
 
     from latentattn.bench import generate as gb
     from latentattn.bench.generate_report import plot_generate_report, table
+    from latentattn.bench.profile import profile_decode
     from latentattn.loading import load, load_config
     from latentattn.model.layout import decode_layout
     from latentattn.precision import cpu_bf16
@@ -414,6 +416,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
             write_json(args.json, r.as_dict())
 
     total = len(specs) * len(contexts) * (2 if include_hf else 1)
+    profiles: list[str] = []
     with tqdm(total=total, file=sys.stderr, desc="bench generate", unit="run",
               disable=args.quiet) as bar:
         progress = on_start(bar)
@@ -438,12 +441,20 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
             else:
                 decode_layout(model)
             gb.run_model(report, spec, model, hf, progress=progress, on_point=save)
+            if args.profile is not None:
+                bar.set_postfix_str(f"profiling {spec}")
+                profiles.append(f"## {spec}, {dtype}, {'compiled' if args.compile else 'eager'}\n"
+                                + profile_decode(model, gb.prompt_ids(model.config.vocab_size,
+                                                                      max(contexts), args.seed)))
             del model, hf
             gc.collect()
         bar.update(bar.total - bar.n)
     if hasattr(os, "getloadavg"):
         report.machine["loadavg_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
     save(report)
+    if args.profile is not None:
+        text = "\n\n".join(profiles)
+        atomic_write(args.profile, lambda tmp: Path(tmp).write_text(text), suffix=".txt")
     if args.plot is not None:
         atomic_write(args.plot, lambda tmp: plot_generate_report(report, tmp), suffix=".png")
     print(table(report))
@@ -495,6 +506,9 @@ def register(sub: Any) -> None:
     gen.add_argument("--compile", action="store_true",
                      help="latentattn.compile the model (needs a C++ compiler); transformers stays eager")
     gen.add_argument("--no-transformers", action="store_true", help="skip transformers' generate")
+    gen.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                     help="also write torch.profiler's table of 8 decode steps at the longest "
+                     "context for each model (operators by input shape: where the time goes)")
     gen.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                      help="override the models' context limit (a preset such as tiny-dsa at 32k)")
     gen.add_argument("--repeats", type=int, default=3, metavar="N",
