@@ -140,3 +140,14 @@ def test_generate_compile_without_a_compiler_exits_2(monkeypatch: pytest.MonkeyP
     line = cli_error(capsys, ["generate", "--model", "tiny-mla", "--prompt", "x",
                               "--max-new-tokens", "2", "--compile"])
     assert "--compile: torch.compile needs a C++ compiler" in line
+
+
+def test_v4_over_a_static_cache_equals_its_dynamic_cache() -> None:
+    """DeepSeek-V4's caches (window ring, compressed entries) under a static step: the entries past
+    a row's position are hidden by their visibility, so reading the whole capacity changes
+    nothing. (Its MoE reads the chosen experts back to the host: not a static_decode model.)"""
+    model = latentattn.load("tiny-v4", seed=0, max_seq_len=64)
+    assert not compiled.static_decode(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    want = _decode_logits(model, ids, 6, static=False, cache_args={})
+    torch.testing.assert_close(_decode_logits(model, ids, 6, static=True, cache_args={}), want)
