@@ -34,7 +34,8 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
     ("kv-cache",): MODEL_KNOBS | {"--context", "--batch", "--json"},
     ("info",): MODEL_KNOBS,
     ("generate",): LOAD_KNOBS | {"--prompt", "--max-new-tokens", "--temperature", "--top-p",
-                                 "--top-k", "--seed", "--latent-fp8", "--page-size", "--backend"},
+                                 "--top-k", "--seed", "--latent-fp8", "--page-size", "--backend",
+                                 "--compile"},
     ("convert",): {"--kv-lora-rank", "--rope-dim", "--calib", "--calib-tokens", "--method", "--rope-mode",
                    "--format"},
     ("eval",): LOAD_KNOBS | {"--data", "--seq-len", "--max-tokens", "--batch-size", "--seed", "--json",
@@ -64,6 +65,9 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
                            "--max-tokens", "--heal-steps", "--heal-data", "--heal-lr",
                            "--heal-batch-size", "--heal-seq-len", "--heal-trainable",
                            "--heal-precision", "--rope-mode", "--format"},
+    ("bench", "generate"): {"--json", "--plot", "--quiet", "--model", "--context", "--new-tokens",
+                            "--dtype", "--compile", "--no-transformers", "--max-seq-len", "--profile",
+                            "--repeats", "--seed"},
     ("bench", "precision"): {"--json", "--plot", "--quiet", "--model", "--data", "--kv-lora-rank",
                              "--calib-tokens", "--batch-size", "--seq-len", "--warmup", "--steps",
                              "--rounds"},
@@ -93,8 +97,8 @@ def test_surface_is_frozen() -> None:
     subs = _subparsers(top)
     assert set(subs) == {"kv-cache", "info", "generate", "eval", "convert", "train", "compare", "bench",
                          "kernels"}
-    assert set(_subparsers(subs["bench"])) == {"decode", "dsa", "v4", "indexer", "convert", "fp8-cache",
-                                                "kernels", "precision"}
+    assert set(_subparsers(subs["bench"])) == {"decode", "dsa", "v4", "generate", "indexer", "convert",
+                                                "fp8-cache", "kernels", "precision"}
     for path, flags in SURFACE.items():
         p = top
         for name in path:

@@ -85,7 +85,7 @@ def cmd_bench_v4(args: argparse.Namespace) -> int:
     from latentattn.bench import v4
     from latentattn.bench.v4_report import V4Report, plot_v4_report, table
 
-    for path, flag in ((args.json, "--json"), (args.plot, "--plot"), (args.profile, "--profile")):
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
         if path is not None:
             check_parent(path, flag)
     if args.repeats < 1 or (args.chunk is not None and args.chunk < 1):
@@ -373,7 +373,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     from latentattn.model.layout import decode_layout
     from latentattn.precision import cpu_bf16
 
-    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot"), (args.profile, "--profile")):
         if path is not None:
             check_parent(path, flag)
     if args.repeats < 1:
