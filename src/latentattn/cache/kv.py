@@ -38,6 +38,7 @@ class KVCache:
         self.static = static
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.host_lengths = [0] * batch
+        self._ragged: tuple[torch.Tensor, list[int]] | None = None  # the last ragged read
 
     def __getitem__(self, layer: int) -> LayerCache:
         return self.layers[layer]
@@ -75,10 +76,18 @@ class KVCache:
         self.host_lengths = [length] * self.batch
 
     def _new_tokens(self, seq_len: int, input_lengths: torch.Tensor | None) -> list[int]:
-        """How many real tokens each row gets: read back from the device for a ragged step."""
+        """How many real tokens each row gets: read back from the device for a ragged step, once
+        (``advance`` after ``step`` with the same tensor reuses the read)."""
         if input_lengths is None:
             return [seq_len] * self.batch
-        return [int(n) for n in input_lengths.tolist()]
+        if self._ragged is not None and self._ragged[0] is input_lengths:
+            return self._ragged[1]
+        new = [int(n) for n in input_lengths.tolist()]
+        self._ragged = (input_lengths, new)
+        return new
+
+    def _reserve(self, ends: list[int]) -> None:
+        """Make room for each row to hold ``ends[b]`` tokens (a paged cache takes pages here)."""
 
     def step(self, seq_len: int, input_lengths: torch.Tensor | None = None) -> Step:
         """Plan a forward of seq_len new tokens per row (input_lengths (B,) of them real)."""
@@ -92,6 +101,7 @@ class KVCache:
                 f"KV cache overflow: row {row} would hold {longest} tokens but the cache "
                 f"was allocated for {self.capacity}"
             )
+        self._reserve(ends)
         t = torch.arange(seq_len, device=device)
         positions = self.lengths[:, None] + t  # (B, T)
         valid = None
@@ -110,6 +120,7 @@ class KVCache:
         """Count the tokens of the step just run as cached."""
         new = self._new_tokens(seq_len, input_lengths)
         self.host_lengths = [n + m for n, m in zip(self.host_lengths, new, strict=True)]
+        self._ragged = None
         if input_lengths is None:
             self.lengths += seq_len
         else:

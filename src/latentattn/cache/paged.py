@@ -125,13 +125,10 @@ class PagedKVCache(KVCache):
         super().__init__(layers, batch, capacity, device, static)
         self.pool = pool
 
-    def step(self, seq_len: int, input_lengths: torch.Tensor | None = None) -> Step:
-        plan = super().step(seq_len, input_lengths)
+    def _reserve(self, ends: list[int]) -> None:
         # Pages come from the host's own counts: nothing is read back from the device.
-        new = self._new_tokens(seq_len, input_lengths)
-        for row, (n, m) in enumerate(zip(self.host_lengths, new, strict=True)):
-            self.pool.ensure(row, n + m)
-        return plan
+        for row, end in enumerate(ends):
+            self.pool.ensure(row, end)
 
     def release(self, row: int) -> None:
         """Forget ``row``'s tokens and give its pages back to the pool."""
