@@ -38,6 +38,7 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
                                  "--compile"},
     ("convert",): {"--kv-lora-rank", "--rope-dim", "--calib", "--calib-tokens", "--method", "--rope-mode",
                    "--format"},
+    ("export",): {"--model", "--dtype"},
     ("eval",): LOAD_KNOBS | {"--data", "--seq-len", "--max-tokens", "--batch-size", "--seed", "--json",
                              "--quiet"},
     ("train",): {"--attn", "--preset", "--init", "--mla-impl", "--retrofit-dsa", "--device", "--dim",
@@ -95,8 +96,8 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
 def test_surface_is_frozen() -> None:
     top = build_parser()
     subs = _subparsers(top)
-    assert set(subs) == {"kv-cache", "info", "generate", "eval", "convert", "train", "compare", "bench",
-                         "kernels"}
+    assert set(subs) == {"kv-cache", "info", "generate", "eval", "convert", "export", "train", "compare",
+                         "bench", "kernels"}
     assert set(_subparsers(subs["bench"])) == {"decode", "dsa", "v4", "generate", "indexer", "convert",
                                                 "fp8-cache", "kernels", "precision"}
     for path, flags in SURFACE.items():

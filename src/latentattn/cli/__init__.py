@@ -1,6 +1,7 @@
 """The ``latentattn`` command, one module per command group: ``info`` (kv-cache, info),
-``generate``, ``evaluate`` (eval), ``convert``, ``train``, ``compare``, ``bench``; ``common`` holds what they
-share. Every command that takes ``--model`` loads it through :func:`latentattn.load` (or ``load_config``).
+``generate``, ``evaluate`` (eval), ``convert``, ``export``, ``train``, ``compare``, ``bench``;
+``common`` holds what they share. Every command that takes ``--model`` loads it through
+:func:`latentattn.load` (or ``load_config``).
 
 User errors (any :class:`LatentAttnError`, a missing file) print one line
 ``latentattn: error: <message>`` on stderr and exit 2, as argparse does for its own errors;
@@ -13,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from latentattn.cli import bench, compare, convert, evaluate, generate, info, kernels, train
+from latentattn.cli import bench, compare, convert, evaluate, export, generate, info, kernels, train
 from latentattn.cli.common import PROG, UserError
 from latentattn.errors import LatentAttnError
 
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generation, evaluation, conversion, training, comparison, benchmarks and kernels.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (info, generate, evaluate, convert, train, compare, bench, kernels):
+    for group in (info, generate, evaluate, convert, export, train, compare, bench, kernels):
         group.register(sub)
     return p
 
