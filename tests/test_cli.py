@@ -129,7 +129,7 @@ def test_kv_cache_deepseek_v3_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "656" in row("FlashMLA fp8")
     assert "81,920" in row("MLA naive")
     assert "65,536" in row("MHA (128 heads")
-    assert "8.58 GiB" in row("MLA absorbed (latent)")  # facts file: 128K-token V3 sequence
+    assert "8.58 GiB" in row("MLA absorbed (latent)")  # 1,152 B x 61 layers x 131,072 tokens (V3 at 128K)
     assert "4.88 GiB" in row("FlashMLA fp8")
     assert "formula bytes" in out
 
@@ -416,7 +416,8 @@ def test_dsa_formula_equals_allocated_cache(key_cache: str) -> None:
 
 
 def test_kv_cache_deepseek_v32_indexer_rows() -> None:
-    """Facts file section 6: indexer keys 256 B bf16, 132 B fp8, on top of MLA's 1,152 / 656."""
+    """Indexer keys 256 B bf16, 132 B fp8 (128 e4m3 + an fp32 scale: DeepSeek-V3.2-Exp's
+    ``inference/model.py``, Indexer.k_cache / k_scale_cache), on top of MLA's 1,152 / 656."""
     table = kv_table(get_preset("deepseek-v3.2"))
     assert table.row("dsa-index-keys").bytes_per_token_per_layer == 256
     assert table.row("dsa-index-keys-fp8").bytes_per_token_per_layer == 132

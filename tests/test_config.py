@@ -67,7 +67,7 @@ def test_presets_build(name: str) -> None:
 
 
 def test_deepseek_v3_preset_dimensions() -> None:
-    """Facts file section 5."""
+    """DeepSeek-V3 report (arXiv 2412.19437) s4.2, and its config.json on the Hugging Face hub."""
     cfg = get_preset("deepseek-v3")
     a = cfg.attention
     assert isinstance(a, MLAConfig) and cfg.moe is not None

@@ -1,4 +1,4 @@
-"""bf16 weights where bf16 is native (issue 19 item 3): ``auto_dtype`` / ``choose_dtype`` over a
+"""bf16 weights where bf16 is native: ``auto_dtype`` / ``choose_dtype`` over a
 mocked cpuinfo and a mocked CUDA capability (both answers each), ``load(..., dtype="auto")``, the
 fp32 islands a bf16 model keeps, the cache following the model's dtype, and the CLI's ``--dtype``
 (the line saying what auto chose, the emulation warning, bad names). No timings are asserted."""

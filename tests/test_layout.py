@@ -96,7 +96,7 @@ def test_no_cycles_between_units() -> None:
 
 
 def test_cli_loads_models_only_through_load() -> None:
-    # "latentattn.load is the only loading path in the CLI" (issue 8): no command builds or reads
+    # "latentattn.load is the only loading path in the CLI": no command builds or reads
     # a model on its own.
     banned = ("Transformer(", "from_pretrained", "load_checkpoint_tensors", "get_preset(",
               "config_from_hf", "HFTokenizer(")

@@ -1,4 +1,4 @@
-"""Training precision (issue 17 item 9): detecting a CPU's native bf16 from its cpuinfo, the
+"""Training precision: detecting a CPU's native bf16 from its cpuinfo, the
 ``--precision auto`` policy, ``train --precision`` (``--bf16`` its alias, a resume keeping its
 checkpoint's precision), and ``bench precision`` at toy size. No timings are asserted."""
 

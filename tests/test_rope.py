@@ -14,7 +14,8 @@ from latentattn.rope import RotaryEmbedding, apply_rope, inv_frequencies, softma
 
 
 def test_softmax_scale_of_deepseek_models() -> None:
-    """Facts file section 2: V3 tau = 0.1352 (mscale_all_dim 1.0), V2 tau = 0.1147 (0.707)."""
+    """tau = 192^-0.5 m^2, m = 0.1 mscale_all_dim ln(40) + 1 (DeepSeek-V3 ``inference/model.py``):
+    V3 tau = 0.1352 (mscale_all_dim 1.0), V2 tau = 0.1147 (0.707)."""
     v3, v2 = get_preset("deepseek-v3"), get_preset("deepseek-v2")
     assert softmax_scale(192, v3.rope) == pytest.approx(0.1352, abs=5e-5)
     assert softmax_scale(192, v2.rope) == pytest.approx(0.1147, abs=5e-5)

@@ -3,7 +3,7 @@ against its dense reference, and its cache: one chunk = several chunks = token b
 
 Shapes are unlike V4's: odd head counts, head dims that are not powers of two, rope dims not 64,
 compression rates and windows that do not divide the sequence length. The indexer has 16 heads:
-with few heads the ReLU zeroes many scores and top-k picks among exact ties (see the issue), which
+with few heads the ReLU zeroes many scores and top-k picks among exact ties, which
 tests tie-breaking, not the maths.
 """
 

@@ -66,7 +66,8 @@ class DSADims:
         return 2 * self.n_heads * context * (2 * self.kv_lora_rank + self.qk_rope_head_dim) / 1e9
 
     def sparse_decode_gflop(self, context: int, topk: int) -> tuple[float, float]:
-        """(indexer over S keys, attention over k latents): facts file section 4."""
+        """(indexer over S keys, attention over k latents), DeepSeek-V3.2 (arXiv 2512.02556): attention
+        O(L k), the indexer still O(L^2)."""
         indexer = 2 * self.index_n_heads * self.index_head_dim * context / 1e9
         return indexer, self.dense_decode_gflop(min(topk, context))
 

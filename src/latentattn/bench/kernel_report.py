@@ -8,7 +8,7 @@ from latentattn.bench.kernels import KINDS, KernelPoint, KernelReport
 
 
 def speedups(report: KernelReport) -> list[tuple[int, int, str, float | None]]:
-    """(batch, context, what, ratio of times) for the ratios the issue's targets name: each
+    """(batch, context, what, ratio of times) for the speed-ups reported: each
     Triton kernel against the PyTorch path on the same input, and sparse against dense decode
     (each implementation against itself). A pair whose two points were both attempted is listed;
     its ratio is None when either side is missing."""

@@ -69,7 +69,7 @@ class Setup:
 
 
 def setup(quick: bool) -> Setup:
-    """V4-Flash and V3.2 (top-k 2048, facts file section 4), or tiny dims for smoke runs."""
+    """V4-Flash and V3.2 (top-k 2048, DeepSeek-V3.2-Exp's ``index_topk``), or tiny dims for smoke runs."""
     if quick:
         return Setup(get_preset("tiny-v4"), dsa.TINY_DIMS, 16)
     return Setup(get_preset("deepseek-v4-flash"), dsa.V32_DIMS, 2048)

@@ -15,7 +15,7 @@ A decode step (batch 1, one new token, ``context`` tokens cached) has three part
 
 The predicted time of a step is the sum over its parts of max(FLOP / GEMM rate, bytes / copy
 rate): the parts run one after another, each bound by one of the two. The copy rate counts the
-bytes a large ``copy_`` moves (read + write), as the facts on this machine are quoted.
+bytes a large ``copy_`` moves (read + write), as ``latentattn bench v4`` measures and prints it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""``bench v4``'s results: the points, the table printed either way, the performance targets of
-issue 18 judged against them, and the log-log plot."""
+"""``bench v4``'s results: the points, the table printed either way, the performance targets
+judged against them, and the log-log plot."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class V4Report(ReportHeader):
         return None
 
     def targets(self) -> list[dict[str, Any]]:
-        """Issue 18's four targets, each with its measured value, its bound and whether it is met
+        """The four performance targets, each with its measured value, its bound and whether it is met
         (None where the points it needs were not measured)."""
         out: list[dict[str, Any]] = []
 

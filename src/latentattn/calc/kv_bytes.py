@@ -1,5 +1,6 @@
-"""KV-cache bytes per token by formula (facts file section 6), for the model's own form and the
-forms it is usually compared against.
+"""KV-cache bytes per token by formula (DeepSeek-V2, arXiv 2405.04434, s2.1.4 and Table 1; FlashMLA's
+``tests/quant.py`` for its fp8 record), for the model's own form and the forms it is usually
+compared against.
 
 These are formula bytes: what one token's keys/values occupy, with no page or block rounding,
 no allocator slack and no activations. ``tests/test_cli.py`` checks that the formula equals what

@@ -33,7 +33,8 @@ from latentattn.compare.stats import DEFAULT_MARGIN
 from latentattn.errors import LatentAttnError
 
 DEFAULT_OUT = "compare-out"
-DEFAULT_RETROFIT_AT = 0.75  # next-facts 3.3: fork a trained dense run late
+# Fork a trained dense run late: DeepSeek-V3.2 (arXiv 2512.02556) added DSA to a trained V3.1-Terminus.
+DEFAULT_RETROFIT_AT = 0.75
 DEFAULT_RETROFIT_WARMUP = 0.05  # V3.2: 1000 warm-up steps before 15000 sparse ones
 DEFAULT_LR = 3e-3
 CURVE_WINDOWS = 64  # validation windows of each point on the loss curves (the final loss uses all)
@@ -62,7 +63,7 @@ FULL = Preset(steps=600, batch_size=16, seq_len=128, seeds=7, contexts=(256, 204
 QUICK = Preset(steps=300, batch_size=16, seq_len=128, seeds=1, contexts=(256, 2048), dim=64,
                layers=3)
 # --gpu: FamilySize's ~1.1M-parameter models (dim 128, 4 layers) for 1400 steps of 64 x 256
-# tokens, 22.9M = ~20 tokens per parameter (next-facts 3.3), 5 seeds, bf16 autocast on CUDA.
+# tokens, 22.9M = ~20 tokens per parameter (Chinchilla, arXiv 2203.15556), 5 seeds, bf16 autocast on CUDA.
 # Sized for about 10 minutes on one H100-class GPU by an estimate (a 4-layer step of a few ms),
 # not yet measured. It needs a text of at least 22.9M / MAX_PASSES bytes: the default one
 # (~470 KB) is refused.

@@ -178,7 +178,7 @@ def _retrofit(model: Any, topk: int | None, seq_len: int | None, seed: int) -> A
     """The dense MLA ``model`` with fresh lightning indexers (train.dsa.retrofit_dsa): one
     indexer head per attention head, each a query/key head wide, k = a sixteenth of the training
     window unless --index-topk says (an average query then keeps under a quarter of its
-    visible keys: next-facts section 3.3's density (k + k ln(L/k)) / L)."""
+    visible keys: calc.density.topk_density's (k + k ln(L/k)) / L)."""
     from latentattn.config import IndexerConfig, MLAConfig
     from latentattn.train.dsa import retrofit_dsa
 

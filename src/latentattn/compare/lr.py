@@ -1,7 +1,7 @@
 """A learning rate per variant: pinned (``--lr mha=3e-3,mla=2e-3``), or picked from a grid by a
 short pilot (``--lr-grid 1e-3,2e-3,4e-3``): one seed of its own, a fraction of the steps, the
 LR with the lowest pilot validation loss wins. Published sweeps find different best LRs per
-attention variant (Marin #7381: 0.97x for GQA, 0.92x for MLA; next-facts section 3.3), so one LR
+attention variant (marin-community/marin issue #7381: 0.97x for GQA, 0.92x for MLA), so one LR
 for all would favour whichever variant it happens to suit.
 """
 

@@ -30,7 +30,7 @@ from latentattn.errors import ConfigError
 
 Verdict = Literal["better", "worse", "equivalent", "inconclusive"]
 VERDICTS: tuple[Verdict, ...] = ("better", "worse", "equivalent", "inconclusive")
-DEFAULT_MARGIN = 0.02  # nats/byte; next-facts section 3.3: between "parity" (+0.3%) and real (+4.4%)
+DEFAULT_MARGIN = 0.02  # nats/byte; between arXiv 2506.09342's "parity" (+0.3%) and its 3-5% losses
 RULE = ("paired by seed: mean of loss(variant) - loss(MHA) with its t-based 95% interval; "
         "'equivalent' when the 90% interval lies inside (-margin, +margin) (two one-sided tests at "
         "0.05), else 'worse'/'better' when the 95% interval excludes 0, else 'inconclusive'")

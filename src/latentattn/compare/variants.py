@@ -107,8 +107,8 @@ def control_variant(size: FamilySize, mla: ModelConfig) -> Variant:
     latent padded by zeros) and fewer parameters. Matching its parameters instead would hand the
     freed ones to the FFN, which at short horizons learns faster than attention capacity pays off
     (a --quick run measured it 0.031 nats/byte *better* than MHA that way). It must come out worse
-    than MHA; a protocol that cannot tell so cannot resolve differences of that size (next-facts
-    section 3.3: "the protocol is valid only if it detects the loss"). Half a head was not
+    than MHA; a protocol that cannot tell so cannot resolve differences of that size (a
+    positive control that is not detected invalidates the comparison). Half a head was not
     starved enough: at the standard protocol (5 seeds) d_c = 8 came out +0.003 [-0.035, +0.040]
     against MHA, as MQA did (K/V capacity does not bind at this size); d_c = 2 lost +0.125 and
     +0.060 on seeds 0 and 1 in a trial run."""
@@ -192,7 +192,7 @@ def v4_note(label: str, a: V4AttentionConfig, seq_len: int) -> str:
 
 
 def ablation_variants(size: FamilySize) -> list[Variant]:
-    """What the MLA-vs-MHA claim should not hinge on (next-facts section 3.3), parameters matched:
+    """What the MLA-vs-MHA claim should not hinge on, parameters matched:
 
     * ``mla-noq``: MLA without query compression. The KV-cache claim does not depend on it, and
       compressing queries through dim / 2 is where this MLA has the least capacity.

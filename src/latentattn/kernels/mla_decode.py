@@ -12,7 +12,8 @@ The cache is contiguous, kv (B, S, R + Dr), or paged, kv (pages, page_size, R + 
 block_table[b, n // page_size] (vLLM's and FlashMLA's layout). ``lengths`` (B,) int32 are the
 cached tokens per sequence (ragged batches); rows past a sequence's length are never read.
 
-The kernel (after SGLang's grouped decode kernel and vLLM's TRITON_MLA, next-facts s1.1): one
+The kernel (after SGLang's grouped decode kernel, ``python/sglang/srt/layers/attention/triton_ops/
+decode_attention.py``, and vLLM's TRITON_MLA, ``vllm/attention/ops/triton_decode_attention.py``): one
 program per (block of BLOCK_H heads, KV split, sequence), the head blocks of one split side by side
 on the grid's fastest axis so they share each tile through L2; each tile of BLOCK_N cached rows is
 loaded once and used for every head in the block, as key (two dot products: the R latent columns
@@ -168,7 +169,7 @@ def mla_decode_fp8_triton(q: torch.Tensor, records: torch.Tensor, lengths: torch
 def mla_decode_fp8_ref(q: torch.Tensor, records: torch.Tensor, lengths: torch.Tensor, scale: float,
                        kv_lora_rank: int, block_table: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference over the same records, dequantised (FlashMLA's test practice, facts s1.4)."""
+    """The reference over the same records, dequantised (as FlashMLA's tests do: ``tests/quant.py``)."""
     return mla_decode_ref(q, unpack_record(records, kv_lora_rank), lengths, scale, kv_lora_rank,
                           block_table)
 

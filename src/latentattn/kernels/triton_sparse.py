@@ -16,8 +16,9 @@ from latentattn.kernels.triton_launch import Launch, run_all
 from latentattn.kernels.triton_mla import merge_launch
 
 BLOCK_K = 16  # selected latents per tile (vLLM: 16 or 32)
-# Finite: a tile whose every slot is invalid gives no NaN (next-facts s1.2). A tl.constexpr,
-# since a @triton.jit kernel reads no plain globals when compiled (the interpreter would).
+# Finite: a tile whose every slot is invalid gives no NaN (as in vLLM's
+# vllm/v1/attention/ops/triton_sparse_mla_kernel.py). A tl.constexpr, since a @triton.jit kernel
+# reads no plain globals when compiled (the interpreter would).
 MASKED = tl.constexpr(-1.0e30)
 
 
