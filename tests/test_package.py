@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # *.egg-info land in tmp_path, not in the checkout.
 FILES = ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "CHANGELOG.md", "Makefile",
          "constraints.txt", "mkdocs.yml")
-DIRS = ("src", "tests", "docs", "examples")
+DIRS = ("src", "tests", "docs", "docs_hooks", "examples")
 
 
 def _env() -> dict[str, str]:
@@ -112,8 +112,9 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(dist: Path, tmp_path: Path) -> 
     script = env_dir / "bin" / "latentattn"
     assert script.is_file() and script.read_text().startswith(f"#!{py}")
 
-    where = _run([str(py), "-c", "import latentattn, importlib.metadata as m; "
-                  "print(latentattn.__file__); print(m.version('latentattn'))"]).stdout.split()
+    # Where `import latentattn` finds it (without importing torch) and the version installed.
+    where = _run([str(py), "-c", "import importlib.util as u, importlib.metadata as m; "
+                  "print(u.find_spec('latentattn').origin); print(m.version('latentattn'))"]).stdout.split()
     assert Path(where[0]).is_relative_to(purelib), where  # the wheel's copy, not the checkout's
     assert where[1] == v
 
