@@ -48,7 +48,7 @@ gpu-check: $(VENV)/.dev
 
 # The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken reference fails.
 docs: $(VENV)/.dev
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # The sdist and the wheel into dist/, built with the environment's setuptools (offline).
 dist: $(VENV)/.dev
