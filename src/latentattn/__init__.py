@@ -25,7 +25,7 @@ from latentattn.model.compiled import compile
 from latentattn.model.layout import decode_layout
 from latentattn.presets import PRESETS, get_preset
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Transformer:
