@@ -87,7 +87,8 @@ def check_sizes(cfg: ModelConfig, rope_dim: int, kv_lora_rank: int,
                           f"{d} (the head dim) or full, got {rope_dim}")
     if rope_mode == "blocks" and (rope_dim < 2 * g or rope_dim > g * d or rope_dim % (2 * g)):
         raise ConfigError(f"--rope-dim must be a multiple of 2 x {g} KV heads (a pair per head) "
-                          f"between {2 * g} and {g} x {d} = {g * d} (full), got {rope_dim}")
+                          f"between {2 * g} and {g} x {d} = {g * d} (full), or {d} (one head wide, RoRoPE), "
+                          f"got {rope_dim}")
     top = full_rank(cfg, rope_dim, rope_mode)
     if not 1 <= kv_lora_rank <= top:
         raise ConfigError(f"--kv-lora-rank must lie in 1..{top} (full rank at --rope-dim {rope_dim}), "
