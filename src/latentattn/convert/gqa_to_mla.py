@@ -1,5 +1,5 @@
 """GQA / MHA / MQA attention to MLA, layer by layer (after MHA2MLA, arXiv 2502.14837, and
-TransMLA, arXiv 2502.07864; next-facts section 2).
+TransMLA, arXiv 2502.07864).
 
 For each source layer (H query heads, G KV heads of width d, RoPE half-split over d):
 
