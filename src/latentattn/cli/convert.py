@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, Literal
 
 from latentattn.cli.common import PROG, UserError
 from latentattn.convert.api import BUILTIN, DEFAULT_CALIB_TOKENS
@@ -47,21 +47,23 @@ def parse_format(text: str) -> str:
     return text
 
 
-def _size_arg(text: str | None) -> int | str | None:
-    if text is None or text == "full":
-        return text
+def _size_arg(text: str | None, flag: str) -> int | Literal["full"] | None:
+    if text is None:
+        return None
+    if text == "full":
+        return "full"
     try:
         return int(text)
     except ValueError:
-        return text  # resolve_sizes names the flag
+        raise UserError(f"{flag} must be an integer or 'full', got {text!r}") from None
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from latentattn.convert.api import convert_model
 
     calib = None if args.calib == NONE else args.calib
-    result = convert_model(args.src, kv_lora_rank=_size_arg(args.kv_lora_rank),
-                           rope_dim=_size_arg(args.rope_dim), calib=calib, method=args.method,
+    result = convert_model(args.src, kv_lora_rank=_size_arg(args.kv_lora_rank, "--kv-lora-rank"),
+                           rope_dim=_size_arg(args.rope_dim, "--rope-dim"), calib=calib, method=args.method,
                            rope_mode=args.rope_mode, format=args.format, out=args.out,
                            calib_tokens=args.calib_tokens)
     print("\n".join(result.summary()))

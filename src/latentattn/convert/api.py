@@ -7,11 +7,12 @@ the cache bytes per token before and after (the same formula ``latentattn kv-cac
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -121,8 +122,9 @@ def _check_out(out: str | os.PathLike[str] | None) -> None:
         raise LatentAttnError(f"{dest} exists and is not an empty directory: choose a new OUT")
 
 
-def convert_model(src: SourceSpec, *, kv_lora_rank: int | str | None = None,
-                  rope_dim: int | str | None = None, calib: str | os.PathLike[str] | None = BUILTIN,
+def convert_model(src: SourceSpec, *, kv_lora_rank: int | Literal["full"] | None = None,
+                  rope_dim: int | Literal["full"] | None = None,
+                  calib: str | os.PathLike[str] | None = BUILTIN,
                   method: Method = "pca", rope_mode: RopeMode | None = None,
                   format: Format = "latentattn", out: str | os.PathLike[str] | None = None,
                   calib_tokens: int = DEFAULT_CALIB_TOKENS, tokenizer: Tokenizer | None = None,
@@ -193,7 +195,8 @@ def convert_model(src: SourceSpec, *, kv_lora_rank: int | str | None = None,
     _check_out(out)
     text = calib_text(calib)
     if isinstance(src, Transformer):
-        model = src if src.dtype == torch.float32 else src.float()
+        # Converted in fp32 like a loaded source; a copy, so the caller's model is left as it was.
+        model = src if src.dtype == torch.float32 else copy.deepcopy(src).float()
         if text is not None and tokenizer is None:
             raise ConfigError("calibrating a Transformer needs its tokenizer: give tokenizer=...")
         tok = tokenizer
