@@ -90,7 +90,8 @@ def cmd_kv_cache(args: argparse.Namespace) -> int:
         cells += [vs, r.formula]
         rows.append(cells)
     right = set(range(2, len(headers) - 1))
-    print(f"KV cache of {cfg.name}: {attention_summary(cfg)}; {cfg.n_layers} layers")
+    # The spec as the user gave it (an installed model's config name is its package directory).
+    print(f"KV cache of {args.model}: {attention_summary(cfg)}; {cfg.n_layers} layers")
     print(render_table(headers, rows, right))
     print("* = this model's configured cache form")
     if converted is not None:
