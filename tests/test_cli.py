@@ -31,7 +31,7 @@ from latentattn.presets import PRESETS
 MODEL_KNOBS = {"--model", "--mla-impl", "--index-topk", "--indexer-keys"}  # latentattn.load_config
 LOAD_KNOBS = MODEL_KNOBS | {"--dsa-prefill", "--dsa-masked-max-keys", "--dtype", "--device"}
 SURFACE: dict[tuple[str, ...], set[str]] = {
-    ("kv-cache",): MODEL_KNOBS | {"--context", "--batch", "--json"},
+    ("kv-cache",): MODEL_KNOBS | {"--context", "--batch", "--json", "--kv-lora-rank", "--rope-dim"},
     ("info",): MODEL_KNOBS,
     ("generate",): LOAD_KNOBS | {"--prompt", "--max-new-tokens", "--temperature", "--top-p",
                                  "--top-k", "--seed", "--latent-fp8", "--page-size", "--backend",

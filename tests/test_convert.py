@@ -141,7 +141,7 @@ def test_convert_cli_writes_a_loadable_mla(tmp_path: Path, capsys: pytest.Captur
         (["--kv-lora-rank", "0", "--rope-dim", "4"], "--kv-lora-rank must lie in 1..28"),
         (["--kv-lora-rank", "29", "--rope-dim", "4"], "--kv-lora-rank must lie in 1..28"),
         (["--kv-lora-rank", "x", "--rope-dim", "4"], "an integer or 'full'"),
-        (["--kv-lora-rank", "8", "--rope-dim", "4", "--method", "pca"], "give --calib FILE"),
+        (["--kv-lora-rank", "8", "--rope-dim", "4", "--calib", "none"], "give --calib FILE"),
         (["--kv-lora-rank", "8", "--rope-dim", "4", "--calib", str(calib), "--calib-tokens", "100000"],
          "fewer than --calib-tokens 100,000"),
     ]:
@@ -162,8 +162,8 @@ def test_bench_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     data.write_text("Every query reads the latent once. " * 40)
     out = tmp_path / "conv.json"
     assert main(["bench", "convert", "--model", str(src), "--data", str(data), "--ranks", "4,16,full",
-                 "--heal-steps", "0", "--rope-dim", "8", "--calib-tokens", "512", "--seq-len", "64",
-                 "--max-tokens", "257",
+                 "--heal-steps", "0", "--rope-dim", "8", "--rope-mode", "blocks",
+                 "--calib-tokens", "512", "--seq-len", "64", "--max-tokens", "257",
                  "--json", str(out), "--plot", str(tmp_path / "conv.png"), "--quiet"]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["label"] for r in rows] == ["source", "R=4", "R=16", "R=24"]  # full at rope 8: 2 x 12
@@ -171,7 +171,8 @@ def test_bench_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert all(r["eval_tokens"] == 256 for r in rows)
     assert (tmp_path / "conv.png").read_bytes()[:4] == b"\x89PNG"
     assert "| R=16 |" in capsys.readouterr().out
-    assert "must lie in 1..16 (full rank at --rope-dim 16), got 99" in cli_error(
+    # The default rope: one head's 8 dims, RoRoPE, whose full rank is 2 x 2 KV heads x 8.
+    assert "must lie in 1..32 (full rank at --rope-dim 8), got 99" in cli_error(
         capsys, ["bench", "convert", "--model", str(src), "--data", str(data), "--ranks", "99",
                  "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png"), "--quiet"])
     assert not (tmp_path / "c.json").exists()

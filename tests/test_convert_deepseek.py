@@ -143,5 +143,6 @@ def test_deepseek_export_loads_in_transformers(tmp_path: Path, capsys: pytest.Ca
         assert message in cli_error(capsys, argv)
         assert not (tmp_path / "bad").exists()
     assert "give --calib FILE (or builtin)" in cli_error(
-        capsys, ["convert", str(src), str(tmp_path / "bad"), "--kv-lora-rank", "8", "--format", "deepseek"])
+        capsys, ["convert", str(src), str(tmp_path / "bad"), "--kv-lora-rank", "8", "--format", "deepseek",
+                 "--calib", "none"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left

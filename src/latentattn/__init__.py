@@ -2,6 +2,10 @@
 
 >>> import latentattn
 >>> model = latentattn.load("tiny-mla", seed=0)       # a preset, a checkpoint or a train run
+
+A GQA / MHA / MQA model converted to MLA at half its KV cache, in one call:
+
+>>> result = latentattn.convert_model("smollm2-135m", out="smollm2-mla")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from latentattn.config import (
     RopeConfig,
     YarnConfig,
 )
+from latentattn.convert.api import ConvertResult, convert_model
 from latentattn.errors import CacheOverflowError, CheckpointError, ConfigError, LatentAttnError
 from latentattn.loading import load, load_config, load_tokenizer
 from latentattn.model import Transformer, generate
@@ -45,6 +50,7 @@ __all__ = [
     "CacheOverflowError",
     "CheckpointError",
     "ConfigError",
+    "ConvertResult",
     "GQAConfig",
     "KVCache",
     "LatentAttnError",
@@ -55,6 +61,7 @@ __all__ = [
     "Transformer",
     "YarnConfig",
     "compile",
+    "convert_model",
     "decode_layout",
     "from_pretrained",
     "generate",

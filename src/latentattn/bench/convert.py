@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from latentattn.calc.converted import ConvertSizes, Format, rank_for_ratio, resolve_sizes
 from latentattn.calc.kv_bytes import cache_bytes_per_token_per_layer
-from latentattn.config import GQAConfig
+from latentattn.config import GQAConfig, ModelConfig
 from latentattn.convert import Plan, calibrate, convert
 from latentattn.convert.gqa_to_mla import Method, RopeMode, check_sizes
 from latentattn.model.transformer import Transformer
@@ -29,6 +30,23 @@ from latentattn.perplexity import evaluate_text
 from latentattn.timing import machine_info
 from latentattn.tokenizer import Tokenizer
 from latentattn.train.loop import TrainSettings, train
+
+# The default ranks: those whose cache is a third, a half and two thirds of the source's at the
+# default rope dim (for SmolLM2-135M R = 64, 128, 192 at rope 64: the RoRoPE rows of README.md's
+# "SmolLM2-135M to MLA, and healed" table); the half is latentattn convert's default rank.
+DEFAULT_RATIOS = (1 / 3, 1 / 2, 2 / 3)
+
+
+def bench_sizes(cfg: ModelConfig, ranks: Sequence[int | str] | None, rope_dim: int | str | None = None,
+                rope_mode: RopeMode | None = None, format: Format = "latentattn") -> list[ConvertSizes]:
+    """The sizes of each conversion ``bench convert`` runs, resolved and checked as
+    ``latentattn.convert_model`` resolves them (:func:`latentattn.calc.converted.resolve_sizes`):
+    ``ranks`` (ranks or ``"full"``) at one rope dim and mode, or by default those of
+    :data:`DEFAULT_RATIOS`, which agree with ``convert``'s defaults."""
+    first = resolve_sizes(cfg, None if not ranks else ranks[0], rope_dim, rope_mode, format)
+    if not ranks:
+        ranks = sorted({rank_for_ratio(cfg, first.rope_dim, f, first.rope_mode) for f in DEFAULT_RATIOS})
+    return [resolve_sizes(cfg, r, first.rope_dim, first.rope_mode, format) for r in ranks]
 
 
 @dataclass(frozen=True)
@@ -195,4 +213,5 @@ def plot_convert_report(report: ConvertReport, path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["ConvertReport", "ConvertRow", "Heal", "convert_table", "plot_convert_report", "run_convert_bench"]
+__all__ = ["DEFAULT_RATIOS", "ConvertReport", "ConvertRow", "Heal", "bench_sizes", "convert_table",
+           "plot_convert_report", "run_convert_bench"]

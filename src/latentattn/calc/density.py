@@ -1,5 +1,6 @@
 """How sparse DSA's top-k selection is over a causal window: the share of the visible keys a
-query keeps, from ``seq_len`` and ``index_topk`` alone (the counting below).
+query keeps, from ``seq_len`` and ``index_topk`` alone (DSA's top-k selection: DeepSeek-V3.2,
+arXiv 2512.02556, and its ``inference/model.py`` in deepseek-ai/DeepSeek-V3.2-Exp).
 
 Query ``t`` (0-based) sees ``t + 1`` keys and keeps ``min(k, t + 1)`` of them, so a window keeps
 ``k (k + 1) / 2 + (L - k) k`` of its ``L (L + 1) / 2`` causal pairs, and the mean per-query

@@ -1,6 +1,8 @@
-"""KV-cache bytes per token by formula (DeepSeek-V2, arXiv 2405.04434, s2.1.4 and Table 1; FlashMLA's
-``tests/quant.py`` for its fp8 record), for the model's own form and the forms it is usually
-compared against.
+"""KV-cache bytes per token by formula (DeepSeek-V2, arXiv 2405.04434, Table 1: 2 n_h d_h l
+elements per token for MHA, 2 n_g d_h l for GQA, (d_c + d_h^R) l for MLA; FlashMLA's
+``tests/quant.py`` for its fp8 record), for the model's own form, the forms it is usually
+compared against and, for a GQA / MHA / MQA model, the MLA it would convert to
+(:mod:`latentattn.calc.converted`).
 
 These are formula bytes: what one token's keys/values occupy, with no page or block rounding,
 no allocator slack and no activations. ``tests/test_cli.py`` checks that the formula equals what
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from latentattn.cache.fp8 import bytes_per_vector as fp8_vector_bytes
+from latentattn.calc.converted import ConvertSizes, converted_bytes_per_token_per_layer
 from latentattn.config import GQAConfig, MLAConfig, ModelConfig, V4AttentionConfig
 from latentattn.errors import ConfigError
 
@@ -116,6 +119,7 @@ class KVTable:
     context: int
     batch: int
     rows: list[KVRow] = field(default_factory=list)
+    converted: ConvertSizes | None = None  # the sizes of the "as converted" rows, if any
     note: str = (
         "formula bytes: keys/values of one token, no paging/block rounding, allocator slack or "
         "activations; bf16 (2 B/value) unless the row says fp8"
@@ -128,12 +132,26 @@ class KVTable:
         raise KeyError(key)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "n_layers": self.n_layers, "context": self.context,
-                "batch": self.batch, "note": self.note, "rows": [r.as_dict() for r in self.rows]}
+        d: dict[str, Any] = {"model": self.model, "n_layers": self.n_layers, "context": self.context,
+                             "batch": self.batch, "note": self.note, "rows": [r.as_dict() for r in self.rows]}
+        if self.converted is not None:
+            c = self.converted
+            d["converted"] = {"kv_lora_rank": c.kv_lora_rank, "rope_dim": c.rope_dim,
+                              "rope_mode": c.rope_mode,
+                              "bytes_per_token_per_layer": c.bytes_per_token_per_layer,
+                              "source_bytes_per_token_per_layer": c.source_bytes_per_token_per_layer,
+                              "ratio_vs_source": c.ratio}
+        return d
 
 
-def kv_table(cfg: ModelConfig, context: int = 131072, batch: int = 1) -> KVTable:
-    """MHA (same heads), GQA-8, MQA, the model's own GQA form, and for MLA its four cache forms."""
+def kv_table(cfg: ModelConfig, context: int = 131072, batch: int = 1,
+             converted: ConvertSizes | None = None) -> KVTable:
+    """MHA (same heads), GQA-8, MQA, the model's own GQA form, and for MLA its four cache forms.
+    ``converted`` (a GQA / MHA / MQA model's :func:`latentattn.calc.converted.resolve_sizes`):
+    two more rows, the model converted to MLA at those sizes as ``latentattn convert`` writes it
+    (``mla-converted``: latent + rope key, (R + D) values) and as ``convert --format deepseek``
+    writes it (``mla-converted-deepseek``: its rope key is one head wide, (R + d) values; left out
+    for a model with attention biases, which that format cannot hold)."""
     a = _per_token(cfg)
     head = a.v_head_dim if isinstance(a, MLAConfig) else a.head_dim
     h = a.n_heads
@@ -176,6 +194,15 @@ def kv_table(cfg: ModelConfig, context: int = 131072, batch: int = 1) -> KVTable
                 mla_latent_bytes(a) + key_fp8, a.indexer.key_cache == "fp8")
             add("dsa-fp8", "MLA+DSA fp8: FlashMLA record + fp8 keys", "FlashMLA fp8 + indexer fp8 B",
                 flashmla_fp8_bytes(a) + key_fp8)
+    if converted is not None and isinstance(a, GQAConfig):
+        dc, dr, d = converted.kv_lora_rank, converted.rope_dim, a.head_dim
+        how = "RoRoPE" if converted.rope_mode == "rorope" else "rope blocks"
+        add("mla-converted", f"MLA as converted, R={dc} rope {dr} ({how})", f"({dc}+{dr}) values",
+            converted_bytes_per_token_per_layer(dc, dr))
+        if not (a.qkv_bias or a.o_bias):
+            add("mla-converted-deepseek", f"MLA as converted, DeepSeek format, R={dc} rope {d}",
+                f"({dc}+{d}) values", converted_bytes_per_token_per_layer(dc, d))
     rows = [KVRow(key, label, formula, nbytes, cfg.n_layers, context, batch, mha, own)
             for key, label, formula, nbytes, own in entries]
-    return KVTable(model=cfg.name, n_layers=cfg.n_layers, context=context, batch=batch, rows=rows)
+    return KVTable(model=cfg.name, n_layers=cfg.n_layers, context=context, batch=batch, rows=rows,
+                   converted=converted)

@@ -155,11 +155,14 @@ def cmd_bench_indexer(args: argparse.Namespace) -> int:
 def cmd_bench_convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from latentattn.bench.convert import Heal, convert_table, plot_convert_report, run_convert_bench
-    from latentattn.cli.convert import calib_text, parse_size
-    from latentattn.config import GQAConfig
-    from latentattn.convert import full_rank, full_rope_dim
-    from latentattn.convert.gqa_to_mla import RopeMode
+    from latentattn.bench.convert import (
+        Heal,
+        bench_sizes,
+        convert_table,
+        plot_convert_report,
+        run_convert_bench,
+    )
+    from latentattn.cli.convert import calib_text
     from latentattn.data import load_text, train_val_split
     from latentattn.loading import load, load_config
     from latentattn.precision import choose_precision
@@ -168,24 +171,16 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
     check_parent(args.json, "--json")
     check_parent(args.plot, "--plot")
     cfg = load_config(args.model)
-    if not isinstance(cfg.attention, GQAConfig):
-        raise UserError(f"{args.model} is {cfg.attention.name.upper()} already: bench convert takes "
-                        "GQA, MHA or MQA models")
-    deepseek = args.format == "deepseek"
-    mode: RopeMode = "rorope" if deepseek else args.rope_mode
-    if deepseek and (cfg.attention.qkv_bias or cfg.attention.o_bias):
-        raise UserError(f"{args.model} has attention biases, which DeepSeek's format cannot hold")
-    rope_dim = parse_size(args.rope_dim, "--rope-dim", full_rope_dim(cfg, mode))
-    ranks = [parse_size(r, "--ranks", full_rank(cfg, rope_dim, mode)) for r in args.ranks.split(",") if r]
-    if not ranks:
+    asked = None if args.ranks is None else [_rank(r) for r in args.ranks.split(",") if r]
+    if asked == []:
         raise UserError("--ranks must name at least one rank")
-    from latentattn.convert import check_sizes
-
-    for rank in ranks:
-        check_sizes(cfg, rope_dim, rank, mode)
+    sizes = bench_sizes(cfg.replace(name=str(args.model)), asked, args.rope_dim, args.rope_mode, args.format)
+    ranks, rope_dim, mode = [s.kv_lora_rank for s in sizes], sizes[0].rope_dim, sizes[0].rope_mode
+    deepseek = args.format == "deepseek"
     text = load_text(args.data)
     calib = calib_text(args.calib)
-    assert calib is not None  # --calib defaults to builtin
+    if calib is None:
+        raise UserError("bench convert calibrates on --calib: give a FILE or builtin")
     for flag in ("heal_steps", "heal_batch_size", "heal_seq_len"):
         if getattr(args, flag) < (0 if flag == "heal_steps" else 1):
             raise UserError(f"--{flag.replace('_', '-')} must be >= "
@@ -225,6 +220,15 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
     print(convert_table(report))
     print(f"wrote {args.json} and {args.plot}")
     return 0
+
+
+def _rank(text: str) -> int | str:
+    if text == "full":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--ranks must be integers or 'full', got {text!r}") from None
 
 
 def cmd_bench_fp8(args: argparse.Namespace) -> int:
@@ -465,6 +469,8 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
+    from latentattn.cli.convert import parse_format
+
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
 
@@ -587,15 +593,19 @@ def register(sub: Any) -> None:
     conv.add_argument("--calib", default="builtin", metavar="FILE|builtin",
                       help="calibration text (builtin: CPython's pydoc prose)")
     conv.add_argument("--calib-tokens", type=int, default=4096, metavar="N", help="(4096)")
-    conv.add_argument("--ranks", default="64,128,full", metavar="R1,R2,...",
-                      help="latent ranks, 'full' allowed (64,128,full)")
-    conv.add_argument("--rope-dim", default="full", metavar="D|full", help="rotary dims (full)")
-    conv.add_argument("--method", choices=["svd", "pca"], default="pca", help="factorisation (pca)")
-    conv.add_argument("--rope-mode", choices=["blocks", "rorope"], default="blocks",
-                      help="as latentattn convert's (blocks; --format deepseek implies rorope)")
-    conv.add_argument("--format", choices=["native", "deepseek"], default="native",
+    conv.add_argument("--ranks", default=None, metavar="R1,R2,...",
+                      help="latent ranks, 'full' allowed (default: those giving 1/3, 1/2 and 2/3 of "
+                      "the source's cache at --rope-dim; 64,128,192 for smollm2-135m)")
+    conv.add_argument("--rope-dim", default=None, metavar="D|full",
+                      help="rotary dims, as latentattn convert's (default: head_dim, RoRoPE)")
+    conv.add_argument("--method", choices=["pca", "svd"], default="pca", help="factorisation (pca)")
+    conv.add_argument("--rope-mode", choices=["blocks", "rorope"], default=None,
+                      help="as latentattn convert's (rorope for a head-wide --rope-dim and "
+                      "--format deepseek, blocks otherwise)")
+    conv.add_argument("--format", type=parse_format, default="latentattn",
+                      metavar="{latentattn,deepseek}",
                       help="deepseek: convert as convert --format deepseek does (RoRoPE and the "
-                      "fitted latent RMSNorm), to measure what that format costs (native)")
+                      "fitted latent RMSNorm), to measure what that format costs (latentattn)")
     conv.add_argument("--seq-len", type=int, default=512, metavar="N", help="eval window (512)")
     conv.add_argument("--heal-steps", type=int, default=100, metavar="N",
                       help="heal each converted model for N steps, distilling from the source "

@@ -7,6 +7,7 @@ import argparse
 import json
 from typing import Any
 
+from latentattn.calc.converted import ConvertSizes
 from latentattn.cli.common import (
     UserError,
     add_model_args,
@@ -17,7 +18,25 @@ from latentattn.cli.common import (
     model_overrides,
     render_table,
 )
-from latentattn.config import CSA, HCA, SLIDING, MLAConfig, ModelConfig, RopeConfig, V4AttentionConfig
+from latentattn.config import (
+    CSA,
+    HCA,
+    SLIDING,
+    GQAConfig,
+    MLAConfig,
+    ModelConfig,
+    RopeConfig,
+    V4AttentionConfig,
+)
+
+
+def _size_arg(text: str | None) -> int | str | None:
+    """An ``R|full`` / ``D|full`` flag: an int where it parses, else the text (resolve_sizes names
+    the flag in its error)."""
+    try:
+        return text if text is None or text == "full" else int(text)
+    except ValueError:
+        return text
 
 
 def _config(args: argparse.Namespace) -> ModelConfig:
@@ -26,15 +45,31 @@ def _config(args: argparse.Namespace) -> ModelConfig:
     return load_config(args.model, **model_overrides(args))
 
 
+def _converted(cfg: ModelConfig, args: argparse.Namespace) -> ConvertSizes | None:
+    """--kv-lora-rank / --rope-dim: the sizes of the "as converted" rows (the missing one takes
+    latentattn convert's default), checked as latentattn.convert_model checks them."""
+    from latentattn.calc.converted import resolve_sizes
+
+    if args.kv_lora_rank is None and args.rope_dim is None:
+        return None
+    if not isinstance(cfg.attention, GQAConfig):
+        flag = "--kv-lora-rank" if args.kv_lora_rank is not None else "--rope-dim"
+        raise UserError(f"{flag}: {args.model} is {cfg.attention.name.upper()} already; the rows for "
+                        "a conversion to MLA need a GQA, MHA or MQA model")
+    return resolve_sizes(cfg.replace(name=str(args.model)), _size_arg(args.kv_lora_rank),
+                         _size_arg(args.rope_dim))
+
+
 def cmd_kv_cache(args: argparse.Namespace) -> int:
     from latentattn.calc.kv_bytes import kv_table
 
     if args.context < 1 or args.batch < 1:
         raise UserError("--context and --batch must be positive")
     cfg = _config(args)
+    converted = _converted(cfg, args)
     if isinstance(cfg.attention, V4AttentionConfig):
         return _kv_cache_v4(cfg, args)
-    table = kv_table(cfg, args.context, args.batch)
+    table = kv_table(cfg, args.context, args.batch, converted)
     if args.json:
         print(json.dumps(table.as_dict(), indent=2))
         return 0
@@ -55,9 +90,19 @@ def cmd_kv_cache(args: argparse.Namespace) -> int:
         cells += [vs, r.formula]
         rows.append(cells)
     right = set(range(2, len(headers) - 1))
-    print(f"KV cache of {cfg.name}: {attention_summary(cfg)}; {cfg.n_layers} layers")
+    # The spec as the user gave it (an installed model's config name is its package directory).
+    print(f"KV cache of {args.model}: {attention_summary(cfg)}; {cfg.n_layers} layers")
     print(render_table(headers, rows, right))
     print("* = this model's configured cache form")
+    if converted is not None:
+        print(f"As converted to MLA: {converted.line()}")
+        line = (f"  written by: latentattn convert {args.model} OUT --kv-lora-rank {converted.kv_lora_rank} "
+                f"--rope-dim {converted.rope_dim}")
+        if any(r.key == "mla-converted-deepseek" for r in table.rows):
+            ds = table.row("mla-converted-deepseek")
+            line += (f"; with --format deepseek (its rope key one head wide): "
+                     f"{ds.bytes_per_token_per_layer / converted.source_bytes_per_token_per_layer:.2f}x")
+        print(line)
     print(f"Note: {table.note}.")
     return 0
 
@@ -203,14 +248,24 @@ def _kv_cache_v4(cfg: ModelConfig, args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     kv = sub.add_parser("kv-cache", help="KV-cache bytes per token: MHA, GQA, MQA and MLA forms, "
-                        "DeepSeek-V4 by layer type",
+                        "DeepSeek-V4 by layer type; a GQA model as converted to MLA",
                         description="Formula KV-cache bytes per token for the model's own cache "
-                        "form and the forms it is compared against (bf16 unless a row says fp8); for "
+                        "form and the forms it is compared against (bf16 unless a row says fp8); "
+                        "with --kv-lora-rank R and/or --rope-dim D, the GQA / MHA / MQA model as "
+                        "latentattn convert would write it in MLA, (R + D) values per token per "
+                        "layer, and in DeepSeek's format, (R + head_dim); for "
                         "DeepSeek-V4, bytes per sequence at --context by layer type, in bf16 and "
                         "FlashMLA's fp8 layout, against DeepSeek-V3.2 and V3.")
     add_model_args(kv, weights=False)
     kv.add_argument("--context", type=int, default=131072, help="tokens per sequence (131072)")
     kv.add_argument("--batch", type=int, default=1, help="sequences (1)")
+    kv.add_argument("--kv-lora-rank", default=None, metavar="R|full",
+                    help="add the rows of this GQA / MHA / MQA model converted to MLA at latent rank R "
+                    "(latentattn convert's rows: its own format and DeepSeek's; default with "
+                    "--rope-dim alone: the rank that halves the cache)")
+    kv.add_argument("--rope-dim", default=None, metavar="D|full",
+                    help="the converted model's rotary key dims (default: head_dim, RoRoPE; "
+                    "as latentattn convert's)")
     kv.add_argument("--json", action="store_true", help="print JSON instead of a table")
     kv.set_defaults(func=cmd_kv_cache)
 

@@ -43,15 +43,15 @@ import torch
 
 from latentattn.attention.gqa import GroupedQueryAttention
 from latentattn.attention.mla import MultiHeadLatentAttention
-from latentattn.config import GQAConfig, MLAConfig, ModelConfig
+from latentattn.calc.converted import ROPE_MODES, RopeMode, check_sizes, full_rank, full_rope_dim
+from latentattn.calc.converted import source_attention as _gqa
+from latentattn.config import MLAConfig, ModelConfig
 from latentattn.errors import ConfigError
 from latentattn.model.transformer import Transformer
 from latentattn.rope import yarn_attention_factor
 
 Method = Literal["svd", "pca"]
 METHODS = ("svd", "pca")
-RopeMode = Literal["blocks", "rorope"]
-ROPE_MODES = ("blocks", "rorope")
 
 
 @dataclass(frozen=True)
@@ -60,54 +60,15 @@ class Plan:
     ``kv_lora_rank`` R, and the factorisation ``method``. ``rope_mode``: ``blocks`` (the module
     docstring) or ``rorope`` (TransMLA's, :func:`_rorope_split`: one plain head-wide rope key,
     every pair; what DeepSeek's format can hold). ``latent_norm``: give the MLA DeepSeek's
-    RMSNorm on the latent, its gains fitted on calibration (:func:`latent_norm_gains`)."""
+    RMSNorm on the latent, its gains fitted on calibration (:func:`latent_norm_gains`).
+    ``method`` defaults to ``svd`` here only because it needs no calibration inputs; ``pca`` is
+    far better below full rank and is :func:`latentattn.convert_model`'s default."""
 
     pairs: tuple[int, ...]
     kv_lora_rank: int
     method: Method = "svd"
     rope_mode: RopeMode = "blocks"
     latent_norm: bool = False
-
-
-def full_rank(cfg: ModelConfig, rope_dim: int, rope_mode: RopeMode = "blocks") -> int:
-    """The latent rank that drops nothing at ``rope_dim``: the rows of M, G (2d - rope_dim / G)
-    for block RoPE, 2 G d for RoRoPE (every key head's residual and every value head)."""
-    a = _gqa(cfg)
-    if rope_mode == "rorope":
-        return 2 * a.n_kv_heads * a.head_dim
-    return a.n_kv_heads * (2 * a.head_dim - rope_dim // a.n_kv_heads)
-
-
-def full_rope_dim(cfg: ModelConfig, rope_mode: RopeMode = "blocks") -> int:
-    """Every rotary dim: of every KV head, G * d (can exceed one head's width), for block RoPE;
-    one head's d for RoRoPE."""
-    a = _gqa(cfg)
-    return a.head_dim if rope_mode == "rorope" else a.n_kv_heads * a.head_dim
-
-
-def _gqa(cfg: ModelConfig) -> GQAConfig:
-    a = cfg.attention
-    if not isinstance(a, GQAConfig):
-        raise ConfigError(f"convert takes a GQA / MHA / MQA model; {cfg.name} is already MLA")
-    return a
-
-
-def check_sizes(cfg: ModelConfig, rope_dim: int, kv_lora_rank: int,
-                rope_mode: RopeMode = "blocks") -> None:
-    a = _gqa(cfg)
-    g, d = a.n_kv_heads, a.head_dim
-    if rope_mode not in ROPE_MODES:
-        raise ConfigError(f"rope mode must be one of {', '.join(ROPE_MODES)}, got {rope_mode!r}")
-    if rope_mode == "rorope" and rope_dim != d:
-        raise ConfigError(f"--rope-mode rorope keeps one head's every rotary dim: --rope-dim must be "
-                          f"{d} (the head dim) or full, got {rope_dim}")
-    if rope_mode == "blocks" and (rope_dim < 2 * g or rope_dim > g * d or rope_dim % (2 * g)):
-        raise ConfigError(f"--rope-dim must be a multiple of 2 x {g} KV heads (a pair per head) "
-                          f"between {2 * g} and {g} x {d} = {g * d} (full), got {rope_dim}")
-    top = full_rank(cfg, rope_dim, rope_mode)
-    if not 1 <= kv_lora_rank <= top:
-        raise ConfigError(f"--kv-lora-rank must lie in 1..{top} (full rank at --rope-dim {rope_dim}), "
-                          f"got {kv_lora_rank}")
 
 
 def mla_config(cfg: ModelConfig, plan: Plan) -> ModelConfig:
