@@ -55,7 +55,7 @@ def main() -> None:
     # Bytes as tokens, the last tenth held out: what `latentattn train` does with its --data.
     tokens = encode_corpus(ByteTokenizer(), load_text(args.data))
     train_tokens, val_tokens = train_val_split(tokens)
-    configs = matched_configs(size, VARIANTS, tolerance=0.05)
+    configs = matched_configs(size, VARIANTS)
 
     loss: dict[str, dict[int, float]] = {v: {} for v in VARIANTS}
     kv_bytes: dict[str, float] = {}
