@@ -58,3 +58,15 @@ def test_long_context_dsa_fp8_keys(tmp_path: Path) -> None:
     # tiny-dsa per token and layer: a 160-byte fp32 latent; its 16-dim indexer key in fp8 is 16 B
     # plus a 4-byte scale (64 B in fp32)
     assert dsa - latent == 20 * 2 * (256 + 2)
+
+
+def test_convert_and_export(tmp_path: Path) -> None:
+    out = tmp_path / "exported"
+    text = run_example("convert_and_export.py", "--model", "tiny-gqa", "--out", str(out),
+                       "--heal-steps", "4", "--seq-len", "64")
+    assert "0.50x the source's cache" in text
+    assert re.search(r"^perplexity after 4 heal steps: \d+\.\d+$", text, re.M), text
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    # transformers reads the bf16 export with our logits (both read the same bf16 weights in fp32)
+    diff = float(re.search(r"max \|logit difference\| (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    assert diff < 1e-4, text
