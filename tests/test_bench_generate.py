@@ -67,7 +67,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     buf = io.StringIO()  # capsys is function-scoped: this runs once for the module
     with contextlib.redirect_stdout(buf):
         rc = main(["bench", "generate", "--model", "tiny-gqa", "--model", "tiny-mla",
-                   "--context", ",".join(map(str, CONTEXTS)), "--new-tokens", str(NEW),
+                   "--contexts", ",".join(map(str, CONTEXTS)), "--new-tokens", str(NEW),
                    "--repeats", "1", "--quiet", "--json", str(out / "g.json"),
                    "--plot", str(out / "g.png"), "--profile", str(out / "p.txt")])
     return {"rc": rc, "stdout": buf.getvalue(), "json": json.loads((out / "g.json").read_text()),
@@ -162,11 +162,11 @@ def _fail(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 def test_bad_input_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str],
                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert "unknown preset 'no-such-model'" in _fail(["--model", "no-such-model"], capsys)
-    line = _fail(["--model", "tiny-gqa", "--context", "64,500"], capsys)
+    line = _fail(["--model", "tiny-gqa", "--contexts", "64,500"], capsys)
     assert "500" in line and "max_seq_len 512" in line
     assert "--new-tokens" in _fail(["--model", "tiny-gqa", "--new-tokens", "1"], capsys)
     assert "--json" in _fail(["--model", "tiny-gqa", "--json", str(tmp_path / "no" / "x.json")], capsys)
     monkeypatch.setattr("latentattn.model.compiled.compiler_error",
                         lambda: "torch.compile needs a C++ compiler for CPU kernels and found none")
-    line = _fail(["--model", "tiny-gqa", "--context", "64", "--compile"], capsys)
+    line = _fail(["--model", "tiny-gqa", "--contexts", "64", "--compile"], capsys)
     assert line.startswith("latentattn: error: --compile: ") and "C++ compiler" in line

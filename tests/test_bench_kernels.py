@@ -19,8 +19,8 @@ from latentattn.cli import main
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU report; a GPU runs the kernels too")
 def test_bench_kernels_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "k.json"
-    assert main(["bench", "kernels", "--contexts", "100,300", "--batches", "2", "--heads", "3",
-                 "--topk", "64", "--repeats", "2", "--json", str(out), "--plot",
+    assert main(["bench", "kernels", "--contexts", "100,300", "--batch-sizes", "2", "--heads", "3",
+                 "--index-topk", "64", "--repeats", "2", "--json", str(out), "--plot",
                  str(tmp_path / "k.png"), "--quiet"]) == 0
     r = json.loads(out.read_text())
     assert not r["kernels_ran"] and "the Triton kernels need a GPU" in r["note"]

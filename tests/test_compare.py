@@ -468,6 +468,8 @@ def test_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: b
     (["--steps", "2000"], "would go over the training split 17 times (at most 8); give a --data "
                           "text of at least 17,778 bytes"),
     (["--quick", "--gpu"], "two presets"),
+    (["--dtype", "fp16"], "--dtype float16: training needs loss scaling"),
+    (["--dtype", "int8"], "--dtype must be one of auto, float32, bfloat16, float16, got 'int8'"),
     *([(["--device", "cuda"], "--device: device 'cuda': this torch sees no CUDA GPU"),
        (["--gpu"], "--device: device 'cuda'")] if not torch.cuda.is_available() else []),
 ])

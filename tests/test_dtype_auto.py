@@ -14,6 +14,7 @@ import latentattn
 from conftest import cli_error
 from latentattn import precision
 from latentattn.cli import main
+from latentattn.cli.common import choose_device
 from latentattn.data import default_text
 from latentattn.errors import ConfigError
 from latentattn.precision import (
@@ -108,13 +109,13 @@ def test_explicit_dtypes_win_and_emulated_bf16_warns() -> None:
 
 
 def test_train_precision_and_dtype_give_one_reason() -> None:
-    """train --precision auto and --dtype auto rest on one answer and say it in the same words."""
+    """train --dtype auto and generate --dtype auto rest on one answer and say it in the same words."""
     for cpu in (NATIVE, NOT_NATIVE):
         p, d = choose_precision("auto", "cpu", cpu), auto_dtype("cpu", cpu)
         assert p.bf16 == (d.dtype == torch.bfloat16) and p.why == d.why
     assert choose_precision("bf16", "cpu", NOT_NATIVE).warning() == (
         "warning: bf16 autocast on this CPU is emulated and slow (no avx512_bf16 or amx_bf16): fp32, "
-        "what --precision auto takes here, runs faster")
+        "what --dtype auto takes here, runs faster")
     assert choose_precision("bf16", "cpu", NATIVE).warning() is None
     assert choose_precision("auto", "cpu", NOT_NATIVE).warning() is None
 
@@ -170,11 +171,15 @@ def test_fp32_islands_stay_fp32_under_auto_bf16(preset: str, monkeypatch: pytest
 
 # ---------------------------------------------------------------------------- CLI
 GEN = ["generate", "--model", "tiny-mla", "--prompt", "Hi", "--max-new-tokens", "2"]
+DEVICE_LINE = f"latentattn: {choose_device('auto').line()}"  # --device auto's line, first
 
 
 def _stderr(capsys: pytest.CaptureFixture[str], argv: list[str]) -> list[str]:
+    """stderr's lines after --device auto's (which every run here says first)."""
     assert main(argv) == 0
-    return capsys.readouterr().err.strip().splitlines()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == DEVICE_LINE
+    return lines[1:]
 
 
 def test_generate_says_what_auto_chose(monkeypatch: pytest.MonkeyPatch,
@@ -205,7 +210,7 @@ def test_eval_says_what_auto_chose(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert _stderr(capsys, [*argv, "--dtype", "bfloat16"])[0] == WARNING
 
 
-@pytest.mark.parametrize("bad", ["int8", "fp32", "bf16", "float64", "Auto"])
+@pytest.mark.parametrize("bad", ["int8", "fp64", "float64", "Auto", "torch.float32"])
 def test_bad_dtype_names_exit_2_with_one_line(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
     line = cli_error(capsys, [*GEN, "--dtype", bad])
     assert line == (f"latentattn: error: --dtype must be one of auto, float32, bfloat16, float16, "
@@ -229,17 +234,17 @@ def test_train_warns_on_emulated_bf16(tmp_path: Path, monkeypatch: pytest.Monkey
             "16", "--kv-lora-rank", "8", "--batch-size", "2", "--eval-every", "0", "--quiet",
             "--steps", "1", "--data", str(data)]
     monkeypatch.setattr(precision, "cpu_bf16", lambda: NOT_NATIVE)
-    assert main([*argv, "--out", str(tmp_path / "a"), "--precision", "bf16"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "a"), "--dtype", "bfloat16"]) == 0
     captured = capsys.readouterr()
     assert "precision: bf16 autocast (as asked)" in captured.out
     assert captured.err.strip().splitlines() == [
         "latentattn: warning: bf16 autocast on this CPU is emulated and slow (no avx512_bf16 or "
-        "amx_bf16): fp32, what --precision auto takes here, runs faster"]
+        "amx_bf16): fp32, what --dtype auto takes here, runs faster", DEVICE_LINE]
     monkeypatch.setattr(precision, "cpu_bf16", lambda: NATIVE)
     assert main([*argv, "--out", str(tmp_path / "b")]) == 0
     captured = capsys.readouterr()
     assert "precision: bf16 autocast (CPU has native bf16: avx512_bf16)" in captured.out
-    assert captured.err == ""
+    assert captured.err.strip().splitlines() == [DEVICE_LINE]  # --device auto says what it chose
 
 
 def test_float32_linear_stays_fp32_under_autocast() -> None:

@@ -107,8 +107,8 @@ def test_without_cuda_it_says_so_in_one_line(monkeypatch: pytest.MonkeyPatch, tm
 def test_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                  capsys: pytest.CaptureFixture[str]) -> None:
     args = build_parser().parse_args(["kernels", "check"])
-    assert (args.device, args.out, args.timeout, args.skip_bench, args.batches, args.contexts) == (
-        "cuda", "gpu-check.json", 360.0, False, [1, 32], [4096, 32768])
+    assert (args.device, args.out, args.timeout, args.skip_bench, args.batch_sizes, args.contexts,
+            args.index_topk) == ("auto", "gpu-check.json", 360.0, False, [1, 32], [4096, 32768], 2048)
     # With a GPU, the user's mistakes are one line each, before any work.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")

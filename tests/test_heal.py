@@ -129,9 +129,9 @@ def test_train_teacher_cli_heals_and_refuses_bad_flags(tmp_path: Path,
     wide = tmp_path / "wide"
     save_native(Transformer(_source().config.replace(vocab_size=300)), wide)
     out = tmp_path / "healed"
-    common = ["train", "--init", str(tmp_path / "mla"), "--data", str(data), "--steps", "4",
+    common = ["train", "--model", str(tmp_path / "mla"), "--data", str(data), "--steps", "4",
               "--batch-size", "2", "--seq-len", "32", "--eval-every", "0", "--quiet",
-              "--precision", "fp32"]
+              "--dtype", "float32"]
     assert main([*common, "--teacher", str(src), "--distill-weight", "0.5", "--trainable",
                  "attention", "--out", str(out)]) == 0
     state = json.loads((out / "state.json").read_text())
@@ -156,7 +156,7 @@ def test_bench_convert_heals_each_rank(tmp_path: Path, capsys: pytest.CaptureFix
     out = tmp_path / "conv.json"
     assert main(["bench", "convert", "--model", str(src), "--data", str(data), "--ranks", "4,8",
                  "--rope-dim", "4", "--calib-tokens", "1024", "--seq-len", "64", "--max-tokens", "513",
-                 "--heal-steps", "3", "--heal-seq-len", "32", "--heal-lr", "1e-3", "--heal-precision", "fp32",
+                 "--heal-steps", "3", "--heal-seq-len", "32", "--heal-lr", "1e-3", "--heal-dtype", "float32",
                  "--json", str(out), "--plot", str(tmp_path / "conv.png"), "--quiet"]) == 0
     report = json.loads(out.read_text())
     assert report["heal"]["steps"] == 3 and report["heal"]["trainable"] == "attention"

@@ -66,9 +66,9 @@ def test_hf_directory_and_its_config_json(hf_dir: tuple[Path, latentattn.Transfo
 
 
 def test_train_run_directory(tmp_path: Path) -> None:
-    assert main(["train", "--preset", "tiny-dsa", "--steps", "2", "--batch-size", "2", "--seq-len",
+    assert main(["train", "--model", "tiny-dsa", "--steps", "2", "--batch-size", "2", "--seq-len",
                  "32", "--eval-every", "0", "--out", str(tmp_path / "run"), "--quiet",
-                 "--precision", "fp32"]) == 0
+                 "--dtype", "float32"]) == 0
     model = latentattn.load(tmp_path / "run")
     from safetensors.torch import load_file
 
@@ -180,9 +180,9 @@ def test_train_init_starts_from_the_given_weights(tmp_path: Path,
                                                   hf_dir: tuple[Path, latentattn.Transformer]) -> None:
     path, model = hf_dir
     # A learning rate so small that one step leaves the weights where they started.
-    assert main(["train", "--init", str(path), "--steps", "1", "--lr", "1e-12", "--warmup-steps",
+    assert main(["train", "--model", str(path), "--steps", "1", "--lr", "1e-12", "--warmup-steps",
                  "0", "--batch-size", "2", "--seq-len", "32", "--out", str(tmp_path / "run"),
-                 "--quiet", "--precision", "fp32"]) == 0
+                 "--quiet", "--dtype", "float32"]) == 0
     trained = latentattn.load(tmp_path / "run")
     assert trained.config.replace(name="") == model.config.replace(name="")
     for k, v in model.state_dict().items():
@@ -198,9 +198,9 @@ def test_train_init_keeps_the_tokenizer(tmp_path: Path, capsys: pytest.CaptureFi
     data = tmp_path / "words.txt"
     data.write_text(" ".join(WORDS[1:-1] * 400))
     run = tmp_path / "run"
-    assert main(["train", "--init", str(src), "--data", str(data), "--steps", "3", "--batch-size", "2",
+    assert main(["train", "--model", str(src), "--data", str(data), "--steps", "3", "--batch-size", "2",
                  "--seq-len", "16", "--eval-every", "0", "--out", str(run), "--quiet",
-                 "--precision", "fp32"]) == 0
+                 "--dtype", "float32"]) == 0
     assert "nats/token" in capsys.readouterr().out
     assert (run / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
     assert isinstance(latentattn.load_tokenizer(run), HFTokenizer)

@@ -1,6 +1,7 @@
-"""Training precision: detecting a CPU's native bf16 from its cpuinfo, the
-``--precision auto`` policy, ``train --precision`` (``--bf16`` its alias, a resume keeping its
-checkpoint's precision), and ``bench precision`` at toy size. No timings are asserted."""
+"""Training precision: detecting a CPU's native bf16 from its cpuinfo, the ``--dtype auto``
+policy, ``train --dtype`` (bf16 and fp32 its aliases, a resume keeping its checkpoint's
+precision; the old ``--precision`` and ``--bf16`` are in test_cli_vocabulary.py), and ``bench
+precision`` at toy size. No timings are asserted."""
 
 from __future__ import annotations
 
@@ -109,18 +110,17 @@ def test_train_precision_flag_auto_and_resume(tmp_path: Path, monkeypatch: pytes
     assert read_state(out)["step"] == 2
     # ... and an explicit other precision is refused as any other changed setting is.
     assert "bf16 is True in the checkpoint, False here" in cli_error(
-        capsys, [*base, "--steps", "3", "--out", str(out), "--resume", "--precision", "fp32"])
+        capsys, [*base, "--steps", "3", "--out", str(out), "--resume", "--dtype", "float32"])
     fresh = tmp_path / "fresh"
     assert main([*base, "--steps", "1", "--out", str(fresh)]) == 0
     assert "precision: fp32 (CPU has no native bf16)" in capsys.readouterr().out
     assert read_state(fresh)["settings"]["bf16"] is False
     alias = tmp_path / "alias"
-    assert main([*base, "--steps", "1", "--out", str(alias), "--bf16"]) == 0  # --precision bf16
+    assert main([*base, "--steps", "1", "--out", str(alias), "--dtype", "bf16"]) == 0  # bfloat16
     assert "precision: bf16 autocast (as asked)" in capsys.readouterr().out
     assert read_state(alias)["settings"]["bf16"] is True
-    line = cli_error(capsys, [*base, "--steps", "1", "--out", str(tmp_path / "x"), "--bf16",
-                              "--precision", "fp32"])
-    assert line == "latentattn: error: --bf16 is --precision bf16: it cannot go with --precision fp32"
+    line = cli_error(capsys, [*base, "--steps", "1", "--out", str(tmp_path / "x"), "--dtype", "fp16"])
+    assert line.startswith("latentattn: error: --dtype float16: training needs loss scaling")
     assert not (tmp_path / "x").exists()
 
 

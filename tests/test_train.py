@@ -44,7 +44,7 @@ TRAIN, VAL = train_val_split(byte_tokens(TEXT))
 # The same model through the CLI (flags it has; the rest of FamilySize keeps its defaults).
 CLI_SIZE = ["--dim", "32", "--layers", "2", "--heads", "2", "--seq-len", "32", "--kv-lora-rank", "16",
             "--index-topk", "8", "--batch-size", "4", "--quiet",
-            "--precision", "fp32"]  # the numerics these tests pin, whatever this CPU's bf16
+            "--dtype", "float32"]  # the numerics these tests pin, whatever this CPU's bf16
 # DeepSeek-V3 routing (sigmoid, noaux_tc) over 8 experts in 2 groups, 2 per token.
 MOE = MoEConfig(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
                 first_k_dense_replace=1, scoring_func="sigmoid", topk_method="noaux_tc", n_group=2,
@@ -425,7 +425,7 @@ def test_bad_data_and_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "--moe-aux-loss must be a number >= 0" in run("--data", str(tmp_path / "ok.txt"),
                                                         "--moe-aux-loss", "-1")
     assert "unknown --attn 'mxa'" in _error(capsys, ["train", "--attn", "mxa", "--out", str(tmp_path)])
-    assert "GiB of weights" in _error(capsys, ["train", "--preset", "deepseek-v3", "--out", str(tmp_path)])
+    assert "GiB of weights" in _error(capsys, ["train", "--model", "deepseek-v3", "--out", str(tmp_path)])
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     assert "cannot write to output directory" in _error(
@@ -453,8 +453,8 @@ def test_bad_checkpoints_lose_nothing(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main([*base, "--attn", "mla", "--steps", "2", "--router-bias-rate", "0.01", "--resume"]) == 0
     capsys.readouterr()
     moe_out = tmp_path / "moe"
-    moe = ["train", "--preset", "tiny-mla-moe", "--seq-len", "32", "--batch-size", "2", "--quiet",
-           "--data", str(data), "--out", str(moe_out), "--steps", "2", "--precision", "fp32"]
+    moe = ["train", "--model", "tiny-mla-moe", "--seq-len", "32", "--batch-size", "2", "--quiet",
+           "--data", str(data), "--out", str(moe_out), "--steps", "2", "--dtype", "float32"]
     assert main(moe) == 0
     capsys.readouterr()
     moe_good = _snapshot(moe_out)
@@ -528,8 +528,8 @@ def _torchrun(cmd: list[str], timeout: float = 180) -> subprocess.CompletedProce
 # balance loss (global f_i) must give the ranks one process's update.
 TORCHRUN_MODELS = {
     "dsa": ["--attn", "dsa", *CLI_SIZE, "--dsa-warmup-steps", "2"],
-    "moe": ["--preset", "tiny-mla-moe", "--seq-len", "32", "--batch-size", "4", "--quiet",
-            "--moe-aux-loss", "0.01", "--precision", "fp32"],
+    "moe": ["--model", "tiny-mla-moe", "--seq-len", "32", "--batch-size", "4", "--quiet",
+            "--moe-aux-loss", "0.01", "--dtype", "float32"],
 }
 
 
@@ -597,11 +597,11 @@ def test_train_retrofit_dsa_from_a_dense_run(tmp_path: Path, capsys: pytest.Capt
     data = tmp_path / "text.txt"
     data.write_text(TEXT)
     base = ["--data", str(data), "--seq-len", "32", "--batch-size", "2", "--quiet", "--eval-every", "0",
-            "--precision", "fp32"]
+            "--dtype", "float32"]
     assert main(["train", "--attn", "mla", *CLI_SIZE, "--data", str(data), "--steps", "2",
                  "--eval-every", "0", "--out", str(tmp_path / "dense")]) == 0
     # Two steps, both in the frozen warm-up: the dense weights must come out unchanged.
-    assert main(["train", "--init", str(tmp_path / "dense"), "--retrofit-dsa", "--index-topk", "4",
+    assert main(["train", "--model", str(tmp_path / "dense"), "--retrofit-dsa", "--index-topk", "4",
                  "--steps", "2", "--dsa-warmup-steps", "2", *base, "--out", str(tmp_path / "dsa")]) == 0
     dense, dsa = load(tmp_path / "dense"), load(tmp_path / "dsa")
     a = dsa.config.attention
@@ -613,7 +613,7 @@ def test_train_retrofit_dsa_from_a_dense_run(tmp_path: Path, capsys: pytest.Capt
     assert "--retrofit-dsa adds indexers" in cli_error(
         capsys, ["train", "--retrofit-dsa", "--attn", "mla", *base, "--out", str(tmp_path / "x")])
     assert "needs a dense MLA model" in cli_error(
-        capsys, ["train", "--init", "tiny-gqa", "--retrofit-dsa", *base, "--out", str(tmp_path / "y")])
+        capsys, ["train", "--model", "tiny-gqa", "--retrofit-dsa", *base, "--out", str(tmp_path / "y")])
 
 
 def test_a_run_stopped_with_until_resumes_as_one_run(tmp_path: Path) -> None:

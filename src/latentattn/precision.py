@@ -7,7 +7,7 @@ sums are what top-k choices hinge on, so bf16 rounding would change which expert
 
 Also: ``resolve_dtype`` / ``resolve_device``, the one place user-given dtype and device names
 become torch objects (or a ConfigError naming the bad value); the training precision:
-``cpu_bf16`` (does this CPU have native bf16?) and ``choose_precision`` (what ``--precision
+``cpu_bf16`` (does this CPU have native bf16?) and ``choose_precision`` (what ``train --dtype
 auto`` trains in); and the weights' dtype: ``auto_dtype`` / ``choose_dtype`` (what ``load(...,
 dtype="auto")`` and ``generate``/``eval --dtype auto`` load in). Both ``auto`` choices rest on one
 answer, :func:`bf16_native`, and say why in the same words.
@@ -71,7 +71,7 @@ AUTOCAST_DEVICES = ("cpu", "cuda")  # where fp32_compute looks for an active aut
 
 def fp32_compute(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
     """A context where ``x``'s device runs ops in their inputs' dtype: autocast off there while
-    it is on (``train --precision bf16`` trains under ``torch.autocast``, which casts the inputs
+    it is on (``train --dtype bfloat16`` trains under ``torch.autocast``, which casts the inputs
     of ``F.linear``/``matmul`` to bf16 whatever they are: ``F.linear(x.float(), w_fp32)`` would
     give bf16 logits), else nothing. For the arithmetic kept in fp32 in a bf16 model (the MoE
     router, V4's mHC mix, DSA's indexer weights), so it stays fp32 in autocast training too.
@@ -193,7 +193,7 @@ class PrecisionChoice:
 
     def warning(self) -> str | None:
         """One line when bf16 is emulated here (``train`` prints it on stderr), else None."""
-        return _emulated("bf16 autocast", "fp32, what --precision auto takes here") if self.emulated else None
+        return _emulated("bf16 autocast", "fp32, what --dtype auto takes here") if self.emulated else None
 
 
 def _emulated(what: str, instead: str) -> str:
@@ -226,7 +226,7 @@ def bf16_native(device: torch.device | str, cpu: CpuBf16 | None = None) -> tuple
     """(whether bf16 arithmetic is native on ``device``, why in words): a CUDA GPU that does bf16
     in hardware (compute capability 8.0 on; not torch's emulation on older ones), a CPU with a
     flag of :data:`BF16_CPU_FLAGS` (``cpu``, default :func:`cpu_bf16` of this machine); no
-    elsewhere (other devices: not measured). What ``--precision auto`` (:func:`choose_precision`)
+    elsewhere (other devices: not measured). What ``train --dtype auto`` (:func:`choose_precision`)
     and ``--dtype auto`` (:func:`auto_dtype`) both rest on, so their lines give the same reason."""
     dev = torch.device(device)
     if dev.type == "cuda":

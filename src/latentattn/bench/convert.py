@@ -55,7 +55,7 @@ class Heal:
     ``seq_len`` tokens drawn from ``tokens`` (the healing text's training split; ``val`` its
     validation split), peak ``lr`` after ``warmup_steps``, cosine to a tenth, distilling from the
     source with weight ``distill_weight``, training ``trainable`` weights, in bf16 autocast with
-    ``bf16`` (the CLI's ``--heal-precision auto`` sets it per machine:
+    ``bf16`` (the CLI's ``--heal-dtype auto`` sets it per machine:
     :func:`latentattn.precision.choose_precision`)."""
 
     tokens: torch.Tensor

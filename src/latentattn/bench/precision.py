@@ -5,7 +5,7 @@ a batch, the converted student's forward and backward, the source's forward as t
 KL to it, an AdamW step. This runs that step through :func:`latentattn.train.loop.train` itself
 (the ``Heal``'s settings, only the precision differing), from the same student weights and the
 same batches in both precisions, and reports each precision's median seconds per step with a
-95% interval, and their ratio: what ``--precision auto``
+95% interval, and their ratio: what ``train --dtype auto``
 (:func:`latentattn.precision.choose_precision`) rests on.
 
 Each precision runs ``rounds`` times, each run ``warmup`` untimed steps (allocation, oneDNN's
@@ -82,7 +82,7 @@ class PrecisionReport:
     student: str
     settings: dict[str, Any]
     cpu: dict[str, Any]  # latentattn.precision.CpuBf16 of this machine
-    auto: str  # what --precision auto picks here (PrecisionChoice.line)
+    auto: str  # what train --dtype auto picks here (PrecisionChoice.line)
     timings: list[PrecisionTiming] = field(default_factory=list)
     # fp32 median / bf16 median: > 1 when bf16 autocast is faster; its bootstrap 95% interval
     speedup_bf16: float = float("nan")
@@ -198,7 +198,7 @@ def precision_table(report: PrecisionReport) -> str:
         f"fastest steps {fastest:.2f}x; faster: {LABEL[report.faster()]}",
         f"max |LM loss difference| over the first {s['warmup'] + s['steps']} steps: "
         f"{report.max_loss_diff:.3f} nats",
-        f"--precision auto here: {report.auto.removeprefix('precision: ')}",
+        f"train --dtype auto here: {report.auto.removeprefix('precision: ')}",
     ]
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
-"""``latentattn bench decode|dsa|v4|generate|indexer|convert|precision|...``: benchmarks that write JSON and
-a plot, with a progress bar. The benchmarks themselves are :mod:`latentattn.bench`."""
+"""``latentattn bench decode|dsa|v4|generate|indexer|convert|precision|...``: benchmarks that print
+their results to stdout, with a progress bar on stderr, and write JSON (--json) and a plot (--plot)
+when asked. The benchmarks themselves are :mod:`latentattn.bench`."""
 
 from __future__ import annotations
 
@@ -7,24 +8,92 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from latentattn.cli.common import UserError, int_list, on_start
+from latentattn.cli.common import (
+    UserError,
+    add_deprecated,
+    add_device_arg,
+    add_dtype_arg,
+    check_dtype,
+    choose_device,
+    dtype_name,
+    int_list,
+    on_start,
+    render_table,
+    say_device,
+    training_precision,
+)
 from latentattn.io import atomic_write, check_parent, write_json
 
 KINDS_V4 = ("sliding", "csa", "hca", "dsa", "mla")  # latentattn.bench.v4.KINDS, without importing torch
+# bench kernels' sweeps when not given: DeepSeek-V3's 128 heads and long contexts on a GPU, a
+# small CPU run of the PyTorch path (the kernels need a GPU).
+KERNEL_CONTEXTS_GPU = [4096, 8192, 16384, 32768, 65536]
+KERNEL_CONTEXTS_CPU = [1024, 4096]
+KERNEL_BATCHES_GPU = [1, 32, 64, 128]
+KERNEL_BATCHES_CPU = [1, 4]
+KERNEL_HEADS_GPU = 128  # latentattn.bench.kernels.V3_DIMS["heads"], without importing torch
+OUTPUTS = " Prints the results; --json and --plot also write them, when given."
+TIMED_DTYPE_HELP = ("weights, cache and compute dtype (float32; auto: bfloat16 on a CPU with native "
+                    "bf16, else float32)")
+
+
+def _csv(values: list[int]) -> str:
+    return ",".join(map(str, values))
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--json and --plot are optional: check the parent directory of those given, before the
+    benchmark's minutes of work, not after."""
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if path is not None:
+            check_parent(path, flag)
+
+
+def _write_outputs(args: argparse.Namespace, data: Callable[[], Any],
+                   plot: Callable[[str], None]) -> None:
+    """Write the JSON (``data()``) and the plot (``plot(tmp_path)``) where --json / --plot ask."""
+    if args.json is not None:
+        write_json(args.json, data())
+    if args.plot is not None:
+        atomic_write(args.plot, plot, suffix=".png")
+
+
+def _say_written(args: argparse.Namespace) -> None:
+    written = [str(p) for p in (args.json, args.plot) if p is not None]
+    if written:
+        print("wrote " + " and ".join(written))
+
+
+def _bench_dtype(name: str) -> Any:
+    """The torch dtype of a benchmark's --dtype (auto: as ``latentattn.load``'s on this CPU)."""
+    import torch
+
+    from latentattn.precision import choose_dtype
+
+    return choose_dtype("auto", "cpu").dtype if check_dtype(name) == "auto" else getattr(torch, name)
 
 
 def _check_timed(args: argparse.Namespace) -> Any:
     """The checks a timed benchmark makes before running; returns its torch dtype."""
-    import torch
-
-    check_parent(args.json, "--json")
-    check_parent(args.plot, "--plot")
+    _check_outputs(args)
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
-    return getattr(torch, args.dtype)  # argparse limits it to float32 / bfloat16
+    return _bench_dtype(args.dtype)
+
+
+def _decode_table(report: Any) -> str:
+    """bench decode's medians: one row per (batch, context), one column per variant."""
+    headers = ["batch", "context", *(f"{v} ms" for v in report.variants)]
+    rows = []
+    for b in report.batches:
+        for c in report.contexts:
+            ms = [report.median(v, b, c) for v in report.variants]
+            rows.append([str(b), f"{c:,}", *("-" if m is None else f"{m:,.3f}" for m in ms)])
+    return render_table(headers, rows, set(range(len(headers))))
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> int:
@@ -40,20 +109,20 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         include_hf = False
     dims = decode.TINY_DIMS if args.tiny else decode.V2_LITE_DIMS
     n_variants = len(decode.VARIANTS) - (0 if include_hf else 1)
-    total = n_variants * len(args.contexts) * len(args.batches)
+    total = n_variants * len(args.contexts) * len(args.batch_sizes)
     with tqdm(total=total, file=sys.stderr, desc="bench decode", unit="run",
               disable=args.quiet) as bar:
         report = decode.run_decode_bench(
-            contexts=args.contexts, batches=args.batches, repeats=args.repeats, dtype=dtype,
+            contexts=args.contexts, batches=args.batch_sizes, repeats=args.repeats, dtype=dtype,
             include_hf=include_hf, dims=dims, progress=on_start(bar),
         )
         bar.update(total - bar.n)
-    write_json(args.json, report.as_dict())
-    atomic_write(args.plot, lambda tmp: decode.plot_report(report, tmp), suffix=".png")
+    _write_outputs(args, report.as_dict, lambda tmp: decode.plot_report(report, tmp))
+    print(_decode_table(report))
     print(decode.headline(report))
     for key, sp in report.speedups().items():
         print(f"  {key}: " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items()))
-    print(f"wrote {args.json} and {args.plot}")
+    _say_written(args)
     return 0
 
 
@@ -68,32 +137,28 @@ def cmd_bench_dsa(args: argparse.Namespace) -> int:
     with tqdm(total=total, file=sys.stderr, desc="bench dsa", unit="size", disable=args.quiet) as bar:
         report = dsa.run_dsa_bench(
             decode_contexts=args.decode_contexts, prefill_contexts=args.prefill_contexts,
-            topks=args.topks, repeats=args.repeats, dtype=dtype, dims=dims, progress=on_start(bar),
+            topks=args.index_topks, repeats=args.repeats, dtype=dtype, dims=dims, progress=on_start(bar),
         )
         bar.update(total - bar.n)
-    write_json(args.json, report.as_dict())
-    atomic_write(args.plot, lambda tmp: dsa.plot_dsa_report(report, tmp), suffix=".png")
+    _write_outputs(args, report.as_dict, lambda tmp: dsa.plot_dsa_report(report, tmp))
     print("\n".join(dsa.dsa_headline(report)))
-    print(f"wrote {args.json} and {args.plot}")
+    _say_written(args)
     return 0
 
 
 def cmd_bench_v4(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from latentattn.bench import v4
     from latentattn.bench.v4_report import V4Report, plot_v4_report, table
 
-    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
-        if path is not None:
-            check_parent(path, flag)
+    _check_outputs(args)
     if args.repeats < 1 or (args.chunk is not None and args.chunk < 1):
         raise UserError(f"--repeats and --chunk must be >= 1, got {args.repeats} and {args.chunk}")
     unknown = set(args.kinds) - set(v4.KINDS)
     if unknown:
         raise UserError(f"--kinds: unknown {sorted(unknown)}; choose from {','.join(v4.KINDS)}")
-    dtype = torch.bfloat16 if args.dtype in ("bf16", "bfloat16") else torch.float32
+    dtype = _bench_dtype(args.dtype)
     contexts = args.contexts or list(v4.QUICK_CONTEXTS if args.quick else v4.CONTEXTS)
     prefill = [] if args.no_prefill else args.prefill or list(v4.QUICK_PREFILL if args.quick else v4.PREFILL)
     chunk = args.chunk if args.chunk is not None else (v4.QUICK_CHUNK if args.quick else 4096)
@@ -112,9 +177,7 @@ def cmd_bench_v4(args: argparse.Namespace) -> int:
             progress=on_start(bar), on_point=save)
         bar.update(total - bar.n)
     print(table(report))
-    written = [p for p in (args.json, args.plot) if p is not None]
-    if written:
-        print("wrote " + " and ".join(written))
+    _say_written(args)
     return 0
 
 
@@ -124,17 +187,16 @@ def cmd_bench_indexer(args: argparse.Namespace) -> int:
     from latentattn.bench import indexer
     from latentattn.data import load_text
 
-    check_parent(args.json, "--json")
-    check_parent(args.plot, "--plot")
-    for flag in ("pretrain_steps", "warmup_steps", "topk", "seq_len", "batch"):
+    _check_outputs(args)
+    for flag in ("pretrain_steps", "warmup_steps", "index_topk", "seq_len", "batch_size"):
         if getattr(args, flag) < (0 if flag.endswith("steps") else 1):
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.topk >= args.seq_len:
-        raise UserError(f"--topk ({args.topk}) must be smaller than --seq-len ({args.seq_len}): "
-                        "otherwise every key is selected and recall is trivially 1")
+    if args.index_topk >= args.seq_len:
+        raise UserError(f"--index-topk ({args.index_topk}) must be smaller than --seq-len "
+                        f"({args.seq_len}): otherwise every key is selected and recall is trivially 1")
     text = load_text(args.data)
     settings = indexer.IndexerBenchSettings(
-        index_topk=args.topk, seq_len=args.seq_len, batch=args.batch,
+        index_topk=args.index_topk, seq_len=args.seq_len, batch=args.batch_size,
         pretrain_steps=args.pretrain_steps, warmup_steps=args.warmup_steps, seed=args.seed)
     total = args.pretrain_steps + args.warmup_steps
     with tqdm(total=total, file=sys.stderr, desc="bench indexer", unit="step",
@@ -145,10 +207,9 @@ def cmd_bench_indexer(args: argparse.Namespace) -> int:
 
         report = indexer.run_indexer_bench(text, args.data or "pydoc_data.topics (CPython)",
                                            settings, progress)
-    write_json(args.json, report.as_dict())
-    atomic_write(args.plot, lambda tmp: indexer.plot_indexer_report(report, tmp), suffix=".png")
+    _write_outputs(args, report.as_dict, lambda tmp: indexer.plot_indexer_report(report, tmp))
     print("\n".join(indexer.indexer_headline(report)))
-    print(f"wrote {args.json} and {args.plot}")
+    _say_written(args)
     return 0
 
 
@@ -168,8 +229,8 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
     from latentattn.precision import choose_precision
     from latentattn.tokenizer import encode_corpus
 
-    check_parent(args.json, "--json")
-    check_parent(args.plot, "--plot")
+    _check_outputs(args)
+    heal_precision = training_precision(args.heal_dtype, "--heal-dtype")
     cfg = load_config(args.model)
     asked = None if args.ranks is None else [_rank(r) for r in args.ranks.split(",") if r]
     if asked == []:
@@ -200,7 +261,7 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
         if args.heal_seq_len > model.config.max_seq_len:
             raise UserError(f"--heal-seq-len {args.heal_seq_len} exceeds the model's max_seq_len "
                             f"{model.config.max_seq_len}")
-        precision = choose_precision(args.heal_precision, model.device)
+        precision = choose_precision(heal_precision, model.device)
         print(f"heal {precision.line()}", flush=True)
         heal = Heal(heal_tokens, heal_val, steps=args.heal_steps, batch_size=args.heal_batch_size,
                     seq_len=args.heal_seq_len, lr=args.heal_lr, trainable=args.heal_trainable,
@@ -215,10 +276,9 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
                                    args.seq_len, args.max_tokens,
                                    (str(args.model), args.data, args.calib), progress, heal,
                                    mode, deepseek)
-    write_json(args.json, report.as_dict())
-    atomic_write(args.plot, lambda tmp: plot_convert_report(report, tmp), suffix=".png")
+    _write_outputs(args, report.as_dict, lambda tmp: plot_convert_report(report, tmp))
     print(convert_table(report))
-    print(f"wrote {args.json} and {args.plot}")
+    _say_written(args)
     return 0
 
 
@@ -237,8 +297,7 @@ def cmd_bench_fp8(args: argparse.Namespace) -> int:
     from latentattn.loading import load
     from latentattn.tokenizer import encode_corpus
 
-    check_parent(args.json, "--json")
-    check_parent(args.plot, "--plot")
+    _check_outputs(args)
     if args.prompt_tokens < 1 or args.tokens < 2:
         raise UserError("--prompt-tokens must be >= 1 and --tokens >= 2")
     model, tokenizer = load(args.model, dtype="float32", with_tokenizer=True)
@@ -253,10 +312,9 @@ def cmd_bench_fp8(args: argparse.Namespace) -> int:
     report = run_fp8_cache_bench(model, ids, args.prompt_tokens, args.tokens,
                                  (str(args.model), args.data or "pydoc_data.topics (CPython)"),
                                  progress=not args.quiet)
-    write_json(args.json, report.as_dict())
-    atomic_write(args.plot, lambda tmp: plot_fp8_report(report, tmp), suffix=".png")
+    _write_outputs(args, report.as_dict, lambda tmp: plot_fp8_report(report, tmp))
     print("\n".join(fp8_headline(report)))
-    print(f"wrote {args.json} and {args.plot}")
+    _say_written(args)
     return 0
 
 
@@ -267,28 +325,30 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from latentattn.bench.kernel_report import kernel_table, plot_kernel_report
     from latentattn.bench.kernels import V3_DIMS, check_device, run_kernel_bench
 
-    check_parent(args.json, "--json")
-    check_parent(args.plot, "--plot")
-    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _check_outputs(args)
+    choice = choose_device(args.device)
+    device = check_device(choice.device)
     gpu = device.type == "cuda"
-    contexts = args.contexts or ([4096, 8192, 16384, 32768, 65536] if gpu else [1024, 4096])
-    batches = args.batches or ([1, 32, 64, 128] if gpu else [1, 4])
+    contexts = args.contexts or (KERNEL_CONTEXTS_GPU if gpu else KERNEL_CONTEXTS_CPU)
+    batches = args.batch_sizes or (KERNEL_BATCHES_GPU if gpu else KERNEL_BATCHES_CPU)
     heads = args.heads or (V3_DIMS["heads"] if gpu else 16)
-    if min(contexts) < 1 or min(batches) < 1 or heads < 1 or args.topk < 1 or args.repeats < 1:
-        raise UserError("--contexts, --batches, --heads, --topk and --repeats must be positive")
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" or (args.dtype is None and gpu) else torch.float32
+    if min(contexts) < 1 or min(batches) < 1 or heads < 1 or args.index_topk < 1 or args.repeats < 1:
+        raise UserError("--contexts, --batch-sizes, --heads, --index-topk and --repeats must be positive")
+    # auto: the kernels' own precision on a GPU; the CPU runs only the PyTorch path, in fp32.
+    auto = check_dtype(args.dtype) == "auto"
+    dtype = (torch.bfloat16 if gpu else torch.float32) if auto else getattr(torch, args.dtype)
     with tqdm(total=len(contexts) * len(batches), file=sys.stderr, desc="bench kernels",
               disable=args.quiet) as bar:
         def progress(label: str) -> None:
             bar.set_postfix_str(label)
             bar.update(1)
 
-        report = run_kernel_bench(device, dtype, contexts, batches, args.topk, args.repeats,
+        report = run_kernel_bench(device, dtype, contexts, batches, args.index_topk, args.repeats,
                                   {**V3_DIMS, "heads": heads}, progress)
-    write_json(args.json, report.as_dict())
-    atomic_write(args.plot, lambda tmp: plot_kernel_report(report, tmp), suffix=".png")
+    _write_outputs(args, report.as_dict, lambda tmp: plot_kernel_report(report, tmp))
+    say_device(choice)  # after the work: an error stays the only line on stderr
     print(kernel_table(report))
-    print(f"wrote {args.json} and {args.plot}")
+    _say_written(args)
     return 0
 
 
@@ -310,8 +370,7 @@ def cmd_bench_precision(args: argparse.Namespace) -> int:
     from latentattn.loading import load, load_config
     from latentattn.tokenizer import encode_corpus
 
-    check_parent(args.json, "--json")
-    check_parent(args.plot, "--plot")
+    _check_outputs(args)
     for flag, low in (("batch_size", 1), ("seq_len", 1), ("steps", 1), ("rounds", 1), ("warmup", 0),
                       ("kv_lora_rank", 1), ("calib_tokens", CALIB_WINDOW)):
         if getattr(args, flag) < low:
@@ -339,10 +398,9 @@ def cmd_bench_precision(args: argparse.Namespace) -> int:
                                      (str(args.model), f"MLA R={args.kv_lora_rank}, full rope"),
                                      progress=on_start(bar))
         bar.update(2 * args.rounds - bar.n)
-    write_json(args.json, report.as_dict())
-    atomic_write(args.plot, lambda tmp: plot_precision_report(report, tmp), suffix=".png")
+    _write_outputs(args, report.as_dict, lambda tmp: plot_precision_report(report, tmp))
     print(precision_table(report))
-    print(f"wrote {args.json} and {args.plot}")
+    _say_written(args)
     return 0
 
 
@@ -385,8 +443,8 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     if args.new_tokens < 2:
         raise UserError(f"--new-tokens must be >= 2 (decode is timed as t_N - t_1), got {args.new_tokens}")
     specs = list(dict.fromkeys(args.model))
-    contexts = list(dict.fromkeys(args.context))
-    dtype = getattr(torch, args.dtype)  # argparse limits it to float32 / bfloat16
+    contexts = list(dict.fromkeys(args.contexts))
+    dtype = _bench_dtype(args.dtype)
     compile_model = _compiler() if args.compile else None
     if args.max_seq_len is not None and args.max_seq_len < 1:
         raise UserError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
@@ -395,7 +453,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         cfg = load_config(spec, **overrides)
         need = max(contexts) + args.new_tokens
         if need > cfg.max_seq_len:
-            raise UserError(f"--model {spec}: --context {max(contexts):,} + --new-tokens "
+            raise UserError(f"--model {spec}: --contexts {max(contexts):,} + --new-tokens "
                             f"{args.new_tokens} = {need:,} tokens exceeds the model's max_seq_len "
                             f"{cfg.max_seq_len:,}")
     include_hf = not args.no_transformers
@@ -462,9 +520,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     if args.plot is not None:
         atomic_write(args.plot, lambda tmp: plot_generate_report(report, tmp), suffix=".png")
     print(table(report))
-    written = [p for p in (args.json, args.plot) if p is not None]
-    if written:
-        print("wrote " + " and ".join(written))
+    _say_written(args)
     return 0
 
 
@@ -474,23 +530,22 @@ def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
 
-    def bench_parser(name: str, help: str, description: str, timed: bool = False,
-                     outputs_required: bool = True) -> argparse.ArgumentParser:
-        """A benchmark subcommand: every one writes JSON and a plot (optional ones where it
-        prints its table either way), with a progress bar; a timed one (``_check_timed``) also
+    def bench_parser(name: str, help: str, description: str, timed: bool = False) -> argparse.ArgumentParser:
+        """A benchmark subcommand: every one prints its results and writes JSON and a plot only
+        where --json / --plot are given, with a progress bar; a timed one (``_check_timed``) also
         takes a dtype and the tests' small dims."""
-        b = bsub.add_parser(name, help=help, description=description)
-        b.add_argument("--json", required=outputs_required, metavar="OUT.json", help="results file")
-        b.add_argument("--plot", required=outputs_required, metavar="OUT.png", help="plot file")
+        b = bsub.add_parser(name, help=help, description=description + OUTPUTS)
+        b.add_argument("--json", default=None, metavar="OUT.json", help="also write the results here")
+        b.add_argument("--plot", default=None, metavar="OUT.png", help="also write a plot here")
         b.add_argument("--quiet", action="store_true", help="no progress bar")
         if timed:
-            b.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+            add_dtype_arg(b, default="float32", help=TIMED_DTYPE_HELP)
             b.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # small dims, tests
         return b
 
     gen = bench_parser(
         "generate", help="whole-model prefill and decode tokens/s against transformers and the roofline",
-        description="Whole-model generation, batch 1, greedy, from a random prompt of each --context "
+        description="Whole-model generation, batch 1, greedy, from a random prompt of each --contexts "
         "length: latentattn's prefill tokens/s (a generate of 1 new token) and decode tokens/s "
         "((t_N - t_1) / (N - 1) over a generate of --new-tokens N), after one untimed warm-up "
         "generation, against transformers' generate on the same weights and dtype (Llama for GQA "
@@ -498,17 +553,17 @@ def register(sub: Any) -> None:
         "transformers cannot run the model) and against the memory roofline: this machine's read "
         "bandwidth (measured first: torch.sum over 1 GiB) over the bytes a decode step reads (every "
         "weight once, the embedding's one row, the KV cache at that context). --compile: "
-        "latentattn.compile the model first and report each point's cold compile time. "
-        "Prints the table; --json and --plot are optional.", outputs_required=False)
+        "latentattn.compile the model first and report each point's cold compile time.")
     gen.add_argument("--model", required=True, action="append", metavar="SPEC",
                      help="the model (repeat for several): a preset, checkpoint, run directory, "
                      "GGUF file or installed model (smollm2-135m)")
-    gen.add_argument("--context", type=int_list, default=[512, 2048, 8192], metavar="N1,N2,...",
+    gen.add_argument("--contexts", type=int_list, default=[512, 2048, 8192], metavar="N1,N2,...",
                      help="prompt lengths in tokens (512,2048,8192)")
+    add_deprecated(gen, "--context", "--contexts", type=int_list)
     gen.add_argument("--new-tokens", type=int, default=32, metavar="N",
                      help="decoded tokens per timed generation (32; at least 2)")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                     help="weights, cache and compute dtype on both sides (float32)")
+    add_dtype_arg(gen, default="float32", help="weights, cache and compute dtype on both sides "
+                  "(float32; auto: bfloat16 on a CPU with native bf16, else float32)")
     gen.add_argument("--compile", action="store_true",
                      help="latentattn.compile the model (needs a C++ compiler); transformers stays eager")
     gen.add_argument("--no-transformers", action="store_true", help="skip transformers' generate")
@@ -530,8 +585,9 @@ def register(sub: Any) -> None:
         "DeepseekV3Attention with the same weights and cache.", timed=True)
     dec.add_argument("--contexts", type=int_list, default=[1024, 2048, 4096, 8192, 16384],
                      help="comma-separated cached context lengths (1024,2048,4096,8192,16384)")
-    dec.add_argument("--batches", type=int_list, default=[1, 8],
+    dec.add_argument("--batch-sizes", type=int_list, default=[1, 8], metavar="B1,B2,...",
                      help="comma-separated batch sizes (1,8)")
+    add_deprecated(dec, "--batches", "--batch-sizes", type=int_list)
     dec.add_argument("--repeats", type=int, default=5,
                      help="timed calls per point, median reported (5; calls over 2 s get 2)")
     dec.add_argument("--no-hf", action="store_true",
@@ -542,14 +598,16 @@ def register(sub: Any) -> None:
         "dsa", help="DeepSeek Sparse Attention vs dense absorbed MLA: decode and prefill",
         description="One layer at DeepSeek-V3.2 dims, batch 1. Decode: the attention part of one "
         "step for dense absorbed MLA and for DSA (indexer + top-k + gathered attention) at each "
-        "--topks, with the indexer's share. Prefill: DSA's masked MHA mode vs gathered form (and "
+        "--index-topks, with the indexer's share. Prefill: DSA's masked MHA mode vs gathered form (and "
         "dense MLA), the faster form per length and the crossover.", timed=True)
     dsa.add_argument("--decode-contexts", type=int_list,
                      default=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
                      help="cached contexts for decode (1024,...,65536)")
     dsa.add_argument("--prefill-contexts", type=int_list, default=[1024, 2048, 4096, 8192, 16384],
                      help="prompt lengths for prefill (1024,...,16384); the largest take minutes")
-    dsa.add_argument("--topks", type=int_list, default=[512, 2048], help="index_topk values (512,2048)")
+    dsa.add_argument("--index-topks", type=int_list, default=[512, 2048], metavar="K1,K2,...",
+                     help="DSA's index_topk values (512,2048)")
+    add_deprecated(dsa, "--topks", "--index-topks", type=int_list)
     dsa.add_argument("--repeats", type=int, default=5, help="timed decode calls per point (5)")
     dsa.set_defaults(func=cmd_bench_dsa)
 
@@ -562,7 +620,7 @@ def register(sub: Any) -> None:
         "prefill of one CSA and one HCA layer in chunks through its cache. Caches are filled "
         "directly with random values. Every point runs in a fresh process (its peak RSS is its "
         "own); points predicted not to fit in memory are skipped with the reason. The JSON and "
-        "plot are rewritten after every point.", outputs_required=False)
+        "plot are rewritten after every point.")
     v4b.add_argument("--contexts", type=int_list, default=None,
                      help="cached contexts for decode (4096,16384,65536,131072,262144,1048576)")
     v4b.add_argument("--kinds", type=lambda t: [k for k in t.split(",") if k], default=list(KINDS_V4),
@@ -573,7 +631,7 @@ def register(sub: Any) -> None:
     v4b.add_argument("--chunk", type=int, default=None, help="prefill chunk in tokens (4096)")
     v4b.add_argument("--repeats", type=int, default=5,
                      help="timed decode calls per point, median reported (5; calls over 2 s get 2)")
-    v4b.add_argument("--dtype", choices=["fp32", "bf16", "float32", "bfloat16"], default="fp32")
+    add_dtype_arg(v4b, default="float32", help=TIMED_DTYPE_HELP)
     v4b.add_argument("--memory-gib", type=float, default=None,
                      help="skip points predicted to peak above this (default: 90%% of MemAvailable)")
     v4b.add_argument("--quick", action="store_true",
@@ -621,9 +679,11 @@ def register(sub: Any) -> None:
                       help="tokens per heal sequence (256)")
     conv.add_argument("--heal-trainable", choices=["all", "attention"], default="attention",
                       help="the weights a heal trains (attention)")
-    conv.add_argument("--heal-precision", choices=["auto", "fp32", "bf16"], default="auto",
-                      help="the heals' precision, as train --precision: auto (default) takes bf16 "
-                      "autocast on a CPU with native bf16 (AVX-512 BF16 or AMX), fp32 elsewhere")
+    add_dtype_arg(conv, flag="--heal-dtype", default="auto",
+                  help="the heals' precision, as train --dtype: bfloat16 is autocast over fp32 "
+                  "weights; auto (default) takes bfloat16 on a CPU with native bf16 (AVX-512 BF16 "
+                  "or AMX), float32 elsewhere")
+    add_deprecated(conv, "--heal-precision", "--heal-dtype", type=dtype_name)
     conv.add_argument("--max-tokens", type=int, default=4097, metavar="N",
                       help="evaluate the first N tokens of --data (4097: 8 windows of 512)")
     conv.set_defaults(func=cmd_bench_convert)
@@ -638,15 +698,19 @@ def register(sub: Any) -> None:
         "read (fp8 records dequantised), its decode step's mask and its own attention call. A "
         "point that fails (out of memory, say) is reported as missing, with its reason. On a CPU "
         "only the PyTorch path runs: the kernels need a GPU.")
-    ker.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ker.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                     help="(default: bfloat16 on a GPU, float32 on a CPU)")
+    add_device_arg(ker)
+    add_dtype_arg(ker, default="auto", help="auto (default): bfloat16 on a GPU, float32 on a CPU")
     ker.add_argument("--contexts", type=int_list, default=None,
-                     help="cached tokens per sequence (GPU: 4096,...,65536; CPU: 1024,4096)")
-    ker.add_argument("--batches", type=int_list, default=None,
-                     help="sequences (GPU: 1,32,64,128; CPU: 1,4)")
-    ker.add_argument("--heads", type=int, default=None, help="query heads (GPU: 128; CPU: 16)")
-    ker.add_argument("--topk", type=int, default=2048, help="sparse: selected latents (2048)")
+                     help=f"cached tokens per sequence (GPU: {_csv(KERNEL_CONTEXTS_GPU)}; CPU: "
+                     f"{_csv(KERNEL_CONTEXTS_CPU)})")
+    ker.add_argument("--batch-sizes", type=int_list, default=None, metavar="B1,B2,...",
+                     help=f"sequences (GPU: {_csv(KERNEL_BATCHES_GPU)}; CPU: {_csv(KERNEL_BATCHES_CPU)})")
+    add_deprecated(ker, "--batches", "--batch-sizes", type=int_list)
+    ker.add_argument("--heads", type=int, default=None,
+                     help=f"query heads (GPU: {KERNEL_HEADS_GPU}; CPU: 16)")
+    ker.add_argument("--index-topk", type=int, default=2048, metavar="K",
+                     help="sparse: selected latents (2048)")
+    add_deprecated(ker, "--topk", "--index-topk", type=int)
     ker.add_argument("--repeats", type=int, default=10, help="timed calls, median (10)")
     ker.set_defaults(func=cmd_bench_kernels)
 
@@ -670,7 +734,7 @@ def register(sub: Any) -> None:
         "from the source (bench convert's heal: latentattn train --teacher, attention weights "
         "trained) in fp32 and in bf16 autocast, on this CPU, from the same weights and batches: "
         "median seconds per step with a bootstrap 95% interval, the ratio, and this CPU's bf16 "
-        "flags (avx512_bf16, amx_bf16). What --precision auto rests on.")
+        "flags (avx512_bf16, amx_bf16). What train --dtype auto rests on.")
     prec.add_argument("--model", default="smollm2-135m", metavar="SPEC",
                       help="the GQA / MHA / MQA source (smollm2-135m)")
     prec.add_argument("--data", default="builtin", metavar="FILE|builtin",
@@ -700,8 +764,10 @@ def register(sub: Any) -> None:
                      help="UTF-8 text file (default: CPython's pydoc_data.topics prose)")
     idx.add_argument("--pretrain-steps", type=int, default=300, help="dense LM steps (300)")
     idx.add_argument("--warmup-steps", type=int, default=200, help="indexer warm-up steps (200)")
-    idx.add_argument("--topk", type=int, default=32, help="index_topk (32)")
+    idx.add_argument("--index-topk", type=int, default=32, metavar="K", help="DSA's index_topk (32)")
+    add_deprecated(idx, "--topk", "--index-topk", type=int)
     idx.add_argument("--seq-len", type=int, default=256, help="tokens (bytes) per sequence (256)")
-    idx.add_argument("--batch", type=int, default=8, help="sequences per step (8)")
+    idx.add_argument("--batch-size", type=int, default=8, metavar="N", help="sequences per step (8)")
+    add_deprecated(idx, "--batch", "--batch-size", type=int)
     idx.add_argument("--seed", type=int, default=0)
     idx.set_defaults(func=cmd_bench_indexer)

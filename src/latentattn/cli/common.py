@@ -1,12 +1,15 @@
 """What every command shares: the user-error type, number formatting, the --model flags and the
-override knobs that go with them (--dtype and the line saying what auto chose), comma-separated
-integer lists, and progress callbacks."""
+override knobs that go with them, the one vocabulary of --dtype (names and aliases) and --device
+(``auto`` and the line saying what it chose), deprecated flag spellings, comma-separated integer
+lists, and progress callbacks."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from latentattn.config import GQAConfig, MLAConfig, ModelConfig, V4AttentionConfig
@@ -15,12 +18,121 @@ from latentattn.precision import DTYPE_NAMES, DtypeChoice, choose_dtype
 
 PROG = "latentattn"
 GiB = 1 << 30
-MODEL_HELP = ("a preset name (e.g. deepseek-v3), a Hugging Face checkpoint directory, a "
-              "`latentattn train` run directory or a config.json")
+MODEL_HELP = ("a preset name (e.g. deepseek-v3, tiny-mla), an installed model (smollm2-135m), a "
+              "Hugging Face checkpoint directory, a GGUF file, a `latentattn train` run directory, a "
+              "`latentattn convert` output directory or a config.json")
+REMOVED_IN = "0.3"  # the release that drops the deprecated spellings (add_deprecated)
 
 
 class UserError(LatentAttnError):
     """A command-line input the user got wrong (a missing file, an unusable option value)."""
+
+
+# ---------------------------------------------------------------------------- deprecated spellings
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag: stores into the new flag's ``dest`` (so the command reads one
+    attribute whichever was given) and says once on stderr what to use instead."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, use: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.use = use
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(f"{PROG}: {option_string} is deprecated; use {self.use} (it will be removed in "
+              f"{REMOVED_IN})", file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def add_deprecated(p: argparse.ArgumentParser, old: str, use: str, *, type: Any = None,
+                   const: Any = None) -> None:
+    """Register ``old`` as a hidden, deprecated spelling of ``use`` (``"--new"``, or ``"--new
+    VALUE"`` for a flag that stands for one value: then ``const`` is that value and ``old`` takes
+    no argument, as ``--bf16`` for ``--dtype bfloat16``). It parses to the same ``dest`` as the
+    new flag (``type`` converts its argument as the new flag's does) and prints one line
+    ``latentattn: --old is deprecated; use --new (it will be removed in 0.3)``. Old spellings keep
+    working for one release so that users' scripts do not break silently."""
+    new = use.split()[0]
+    p.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=_DeprecatedAlias, use=use,
+                   type=type, nargs=0 if const is not None else None, const=const,
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+# ---------------------------------------------------------------------------- --dtype and --device
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_METAVAR = "{" + ",".join(DTYPE_NAMES) + "}"
+
+
+def dtype_name(text: str) -> str:
+    """argparse type of every --dtype: an alias of :data:`DTYPE_ALIASES` becomes its full name
+    (what ``torch`` and ``latentattn.load`` call it); anything else is kept as given, for
+    :func:`check_dtype` to refuse in one line (an argparse type error would print the usage too)."""
+    return DTYPE_ALIASES.get(text, text)
+
+
+def check_dtype(name: str, flag: str = "--dtype") -> str:
+    """``name`` when it is one of :data:`DTYPE_NAMES`, else a UserError (one line, exit 2)."""
+    if name not in DTYPE_NAMES:
+        raise UserError(f"{flag} must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    return name
+
+
+def add_dtype_arg(p: argparse.ArgumentParser, *, default: str | None, help: str,
+                  flag: str = "--dtype") -> None:
+    """The one --dtype: the same names and aliases everywhere (:func:`dtype_name`; the command
+    checks the name with :func:`check_dtype`); what ``auto`` and each name mean for the command
+    is in ``help``."""
+    p.add_argument(flag, type=dtype_name, default=default, metavar=DTYPE_METAVAR, help=help)
+
+
+def training_precision(name: str, flag: str = "--dtype") -> str:
+    """The ``choose_precision`` name ("auto", "fp32", "bf16") of a training --dtype: bfloat16 is
+    autocast over fp32 master weights. float16 is refused: fp16 training needs loss scaling,
+    which latentattn's training loop does not do."""
+    if check_dtype(name, flag) == "float16":
+        raise UserError(f"{flag} float16: training needs loss scaling in fp16, which latentattn does "
+                        "not do; use bfloat16 (autocast) or float32")
+    return {"float32": "fp32", "bfloat16": "bf16"}.get(name, name)
+
+
+DEVICE_HELP = ("auto (default: CUDA if available, else the CPU; said on stderr), cpu, cuda, "
+               "cuda:1, ...")
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """The device a command runs on: ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``), and
+    ``why`` when ``--device auto`` chose it (None: as asked)."""
+
+    device: str
+    why: str | None = None
+
+    def line(self) -> str:
+        return f"device: {self.device} (auto: {self.why})"
+
+
+def choose_device(requested: str | None) -> DeviceChoice:
+    """``--device``: ``auto`` (or None) is CUDA when torch sees a GPU (the rank's own
+    ``cuda:LOCAL_RANK`` under torchrun, which sets LOCAL_RANK), else the CPU; anything else is
+    kept as asked (``latentattn.load`` checks it)."""
+    if requested is not None and requested != "auto":
+        return DeviceChoice(requested)
+    import torch
+
+    if not torch.cuda.is_available():
+        return DeviceChoice("cpu", "no CUDA")
+    rank = os.environ.get("LOCAL_RANK")
+    return DeviceChoice("cuda" if rank is None else f"cuda:{int(rank)}", "CUDA available")
+
+
+def say_device(choice: DeviceChoice) -> None:
+    """On stderr, once: what ``--device auto`` chose (nothing for a device asked for)."""
+    if choice.why is not None:
+        print(f"{PROG}: {choice.line()}", file=sys.stderr)
+
+
+def add_device_arg(p: argparse.ArgumentParser, help: str = DEVICE_HELP) -> None:
+    p.add_argument("--device", default="auto", metavar="DEVICE", help=help)
 
 
 # ---------------------------------------------------------------------------- --model and knobs
@@ -41,12 +153,12 @@ def add_model_args(p: argparse.ArgumentParser, *, flag: str = "--model", require
                        "by length (default: auto)")
         p.add_argument("--dsa-masked-max-keys", type=int, default=None, metavar="N",
                        help="DSA auto prefill: masked mode up to N keys (8192)")
-        p.add_argument("--dtype", default="auto", metavar="{" + ",".join(DTYPE_NAMES) + "}",
-                       help="weights and compute dtype. auto (default): bfloat16 on a CPU with "
-                       "native bf16 (AVX-512 BF16 or AMX) or a CUDA GPU with bf16, float32 elsewhere; "
-                       "it says which on stderr. bfloat16 on a CPU without native bf16 runs, "
-                       "emulated and slow (a warning says so)")
-        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+        add_dtype_arg(p, default="auto",
+                      help="weights and compute dtype (fp32, bf16, fp16 are aliases). auto (default): "
+                      "bfloat16 on a CPU with native bf16 (AVX-512 BF16 or AMX) or a CUDA GPU with "
+                      "bf16, float32 elsewhere; it says which on stderr. bfloat16 on a CPU without "
+                      "native bf16 runs, emulated and slow (a warning says so)")
+        add_device_arg(p)
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,19 +173,25 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
             "dsa_masked_max_keys": getattr(args, "dsa_masked_max_keys", None)}
 
 
-def model_dtype(args: argparse.Namespace) -> DtypeChoice:
-    """The dtype --dtype (and --device) ask for: ``latentattn.load``'s ``dtype`` is its
+def model_device(args: argparse.Namespace) -> DeviceChoice:
+    """The device --device asks for (auto resolved); its ``.device`` goes to ``latentattn.load``
+    and :func:`say_dtype` says what auto chose."""
+    return choose_device(args.device)
+
+
+def model_dtype(args: argparse.Namespace, device: DeviceChoice) -> DtypeChoice:
+    """The dtype --dtype asks for on ``device``: ``latentattn.load``'s ``dtype`` is its
     ``.dtype``; :func:`say_dtype` prints it. A name outside :data:`DTYPE_NAMES` is a UserError
     (one line, exit 2)."""
-    if args.dtype not in DTYPE_NAMES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {args.dtype!r}")
-    return choose_dtype(args.dtype, args.device)
+    return choose_dtype(check_dtype(args.dtype), device.device)
 
 
-def say_dtype(choice: DtypeChoice) -> None:
-    """On stderr: what --dtype auto chose and why, or that the dtype asked for is emulated here
-    (nothing for a dtype asked for that runs natively). Said after the command's work, so that
-    an error stays the only line on stderr."""
+def say_dtype(choice: DtypeChoice, device: DeviceChoice | None = None) -> None:
+    """On stderr: what --device auto and --dtype auto chose and why, or that the dtype asked for
+    is emulated here (nothing for a device and dtype asked for that run natively). Said after the
+    command's work, so that an error stays the only line on stderr."""
+    if device is not None:
+        say_device(device)
     for line in (choice.line() if choice.auto else None, choice.warning()):
         if line is not None:
             print(f"{PROG}: {line}", file=sys.stderr)

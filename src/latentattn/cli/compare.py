@@ -27,7 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentattn.cli.common import int_list, on_start
+from latentattn.cli.common import (
+    DEVICE_HELP,
+    add_device_arg,
+    add_dtype_arg,
+    choose_device,
+    int_list,
+    on_start,
+    say_device,
+    training_precision,
+)
 from latentattn.compare.lr import DEFAULT_PILOT_FRACTION, PILOT_SEED, check_labels, parse_grid, parse_lrs
 from latentattn.compare.stats import DEFAULT_MARGIN
 from latentattn.errors import LatentAttnError
@@ -107,14 +116,16 @@ def register(sub: Any) -> None:
     c.add_argument("--gpu", action="store_true",
                    help=f"the GPU protocol: ~1.1M-parameter models (dim {GPU.dim}, {GPU.layers} "
                    f"layers), {GPU.steps} steps of {GPU.batch_size} x {GPU.seq_len} tokens (~20 "
-                   f"per parameter), {GPU.seeds} seeds, --device cuda --dtype bf16 unless given; "
+                   f"per parameter), {GPU.seeds} seeds, --device cuda --dtype bfloat16 unless given; "
                    f"needs a --data text of at least "
                    f"{GPU.steps * GPU.batch_size * GPU.seq_len / MAX_PASSES / 0.9 / 1e6:.1f} MB")
-    c.add_argument("--device", default=None, metavar="DEVICE",
-                   help="where to train and measure: cpu or cuda[:N] (cpu; --gpu cuda)")
-    c.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
-                   help="training precision: fp32, or bf16 autocast with fp32 weights (fp32; "
-                   "--gpu bf16)")
+    add_device_arg(c, "where to train and measure: " + DEVICE_HELP + "; --gpu: cuda")
+    # The protocol's precision is the preset's (fp32 on a CPU, as the README's runs), not what
+    # auto would pick on this machine: None keeps it unless --dtype is given.
+    add_dtype_arg(c, default=None,
+                  help="training precision: float32 (fp32), or bfloat16 (bf16) autocast over fp32 "
+                  "weights; auto: bfloat16 where it is native (a CUDA GPU with bf16, a CPU with "
+                  "AVX-512 BF16 or AMX); float16 is refused (float32; --gpu bfloat16)")
     c.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help=f"output directory, created if missing ({DEFAULT_OUT})")
     c.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2,...",
@@ -139,7 +150,9 @@ def register(sub: Any) -> None:
     c.add_argument("--pilot-fraction", type=float, default=DEFAULT_PILOT_FRACTION, metavar="F",
                    help=f"share of --steps each LR pilot trains ({DEFAULT_PILOT_FRACTION:g})")
     c.add_argument("--contexts", type=int_tuple, default=None,
-                   help="decode contexts, comma-separated (256,4096; --quick 256,2048)")
+                   help="decode contexts, comma-separated (" + ",".join(map(str, FULL.contexts))
+                   + "; --quick " + ",".join(map(str, QUICK.contexts)) + "; --gpu "
+                   + ",".join(map(str, GPU.contexts)) + ")")
     c.add_argument("--margin", type=float, default=DEFAULT_MARGIN, metavar="NATS",
                    help="equivalence margin in nats/byte, fixed before the run: a variant is "
                    f"'equivalent' to MHA when the 90%% interval of the paired difference lies "
@@ -179,14 +192,22 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     preset = QUICK if args.quick else GPU if args.gpu else FULL
     from latentattn.precision import resolve_device
 
-    device = args.device if args.device is not None else "cuda" if args.gpu else "cpu"
+    device = "cuda" if args.gpu and args.device in (None, "auto") else args.device
+    choice = choose_device(device)
     try:
-        resolved = resolve_device(device)
+        resolved = resolve_device(choice.device)
     except LatentAttnError as e:
         raise CompareInputError(f"--device: {e}") from None
+    precision = training_precision(args.dtype or ("bfloat16" if args.gpu else "float32"))
+    if precision == "auto":
+        from latentattn.precision import choose_precision
+
+        bf16 = choose_precision("auto", resolved).bf16
+    else:
+        bf16 = precision == "bf16"
     values: dict[str, Any] = {
-        "device": str(resolved),
-        "bf16": (args.dtype or ("bf16" if args.gpu else "fp32")) == "bf16",
+        "device": str(resolved), "device_choice": choice,
+        "bf16": bf16,
         "steps": preset.steps if args.steps is None else args.steps,
         "seeds": preset.seeds if args.seeds is None else args.seeds,
         "batch_size": preset.batch_size if args.batch_size is None else args.batch_size,
@@ -231,7 +252,7 @@ def _command(args: argparse.Namespace, v: dict[str, Any]) -> str:
         parts.append("--quick")
     if args.gpu:
         parts.append("--gpu")
-    parts += ["--device", v["device"], "--dtype", "bf16" if v["bf16"] else "fp32"]
+    parts += ["--device", v["device"], "--dtype", "bfloat16" if v["bf16"] else "float32"]
     if args.data is not None:
         parts += ["--data", str(args.data)]
     parts += ["--steps", str(v["steps"]), "--seeds", str(v["seeds"]),
@@ -353,6 +374,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if left < total:
         print(f"latentattn: {total - left} of {total} runs already finished in {out}: continuing "
               "with the rest", file=sys.stderr)
+    say_device(v["device_choice"])
     if left and not args.quiet:
         from latentattn.compare.probe import estimate_seconds
 

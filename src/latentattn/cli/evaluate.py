@@ -9,7 +9,14 @@ import json
 import sys
 from typing import Any
 
-from latentattn.cli.common import UserError, add_model_args, model_dtype, model_overrides, say_dtype
+from latentattn.cli.common import (
+    UserError,
+    add_model_args,
+    model_device,
+    model_dtype,
+    model_overrides,
+    say_dtype,
+)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -24,12 +31,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             f"got {value}")
     text = load_text(args.data)
     source = resolve(args.model)
-    dtype = model_dtype(args)
-    model, tokenizer = load(args.model, dtype=dtype.dtype, device=args.device, seed=args.seed,
+    device = model_device(args)
+    dtype = model_dtype(args, device)
+    model, tokenizer = load(args.model, dtype=dtype.dtype, device=device.device, seed=args.seed,
                             with_tokenizer=True, **model_overrides(args))
     result = evaluate_text(model, tokenizer, text, seq_len=args.seq_len, max_tokens=args.max_tokens,
                            batch_size=args.batch_size, progress=not args.quiet and not args.json)
-    say_dtype(dtype)
+    say_dtype(dtype, device)
     if not source.has_weights:
         print(f"latentattn: {args.model} is a random-init model (seed {args.seed}), not trained "
               "weights", file=sys.stderr)

@@ -9,11 +9,8 @@ from typing import Any
 
 import torch
 
-from latentattn.cli.common import MODEL_HELP, UserError, fmt_bytes
+from latentattn.cli.common import MODEL_HELP, UserError, add_dtype_arg, check_dtype, fmt_bytes
 from latentattn.errors import ConfigError
-
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                 "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -21,8 +18,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from latentattn.interop.hf_config import config_to_hf
     from latentattn.loading import load, load_config, resolve
 
-    if args.dtype is not None and args.dtype not in EXPORT_DTYPES:
-        raise UserError(f"--dtype must be one of float32, bfloat16, float16, got {args.dtype!r}")
+    name = check_dtype(args.dtype)
     if not resolve(args.model).has_weights:
         raise UserError(f"{args.model} has no trained weights (a preset or a config): nothing to export")
     try:  # refuse before loading weights: a GQA model, or an MLA that DeepSeek's format cannot hold
@@ -30,7 +26,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise UserError(f"cannot export {args.model}: {e}") from None
     model, tokenizer = load(args.model, with_tokenizer=True,
-                            dtype=None if args.dtype is None else EXPORT_DTYPES[args.dtype])
+                            dtype=None if name == "auto" else getattr(torch, name))
     out = save_pretrained_dir(model, args.out, tokenizer)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {out}: a Hugging Face DeepSeek checkpoint ({model.dtype}, {fmt_bytes(size)}); "
@@ -50,7 +46,6 @@ def register(sub: Any) -> None:
         "format (per-KV-head rope blocks, which DeepSeek's format cannot hold) are refused.")
     p.add_argument("--model", required=True, metavar="SPEC", help=MODEL_HELP)
     p.add_argument("out", metavar="OUT", help="new checkpoint directory (must not exist, or be empty)")
-    p.add_argument("--dtype", default=None, metavar="{float32,bfloat16,float16}",
-                   help="the weights' dtype in OUT (default: the model's own; train runs are float32, "
-                   "bfloat16 halves the files)")
+    add_dtype_arg(p, default="auto", help="the weights' dtype in OUT. auto (default): the model's own "
+                  "(train runs are float32); bfloat16 halves the files and is what vLLM and SGLang serve")
     p.set_defaults(func=cmd_export)

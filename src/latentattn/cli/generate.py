@@ -6,7 +6,14 @@ import argparse
 import sys
 from typing import Any
 
-from latentattn.cli.common import UserError, add_model_args, model_dtype, model_overrides, say_dtype
+from latentattn.cli.common import (
+    UserError,
+    add_model_args,
+    model_device,
+    model_dtype,
+    model_overrides,
+    say_dtype,
+)
 from latentattn.kernels.backend import BACKENDS
 
 
@@ -24,13 +31,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     backend = args.backend or get_backend()
+    device = model_device(args)
     with use_backend(backend):
-        check_device_backend(args.device or "cpu")  # before loading: nothing to undo
+        check_device_backend(device.device)  # before loading: nothing to undo
     if args.compile and compiler_error() is not None:
         raise UserError(f"--compile: {compiler_error()}")  # before loading: nothing to undo
     source = resolve(args.model)
-    dtype = model_dtype(args)
-    model, tokenizer = load(args.model, dtype=dtype.dtype, device=args.device, seed=args.seed,
+    dtype = model_dtype(args, device)
+    model, tokenizer = load(args.model, dtype=dtype.dtype, device=device.device, seed=args.seed,
                             with_tokenizer=True, **model_overrides(args))
     ids = tokenizer.encode(args.prompt)
     if not ids:
@@ -54,7 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     new = out[0, len(ids):].tolist()
     if eos is not None and eos in new:
         new = new[: new.index(eos)]
-    say_dtype(dtype)  # after generating, as the note below
+    say_dtype(dtype, device)  # after generating, as the note below
     if not source.has_weights:
         # Said after generating, so that an error stays the only line on stderr.
         print(f"latentattn: {args.model} is a random-init model (seed {args.seed}), "

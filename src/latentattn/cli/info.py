@@ -10,6 +10,7 @@ from typing import Any
 from latentattn.calc.converted import ConvertSizes
 from latentattn.cli.common import (
     UserError,
+    add_deprecated,
     add_model_args,
     attention_summary,
     fmt_bytes,
@@ -63,20 +64,20 @@ def _converted(cfg: ModelConfig, args: argparse.Namespace) -> ConvertSizes | Non
 def cmd_kv_cache(args: argparse.Namespace) -> int:
     from latentattn.calc.kv_bytes import kv_table
 
-    if args.context < 1 or args.batch < 1:
-        raise UserError("--context and --batch must be positive")
+    if args.context < 1 or args.batch_size < 1:
+        raise UserError("--context and --batch-size must be positive")
     cfg = _config(args)
     converted = _converted(cfg, args)
     if isinstance(cfg.attention, V4AttentionConfig):
         return _kv_cache_v4(cfg, args)
-    table = kv_table(cfg, args.context, args.batch, converted)
+    table = kv_table(cfg, args.context, args.batch_size, converted)
     if args.json:
         print(json.dumps(table.as_dict(), indent=2))
         return 0
     headers = ["", "form", "B/token/layer", f"B/token ({cfg.n_layers} layers)",
                f"per seq @ {args.context:,}"]
-    if args.batch > 1:
-        headers.append(f"x batch {args.batch}")
+    if args.batch_size > 1:
+        headers.append(f"x batch {args.batch_size}")
     headers += ["vs MHA", "formula"]
     rows = []
     for r in table.rows:
@@ -85,7 +86,7 @@ def cmd_kv_cache(args: argparse.Namespace) -> int:
                                         else f"{ratio:,.2f}x larger")
         cells = ["*" if r.own else "", r.label, fmt_int(r.bytes_per_token_per_layer),
                  fmt_int(r.bytes_per_token), fmt_bytes(r.bytes_per_sequence)]
-        if args.batch > 1:
+        if args.batch_size > 1:
             cells.append(fmt_bytes(r.bytes_total))
         cells += [vs, r.formula]
         rows.append(cells)
@@ -212,11 +213,11 @@ def _kv_cache_v4(cfg: ModelConfig, args: argparse.Namespace) -> int:
     from latentattn.calc.v4_kv import SHORT as NAMES
     from latentattn.calc.v4_kv import v4_kv_table
 
-    table = v4_kv_table(cfg, args.context, args.batch)
+    table = v4_kv_table(cfg, args.context, args.batch_size)
     if args.json:
         print(json.dumps(table.as_dict(), indent=2))
         return 0
-    ctx, n = args.context, args.batch
+    ctx, n = args.context, args.batch_size
     times = f" (x{n})" if n > 1 else ""
     headers = ["type", "layers", "entries per layer", "state B/layer", "bf16 B/token",
                f"bf16 bytes{times}", "fp8 B/token", f"fp8 bytes{times}"]
@@ -258,7 +259,8 @@ def register(sub: Any) -> None:
                         "FlashMLA's fp8 layout, against DeepSeek-V3.2 and V3.")
     add_model_args(kv, weights=False)
     kv.add_argument("--context", type=int, default=131072, help="tokens per sequence (131072)")
-    kv.add_argument("--batch", type=int, default=1, help="sequences (1)")
+    kv.add_argument("--batch-size", type=int, default=1, metavar="N", help="sequences (1)")
+    add_deprecated(kv, "--batch", "--batch-size", type=int)
     kv.add_argument("--kv-lora-rank", default=None, metavar="R|full",
                     help="add the rows of this GQA / MHA / MQA model converted to MLA at latent rank R "
                     "(latentattn convert's rows: its own format and DeepSeek's; default with "

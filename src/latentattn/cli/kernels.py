@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from latentattn.cli.common import UserError, int_list
+from latentattn.cli.common import UserError, add_deprecated, int_list
 
 GPU_HINT = "pip install 'latentattn[gpu]'"
 
@@ -54,12 +54,12 @@ def cmd_check(args: argparse.Namespace) -> int:
                         "check the compiled kernels")
     if args.timeout <= 0:
         raise UserError(f"--timeout must be positive, got {args.timeout:g}")
-    if args.topk < 1 or args.repeats < 1:
-        raise UserError("--topk and --repeats must be positive")
+    if args.index_topk < 1 or args.repeats < 1:
+        raise UserError("--index-topk and --repeats must be positive")
     check_parent(args.out, "--out")  # before minutes of work, not after
     opts = gpu_check.CheckOptions(
         out=Path(args.out), tests=gpu_check.find_tests(args.tests), timeout_s=args.timeout,
-        bench=not args.skip_bench, batches=args.batches, contexts=args.contexts, topk=args.topk,
+        bench=not args.skip_bench, batches=args.batch_sizes, contexts=args.contexts, topk=args.index_topk,
         repeats=args.repeats)
     report, kernel_report = gpu_check.run_gpu_check(opts, lambda line: print(line, file=sys.stderr))
     if kernel_report is not None:
@@ -101,19 +101,25 @@ def register(sub: Any) -> None:
         "error figures, the bench's points, the device, the versions and the total time; it is "
         "written after the tests and again after the bench. Exit status 1 if a test failed or the "
         "bench crashed. Where there is no CUDA device it says so in one line and exits 0.")
-    k.add_argument("--device", choices=["cuda"], default="cuda",
-                   help="the device to check (cuda; pick a GPU with CUDA_VISIBLE_DEVICES)")
+    # auto as everywhere else; here both names mean the CUDA GPU (there is nothing to check on
+    # a CPU: without CUDA the command says so and exits 0).
+    k.add_argument("--device", choices=["auto", "cuda"], default="auto",
+                   help="the device to check: auto (default) or cuda, the CUDA GPU (pick one with "
+                   "CUDA_VISIBLE_DEVICES)")
     k.add_argument("--out", default="gpu-check.json", metavar="OUT.json",
                    help="the report (gpu-check.json)")
     k.add_argument("--timeout", type=float, default=360.0, metavar="SECONDS",
                    help="stop the GPU tests after this long (360; with the bench, sized for under "
                    "8 minutes on an H100); the report then says they were stopped")
     k.add_argument("--skip-bench", action="store_true", help="run the GPU tests only")
-    k.add_argument("--batches", type=int_list, default=[1, 32],
+    k.add_argument("--batch-sizes", type=int_list, default=[1, 32], metavar="B1,B2,...",
                    help="the bench's batch sizes (1,32)")
+    add_deprecated(k, "--batches", "--batch-sizes", type=int_list)
     k.add_argument("--contexts", type=int_list, default=[4096, 32768],
                    help="the bench's cached tokens per sequence (4096,32768)")
-    k.add_argument("--topk", type=int, default=2048, help="the bench's sparse top-k (2048)")
+    k.add_argument("--index-topk", type=int, default=2048, metavar="K",
+                   help="the bench's sparse top-k (2048)")
+    add_deprecated(k, "--topk", "--index-topk", type=int)
     k.add_argument("--repeats", type=int, default=10, help="the bench's timed calls, median (10)")
     k.add_argument("--tests", default=None, metavar="PATH",
                    help="the GPU test file (default: tests/test_triton_gpu.py of this checkout)")

@@ -1,5 +1,5 @@
-"""``latentattn train``: LM training of one attention variant, a preset, or any model
-``latentattn.load`` reads (``--init``: a Hugging Face checkpoint, another train run).
+"""``latentattn train``: LM training of one attention variant (``--attn``) or any model
+``latentattn.load`` reads (``--model``: a preset, a Hugging Face checkpoint, another train run).
 
 Registered into the top-level parser by ``latentattn.cli.build_parser``; the same command runs
 under ``torchrun --nproc_per_node N -m latentattn train ...`` (DDP, or FSDP2 with ``--fsdp``).
@@ -16,6 +16,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from latentattn.cli.common import (
+    DEVICE_HELP,
+    add_deprecated,
+    add_device_arg,
+    add_dtype_arg,
+    choose_device,
+    dtype_name,
+    say_device,
+    training_precision,
+)
 from latentattn.errors import LatentAttnError
 
 SIZE_FLAGS = {"dim": "--dim", "n_layers": "--layers", "n_heads": "--heads", "seq_len": "--seq-len",
@@ -29,9 +39,9 @@ def register(sub: Any) -> None:
     size = FamilySize()
     p = sub.add_parser(
         "train", help="train a model: MHA, MQA, GQA, MLA or DSA, a preset, or any loadable model",
-        description="Train a language model on a UTF-8 text file: an --attn family model or a "
-        "--preset on bytes, or any model latentattn.load reads (--init) through its checkpoint's "
-        "tokenizer.json when it has one (else bytes). AdamW, "
+        description="Train a language model on a UTF-8 text file: an --attn family model on bytes, "
+        "or any model latentattn.load reads (--model: a preset, a checkpoint, a run) through its "
+        "checkpoint's tokenizer.json when it has one (else bytes). AdamW, "
         "linear warm-up + cosine (or --schedule wsd) LR and gradient clipping; evaluate every "
         "--eval-every steps and checkpoint to --out (safetensors + state.json). --resume continues "
         "the checkpoint in --out up to --steps with the losses and weights of an uninterrupted run: "
@@ -41,33 +51,36 @@ def register(sub: Any) -> None:
         "otherwise. A resumed DSA run keeps the checkpoint's indexer warm-up length. DSA models "
         "run the indexer warm-up (dense) for --dsa-warmup-steps, then sparse top-k. Under torchrun "
         "the same command trains with DDP, or FSDP2 with --fsdp. Healing a converted model "
-        "(latentattn convert): --init CONVERTED --teacher SOURCE distils from the source, "
+        "(latentattn convert): --model CONVERTED --teacher SOURCE distils from the source, "
         "--trainable attention trains only the converted layers.")
+    p.add_argument("--model", default=None, metavar="SPEC",
+                   help="start from any model latentattn.load reads: a preset with vocab_size >= 256 "
+                   "(tiny-*, random-init), a Hugging Face checkpoint directory (its weights, and its "
+                   "tokenizer.json if present), a GGUF file, an installed model (smollm2-135m), a "
+                   "train run, a `latentattn convert` output or a config.json; trained in float32 "
+                   "weights")
     p.add_argument("--attn", metavar="KIND", default=None,
-                   help=f"attention variant of the model family: {', '.join(ATTN_KINDS)}")
-    p.add_argument("--preset", default=None, help="a latentattn preset with vocab_size >= 256 "
-                   "(tiny-*), random-init; the same as --init NAME")
-    p.add_argument("--init", default=None, metavar="SPEC",
-                   help="start from any model latentattn.load reads: a Hugging Face checkpoint "
-                   "directory (its weights, and its tokenizer.json if present), a train run, a "
-                   "preset or a config.json; trained in float32 weights")
+                   help=f"instead of --model: a model of the tiny family with this attention, "
+                   f"{', '.join(ATTN_KINDS)}, sized by --dim, --layers, ...")
+    # --preset NAME and --init SPEC were two spellings of --model (0.1).
+    add_deprecated(p, "--preset", "--model")
+    add_deprecated(p, "--init", "--model")
     p.add_argument("--mla-impl", choices=["auto", "naive", "absorb"], default=None,
-                   help="with --init/--preset: the MLA form to train and save (default: the model's)")
+                   help="with --model: the MLA form to train and save (default: the model's)")
     p.add_argument("--retrofit-dsa", action="store_true",
-                   help="with --init (a trained dense MLA model): add fresh DSA indexers and train "
+                   help="with --model (a trained dense MLA model): add fresh DSA indexers and train "
                    "as DeepSeek-V3.2 does, the indexer warm-up with everything else frozen for "
                    "--dsa-warmup-steps, then sparse top-k (--index-topk: k, default seq-len / 16)")
     p.add_argument("--teacher", default=None, metavar="SPEC",
                    help="heal by distillation: any model latentattn.load reads over the same "
-                   "tokenizer (typically the source of a converted --init); the loss becomes "
+                   "tokenizer (typically the source of a converted --model); the loss becomes "
                    "(1 - W) LM + W KL(teacher || model), W from --distill-weight")
     p.add_argument("--distill-weight", type=float, default=None, metavar="W",
                    help="with --teacher: the weight of the KL term, in (0, 1] (1: pure distillation)")
     p.add_argument("--trainable", choices=["all", "attention"], default="all",
                    help="which weights train: all (default), or only the attention layers (healing "
                    "a conversion: no gradients or optimizer state for the rest)")
-    p.add_argument("--device", default=None,
-                   help="cpu, cuda, ... (default: this rank's GPU when there is one, else cpu)")
+    add_device_arg(p, DEVICE_HELP.replace("CUDA if available", "this rank's GPU if there is one"))
     p.add_argument("--dim", type=int, default=None, help=f"hidden size ({size.dim})")
     p.add_argument("--layers", type=int, default=None, help=f"layers ({size.n_layers})")
     p.add_argument("--heads", type=int, default=None, help=f"attention heads ({size.n_heads})")
@@ -76,8 +89,8 @@ def register(sub: Any) -> None:
     p.add_argument("--kv-lora-rank", type=int, default=None,
                    help=f"MLA/DSA latent size ({size.kv_lora_rank})")
     p.add_argument("--index-topk", type=int, default=None,
-                   help=f"DSA: keys selected per query ({size.index_topk}; with --init or --preset "
-                   "it overrides the model's)")
+                   help=f"DSA: keys selected per query ({size.index_topk}; with --model it "
+                   "overrides the model's)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="UTF-8 text file (default: CPython's pydoc_data.topics prose)")
     p.add_argument("--steps", type=int, default=200, help="total optimiser steps (200)")
@@ -93,12 +106,15 @@ def register(sub: Any) -> None:
                    help="wsd: share of the steps in the final decay (0.2)")
     p.add_argument("--eval-every", type=int, default=50,
                    help="validate and checkpoint every N steps (50; 0 = only at the end)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="bf16 autocast (fp32 master weights) or fp32. auto (default): bf16 on a "
-                   "CUDA GPU with bf16 and on a CPU with native bf16 (AVX-512 BF16 or AMX), where "
-                   "it measured faster (latentattn bench precision); fp32 elsewhere; a --resume "
-                   "keeps the checkpoint's")
-    p.add_argument("--bf16", action="store_true", help="the same as --precision bf16")
+    add_dtype_arg(p, default="auto",
+                  help="compute precision: bfloat16 (bf16) is autocast over float32 master weights, "
+                  "float32 (fp32) is plain fp32; float16 is refused (no loss scaling). auto "
+                  "(default): bfloat16 on a CUDA GPU with bf16 and on a CPU with native bf16 "
+                  "(AVX-512 BF16 or AMX), where it measured faster (latentattn bench precision); "
+                  "float32 elsewhere; a --resume keeps the checkpoint's")
+    # --precision {auto,fp32,bf16} and --bf16 were train's own spellings of --dtype (0.1).
+    add_deprecated(p, "--precision", "--dtype", type=dtype_name)
+    add_deprecated(p, "--bf16", "--dtype bfloat16", const="bfloat16")
     p.add_argument("--seed", type=int, default=0, help="seed for init and data order (0)")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory")
     p.add_argument("--resume", action="store_true",
@@ -130,8 +146,7 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise LatentAttnError(f"--{flag.replace('_', '-')} must be a number >= 0, got {value}")
     if not 0 <= args.decay_frac <= 1:  # False for NaN too
         raise LatentAttnError(f"--decay-frac must be in [0, 1], got {args.decay_frac}")
-    if args.bf16 and args.precision == "fp32":
-        raise LatentAttnError("--bf16 is --precision bf16: it cannot go with --precision fp32")
+    training_precision(args.dtype)  # float16 refused before any loading
     if args.distill_weight is not None:
         if args.teacher is None:
             raise LatentAttnError("--distill-weight goes with --teacher")
@@ -147,16 +162,15 @@ def _model_spec(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     given = {field: getattr(args, flag.lstrip("-").replace("-", "_"))
              for field, flag in SIZE_FLAGS.items()}
-    named = [flag for flag, value in (("--attn", args.attn), ("--preset", args.preset),
-                                      ("--init", args.init)) if value is not None]
+    named = [flag for flag, value in (("--attn", args.attn), ("--model", args.model)) if value is not None]
     if len(named) > 1:
-        raise LatentAttnError(f"give one of --attn, --preset and --init, not {' and '.join(named)}")
+        raise LatentAttnError("give one of --attn and --model, not both")
     if args.attn is not None:
         if args.attn not in ATTN_KINDS:
             raise LatentAttnError(f"unknown --attn {args.attn!r}; choose from {', '.join(ATTN_KINDS)}")
         if args.mla_impl is not None:
-            raise LatentAttnError("--mla-impl goes with --init or --preset; an --attn model trains "
-                                  "in its default form")
+            raise LatentAttnError("--mla-impl goes with --model; an --attn model trains in its "
+                                  "default form")
         size = FamilySize(**{f: v for f, v in given.items() if v is not None})
         return family_config(args.attn, size), {}
     sized = [SIZE_FLAGS[f] for f, v in given.items()
@@ -165,13 +179,11 @@ def _model_spec(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         raise LatentAttnError(f"{sized[0]} sets the size of an --attn model; " + (
             f"{named[0]} brings its own" if named else "give --attn too"))
     overrides = {"mla_impl": args.mla_impl, "index_topk": args.index_topk}
-    spec = args.init if args.init is not None else args.preset
-    if spec is not None:
-        return spec, overrides
+    if args.model is not None:
+        return args.model, overrides
     if args.resume:
         return load_config(args.out), {}
-    raise LatentAttnError("give --attn KIND, --preset NAME or --init SPEC (or --resume a checkpoint "
-                          "in --out)")
+    raise LatentAttnError("give --model SPEC or --attn KIND (or --resume a checkpoint in --out)")
 
 
 def _retrofit(model: Any, topk: int | None, seq_len: int | None, seed: int) -> Any:
@@ -184,30 +196,21 @@ def _retrofit(model: Any, topk: int | None, seq_len: int | None, seed: int) -> A
 
     a = model.config.attention
     if not isinstance(a, MLAConfig):
-        raise LatentAttnError(f"--retrofit-dsa needs a dense MLA model; --init gave "
+        raise LatentAttnError(f"--retrofit-dsa needs a dense MLA model; --model gave "
                               f"{a.name.upper()}")
     window = seq_len if seq_len is not None else min(256, model.config.max_seq_len)
     k = topk if topk is not None else max(1, window // 16)
     return retrofit_dsa(model, IndexerConfig(a.n_heads, a.qk_head_dim, k), seed=seed)
 
 
-def _device(arg: str | None) -> Any:
-    import torch
-
-    if arg is not None:
-        return arg
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def _precision(args: argparse.Namespace, device: Any) -> Any:
-    """The :class:`~latentattn.precision.PrecisionChoice` of --precision (--bf16) on ``device``.
+    """The :class:`~latentattn.precision.PrecisionChoice` of --dtype on ``device``.
     A resume under auto keeps its checkpoint's choice: the run must continue in the precision it
     started in (train.resume checks bf16), whatever machine it continues on."""
     from latentattn.precision import PrecisionChoice, choose_precision, emulated_bf16
     from latentattn.train.checkpoint import STATE_FILE, read_state
 
-    requested = "bf16" if args.bf16 else args.precision
+    requested = training_precision(args.dtype)
     if requested == "auto" and args.resume and (Path(args.out) / STATE_FILE).exists():
         saved = read_state(Path(args.out)).get("settings")
         if isinstance(saved, dict) and isinstance(saved.get("bf16", False), bool):
@@ -244,20 +247,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec, overrides = _model_spec(args)
     retrofit_topk = None
     if args.retrofit_dsa:
-        if args.init is None and not args.resume:
+        if args.model is None and not args.resume:
             raise LatentAttnError("--retrofit-dsa adds indexers to a trained dense MLA model: give "
-                                  "it with --init RUN (or --resume the retrofitted run)")
-        if args.init is not None:
+                                  "it with --model RUN (or --resume the retrofitted run)")
+        if args.model is not None:
             retrofit_topk = overrides.pop("index_topk", None)  # the new indexers' k, not an override
-    # Master weights in fp32 whatever the checkpoint's dtype: --precision bf16 is autocast.
-    model, tokenizer = load(spec, dtype=torch.float32, device=_device(args.device), seed=args.seed,
+    device = choose_device(args.device)
+    # Master weights in fp32 whatever the checkpoint's dtype: --dtype bfloat16 is autocast.
+    model, tokenizer = load(spec, dtype=torch.float32, device=device.device, seed=args.seed,
                             with_tokenizer=True, **overrides)
-    if args.retrofit_dsa and args.init is not None:
+    if args.retrofit_dsa and args.model is not None:
         model = _retrofit(model, retrofit_topk, args.seq_len, args.seed)
     teacher = None
     if args.teacher is not None:
         teacher = load(args.teacher, dtype=torch.float32, device=model.device)
-    if args.resume and args.init is None and args.preset is None and args.attn is None:
+    if args.resume and args.model is None and args.attn is None:
         from latentattn.loading import load_tokenizer
 
         tokenizer = load_tokenizer(args.out, model.config.vocab_size)
@@ -295,6 +299,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(model, train_t, val_t, settings, out_dir=args.out, resume=args.resume,
                    progress=not args.quiet, teacher=teacher)
     if rank0:
+        say_device(device)  # after the work, as generate and eval: an error stays the only line
         loss = result.final_val_loss
         unit = "byte" if isinstance(tokenizer, ByteTokenizer) else "token"
         print(f"{cfg.name}: {result.steps_done} steps, validation loss {loss:.4f} nats/{unit} "

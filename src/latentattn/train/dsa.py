@@ -69,7 +69,7 @@ def retrofit_dsa(model: Transformer, indexer: IndexerConfig, seed: int = 0) -> T
     """DeepSeek-V3.2's starting point (arXiv 2512.02556 s2.1): the dense MLA ``model``'s weights,
     unchanged, in a DSA model whose lightning indexers are freshly initialised (seeded by
     ``seed``). Train it with ``set_dsa_stage(m, "warmup")`` (everything but the indexers
-    frozen) before ``"sparse"``; ``latentattn train --init RUN --retrofit-dsa`` does both."""
+    frozen) before ``"sparse"``; ``latentattn train --model RUN --retrofit-dsa`` does both."""
     a = model.config.attention
     if not isinstance(a, MLAConfig) or a.indexer is not None:
         raise ConfigError(f"retrofit_dsa takes a dense MLA model; {model.config.name} is "

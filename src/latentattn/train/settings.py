@@ -30,7 +30,7 @@ class TrainSettings:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # <= 0: no clipping
     # torch.autocast(device_type, dtype=torch.bfloat16), fp32 master weights. The library
-    # default stays fp32 whatever the machine; the CLI's --precision auto picks per machine
+    # default stays fp32 whatever the machine; the CLI's --dtype auto picks per machine
     # (latentattn.precision.choose_precision) and passes the result here.
     bf16: bool = False
     eval_every: int = 50  # 0: only at the end
