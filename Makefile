@@ -22,7 +22,7 @@ $(VENV)/.dev: $(BIN)/python pyproject.toml constraints.txt
 	touch $@
 
 test: $(VENV)/.dev
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests examples
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
@@ -72,7 +72,7 @@ upgrade:
 	rm -rf $(UPGRADE)
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests examples
 	$(BIN)/mypy
 
 clean:

@@ -10,7 +10,9 @@ checkpoint) and its tokenizer. Needs ``pip install 'latentattn[gguf]'``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,23 @@ def gguf_config(path: Path, **overrides: Any) -> ModelConfig:
     return config_from_hf(_hf_config(path).to_dict(), source=str(path), **overrides)
 
 
+@contextlib.contextmanager
+def _one_tensor_name_map() -> Iterator[None]:
+    """transformers' ``get_gguf_hf_weights_map`` (``modeling_gguf_pytorch_utils.py``) calls
+    ``gguf.get_tensor_name_map(arch, n_blocks)`` once per submodule, recursively: about 400 times
+    for a 30-layer model, each building the same ``TensorNameMap`` (8.5 of the 19 s SmolLM2-135M's
+    weights took to load on 2 cores). The map depends only on its arguments and is only read, so
+    while transformers loads, one map per (arch, n_blocks) serves every call."""
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
 def from_gguf(path: Path, cfg: ModelConfig, dtype: torch.dtype | None,
               device: torch.device) -> Transformer:
     """The model in GGUF file ``path`` as ``cfg`` (from :func:`gguf_config`), dequantised to
@@ -70,8 +89,9 @@ def from_gguf(path: Path, cfg: ModelConfig, dtype: torch.dtype | None,
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its per-tensor bars: our commands have their own output
     try:
-        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                  config=_hf_config(path), dtype=torch.float32)
+        with _one_tensor_name_map():
+            hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                      config=_hf_config(path), dtype=torch.float32)
     except (ValueError, KeyError, RuntimeError, NotImplementedError) as e:
         # e.g. a quantisation type transformers' dequantiser does not know
         raise CheckpointError(f"{path}: cannot read this GGUF file ({_short(e)})") from None
