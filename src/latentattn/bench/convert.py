@@ -32,7 +32,7 @@ from latentattn.tokenizer import Tokenizer
 from latentattn.train.loop import TrainSettings, train
 
 # The default ranks: those whose cache is a third, a half and two thirds of the source's at the
-# default rope dim (for SmolLM2-135M R = 64, 128, 192 at rope 64: the RoRoPE rows of README.md's
+# default rope dim (for SmolLM2-135M R = 64, 128, 192 at rope 64: the RoRoPE rows of docs/results.md's
 # "SmolLM2-135M to MLA, and healed" table); the half is latentattn convert's default rank.
 DEFAULT_RATIOS = (1 / 3, 1 / 2, 2 / 3)
 

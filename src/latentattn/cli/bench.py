@@ -21,6 +21,7 @@ from latentattn.cli.common import (
     choose_device,
     dtype_name,
     int_list,
+    int_or_full,
     on_start,
     render_table,
     say_device,
@@ -232,7 +233,7 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
     _check_outputs(args)
     heal_precision = training_precision(args.heal_dtype, "--heal-dtype")
     cfg = load_config(args.model)
-    asked = None if args.ranks is None else [_rank(r) for r in args.ranks.split(",") if r]
+    asked = None if args.ranks is None else [int_or_full(r, "--ranks") for r in args.ranks.split(",") if r]
     if asked == []:
         raise UserError("--ranks must name at least one rank")
     sizes = bench_sizes(cfg.replace(name=str(args.model)), asked, args.rope_dim, args.rope_mode, args.format)
@@ -280,15 +281,6 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
     print(convert_table(report))
     _say_written(args)
     return 0
-
-
-def _rank(text: str) -> int | str:
-    if text == "full":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"--ranks must be integers or 'full', got {text!r}") from None
 
 
 def cmd_bench_fp8(args: argparse.Namespace) -> int:

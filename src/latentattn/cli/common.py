@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from latentattn.config import GQAConfig, MLAConfig, ModelConfig, V4AttentionConfig
 from latentattn.errors import LatentAttnError
@@ -195,6 +195,24 @@ def say_dtype(choice: DtypeChoice, device: DeviceChoice | None = None) -> None:
     for line in (choice.line() if choice.auto else None, choice.warning()):
         if line is not None:
             print(f"{PROG}: {line}", file=sys.stderr)
+
+
+def int_or_full(text: str, flag: str) -> int | Literal["full"]:
+    """A ``R|full`` / ``D|full`` flag's value: ``"full"`` or an integer; anything else is a
+    UserError naming ``flag``. Ranges are checked where the sizes are resolved
+    (:func:`latentattn.calc.converted.resolve_sizes`), against the model."""
+    if text == "full":
+        return "full"
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{flag} must be an integer or 'full', got {text!r}") from None
+
+
+def size_flags(args: argparse.Namespace) -> tuple[int | Literal["full"] | None, int | Literal["full"] | None]:
+    """``--kv-lora-rank`` and ``--rope-dim`` of convert and kv-cache (None: the default)."""
+    return tuple(None if text is None else int_or_full(text, flag)  # type: ignore[return-value]
+                 for text, flag in ((args.kv_lora_rank, "--kv-lora-rank"), (args.rope_dim, "--rope-dim")))
 
 
 def int_list(text: str) -> list[int]:

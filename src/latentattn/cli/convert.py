@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Literal
+from typing import Any
 
-from latentattn.cli.common import PROG, UserError
+from latentattn.cli.common import PROG, size_flags
 from latentattn.convert.api import BUILTIN, DEFAULT_CALIB_TOKENS
 from latentattn.convert.api import calib_text as _calib_text
 
 NONE = "none"  # --calib none: no calibration (weight SVD, highest-frequency pairs)
 
-# What the defaults measured (README.md, "SmolLM2-135M to MLA, and healed"): one sentence each.
+# What the defaults measured (docs/results.md, "SmolLM2-135M converted to MLA, and healed"): one
+# sentence each.
 QUALITY = ("At the defaults SmolLM2-135M (3 KV heads of 64; R = 128, RoRoPE rope 64: 0.50x its cache) "
            "measured perplexity 45.4 unhealed on Vim's user manual against the source's 17.7, and "
            "28.8 after 60 heal steps in DeepSeek's format (635.98 before).")
@@ -28,42 +29,23 @@ def calib_text(arg: str | None) -> str | None:
     return None if arg is None or arg == NONE else _calib_text(arg)
 
 
-def parse_size(text: str, flag: str, full: int) -> int:
-    if text == "full":
-        return full
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"{flag} must be an integer or 'full', got {text!r}") from None
-
-
 def parse_format(text: str) -> str:
     """``--format``: latentattn or deepseek; ``native`` is the deprecated spelling of latentattn."""
     if text == "native":
-        print(f"{PROG}: --format native is deprecated; use --format latentattn", file=sys.stderr)
+        print(f"{PROG}: --format native is deprecated; use --format latentattn (it will be removed in 0.3)",
+              file=sys.stderr)
         return "latentattn"
     if text not in ("latentattn", "deepseek"):
         raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from latentattn, deepseek)")
     return text
 
 
-def _size_arg(text: str | None, flag: str) -> int | Literal["full"] | None:
-    if text is None:
-        return None
-    if text == "full":
-        return "full"
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"{flag} must be an integer or 'full', got {text!r}") from None
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     from latentattn.convert.api import convert_model
 
     calib = None if args.calib == NONE else args.calib
-    result = convert_model(args.src, kv_lora_rank=_size_arg(args.kv_lora_rank, "--kv-lora-rank"),
-                           rope_dim=_size_arg(args.rope_dim, "--rope-dim"), calib=calib, method=args.method,
+    rank, rope = size_flags(args)
+    result = convert_model(args.src, kv_lora_rank=rank, rope_dim=rope, calib=calib, method=args.method,
                            rope_mode=args.rope_mode, format=args.format, out=args.out,
                            calib_tokens=args.calib_tokens)
     print("\n".join(result.summary()))

@@ -18,6 +18,7 @@ from latentattn.cli.common import (
     fmt_int,
     model_overrides,
     render_table,
+    size_flags,
 )
 from latentattn.config import (
     CSA,
@@ -29,15 +30,6 @@ from latentattn.config import (
     RopeConfig,
     V4AttentionConfig,
 )
-
-
-def _size_arg(text: str | None) -> int | str | None:
-    """An ``R|full`` / ``D|full`` flag: an int where it parses, else the text (resolve_sizes names
-    the flag in its error)."""
-    try:
-        return text if text is None or text == "full" else int(text)
-    except ValueError:
-        return text
 
 
 def _config(args: argparse.Namespace) -> ModelConfig:
@@ -57,8 +49,7 @@ def _converted(cfg: ModelConfig, args: argparse.Namespace) -> ConvertSizes | Non
         flag = "--kv-lora-rank" if args.kv_lora_rank is not None else "--rope-dim"
         raise UserError(f"{flag}: {args.model} is {cfg.attention.name.upper()} already; the rows for "
                         "a conversion to MLA need a GQA, MHA or MQA model")
-    return resolve_sizes(cfg.replace(name=str(args.model)), _size_arg(args.kv_lora_rank),
-                         _size_arg(args.rope_dim))
+    return resolve_sizes(cfg.replace(name=str(args.model)), *size_flags(args))
 
 
 def cmd_kv_cache(args: argparse.Namespace) -> int:
