@@ -28,6 +28,7 @@ test: $(VENV)/.dev
 
 demo: $(VENV)/.dev
 	$(BIN)/latentattn kv-cache --model deepseek-v3 --context 131072
+	$(BIN)/latentattn kv-cache --model llama-3-8b --context 32768 --kv-lora-rank 384
 	$(BIN)/latentattn info --model tiny-mla
 	$(BIN)/latentattn kv-cache --model deepseek-v4-flash --context 1048576
 	$(BIN)/latentattn generate --model tiny-v4 --prompt "Compressed sparse attention" --max-new-tokens 16 --seed 0
