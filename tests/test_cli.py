@@ -39,7 +39,7 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
                                  "--top-k", "--seed", "--latent-fp8", "--page-size", "--backend",
                                  "--compile"},
     ("convert",): {"--kv-lora-rank", "--rope-dim", "--calib", "--calib-tokens", "--method", "--rope-mode",
-                   "--format"},
+                   "--format", "--fit-steps", "--fit-lr", "--quiet"},
     ("export",): {"--model", "--dtype"},
     ("eval",): LOAD_KNOBS | {"--data", "--seq-len", "--max-tokens", "--batch-size", "--seed", "--json",
                              "--quiet"},

@@ -47,7 +47,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     rank, rope = size_flags(args)
     result = convert_model(args.src, kv_lora_rank=rank, rope_dim=rope, calib=calib, method=args.method,
                            rope_mode=args.rope_mode, format=args.format, out=args.out,
-                           calib_tokens=args.calib_tokens)
+                           calib_tokens=args.calib_tokens, fit_steps=args.fit_steps, fit_lr=args.fit_lr,
+                           progress=None if args.quiet else lambda line: print(line, file=sys.stderr))
     print("\n".join(result.summary()))
     if not result.exact:
         print("below full rank or rope the model is an approximation: heal it with "
@@ -101,4 +102,11 @@ def register(sub: Any) -> None:
     p.add_argument("--method", choices=["pca", "svd"], default="pca",
                    help="latent factorisation: pca of calibration outputs or svd of the weights; "
                    + METHOD_QUALITY)
+    p.add_argument("--fit-steps", type=int, default=0, metavar="N",
+                   help="after the closed form, train each attention layer N steps to reproduce its "
+                   "source layer's output on the calibration text, with DeepSeek's latent norm in "
+                   "place (0, the default: no fitting; a few hundred: see docs/guides/convert.md)")
+    p.add_argument("--fit-lr", type=float, default=1e-3, metavar="LR",
+                   help="peak Adam learning rate of the local fit, cosine to 0 (1e-3)")
+    p.add_argument("--quiet", action="store_true", help="no per-layer fitting lines")
     p.set_defaults(func=cmd_convert)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,8 @@ from latentattn.calc.converted import (
 )
 from latentattn.config import GQAConfig, ModelConfig
 from latentattn.convert.calibrate import CALIB_WINDOW, calibrate
+from latentattn.convert.fit import FitSettings, LayerFit, fit_layers, windows_needed
+from latentattn.convert.fit import summary as fit_summary
 from latentattn.convert.gqa_to_mla import METHODS, Method, Plan, convert
 from latentattn.errors import ConfigError, LatentAttnError
 from latentattn.model.transformer import Transformer
@@ -61,6 +64,7 @@ class ConvertResult:
     out: Path | None = None
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    fits: list[LayerFit] = field(default_factory=list)  # local fitting, per layer (none: not fitted)
 
     @property
     def kv_lora_rank(self) -> int:
@@ -97,6 +101,7 @@ class ConvertResult:
             + (", DeepSeek-V3 format (latent RMSNorm fitted on the calibration text)"
                if s.format == "deepseek" else ""),
             s.line(),
+            *([fit_summary(self.fits)] if self.fits else []),
             f"KV cache (bf16, {self.n_layers} layers): {self.bytes_before:,.0f} -> {self.bytes_after:,.0f} "
             f"bytes/token ({self.ratio:.2f}x)"
             + (f"; wrote {self.out}" if self.out is not None else "") + f" in {self.seconds:.1f} s",
@@ -128,7 +133,8 @@ def convert_model(src: SourceSpec, *, kv_lora_rank: int | Literal["full"] | None
                   method: Method = "pca", rope_mode: RopeMode | None = None,
                   format: Format = "latentattn", out: str | os.PathLike[str] | None = None,
                   calib_tokens: int = DEFAULT_CALIB_TOKENS, tokenizer: Tokenizer | None = None,
-                  ) -> ConvertResult:
+                  fit_steps: int = 0, fit_lr: float = 1e-3,
+                  progress: Callable[[str], None] | None = None) -> ConvertResult:
     """Convert every attention layer of a GQA / MHA / MQA model to multi-head latent attention.
 
     >>> import latentattn
@@ -161,6 +167,11 @@ def convert_model(src: SourceSpec, *, kv_lora_rank: int | Literal["full"] | None
             None writes nothing.
         calib_tokens: calibration tokens (at least 256, one window).
         tokenizer: the tokenizer of a ``src`` given as a Transformer.
+        fit_steps: after the closed form, train each attention layer for this many steps to
+            reproduce its source layer's output on the calibration inputs, DeepSeek's latent norm
+            in place (:mod:`latentattn.convert.fit`); 0 (the default) fits nothing.
+        fit_lr: the peak Adam learning rate of that fit (cosine to 0).
+        progress: called with a short line as each layer is fitted.
 
     Returns:
         a :class:`ConvertResult`: the model, its tokenizer, the sizes and plan, the bytes per
@@ -192,6 +203,15 @@ def convert_model(src: SourceSpec, *, kv_lora_rank: int | Literal["full"] | None
                           "(or builtin), or --method svd")
     if isinstance(calib_tokens, bool) or not isinstance(calib_tokens, int) or calib_tokens < CALIB_WINDOW:
         raise ConfigError(f"--calib-tokens must be >= {CALIB_WINDOW}, got {calib_tokens}")
+    fit = FitSettings(steps=fit_steps, lr=fit_lr)
+    if fit.steps and calib is None:
+        raise ConfigError("--fit-steps fits each layer on calibration activations: give --calib FILE "
+                          "(or builtin)")
+    window = min(CALIB_WINDOW, cfg.max_seq_len)
+    if fit.steps and calib_tokens < windows_needed() * window:
+        raise ConfigError(f"--fit-steps needs at least {windows_needed() * window:,} calibration tokens "
+                          f"({windows_needed()} windows of {window}: one to fit on, one held out), got "
+                          f"--calib-tokens {calib_tokens:,}")
     _check_out(out)
     text = calib_text(calib)
     if isinstance(src, Transformer):
@@ -216,12 +236,20 @@ def convert_model(src: SourceSpec, *, kv_lora_rank: int | Literal["full"] | None
     pairs, inputs = calibrate(model, sizes.rope_dim, ids, rorope=rorope)
     plan = Plan(pairs, sizes.kv_lora_rank, method, sizes.rope_mode, latent_norm=deepseek)
     mla = convert(model, plan, inputs)
+    fits: list[LayerFit] = []
+    if fit.steps:
+        assert inputs is not None
+        report = None if progress is None else (
+            lambda i, f: progress(f"layer {i}: held-out error {f.before:.4f} -> {f.after:.4f}"))
+        fits = fit_layers(model, mla, inputs, window, fit, report)
     choice = ("RoRoPE, every pair" if rorope else "2-norm on the calibration text" if ids is not None
               else "highest frequencies")
     info = {"source": name, "kv_lora_rank": sizes.kv_lora_rank, "rope_dim": sizes.rope_dim,
             "method": method, "rope_mode": sizes.rope_mode, "pairs": list(pairs), "pair_choice": choice,
             "calib": None if calib is None else str(calib),
-            "calib_tokens": calib_tokens if text is not None else 0}
+            "calib_tokens": calib_tokens if text is not None else 0, "fit_steps": fit.steps,
+            "fit_lr": fit.lr if fit.steps else None,
+            "fit": [{"layer": f.layer, "before": f.before, "after": f.after} for f in fits]}
     n = cfg.n_layers
     result = ConvertResult(
         model=mla, tokenizer=tok, source=name, sizes=sizes, plan=plan, method=method,
@@ -229,7 +257,7 @@ def convert_model(src: SourceSpec, *, kv_lora_rank: int | Literal["full"] | None
         full_rank=full_rank(cfg, sizes.rope_dim, sizes.rope_mode),
         bytes_before=source_bytes_per_token_per_layer(cfg) * n,
         bytes_after=converted_bytes_per_token_per_layer(sizes.kv_lora_rank, sizes.rope_dim) * n,
-        n_layers=n, pair_choice=choice, info=info)
+        n_layers=n, pair_choice=choice, info=info, fits=fits)
     if out is not None:
         if deepseek:
             from latentattn.interop.hf import save_pretrained_dir
