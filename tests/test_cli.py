@@ -67,7 +67,7 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
                            "--calib-tokens", "--ranks", "--rope-dim", "--method", "--seq-len",
                            "--max-tokens", "--heal-steps", "--heal-data", "--heal-lr",
                            "--heal-batch-size", "--heal-seq-len", "--heal-trainable",
-                           "--heal-dtype", "--rope-mode", "--format"},
+                           "--heal-dtype", "--rope-mode", "--format", "--fit-steps", "--fit-lr"},
     ("bench", "generate"): {"--json", "--plot", "--quiet", "--model", "--contexts", "--new-tokens",
                             "--dtype", "--compile", "--no-transformers", "--max-seq-len", "--profile",
                             "--repeats", "--seed"},

@@ -179,3 +179,24 @@ def test_bench_convert_heals_each_rank(tmp_path: Path, capsys: pytest.CaptureFix
                  "--heal-steps", "-1", "--json", str(tmp_path / "c.json"),
                  "--plot", str(tmp_path / "c.png"), "--quiet"])
     assert not (tmp_path / "c.json").exists()
+
+
+def test_bench_convert_fits_then_heals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The fitted columns sit between the closed form and the heal; the heal starts from the fit.
+    torch.set_num_threads(1)
+    src, data = _saved(tmp_path)
+    out = tmp_path / "conv.json"
+    assert main(["bench", "convert", "--model", str(src), "--data", str(data), "--ranks", "8",
+                 "--format", "deepseek", "--calib-tokens", "1024", "--seq-len", "64", "--max-tokens", "513",
+                 "--fit-steps", "20", "--heal-steps", "2", "--heal-seq-len", "32", "--heal-dtype", "float32",
+                 "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert report["fit"] == {"steps": 20, "lr": 1e-3, "batch_windows": 2}
+    source, row = report["rows"]
+    assert source["fitted_perplexity"] is None
+    assert row["fitted_perplexity"] > 1 and row["fit_seconds"] > 0 and row["healed_perplexity"] > 1
+    assert "fitted perplexity" in capsys.readouterr().out
+    assert "--fit-lr must lie in (0, 0.1]" in cli_error(
+        capsys, ["bench", "convert", "--model", str(src), "--data", str(data), "--ranks", "8",
+                 "--fit-steps", "5", "--fit-lr", "-1", "--json", str(tmp_path / "c.json"), "--quiet"])
+    assert not (tmp_path / "c.json").exists()

@@ -24,6 +24,8 @@ from latentattn.calc.converted import ConvertSizes, Format, rank_for_ratio, reso
 from latentattn.calc.kv_bytes import cache_bytes_per_token_per_layer
 from latentattn.config import GQAConfig, ModelConfig
 from latentattn.convert import Plan, calibrate, convert
+from latentattn.convert.calibrate import CALIB_WINDOW
+from latentattn.convert.fit import FitSettings, fit_layers
 from latentattn.convert.gqa_to_mla import Method, RopeMode, check_sizes
 from latentattn.model.transformer import Transformer
 from latentattn.perplexity import evaluate_text
@@ -88,6 +90,9 @@ class ConvertRow:
     nats_per_byte: float
     eval_tokens: int
     convert_seconds: float = 0.0
+    fitted_perplexity: float | None = None  # after local fitting (convert --fit-steps)
+    fitted_nats_per_byte: float | None = None
+    fit_seconds: float | None = None
     healed_perplexity: float | None = None
     healed_nats_per_byte: float | None = None
     heal_seconds: float | None = None
@@ -104,6 +109,7 @@ class ConvertReport:
     pairs: list[int]
     seconds_calibration: float
     heal: dict[str, Any] | None = None  # the Heal's settings (no tokens), or None: not healed
+    fit: dict[str, Any] | None = None  # the FitSettings, or None: not fitted
     rows: list[ConvertRow] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=machine_info)
 
@@ -118,12 +124,14 @@ def run_convert_bench(model: Transformer, tokenizer: Tokenizer, calib_ids: torch
                       max_tokens: int | None, names: tuple[str, str, str],
                       progress: Callable[[str], None] | None = None,
                       heal: Heal | None = None, rope_mode: RopeMode = "blocks",
-                      latent_norm: bool = False) -> ConvertReport:
+                      latent_norm: bool = False, fit: FitSettings | None = None) -> ConvertReport:
     """Calibrate ``model`` on ``calib_ids``, convert it at each rank of ``ranks`` (each checked
     against ``rope_dim``), evaluate it and the source on ``text``; with ``heal``, heal each
     converted model and evaluate it again. ``names``: (model, data, calib) as reported.
     ``rope_mode`` and ``latent_norm``: as in :class:`latentattn.convert.Plan` (both
-    ``"rorope"`` and True: what ``convert --format deepseek`` writes)."""
+    ``"rorope"`` and True: what ``convert --format deepseek`` writes). With ``fit``, each
+    converted model is fitted layer by layer to the source (:mod:`latentattn.convert.fit`) after
+    its closed-form row and evaluated again (the "fitted" columns), and the heal starts from it."""
     cfg = model.config
     a = cfg.attention
     assert isinstance(a, GQAConfig)
@@ -136,6 +144,8 @@ def run_convert_bench(model: Transformer, tokenizer: Tokenizer, calib_ids: torch
                            seconds_calibration=time.perf_counter() - started)
     if heal is not None:
         report.heal = {k: v for k, v in asdict(heal).items() if k not in ("tokens", "val")}
+    if fit is not None:
+        report.fit = asdict(fit)
     source_bytes = cache_bytes_per_token_per_layer(cfg, 2) * cfg.n_layers
 
     def row(label: str, m: Transformer, rank: int | None, seconds: float) -> ConvertRow:
@@ -151,6 +161,16 @@ def run_convert_bench(model: Transformer, tokenizer: Tokenizer, calib_ids: torch
         t0 = time.perf_counter()
         mla = convert(model, Plan(pairs, rank, method, rope_mode, latent_norm), inputs)
         report.rows.append(row(f"R={rank}", mla, rank, time.perf_counter() - t0))
+        if fit is not None and fit.steps:
+            assert inputs is not None
+            t0 = time.perf_counter()
+            fit_layers(model, mla, inputs, min(CALIB_WINDOW, cfg.max_seq_len), fit)
+            r = evaluate_text(mla, tokenizer, text, seq_len=seq_len, max_tokens=max_tokens)
+            last = report.rows[-1]
+            last.fitted_perplexity, last.fitted_nats_per_byte = r.perplexity, r.nats_per_byte
+            last.fit_seconds = time.perf_counter() - t0
+            if progress is not None:
+                progress(f"R={rank} fitted")
         if heal is not None:
             t0 = time.perf_counter()
             train(mla, heal.tokens, heal.val, heal.settings(), progress=False, teacher=model)
@@ -166,8 +186,12 @@ def run_convert_bench(model: Transformer, tokenizer: Tokenizer, calib_ids: torch
 
 def convert_table(report: ConvertReport) -> str:
     healed = report.heal is not None
+    fitted = report.fit is not None
     head = "| model | latent R | rope dims | KV B/token (bf16) | vs source | perplexity | nats/byte |"
     rule = "|---|---:|---:|---:|---:|---:|---:|"
+    if fitted:
+        head += " fitted perplexity | fitted nats/byte | fit s |"
+        rule += "---:|---:|---:|"
     if healed:
         head += " healed perplexity | healed nats/byte | heal s |"
         rule += "---:|---:|---:|"
@@ -176,6 +200,9 @@ def convert_table(report: ConvertReport) -> str:
         line = (f"| {r.label} | {r.kv_lora_rank if r.kv_lora_rank is not None else '-'} | "
                 f"{r.rope_dim if r.rope_dim is not None else '-'} | {r.kv_bytes_per_token:,.0f} | "
                 f"{r.kv_vs_source:.2f}x | {r.perplexity:,.2f} | {r.nats_per_byte:.4f} |")
+        if fitted:
+            line += (" - | - | - |" if r.fitted_perplexity is None else
+                     f" {r.fitted_perplexity:,.2f} | {r.fitted_nats_per_byte:.4f} | {r.fit_seconds:,.0f} |")
         if healed:
             line += (" - | - | - |" if r.healed_perplexity is None else
                      f" {r.healed_perplexity:,.2f} | {r.healed_nats_per_byte:.4f} | "

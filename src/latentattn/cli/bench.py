@@ -225,6 +225,8 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
         run_convert_bench,
     )
     from latentattn.cli.convert import calib_text
+    from latentattn.convert.calibrate import CALIB_WINDOW
+    from latentattn.convert.fit import FitSettings, windows_needed
     from latentattn.data import load_text, train_val_split
     from latentattn.loading import load, load_config
     from latentattn.precision import choose_precision
@@ -249,6 +251,11 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
                             f"{0 if flag == 'heal_steps' else 1}, got {getattr(args, flag)}")
     if not (math.isfinite(args.heal_lr) and args.heal_lr > 0):
         raise UserError(f"--heal-lr must be a positive number, got {args.heal_lr}")
+    fit = FitSettings(steps=args.fit_steps, lr=args.fit_lr) if args.fit_steps else None
+    window = min(CALIB_WINDOW, cfg.max_seq_len)
+    if fit is not None and args.calib_tokens < windows_needed() * window:
+        raise UserError(f"--fit-steps needs at least {windows_needed() * window:,} calibration tokens, got "
+                        f"--calib-tokens {args.calib_tokens:,}")
     model, tokenizer = load(args.model, dtype="float32", with_tokenizer=True)
     calib_ids = encode_corpus(tokenizer, calib)[: args.calib_tokens]
     heal = None
@@ -267,8 +274,8 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
         heal = Heal(heal_tokens, heal_val, steps=args.heal_steps, batch_size=args.heal_batch_size,
                     seq_len=args.heal_seq_len, lr=args.heal_lr, trainable=args.heal_trainable,
                     bf16=precision.bf16)
-    with tqdm(total=len(ranks) * (2 if heal else 1) + 1, file=sys.stderr, desc="bench convert", unit="model",
-              disable=args.quiet) as bar:
+    with tqdm(total=len(ranks) * (1 + bool(heal) + bool(fit)) + 1, file=sys.stderr, desc="bench convert",
+              unit="model", disable=args.quiet) as bar:
         def progress(label: str) -> None:
             bar.set_postfix_str(label)
             bar.update(1)
@@ -276,7 +283,7 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
         report = run_convert_bench(model, tokenizer, calib_ids, text, ranks, rope_dim, args.method,
                                    args.seq_len, args.max_tokens,
                                    (str(args.model), args.data, args.calib), progress, heal,
-                                   mode, deepseek)
+                                   mode, deepseek, fit)
     _write_outputs(args, report.as_dict, lambda tmp: plot_convert_report(report, tmp))
     print(convert_table(report))
     _say_written(args)
@@ -657,6 +664,11 @@ def register(sub: Any) -> None:
                       help="deepseek: convert as convert --format deepseek does (RoRoPE and the "
                       "fitted latent RMSNorm), to measure what that format costs (latentattn)")
     conv.add_argument("--seq-len", type=int, default=512, metavar="N", help="eval window (512)")
+    conv.add_argument("--fit-steps", type=int, default=0, metavar="N",
+                      help="fit each converted model's attention layers to the source's outputs for N "
+                      "steps a layer before healing (convert --fit-steps; 0, the default: no fit)")
+    conv.add_argument("--fit-lr", type=float, default=1e-3, metavar="LR",
+                      help="peak learning rate of that fit (1e-3)")
     conv.add_argument("--heal-steps", type=int, default=100, metavar="N",
                       help="heal each converted model for N steps, distilling from the source "
                       "(100; 0: no heal)")
