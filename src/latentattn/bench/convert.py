@@ -156,6 +156,17 @@ def run_convert_bench(model: Transformer, tokenizer: Tokenizer, calib_ids: torch
         return ConvertRow(label, rank, None if rank is None else rope_dim, kv, kv / source_bytes,
                           r.perplexity, r.nats_per_byte, r.tokens, seconds)
 
+    def after(m: Transformer, work: Callable[[Transformer], object],
+              label: str) -> tuple[float, float, float]:
+        """(perplexity, nats/byte, seconds) of ``m`` after ``work`` changed it (a fit, a heal)."""
+        t0 = time.perf_counter()
+        work(m)
+        r = evaluate_text(m, tokenizer, text, seq_len=seq_len, max_tokens=max_tokens)
+        if progress is not None:
+            progress(label)
+        return r.perplexity, r.nats_per_byte, time.perf_counter() - t0
+
+    window = min(CALIB_WINDOW, cfg.max_seq_len)  # the calibration windows a fit cuts inputs into
     report.rows.append(row("source", model, None, 0.0))
     for rank in ranks:
         t0 = time.perf_counter()
@@ -163,23 +174,14 @@ def run_convert_bench(model: Transformer, tokenizer: Tokenizer, calib_ids: torch
         report.rows.append(row(f"R={rank}", mla, rank, time.perf_counter() - t0))
         if fit is not None and fit.steps:
             assert inputs is not None
-            t0 = time.perf_counter()
-            fit_layers(model, mla, inputs, min(CALIB_WINDOW, cfg.max_seq_len), fit)
-            r = evaluate_text(mla, tokenizer, text, seq_len=seq_len, max_tokens=max_tokens)
             last = report.rows[-1]
-            last.fitted_perplexity, last.fitted_nats_per_byte = r.perplexity, r.nats_per_byte
-            last.fit_seconds = time.perf_counter() - t0
-            if progress is not None:
-                progress(f"R={rank} fitted")
+            last.fitted_perplexity, last.fitted_nats_per_byte, last.fit_seconds = after(
+                mla, lambda m: fit_layers(model, m, inputs, window, fit), f"R={rank} fitted")
         if heal is not None:
-            t0 = time.perf_counter()
-            train(mla, heal.tokens, heal.val, heal.settings(), progress=False, teacher=model)
-            r = evaluate_text(mla, tokenizer, text, seq_len=seq_len, max_tokens=max_tokens)
             last = report.rows[-1]
-            last.healed_perplexity, last.healed_nats_per_byte = r.perplexity, r.nats_per_byte
-            last.heal_seconds = time.perf_counter() - t0
-            if progress is not None:
-                progress(f"R={rank} healed")
+            last.healed_perplexity, last.healed_nats_per_byte, last.heal_seconds = after(
+                mla, lambda m: train(m, heal.tokens, heal.val, heal.settings(), progress=False,
+                                     teacher=model), f"R={rank} healed")
         del mla
     return report
 

@@ -225,8 +225,7 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
         run_convert_bench,
     )
     from latentattn.cli.convert import calib_text
-    from latentattn.convert.calibrate import CALIB_WINDOW
-    from latentattn.convert.fit import FitSettings, windows_needed
+    from latentattn.convert.fit import FitSettings, check_calibration
     from latentattn.data import load_text, train_val_split
     from latentattn.loading import load, load_config
     from latentattn.precision import choose_precision
@@ -252,10 +251,8 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.heal_lr) and args.heal_lr > 0):
         raise UserError(f"--heal-lr must be a positive number, got {args.heal_lr}")
     fit = FitSettings(steps=args.fit_steps, lr=args.fit_lr) if args.fit_steps else None
-    window = min(CALIB_WINDOW, cfg.max_seq_len)
-    if fit is not None and args.calib_tokens < windows_needed() * window:
-        raise UserError(f"--fit-steps needs at least {windows_needed() * window:,} calibration tokens, got "
-                        f"--calib-tokens {args.calib_tokens:,}")
+    if fit is not None:
+        check_calibration(args.calib_tokens, cfg.max_seq_len)
     model, tokenizer = load(args.model, dtype="float32", with_tokenizer=True)
     calib_ids = encode_corpus(tokenizer, calib)[: args.calib_tokens]
     heal = None

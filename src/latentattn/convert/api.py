@@ -29,7 +29,7 @@ from latentattn.calc.converted import (
 )
 from latentattn.config import GQAConfig, ModelConfig
 from latentattn.convert.calibrate import CALIB_WINDOW, calibrate
-from latentattn.convert.fit import FitSettings, LayerFit, fit_layers, windows_needed
+from latentattn.convert.fit import FitSettings, LayerFit, check_calibration, fit_layers
 from latentattn.convert.fit import summary as fit_summary
 from latentattn.convert.gqa_to_mla import METHODS, Method, Plan, convert
 from latentattn.errors import ConfigError, LatentAttnError
@@ -207,11 +207,8 @@ def convert_model(src: SourceSpec, *, kv_lora_rank: int | Literal["full"] | None
     if fit.steps and calib is None:
         raise ConfigError("--fit-steps fits each layer on calibration activations: give --calib FILE "
                           "(or builtin)")
-    window = min(CALIB_WINDOW, cfg.max_seq_len)
-    if fit.steps and calib_tokens < windows_needed() * window:
-        raise ConfigError(f"--fit-steps needs at least {windows_needed() * window:,} calibration tokens "
-                          f"({windows_needed()} windows of {window}: one to fit on, one held out), got "
-                          f"--calib-tokens {calib_tokens:,}")
+    if fit.steps:
+        check_calibration(calib_tokens, cfg.max_seq_len)
     _check_out(out)
     text = calib_text(calib)
     if isinstance(src, Transformer):
@@ -241,7 +238,7 @@ def convert_model(src: SourceSpec, *, kv_lora_rank: int | Literal["full"] | None
         assert inputs is not None
         report = None if progress is None else (
             lambda i, f: progress(f"layer {i}: held-out error {f.before:.4f} -> {f.after:.4f}"))
-        fits = fit_layers(model, mla, inputs, window, fit, report)
+        fits = fit_layers(model, mla, inputs, min(CALIB_WINDOW, cfg.max_seq_len), fit, report)
     choice = ("RoRoPE, every pair" if rorope else "2-norm on the calibration text" if ids is not None
               else "highest frequencies")
     info = {"source": name, "kv_lora_rank": sizes.kv_lora_rank, "rope_dim": sizes.rope_dim,

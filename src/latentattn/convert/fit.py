@@ -26,6 +26,7 @@ import torch
 
 from latentattn.attention.mla import MultiHeadLatentAttention
 from latentattn.cache.step import fresh_step
+from latentattn.convert.calibrate import CALIB_WINDOW
 from latentattn.errors import ConfigError
 from latentattn.model.transformer import Transformer
 
@@ -59,9 +60,16 @@ class FitSettings:
             raise ConfigError(f"batch_windows must be >= 1, got {self.batch_windows}")
 
 
-def windows_needed() -> int:
-    """Calibration windows local fitting needs: one to fit on and one held out."""
-    return 2
+WINDOWS_NEEDED = 2  # calibration windows local fitting needs: one to fit on, one held out
+
+
+def check_calibration(calib_tokens: int, max_seq_len: int) -> None:
+    """Refuse, before any weight is read, calibration too short to fit on and hold out from."""
+    window = min(CALIB_WINDOW, max_seq_len)
+    if calib_tokens < WINDOWS_NEEDED * window:
+        raise ConfigError(f"--fit-steps needs at least {WINDOWS_NEEDED * window:,} calibration tokens "
+                          f"({WINDOWS_NEEDED} windows of {window}: one to fit on, one held out), got "
+                          f"--calib-tokens {calib_tokens:,}")
 
 
 def _fitted_params(attn: MultiHeadLatentAttention) -> list[torch.nn.Parameter]:
@@ -85,9 +93,9 @@ def fit_layers(source: Transformer, converted: Transformer, inputs: list[torch.T
     (N, dim) attention inputs of the calibration text (:func:`attention_inputs`, N a multiple of
     ``window``). Changes ``converted`` in place; returns each layer's held-out error."""
     n_windows = inputs[0].shape[0] // window
-    if n_windows < windows_needed():
-        raise ConfigError(f"local fitting needs at least {windows_needed() * window:,} calibration "
-                          f"tokens ({windows_needed()} windows of {window}), got {inputs[0].shape[0]:,}: "
+    if n_windows < WINDOWS_NEEDED:
+        raise ConfigError(f"local fitting needs at least {WINDOWS_NEEDED * window:,} calibration "
+                          f"tokens ({WINDOWS_NEEDED} windows of {window}), got {inputs[0].shape[0]:,}: "
                           "raise --calib-tokens or give a longer --calib text")
     held = max(1, n_windows // HELD_OUT)
     gen = torch.Generator().manual_seed(seed)
@@ -140,8 +148,6 @@ def fit_layers(source: Transformer, converted: Transformer, inputs: list[torch.T
         fits.append(fit)
         if progress is not None:
             progress(i, fit)
-    for p in converted.parameters():
-        p.requires_grad_(True)
     return fits
 
 
@@ -155,4 +161,4 @@ def summary(fits: list[LayerFit], seconds: float | None = None) -> str:
     return text + (f", {seconds:.0f} s)" if seconds is not None else ")")
 
 
-__all__ = ["FitSettings", "LayerFit", "fit_layers", "summary", "windows_needed"]
+__all__ = ["WINDOWS_NEEDED", "FitSettings", "LayerFit", "check_calibration", "fit_layers", "summary"]
