@@ -13,6 +13,7 @@ source (:mod:`latentattn.train.distill`), and evaluated again: the "healed" colu
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,10 +24,11 @@ import torch
 from latentattn.calc.converted import ConvertSizes, Format, rank_for_ratio, resolve_sizes
 from latentattn.calc.kv_bytes import cache_bytes_per_token_per_layer
 from latentattn.config import GQAConfig, ModelConfig
-from latentattn.convert import Plan, calibrate, convert
+from latentattn.convert import Plan, calibrate
 from latentattn.convert.calibrate import CALIB_WINDOW
 from latentattn.convert.fit import FitSettings, fit_layers
 from latentattn.convert.gqa_to_mla import Method, RopeMode, check_sizes
+from latentattn.convert.sequential import convert_and_fit
 from latentattn.model.transformer import Transformer
 from latentattn.perplexity import evaluate_text
 from latentattn.timing import machine_info
@@ -106,6 +108,8 @@ class ConvertReport:
     method: str
     rope_mode: str
     latent_norm: bool  # DeepSeek's RMSNorm on the latent (convert --format deepseek)
+    sequential: bool  # layer l calibrated on the converted layers 0..l-1's outputs
+    seed: int  # the calibration span's and the fit's seed
     pairs: list[int]
     seconds_calibration: float
     heal: dict[str, Any] | None = None  # the Heal's settings (no tokens), or None: not healed
@@ -124,14 +128,18 @@ def run_convert_bench(model: Transformer, tokenizer: Tokenizer, calib_ids: torch
                       max_tokens: int | None, names: tuple[str, str, str],
                       progress: Callable[[str], None] | None = None,
                       heal: Heal | None = None, rope_mode: RopeMode = "blocks",
-                      latent_norm: bool = False, fit: FitSettings | None = None) -> ConvertReport:
+                      latent_norm: bool = False, fit: FitSettings | None = None,
+                      sequential: bool = False, seed: int = 0) -> ConvertReport:
     """Calibrate ``model`` on ``calib_ids``, convert it at each rank of ``ranks`` (each checked
     against ``rope_dim``), evaluate it and the source on ``text``; with ``heal``, heal each
     converted model and evaluate it again. ``names``: (model, data, calib) as reported.
     ``rope_mode`` and ``latent_norm``: as in :class:`latentattn.convert.Plan` (both
     ``"rorope"`` and True: what ``convert --format deepseek`` writes). With ``fit``, each
     converted model is fitted layer by layer to the source (:mod:`latentattn.convert.fit`) after
-    its closed-form row and evaluated again (the "fitted" columns), and the heal starts from it."""
+    its closed-form row and evaluated again (the "fitted" columns), and the heal starts from it.
+    ``sequential``: each layer calibrated (and fitted) on the converted earlier layers' outputs
+    (:mod:`latentattn.convert.sequential`; the fitted model is then converted again with its fit,
+    and the fit's seconds include that conversion). ``seed``: the fit's window sampling."""
     cfg = model.config
     a = cfg.attention
     assert isinstance(a, GQAConfig)
@@ -140,6 +148,7 @@ def run_convert_bench(model: Transformer, tokenizer: Tokenizer, calib_ids: torch
     started = time.perf_counter()
     pairs, inputs = calibrate(model, rope_dim, calib_ids, rorope=rope_mode == "rorope")
     report = ConvertReport(model=names[0], data=names[1], calib=names[2], method=method,
+                           sequential=sequential, seed=seed,
                            rope_mode=rope_mode, latent_norm=latent_norm, pairs=list(pairs),
                            seconds_calibration=time.perf_counter() - started)
     if heal is not None:
@@ -156,32 +165,41 @@ def run_convert_bench(model: Transformer, tokenizer: Tokenizer, calib_ids: torch
         return ConvertRow(label, rank, None if rank is None else rope_dim, kv, kv / source_bytes,
                           r.perplexity, r.nats_per_byte, r.tokens, seconds)
 
-    def after(m: Transformer, work: Callable[[Transformer], object],
-              label: str) -> tuple[float, float, float]:
-        """(perplexity, nats/byte, seconds) of ``m`` after ``work`` changed it (a fit, a heal)."""
+    def after(work: Callable[[], Transformer], label: str) -> tuple[Transformer, float, float, float]:
+        """(the model ``work`` returns, its perplexity, nats/byte, seconds of work and eval)."""
         t0 = time.perf_counter()
-        work(m)
+        m = work()
         r = evaluate_text(m, tokenizer, text, seq_len=seq_len, max_tokens=max_tokens)
         if progress is not None:
             progress(label)
-        return r.perplexity, r.nats_per_byte, time.perf_counter() - t0
+        return m, r.perplexity, r.nats_per_byte, time.perf_counter() - t0
+
+    def fitted(plan: Plan, mla: Transformer) -> Transformer:
+        assert fit is not None and inputs is not None
+        if sequential:
+            return convert_and_fit(model, plan, inputs, calib_ids, window, fit, True, seed=seed)[0]
+        fit_layers(model, mla, inputs, window, fit, seed=seed)
+        return mla
+
+    def healed(mla: Transformer) -> Transformer:
+        assert heal is not None
+        train(mla, heal.tokens, heal.val, heal.settings(), progress=False, teacher=model)
+        return mla
 
     window = min(CALIB_WINDOW, cfg.max_seq_len)  # the calibration windows a fit cuts inputs into
     report.rows.append(row("source", model, None, 0.0))
     for rank in ranks:
         t0 = time.perf_counter()
-        mla = convert(model, Plan(pairs, rank, method, rope_mode, latent_norm), inputs)
+        plan = Plan(pairs, rank, method, rope_mode, latent_norm)
+        mla, _ = convert_and_fit(model, plan, inputs, calib_ids, window, None, sequential)
         report.rows.append(row(f"R={rank}", mla, rank, time.perf_counter() - t0))
+        last = report.rows[-1]
         if fit is not None and fit.steps:
-            assert inputs is not None
-            last = report.rows[-1]
-            last.fitted_perplexity, last.fitted_nats_per_byte, last.fit_seconds = after(
-                mla, lambda m: fit_layers(model, m, inputs, window, fit), f"R={rank} fitted")
+            mla, last.fitted_perplexity, last.fitted_nats_per_byte, last.fit_seconds = after(
+                functools.partial(fitted, plan, mla), f"R={rank} fitted")
         if heal is not None:
-            last = report.rows[-1]
-            last.healed_perplexity, last.healed_nats_per_byte, last.heal_seconds = after(
-                mla, lambda m: train(m, heal.tokens, heal.val, heal.settings(), progress=False,
-                                     teacher=model), f"R={rank} healed")
+            mla, last.healed_perplexity, last.healed_nats_per_byte, last.heal_seconds = after(
+                functools.partial(healed, mla), f"R={rank} healed")
         del mla
     return report
 

@@ -41,6 +41,8 @@ BF16 = 2  # bytes per cached value
 
 RopeMode = Literal["blocks", "rorope"]
 ROPE_MODES = ("blocks", "rorope")
+Method = Literal["pca", "whitened", "svd"]  # the latent's factorisation (latentattn.convert.gqa_to_mla)
+METHODS = ("pca", "whitened", "svd")
 Format = Literal["latentattn", "deepseek"]
 FORMATS = ("latentattn", "deepseek")
 DEFAULT_RATIO = 0.5  # the cache the default sizes aim at, as a fraction of the source's
@@ -217,6 +219,6 @@ def resolve_sizes(cfg: ModelConfig, kv_lora_rank: int | str | None = None,
                         rank_defaulted, rope_defaulted)
 
 
-__all__ = ["DEFAULT_RATIO", "FORMATS", "ROPE_MODES", "ConvertSizes", "Format", "RopeMode", "check_sizes",
-           "converted_bytes_per_token_per_layer", "full_rank", "full_rope_dim", "rank_for_ratio",
-           "resolve_sizes", "source_attention", "source_bytes_per_token_per_layer"]
+__all__ = ["DEFAULT_RATIO", "FORMATS", "METHODS", "ROPE_MODES", "ConvertSizes", "Format", "Method",
+           "RopeMode", "check_sizes", "converted_bytes_per_token_per_layer", "full_rank", "full_rope_dim",
+           "rank_for_ratio", "resolve_sizes", "source_attention", "source_bytes_per_token_per_layer"]

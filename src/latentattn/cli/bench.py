@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from latentattn.calc.converted import METHODS as CONVERT_METHODS
 from latentattn.cli.common import (
     UserError,
     add_deprecated,
@@ -225,6 +226,7 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
         run_convert_bench,
     )
     from latentattn.cli.convert import calib_text
+    from latentattn.convert.calibrate import calib_span
     from latentattn.convert.fit import FitSettings, check_calibration
     from latentattn.data import load_text, train_val_split
     from latentattn.loading import load, load_config
@@ -251,10 +253,16 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.heal_lr) and args.heal_lr > 0):
         raise UserError(f"--heal-lr must be a positive number, got {args.heal_lr}")
     fit = FitSettings(steps=args.fit_steps, lr=args.fit_lr) if args.fit_steps else None
+    if args.calib_seed < 0:
+        raise UserError(f"--calib-seed must be >= 0, got {args.calib_seed}")
     if fit is not None:
         check_calibration(args.calib_tokens, cfg.max_seq_len)
     model, tokenizer = load(args.model, dtype="float32", with_tokenizer=True)
-    calib_ids = encode_corpus(tokenizer, calib)[: args.calib_tokens]
+    calib_all = encode_corpus(tokenizer, calib)
+    if len(calib_all) < args.calib_tokens:
+        raise UserError(f"--calib {args.calib} has {len(calib_all):,} tokens, fewer than --calib-tokens "
+                        f"{args.calib_tokens:,}")
+    calib_ids = calib_span(calib_all, args.calib_tokens, args.calib_seed)
     heal = None
     if args.heal_steps > 0:
         heal_text = calib_text(args.heal_data)
@@ -280,7 +288,7 @@ def cmd_bench_convert(args: argparse.Namespace) -> int:
         report = run_convert_bench(model, tokenizer, calib_ids, text, ranks, rope_dim, args.method,
                                    args.seq_len, args.max_tokens,
                                    (str(args.model), args.data, args.calib), progress, heal,
-                                   mode, deepseek, fit)
+                                   mode, deepseek, fit, args.sequential, args.calib_seed)
     _write_outputs(args, report.as_dict, lambda tmp: plot_convert_report(report, tmp))
     print(convert_table(report))
     _say_written(args)
@@ -652,7 +660,14 @@ def register(sub: Any) -> None:
                       "the source's cache at --rope-dim; 64,128,192 for smollm2-135m)")
     conv.add_argument("--rope-dim", default=None, metavar="D|full",
                       help="rotary dims, as latentattn convert's (default: head_dim, RoRoPE)")
-    conv.add_argument("--method", choices=["pca", "svd"], default="pca", help="factorisation (pca)")
+    conv.add_argument("--method", choices=list(CONVERT_METHODS), default="pca",
+                      help="factorisation, as latentattn convert's (pca)")
+    conv.add_argument("--sequential", action="store_true",
+                      help="calibrate (and fit) layer l on the converted layers 0..l-1's outputs, as "
+                      "latentattn convert --sequential")
+    conv.add_argument("--calib-seed", type=int, default=0, metavar="N",
+                      help="which --calib-tokens of --calib: 0 (default) the first, another seed a "
+                      "span at a random offset; also seeds the fit")
     conv.add_argument("--rope-mode", choices=["blocks", "rorope"], default=None,
                       help="as latentattn convert's (rorope for a head-wide --rope-dim and "
                       "--format deepseek, blocks otherwise)")

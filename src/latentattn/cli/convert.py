@@ -9,6 +9,7 @@ import argparse
 import sys
 from typing import Any
 
+from latentattn.calc.converted import METHODS
 from latentattn.cli.common import PROG, size_flags
 from latentattn.convert.api import BUILTIN, DEFAULT_CALIB_TOKENS
 from latentattn.convert.api import calib_text as _calib_text
@@ -48,7 +49,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     result = convert_model(args.src, kv_lora_rank=rank, rope_dim=rope, calib=calib, method=args.method,
                            rope_mode=args.rope_mode, format=args.format, out=args.out,
                            calib_tokens=args.calib_tokens, fit_steps=args.fit_steps, fit_lr=args.fit_lr,
+                           sequential=args.sequential, calib_seed=args.calib_seed,
                            progress=None if args.quiet else lambda line: print(line, file=sys.stderr))
+    for note in result.notes:
+        print(f"{PROG}: {note}", file=sys.stderr)
     print("\n".join(result.summary()))
     if not result.exact:
         print("below full rank or rope the model is an approximation: heal it with "
@@ -99,9 +103,16 @@ def register(sub: Any) -> None:
     p.add_argument("--format", type=parse_format, default="latentattn", metavar="{latentattn,deepseek}",
                    help="latentattn: a latentattn model directory (default); deepseek: a DeepSeek-V3 "
                    "Hugging Face checkpoint (needs --calib; no attention biases)")
-    p.add_argument("--method", choices=["pca", "svd"], default="pca",
-                   help="latent factorisation: pca of calibration outputs or svd of the weights; "
-                   + METHOD_QUALITY)
+    p.add_argument("--method", choices=list(METHODS), default="pca",
+                   help="latent factorisation: pca of calibration outputs, whitened (svd of the "
+                   "projections whitened by the damped calibration covariance, SVD-LLM V2's) or svd "
+                   "of the weights; " + METHOD_QUALITY)
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate (and fit) layer l on the attention inputs the already converted "
+                   "layers 0..l-1 give, not the source's (GPTQ's order; off by default)")
+    p.add_argument("--calib-seed", type=int, default=0, metavar="N",
+                   help="which --calib-tokens of --calib: 0 (default) the first, another seed a span "
+                   "at a random offset; also seeds the fit's sampling")
     p.add_argument("--fit-steps", type=int, default=0, metavar="N",
                    help="after the closed form, train each attention layer N steps to reproduce its "
                    "source layer's output on the calibration text, with DeepSeek's latent norm in "

@@ -28,10 +28,11 @@ from latentattn.calc.converted import (
     source_bytes_per_token_per_layer,
 )
 from latentattn.config import GQAConfig, ModelConfig
-from latentattn.convert.calibrate import CALIB_WINDOW, calibrate
-from latentattn.convert.fit import FitSettings, LayerFit, check_calibration, fit_layers
+from latentattn.convert.calibrate import CALIB_WINDOW, calib_span, calibrate
+from latentattn.convert.fit import FitSettings, LayerFit, check_calibration
 from latentattn.convert.fit import summary as fit_summary
-from latentattn.convert.gqa_to_mla import METHODS, Method, Plan, convert
+from latentattn.convert.gqa_to_mla import METHODS, WHITEN_DAMP, Method, Plan, covariance_rank
+from latentattn.convert.sequential import convert_and_fit
 from latentattn.errors import ConfigError, LatentAttnError
 from latentattn.model.transformer import Transformer
 from latentattn.tokenizer import Tokenizer, encode_corpus
@@ -65,6 +66,7 @@ class ConvertResult:
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     fits: list[LayerFit] = field(default_factory=list)  # local fitting, per layer (none: not fitted)
+    notes: list[str] = field(default_factory=list)  # what the user should know (a damped covariance)
 
     @property
     def kv_lora_rank(self) -> int:
@@ -98,6 +100,7 @@ class ConvertResult:
             f"converted {self.source} ({a.name.upper()}, {a.n_kv_heads} KV heads of {a.head_dim}) to MLA: "
             f"latent {s.kv_lora_rank} + rope {s.rope_dim} ({len(self.plan.pairs)} of {half} frequency "
             f"pairs per KV head, {self.pair_choice}), {self.method}"
+            + (", sequential calibration" if self.info.get("sequential") else "")
             + (", DeepSeek-V3 format (latent RMSNorm fitted on the calibration text)"
                if s.format == "deepseek" else ""),
             s.line(),
@@ -133,8 +136,8 @@ def convert_model(src: SourceSpec, *, kv_lora_rank: int | Literal["full"] | None
                   method: Method = "pca", rope_mode: RopeMode | None = None,
                   format: Format = "latentattn", out: str | os.PathLike[str] | None = None,
                   calib_tokens: int = DEFAULT_CALIB_TOKENS, tokenizer: Tokenizer | None = None,
-                  fit_steps: int = 0, fit_lr: float = 1e-3,
-                  progress: Callable[[str], None] | None = None) -> ConvertResult:
+                  fit_steps: int = 0, fit_lr: float = 1e-3, sequential: bool = False,
+                  calib_seed: int = 0, progress: Callable[[str], None] | None = None) -> ConvertResult:
     """Convert every attention layer of a GQA / MHA / MQA model to multi-head latent attention.
 
     >>> import latentattn
@@ -156,8 +159,10 @@ def convert_model(src: SourceSpec, *, kv_lora_rank: int | Literal["full"] | None
             partial RoPE per head gave about 300). ``"full"`` keeps every rotary dim of every KV
             head as blocks (MHA2MLA, arXiv 2502.14837): exact at full rank, 0.92x at best.
         calib: calibration text: a UTF-8 file, ``"builtin"`` (CPython's pydoc prose) or None.
-        method: ``"pca"`` (of the calibration outputs: 27.1 at R = 128 on SmolLM2-135M) or
-            ``"svd"`` (of the weights alone: 7,492 there; needs no calibration).
+        method: ``"pca"`` (of the calibration outputs: 27.1 at R = 128 on SmolLM2-135M),
+            ``"whitened"`` (SVD of the projections whitened by the damped calibration covariance,
+            SVD-LLM V2's; without damping it spans PCA's subspace) or ``"svd"`` (of the weights
+            alone: 7,492 there; needs no calibration).
         rope_mode: ``"rorope"`` or ``"blocks"``; None picks RoRoPE for a head-wide rope key and
             the DeepSeek format, blocks otherwise.
         format: ``"latentattn"`` (a model directory ``latentattn.load`` reads) or ``"deepseek"``
@@ -171,6 +176,10 @@ def convert_model(src: SourceSpec, *, kv_lora_rank: int | Literal["full"] | None
             reproduce its source layer's output on the calibration inputs, DeepSeek's latent norm
             in place (:mod:`latentattn.convert.fit`); 0 (the default) fits nothing.
         fit_lr: the peak Adam learning rate of that fit (cosine to 0).
+        sequential: calibrate (and fit) layer l on the attention inputs the already converted
+            layers 0..l-1 give, not the source's (:mod:`latentattn.convert.sequential`).
+        calib_seed: 0 takes the calibration text's first ``calib_tokens`` tokens; another seed
+            a span at a random offset, and seeds the fit's window sampling.
         progress: called with a short line as each layer is fitted.
 
     Returns:
@@ -198,9 +207,14 @@ def convert_model(src: SourceSpec, *, kv_lora_rank: int | Literal["full"] | None
     if deepseek and calib is None:
         raise ConfigError("--format deepseek fits the latent RMSNorm's gains on calibration "
                           "activations: give --calib FILE (or builtin)")
-    if method == "pca" and calib is None:
-        raise ConfigError("--method pca factors the latent on calibration activations: give --calib FILE "
-                          "(or builtin), or --method svd")
+    if method != "svd" and calib is None:
+        raise ConfigError(f"--method {method} factors the latent on calibration activations: give --calib "
+                          "FILE (or builtin), or --method svd")
+    if sequential and calib is None:
+        raise ConfigError("--sequential calibrates on the converted layers' outputs: give --calib FILE "
+                          "(or builtin)")
+    if isinstance(calib_seed, bool) or not isinstance(calib_seed, int) or calib_seed < 0:
+        raise ConfigError(f"--calib-seed must be an integer >= 0, got {calib_seed!r}")
     if isinstance(calib_tokens, bool) or not isinstance(calib_tokens, int) or calib_tokens < CALIB_WINDOW:
         raise ConfigError(f"--calib-tokens must be >= {CALIB_WINDOW}, got {calib_tokens}")
     fit = FitSettings(steps=fit_steps, lr=fit_lr)
@@ -225,27 +239,26 @@ def convert_model(src: SourceSpec, *, kv_lora_rank: int | Literal["full"] | None
     ids = None
     if text is not None:
         assert tok is not None
-        ids = encode_corpus(tok, text)[:calib_tokens]
-        if len(ids) < calib_tokens:
-            raise ConfigError(f"--calib: {calib} has {len(ids):,} tokens, fewer than --calib-tokens "
+        all_ids = encode_corpus(tok, text)
+        if len(all_ids) < calib_tokens:
+            raise ConfigError(f"--calib: {calib} has {len(all_ids):,} tokens, fewer than --calib-tokens "
                               f"{calib_tokens:,}; give a longer text or fewer tokens")
+        ids = calib_span(all_ids, calib_tokens, calib_seed)
     rorope = sizes.rope_mode == "rorope"
     pairs, inputs = calibrate(model, sizes.rope_dim, ids, rorope=rorope)
     plan = Plan(pairs, sizes.kv_lora_rank, method, sizes.rope_mode, latent_norm=deepseek)
-    mla = convert(model, plan, inputs)
-    fits: list[LayerFit] = []
-    if fit.steps:
-        assert inputs is not None
-        report = None if progress is None else (
-            lambda i, f: progress(f"layer {i}: held-out error {f.before:.4f} -> {f.after:.4f}"))
-        fits = fit_layers(model, mla, inputs, min(CALIB_WINDOW, cfg.max_seq_len), fit, report)
+    notes = whitening_notes(inputs) if method == "whitened" and inputs is not None else []
+    report = None if progress is None else (
+        lambda i, f: progress(f"layer {i}: held-out error {f.before:.4f} -> {f.after:.4f}"))
+    mla, fits = convert_and_fit(model, plan, inputs, ids, min(CALIB_WINDOW, cfg.max_seq_len), fit,
+                                sequential, report, calib_seed)
     choice = ("RoRoPE, every pair" if rorope else "2-norm on the calibration text" if ids is not None
               else "highest frequencies")
     info = {"source": name, "kv_lora_rank": sizes.kv_lora_rank, "rope_dim": sizes.rope_dim,
             "method": method, "rope_mode": sizes.rope_mode, "pairs": list(pairs), "pair_choice": choice,
             "calib": None if calib is None else str(calib),
             "calib_tokens": calib_tokens if text is not None else 0, "fit_steps": fit.steps,
-            "fit_lr": fit.lr if fit.steps else None,
+            "fit_lr": fit.lr if fit.steps else None, "sequential": sequential, "calib_seed": calib_seed,
             "fit": [{"layer": f.layer, "before": f.before, "after": f.after} for f in fits]}
     n = cfg.n_layers
     result = ConvertResult(
@@ -254,7 +267,7 @@ def convert_model(src: SourceSpec, *, kv_lora_rank: int | Literal["full"] | None
         full_rank=full_rank(cfg, sizes.rope_dim, sizes.rope_mode),
         bytes_before=source_bytes_per_token_per_layer(cfg) * n,
         bytes_after=converted_bytes_per_token_per_layer(sizes.kv_lora_rank, sizes.rope_dim) * n,
-        n_layers=n, pair_choice=choice, info=info, fits=fits)
+        n_layers=n, pair_choice=choice, info=info, fits=fits, notes=notes)
     if out is not None:
         if deepseek:
             from latentattn.interop.hf import save_pretrained_dir
@@ -266,6 +279,19 @@ def convert_model(src: SourceSpec, *, kv_lora_rank: int | Literal["full"] | None
             result.out = save_native(mla, out, tok, info)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def whitening_notes(inputs: list[torch.Tensor]) -> list[str]:
+    """One line when a layer's calibration covariance is singular (whitening then rests on its
+    damping alone): how many layers, the smallest rank, and the damping applied."""
+    full = inputs[0].shape[1] + 1
+    ranks = [covariance_rank(x) for x in inputs]
+    singular = [r for r in ranks if r < full]
+    if not singular:
+        return []
+    return [f"whitened: the calibration covariance is singular in {len(singular)} of {len(ranks)} layers "
+            f"(rank {min(singular)} of {full} from {inputs[0].shape[0]:,} calibration tokens: too few "
+            f"tokens, or too few distinct ones): damped by {WHITEN_DAMP} x its mean diagonal"]
 
 
 __all__ = ["BUILTIN", "DEFAULT_CALIB_TOKENS", "ConvertResult", "calib_text", "convert_model"]

@@ -66,6 +66,17 @@ def choose_pairs(n_pairs: int, half: int, scores: torch.Tensor | None) -> tuple[
     return tuple(sorted(int(i) for i in torch.topk(scores, n_pairs).indices))
 
 
+def calib_span(ids: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` consecutive calibration tokens of ``ids`` (1-D): the first ``n`` for ``seed`` 0,
+    otherwise from an offset drawn uniformly with ``seed`` (another sample of the same text)."""
+    if len(ids) < n:
+        raise LatentAttnError(f"calibration: the text has {len(ids):,} tokens, fewer than {n:,}")
+    if seed == 0:
+        return ids[:n]
+    start = int(torch.randint(0, len(ids) - n + 1, (1,), generator=torch.Generator().manual_seed(seed)))
+    return ids[start : start + n]
+
+
 CALIB_WINDOW = 256  # tokens per calibration window (capped at the model's max_seq_len)
 
 
@@ -86,4 +97,4 @@ def calibrate(model: Transformer, rope_dim: int, ids: torch.Tensor | None, rorop
     return choose_pairs(n_pairs, half, pair_scores(model, inputs)), inputs
 
 
-__all__ = ["CALIB_WINDOW", "attention_inputs", "calibrate", "choose_pairs", "pair_scores"]
+__all__ = ["CALIB_WINDOW", "attention_inputs", "calib_span", "calibrate", "choose_pairs", "pair_scores"]

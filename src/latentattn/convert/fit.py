@@ -92,63 +92,71 @@ def fit_layers(source: Transformer, converted: Transformer, inputs: list[torch.T
     :func:`latentattn.convert.gqa_to_mla.convert`) to ``source``'s on ``inputs``: per layer, the
     (N, dim) attention inputs of the calibration text (:func:`attention_inputs`, N a multiple of
     ``window``). Changes ``converted`` in place; returns each layer's held-out error."""
-    n_windows = inputs[0].shape[0] // window
-    if n_windows < WINDOWS_NEEDED:
-        raise ConfigError(f"local fitting needs at least {WINDOWS_NEEDED * window:,} calibration "
-                          f"tokens ({WINDOWS_NEEDED} windows of {window}), got {inputs[0].shape[0]:,}: "
-                          "raise --calib-tokens or give a longer --calib text")
-    held = max(1, n_windows // HELD_OUT)
     gen = torch.Generator().manual_seed(seed)
-    device = converted.device
-    step = fresh_step(1, window, device)
-    src_rope = source.rotary(step.positions)
-    dst_rope = converted.rotary(step.positions)
     fits: list[LayerFit] = []
-    for i, (s_blk, d_blk) in enumerate(zip(source.blocks, converted.blocks, strict=True)):
-        attn = d_blk.self_attn
-        assert isinstance(attn, MultiHeadLatentAttention)
-        x = inputs[i].view(n_windows, window, -1).to(device=device, dtype=converted.dtype)
-        with torch.no_grad():
-            target = torch.cat([s_blk.self_attn(w[None], src_rope, step) for w in x])
-        train_x, train_y = x[:-held], target[:-held]
-        test_x, test_y = x[-held:], target[-held:]
-
-        def held_out_error(attn: MultiHeadLatentAttention = attn, test_x: torch.Tensor = test_x,
-                           test_y: torch.Tensor = test_y) -> float:
-            with torch.no_grad():
-                out = torch.cat([attn(w[None], dst_rope, step) for w in test_x])
-                return float(_rel_error(out, test_y))
-
-        before = held_out_error()
-        params = _fitted_params(attn)
-        closed_form = [p.detach().clone() for p in params]
-        if settings.steps:
-            opt = torch.optim.Adam(params, lr=settings.lr)
-            attn.train()
-            b = min(settings.batch_windows, len(train_x))
-            bstep = fresh_step(b, window, device)
-            brope = converted.rotary(bstep.positions)
-            for t in range(settings.steps):
-                lr = settings.lr * 0.5 * (1 + math.cos(math.pi * t / settings.steps))  # cosine to 0
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                pick = torch.randperm(len(train_x), generator=gen)[:b]
-                loss = _rel_error(attn(train_x[pick], brope, bstep), train_y[pick])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            attn.eval()
-        after = held_out_error()
-        if after > before:  # never leave a layer worse than its closed form on held-out tokens
-            with torch.no_grad():
-                for p, p0 in zip(params, closed_form, strict=True):
-                    p.copy_(p0)
-            after = before
-        fit = LayerFit(i, before, after)
+    for i in range(len(source.blocks)):
+        fit = fit_layer(source, converted, i, inputs[i], window, settings, gen)
         fits.append(fit)
         if progress is not None:
             progress(i, fit)
     return fits
+
+
+def fit_layer(source: Transformer, converted: Transformer, i: int, inputs: torch.Tensor, window: int,
+              settings: FitSettings, gen: torch.Generator) -> LayerFit:
+    """Fit attention layer ``i`` of ``converted`` to ``source``'s on ``inputs`` (N, dim), N a
+    multiple of ``window``, the last eighth of the windows held out; a layer the fit leaves
+    worse on them gets its closed form back. Returns its held-out error before and after."""
+    n_windows = inputs.shape[0] // window
+    if n_windows < WINDOWS_NEEDED:
+        raise ConfigError(f"local fitting needs at least {WINDOWS_NEEDED * window:,} calibration "
+                          f"tokens ({WINDOWS_NEEDED} windows of {window}), got {inputs.shape[0]:,}: "
+                          "raise --calib-tokens or give a longer --calib text")
+    held = max(1, n_windows // HELD_OUT)
+    device = converted.device
+    step = fresh_step(1, window, device)
+    src_rope = source.rotary(step.positions)
+    dst_rope = converted.rotary(step.positions)
+    src_attn = source.blocks[i].self_attn
+    attn = converted.blocks[i].self_attn
+    assert isinstance(attn, MultiHeadLatentAttention)
+    x = inputs[: n_windows * window].view(n_windows, window, -1).to(device=device, dtype=converted.dtype)
+    with torch.no_grad():
+        target = torch.cat([src_attn(w[None], src_rope, step) for w in x])
+    train_x, train_y = x[:-held], target[:-held]
+    test_x, test_y = x[-held:], target[-held:]
+
+    def held_out_error() -> float:
+        with torch.no_grad():
+            out = torch.cat([attn(w[None], dst_rope, step) for w in test_x])
+            return float(_rel_error(out, test_y))
+
+    before = held_out_error()
+    params = _fitted_params(attn)
+    closed_form = [p.detach().clone() for p in params]
+    if settings.steps:
+        opt = torch.optim.Adam(params, lr=settings.lr)
+        attn.train()
+        b = min(settings.batch_windows, len(train_x))
+        bstep = fresh_step(b, window, device)
+        brope = converted.rotary(bstep.positions)
+        for t in range(settings.steps):
+            lr = settings.lr * 0.5 * (1 + math.cos(math.pi * t / settings.steps))  # cosine to 0
+            for group in opt.param_groups:
+                group["lr"] = lr
+            pick = torch.randperm(len(train_x), generator=gen)[:b]
+            loss = _rel_error(attn(train_x[pick], brope, bstep), train_y[pick])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        attn.eval()
+    after = held_out_error()
+    if after > before:  # never leave a layer worse than its closed form on held-out tokens
+        with torch.no_grad():
+            for p, p0 in zip(params, closed_form, strict=True):
+                p.copy_(p0)
+        after = before
+    return LayerFit(i, before, after)
 
 
 def summary(fits: list[LayerFit], seconds: float | None = None) -> str:
@@ -161,4 +169,5 @@ def summary(fits: list[LayerFit], seconds: float | None = None) -> str:
     return text + (f", {seconds:.0f} s)" if seconds is not None else ")")
 
 
-__all__ = ["WINDOWS_NEEDED", "FitSettings", "LayerFit", "check_calibration", "fit_layers", "summary"]
+__all__ = ["WINDOWS_NEEDED", "FitSettings", "LayerFit", "check_calibration", "fit_layer", "fit_layers",
+           "summary"]

@@ -14,8 +14,13 @@ For each source layer (H query heads, G KV heads of width d, RoPE half-split ove
    matrix M of G (2d - 2r) rows over the hidden size, factored into a rank-R latent: M ~= U_R (U_R^T M).
    ``svd``: U_R from M's singular vectors (the weights alone); ``pca``: from those of M X, X the
    attention inputs of calibration text (TransMLA's PCA; CARE, arXiv 2603.17946, finds the
-   activation-aware factorisation better). The key rows are scaled first so that they and the
-   value rows carry the same Frobenius norm, so that neither dominates the shared latent.
+   activation-aware factorisation better); ``whitened``: from those of M S, S S^T = X^T X / N + lambda I
+   the damped calibration covariance (SVD-LLM V2, Wang et al., NAACL 2025; CARE-U). Since
+   (M S)(M S)^T = M X^T X M^T / N + lambda M M^T, undamped whitening spans PCA's subspace exactly;
+   the damping lambda (WHITEN_DAMP of the covariance's mean diagonal, GPTQ's habit, arXiv
+   2210.17323) blends in the weights' own spectrum and keeps S invertible when X^T X is singular.
+   The key rows are scaled first so that they and the value rows carry the same Frobenius
+   norm, so that neither dominates the shared latent.
    kv_a_proj_with_mqa = [U_R^T M ; the rope rows of W_k], kv_b_proj = U_R (key rows unscaled).
 3. **The softmax scale.** MLA divides logits by sqrt(d_nope + d_rope), the source by sqrt(d): the
    ratio is folded into the query weights (and YaRN's cos/sin factor, which MLA applies to the rope
@@ -37,21 +42,27 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from latentattn.attention.gqa import GroupedQueryAttention
 from latentattn.attention.mla import MultiHeadLatentAttention
-from latentattn.calc.converted import ROPE_MODES, RopeMode, check_sizes, full_rank, full_rope_dim
+from latentattn.calc.converted import (
+    METHODS,
+    ROPE_MODES,
+    Method,
+    RopeMode,
+    check_sizes,
+    full_rank,
+    full_rope_dim,
+)
 from latentattn.calc.converted import source_attention as _gqa
 from latentattn.config import MLAConfig, ModelConfig
 from latentattn.errors import ConfigError
 from latentattn.model.transformer import Transformer
 from latentattn.rope import yarn_attention_factor
 
-Method = Literal["svd", "pca"]
-METHODS = ("svd", "pca")
+WHITEN_DAMP = 0.01  # lambda of ``whitened``, relative to the calibration covariance's mean diagonal
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,7 @@ class Plan:
     method: Method = "svd"
     rope_mode: RopeMode = "blocks"
     latent_norm: bool = False
+    damp: float = WHITEN_DAMP
 
 
 def mla_config(cfg: ModelConfig, plan: Plan) -> ModelConfig:
@@ -240,23 +252,50 @@ def latent_norm_gains(inputs: torch.Tensor, w_dkv: torch.Tensor, c_bias: torch.T
 
 def _basis(m: torch.Tensor, b_m: torch.Tensor, plan: Plan, inputs: torch.Tensor | None) -> torch.Tensor:
     """An orthonormal (rows, R) basis U_R of M's output space: its top singular vectors
-    (``svd``), or those of the outputs M x + b on calibration inputs (``pca``)."""
+    (``svd``), those of the outputs M x + b on calibration inputs (``pca``), or those of the
+    whitened map [M | b] S (``whitened``; the module docstring)."""
     rank = plan.kv_lora_rank
-    if plan.method == "svd" or rank >= m.shape[0]:
+    if plan.method == "svd" or (plan.method == "pca" and rank >= m.shape[0]):
         # Full rank: any complete orthonormal basis reproduces M x + b exactly.
         u, _, _ = torch.linalg.svd(m, full_matrices=True)
         return u[:, :rank]
     if inputs is None:
-        raise ConfigError("method pca needs calibration activations (--calib FILE)")
+        raise ConfigError(f"method {plan.method} needs calibration activations (--calib FILE)")
+    if plan.method == "whitened":
+        # The bias is the weight of an input that is always 1: whiten [x, 1] and factor [M | b].
+        # The latent's down-projection SVD-LLM un-whitens to, Sigma_R V_R^T S^-1, is U_R^T [M | b]:
+        # what convert_layer computes from U_R.
+        s = torch.linalg.cholesky(damped_covariance(inputs.to(m.dtype), plan.damp))
+        u, _, _ = torch.linalg.svd(torch.cat((m, b_m[:, None]), dim=1) @ s, full_matrices=True)
+        return u[:, :rank]
     y = inputs.to(m.dtype) @ m.T + b_m  # (N, rows)
     # The top-R principal directions of the outputs (uncentred: the bias is part of them).
     _, vecs = torch.linalg.eigh(y.T @ y)
     return vecs[:, -rank:].flip(-1)
 
 
-def convert(model: Transformer, plan: Plan, inputs: list[torch.Tensor] | None = None) -> Transformer:
-    """The GQA ``model`` with every attention layer converted (see the module docstring); the
-    other weights are copied. ``inputs``: per layer, calibration attention inputs (N, dim)."""
+def covariance(inputs: torch.Tensor) -> torch.Tensor:
+    """(dim + 1, dim + 1): the uncentred second moment of the inputs with a constant 1 appended
+    (the bias's input), X^T X / N."""
+    x1 = torch.cat((inputs, torch.ones_like(inputs[:, :1])), dim=1)
+    return x1.T @ x1 / len(x1)
+
+
+def damped_covariance(inputs: torch.Tensor, damp: float) -> torch.Tensor:
+    """:func:`covariance` plus ``damp`` times its mean diagonal on the diagonal."""
+    cov = covariance(inputs)
+    return cov + damp * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+
+
+def covariance_rank(inputs: torch.Tensor) -> int:
+    """The numerical rank of :func:`covariance` (below dim + 1: singular, whitening needs the
+    damping; certain when there are fewer calibration tokens than dims)."""
+    return int(torch.linalg.matrix_rank(covariance(inputs.double()), hermitian=True))
+
+
+def shell(model: Transformer, plan: Plan) -> Transformer:
+    """The converted model's skeleton: :func:`mla_config`'s model with every weight but the
+    attention layers' copied from the GQA ``model`` (those are left for :func:`convert_layer`)."""
     cfg = mla_config(model.config, plan)
     out = Transformer.empty(cfg, model.dtype, model.device)
     own = model.state_dict()
@@ -265,13 +304,21 @@ def convert(model: Transformer, plan: Plan, inputs: list[torch.Tensor] | None = 
         for k, v in target.items():
             if ".self_attn." not in k and k in own:
                 v.copy_(own[k])
+    return out
+
+
+def convert(model: Transformer, plan: Plan, inputs: list[torch.Tensor] | None = None) -> Transformer:
+    """The GQA ``model`` with every attention layer converted (see the module docstring); the
+    other weights are copied. ``inputs``: per layer, calibration attention inputs (N, dim)."""
+    out = shell(model, plan)
     for i, (src_blk, dst_blk) in enumerate(zip(model.blocks, out.blocks, strict=True)):
         assert isinstance(src_blk.self_attn, GroupedQueryAttention)
         assert isinstance(dst_blk.self_attn, MultiHeadLatentAttention)
-        convert_layer(src_blk.self_attn, dst_blk.self_attn, cfg, plan,
+        convert_layer(src_blk.self_attn, dst_blk.self_attn, out.config, plan,
                       None if inputs is None else inputs[i])
     return out.eval()
 
 
-__all__ = ["METHODS", "ROPE_MODES", "Method", "Plan", "RopeMode", "check_sizes", "convert",
-           "convert_layer", "full_rank", "full_rope_dim", "latent_norm_gains", "mla_config"]
+__all__ = ["METHODS", "ROPE_MODES", "WHITEN_DAMP", "Method", "Plan", "RopeMode", "check_sizes", "convert",
+           "convert_layer", "covariance", "covariance_rank", "damped_covariance", "full_rank",
+           "full_rope_dim", "latent_norm_gains", "mla_config", "shell"]
