@@ -98,7 +98,10 @@ def test_cli_fit_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert main(["convert", "tiny-gqa", str(out), "--format", "deepseek", "--fit-steps", "5"]) == 0
     captured = capsys.readouterr()
     assert "local fit: held-out attention output error" in captured.out
-    assert "layer 0: held-out error" in captured.err
+    assert "layer 0: held-out error" in captured.err and "--fit-steps 200 fits" not in captured.err
+    # Unfitted, the DeepSeek format points at the fit.
+    assert main(["convert", "tiny-gqa", str(tmp_path / "plain"), "--format", "deepseek", "--quiet"]) == 0
+    assert "--fit-steps 200 fits each layer to its source" in capsys.readouterr().err
 
 
 _CALIB: Path | None = None
