@@ -62,14 +62,18 @@ def _held_out_kl(student: Transformer, teacher: Transformer) -> float:
         return kl_to_teacher(student(batch), teacher(batch)).item()
 
 
-def test_distillation_pulls_a_converted_model_to_its_source() -> None:
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_distillation_pulls_a_converted_model_to_its_source(bf16: bool) -> None:
+    # bf16: autocast over fp32 master weights, what --dtype auto heals in on a CPU with native bf16.
     torch.set_num_threads(1)
     teacher = _source()
     student = convert(teacher, Plan(choose_pairs(2, 4, None), 6))  # rank 6 of 20: lossy
     before = _held_out_kl(student, teacher)
     frozen = {k: v.clone() for k, v in student.state_dict().items() if ".self_attn." not in k}
     train_t, val_t = train_val_split(TOKENS)
-    train(student, train_t, val_t, _settings(trainable="attention"), progress=False, teacher=teacher)
+    train(student, train_t, val_t, _settings(trainable="attention", bf16=bf16), progress=False,
+          teacher=teacher)
+    assert student.embed_tokens.weight.dtype == torch.float32  # master weights stay fp32
     after = _held_out_kl(student, teacher)
     assert after < 0.7 * before, (before, after)
     # attention only: the embeddings, MLPs and norms are bit-for-bit the converted ones
