@@ -529,7 +529,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from latentattn.cli.convert import parse_format
+    from latentattn.cli.convert import add_calibration_flags, parse_format
 
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -662,12 +662,7 @@ def register(sub: Any) -> None:
                       help="rotary dims, as latentattn convert's (default: head_dim, RoRoPE)")
     conv.add_argument("--method", choices=list(CONVERT_METHODS), default="pca",
                       help="factorisation, as latentattn convert's (pca)")
-    conv.add_argument("--sequential", action="store_true",
-                      help="calibrate (and fit) layer l on the converted layers 0..l-1's outputs, as "
-                      "latentattn convert --sequential")
-    conv.add_argument("--calib-seed", type=int, default=0, metavar="N",
-                      help="which --calib-tokens of --calib: 0 (default) the first, another seed a "
-                      "span at a random offset; also seeds the fit")
+    add_calibration_flags(conv)
     conv.add_argument("--rope-mode", choices=["blocks", "rorope"], default=None,
                       help="as latentattn convert's (rorope for a head-wide --rope-dim and "
                       "--format deepseek, blocks otherwise)")

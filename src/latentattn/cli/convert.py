@@ -69,6 +69,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_calibration_flags(p: argparse.ArgumentParser) -> None:
+    """--sequential and --calib-seed, for convert and bench convert."""
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate (and fit) layer l on the attention inputs the already converted "
+                   "layers 0..l-1 give, not the source's (GPTQ's order; off by default)")
+    p.add_argument("--calib-seed", type=int, default=0, metavar="N",
+                   help="which --calib-tokens of --calib: 0 (default) the first, another seed a span "
+                   "at a random offset; also seeds the fit's sampling")
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "convert", help="convert a GQA / MHA / MQA model's attention to MLA",
@@ -115,12 +125,7 @@ def register(sub: Any) -> None:
                    help="latent factorisation: pca of calibration outputs, whitened (svd of the "
                    "projections whitened by the damped calibration covariance, SVD-LLM V2's) or svd "
                    "of the weights; " + METHOD_QUALITY)
-    p.add_argument("--sequential", action="store_true",
-                   help="calibrate (and fit) layer l on the attention inputs the already converted "
-                   "layers 0..l-1 give, not the source's (GPTQ's order; off by default)")
-    p.add_argument("--calib-seed", type=int, default=0, metavar="N",
-                   help="which --calib-tokens of --calib: 0 (default) the first, another seed a span "
-                   "at a random offset; also seeds the fit's sampling")
+    add_calibration_flags(p)
     p.add_argument("--fit-steps", type=int, default=0, metavar="N",
                    help="after the closed form, train each attention layer N steps to reproduce its "
                    "source layer's output on the calibration text, with DeepSeek's latent norm in "
