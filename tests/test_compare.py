@@ -24,7 +24,7 @@ from latentattn.compare.report import CompareReport, SeedRun, VariantResult
 from latentattn.compare.stats import Paired, Summary, paired, pareto_front
 from latentattn.compare.sweep import SweepError, parse_sweeps, sweep_points
 from latentattn.compare.table import verdict_lines
-from latentattn.compare.variants import build_variants, family_size, scale_latent_norms
+from latentattn.compare.variants import ABLATIONS, build_variants, family_size, scale_latent_norms
 from latentattn.errors import ConfigError
 from latentattn.train.family import FamilySize
 
@@ -307,7 +307,7 @@ def test_ablations_run(tmp_path: Path, text_file: Path) -> None:
     data, out = _run(tmp_path, text_file, "--seeds", "1", "--ablations", "--no-control", "--no-retrofit",
                      "--no-v4")
     labels = [v["label"] for v in data["variants"]]
-    assert labels == [*KINDS, "mla-noq", "mla-mqa-bytes", "mla-scaled"] and "--ablations" in data["command"]
+    assert labels == [*KINDS, *ABLATIONS] and "--ablations" in data["command"]
     assert "MLA (no query compression)" in (out / "results.md").read_text()
 
 
@@ -321,7 +321,7 @@ def test_ablations() -> None:
         assert abs(Transformer(cfg).num_parameters() - mha) / mha <= 0.03
     assert "no query compression" in variants["mla-noq"].mechanism
     scaled = variants["mla-scaled"]
-    assert scaled.latent_gain and scaled.config.replace(name="mla") == variants["mla"].config
+    assert scaled.init == "latent-gain" and scaled.config.replace(name="mla") == variants["mla"].config
     torch.manual_seed(0)
     plain = Transformer(scaled.config)
     gained = Transformer(scaled.config)

@@ -37,7 +37,15 @@ from latentattn.cli.common import (
     say_device,
     training_precision,
 )
-from latentattn.compare.lr import DEFAULT_PILOT_FRACTION, PILOT_SEED, check_labels, parse_grid, parse_lrs
+from latentattn.compare.lr import (
+    DEFAULT_EXTEND,
+    DEFAULT_PILOT_FRACTION,
+    PILOT_SEED,
+    check_extend,
+    check_labels,
+    parse_grid,
+    parse_lrs,
+)
 from latentattn.compare.stats import DEFAULT_MARGIN
 from latentattn.errors import LatentAttnError
 
@@ -63,9 +71,9 @@ class Preset:
 
 # The standard run: ~230K-parameter models (dim 64, 3 layers) for 600 steps of 16 x 128 bytes,
 # 1.23M bytes = 5.3 bytes per parameter and 2.9 passes over the default text; each variant's LR
-# picked from a x2 grid by a quarter-length pilot. 7 seeds: at 5, the paired MLA - MHA
-# difference's 95% interval was +/-0.029 (sd 0.023; t = 2.776 / sqrt 5); 7 narrow it by a
-# quarter (t = 2.447 / sqrt 7). 5 seeds took 37 min here.
+# picked by a full-length pilot from a x2 grid, extended past an edge pick. 7 seeds: at 5, the
+# paired MLA - MHA difference's 95% interval was +/-0.029 (sd 0.023; t = 2.776 / sqrt 5); 7
+# narrow it by a quarter (t = 2.447 / sqrt 7). 5 seeds took 37 min here.
 FULL = Preset(steps=600, batch_size=16, seq_len=128, seeds=7, contexts=(256, 2048), dim=64,
               layers=3, lr_grid=(1.5e-3, 3e-3, 6e-3))
 # make demo: the same models, half the steps, one seed, no pilots: a few minutes, no intervals.
@@ -144,11 +152,17 @@ def register(sub: Any) -> None:
                    "variant label (mha=3e-3,mla=2e-3; the others take --lr-grid's pick); without "
                    f"it the grid picks ({DEFAULT_LR:g} where there is no grid)")
     c.add_argument("--lr-grid", default=None, metavar="A,B,C",
-                   help="pick each variant's LR (unless pinned) from these values by a short pilot: "
-                   "one seed of its own, --pilot-fraction of the steps, lowest validation loss ("
+                   help="pick each variant's LR (unless pinned) from these values by a pilot: one "
+                   "seed of its own, --pilot-fraction of the steps, lowest validation loss; a pick "
+                   "at the grid's edge extends it by its own ratio, up to --lr-extend times ("
                    + ",".join(f"{x:g}" for x in FULL.lr_grid) + "; --quick none)")
     c.add_argument("--pilot-fraction", type=float, default=DEFAULT_PILOT_FRACTION, metavar="F",
-                   help=f"share of --steps each LR pilot trains ({DEFAULT_PILOT_FRACTION:g})")
+                   help="share of --steps each LR pilot trains; below 1 the pilot decays its LR "
+                   f"sooner, which favours high LRs ({DEFAULT_PILOT_FRACTION:g})")
+    c.add_argument("--lr-extend", type=int, default=DEFAULT_EXTEND, metavar="N",
+                   help="while a variant's best pilot LR is the largest (smallest) tried, pilot one "
+                   "grid ratio above (below) it, at most N times; still at the edge after N: exit 2, "
+                   f"finished runs kept ({DEFAULT_EXTEND})")
     c.add_argument("--contexts", type=int_tuple, default=None,
                    help="decode contexts, comma-separated (" + ",".join(map(str, FULL.contexts))
                    + "; --quick " + ",".join(map(str, QUICK.contexts)) + "; --gpu "
@@ -175,10 +189,14 @@ def register(sub: Any) -> None:
                    help="leave out DeepSeek-V4's attention (window --seq-len/8, CSA rate 4 with "
                    "top-k --seq-len/32 entries, HCA rate --seq-len/16; trained from scratch with "
                    "its indexer's KL)")
-    c.add_argument("--ablations", action="store_true",
-                   help="add MLA without query compression and MLA at MQA's cache bytes (both "
-                   "parameter-matched), and MLA with DeepSeek-V2's latent scale sqrt(dim/rank): "
-                   "what the MLA-vs-MHA claim should not hinge on")
+    c.add_argument("--ablations", nargs="?", const="all", default=None, metavar="NAME,...",
+                   help="add MLA variants that change one thing (all of them, or those named): "
+                   "mla-noq (no query compression) and mla-mqa-bytes (MQA's cache bytes), both "
+                   "parameter-matched with LRs of their own; mla-scaled (DeepSeek-V2's latent "
+                   "scale sqrt(dim/rank) in both latent norms' gains), mla-kv-gain (the KV latent "
+                   "norm's alone), mla-up-init (the up-projections' init x sqrt(dim/rank)) and "
+                   "mla-low-lr (half MLA's LR), at MLA's LR: what the MLA-vs-MHA claim and MLA's "
+                   "seed spread should not hinge on")
     c.add_argument("--restart", action="store_true",
                    help="train every run again: forget the finished runs kept in --out (by default "
                    "a rerun of the same command continues where it stopped)")
@@ -224,6 +242,8 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     values["lr_grid"] = default_grid if args.lr_grid is None else parse_grid(args.lr_grid)
     if not (math.isfinite(args.pilot_fraction) and 0 < args.pilot_fraction <= 1):
         raise CompareInputError(f"--pilot-fraction must lie in (0, 1], got {args.pilot_fraction}")
+    values["lr_extend"] = check_extend(args.lr_extend)
+    values["ablations"] = _ablations(args.ablations)
     for name in ("steps", "seeds", "batch_size", "dim", "layers"):
         if values[name] < 1:
             raise CompareInputError(f"--{name.replace('_', '-')} must be >= 1, got {values[name]}")
@@ -245,6 +265,22 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def _ablations(text: str | None) -> bool | tuple[str, ...]:
+    """--ablations: absent False, bare True (all), else the names given."""
+    from latentattn.compare.variants import ABLATIONS
+
+    if text is None:
+        return False
+    if text == "all":
+        return True
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown or not names:
+        raise CompareInputError(f"--ablations: unknown {', '.join(unknown) or repr(text)}; choose "
+                                f"from {', '.join(ABLATIONS)} (or give none for all)")
+    return names
+
+
 def _command(args: argparse.Namespace, v: dict[str, Any]) -> str:
     """The run's command with every setting explicit (what reproduces it)."""
     parts = ["latentattn", "compare"]
@@ -262,13 +298,15 @@ def _command(args: argparse.Namespace, v: dict[str, Any]) -> str:
               "--contexts", ",".join(map(str, v["contexts"])), "--margin", f"{v['margin']:g}"]
     if v["lr_grid"]:
         parts += ["--lr-grid", ",".join(f"{x:g}" for x in v["lr_grid"]),
-                  "--pilot-fraction", f"{args.pilot_fraction:g}"]
+                  "--pilot-fraction", f"{args.pilot_fraction:g}", "--lr-extend", str(v["lr_extend"])]
     for spec in args.sweep:
         parts += ["--sweep", spec]
     if args.no_control:
         parts.append("--no-control")
-    if args.ablations:
+    if v["ablations"] is True:
         parts.append("--ablations")
+    elif v["ablations"]:
+        parts += ["--ablations", ",".join(v["ablations"])]
     if args.no_v4:
         parts.append("--no-v4")
     if args.no_retrofit:
@@ -340,7 +378,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"split {passes:.0f} times (at most {MAX_PASSES}); give a --data text of at least "
             f"{need:,.0f} bytes, or fewer --steps")
     size = family_size(v["dim"], v["layers"], v["seq_len"])
-    variants = build_variants(size, sweeps, control=not args.no_control, ablations=args.ablations,
+    variants = build_variants(size, sweeps, control=not args.no_control, ablations=v["ablations"],
                               retrofit=not args.no_retrofit, v4=not args.no_v4)
     check_labels(v["lrs"], [x.label for x in variants])
     train_settings = TrainSettings(
@@ -351,6 +389,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     settings = CompareSettings(size=size, train=train_settings, seeds=v["seeds"],
                                contexts=tuple(v["contexts"]), sweeps=sweeps, margin=v["margin"],
                                lrs=v["lrs"], lr_grid=v["lr_grid"], pilot_fraction=args.pilot_fraction,
+                               lr_extend=v["lr_extend"],
                                retrofit_at=args.retrofit_at, retrofit_warmup=args.retrofit_warmup,
                                device=v["device"])
     out = _prepare_out(args.out)
@@ -359,7 +398,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     store = DirStore(out, protocol(settings, variants, train_tokens, val_tokens))
     # Runs still to train; an LR pilot counts as --pilot-fraction of a run in the estimate.
     pilots = {x.label: [pilot_label(x.label, lr) for lr in settings.lr_grid]
-              for x in variants if x.label not in settings.lrs and not x.retrofit_of}
+              for x in variants if x.label not in settings.lrs and not x.lr_of}
     todo_seeds = {x.label: sum(not store.has(x.label, seed) for seed in range(v["seeds"]))
                   for x in variants}
     todo_pilots = {label: sum(not store.has(p, PILOT_SEED) for p in names)

@@ -1,8 +1,15 @@
 """A learning rate per variant: pinned (``--lr mha=3e-3,mla=2e-3``), or picked from a grid by a
-short pilot (``--lr-grid 1e-3,2e-3,4e-3``): one seed of its own, a fraction of the steps, the
-LR with the lowest pilot validation loss wins. Published sweeps find different best LRs per
-attention variant (marin-community/marin issue #7381: 0.97x for GQA, 0.92x for MLA), so one LR
-for all would favour whichever variant it happens to suit.
+pilot (``--lr-grid 1e-3,2e-3,4e-3``): one seed of its own, ``--pilot-fraction`` of the steps
+(all of them by default), the LR with the lowest pilot validation loss wins. Published sweeps
+find different best LRs per attention variant (marin-community/marin issue #7381: 0.97x for
+GQA, 0.92x for MLA), so one LR for all would favour whichever variant it happens to suit.
+
+The search does not stop at the grid's edge: while the best LR is the grid's largest (or
+smallest), one more LR a grid ratio beyond it is piloted (:func:`beyond`), at most
+``--lr-extend`` times, so the pick is a minimum with a worse LR on each side. The pilot trains
+the whole schedule by default: a shorter one decays its LR sooner, and the best peak LR falls
+as the horizon grows (Bjorck et al., "Scaling Optimal LR Across Token Horizons", arXiv
+2409.19913), so a short pilot favours high LRs by construction.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from latentattn.errors import LatentAttnError
 
 PILOT_SEED = 1_000  # not one of the compared seeds: the pick is not fitted to the runs it judges
-DEFAULT_PILOT_FRACTION = 0.25
+DEFAULT_PILOT_FRACTION = 1.0
+DEFAULT_EXTEND = 3  # one grid ratio at a time: x8 beyond a x2 grid's edge at most
 
 
 class LRError(LatentAttnError):
@@ -73,5 +81,46 @@ def on_edge(grid: Sequence[float], chosen: float) -> bool:
     return len(grid) >= 3 and chosen in (min(grid), max(grid))
 
 
-__all__ = ["DEFAULT_PILOT_FRACTION", "PILOT_SEED", "LRError", "check_labels", "on_edge", "parse_grid",
-           "parse_lrs", "pick"]
+def ratio(grid: Sequence[float]) -> float | None:
+    """The grid's own step, the geometric mean of its neighbours' ratios (None below 2 values)."""
+    if len(grid) < 2:
+        return None
+    return float((max(grid) / min(grid)) ** (1 / (len(grid) - 1)))
+
+
+def beyond(losses: Mapping[float, float], base: Sequence[float]) -> float | None:
+    """The next LR to pilot when the best of ``losses`` sits at an edge of the LRs piloted so far:
+    one step of ``base``'s ratio past that edge; None when the best is interior (or ``base``, the
+    grid given, has one value: nothing to search)."""
+    step = ratio(base)
+    if step is None or len(losses) < 2:
+        return None
+    best, lrs = pick(losses), sorted(losses)
+    if best == lrs[-1]:
+        return best * step
+    if best == lrs[0]:
+        return best / step
+    return None
+
+
+def check_extend(extend: int) -> int:
+    if extend < 0:
+        raise LRError(f"--lr-extend must be >= 0, got {extend}")
+    return extend
+
+
+class GridEdge(LRError):
+    """The best LR is still at an edge after ``--lr-extend`` extensions: the bound is reached."""
+
+    def __init__(self, label: str, losses: Mapping[float, float], extend: int) -> None:
+        best, lrs = pick(losses), sorted(losses)
+        side = "largest" if best == lrs[-1] else "smallest"
+        super().__init__(
+            f"{label}: the LR pilot's best ({best:g}) is still the {side} LR tried "
+            f"({', '.join(f'{x:g}' for x in lrs)}) after {extend} extension(s) of --lr-grid; the "
+            "optimum lies outside: give an --lr-grid around it or a larger --lr-extend (the "
+            "finished runs are kept in --out)")
+
+
+__all__ = ["DEFAULT_EXTEND", "DEFAULT_PILOT_FRACTION", "PILOT_SEED", "GridEdge", "LRError", "beyond",
+           "check_extend", "check_labels", "on_edge", "parse_grid", "parse_lrs", "pick", "ratio"]

@@ -30,7 +30,8 @@ class CompareSettings:
     # pilot of pilot_fraction of the steps, else train.lr for all.
     lrs: dict[str, float] = field(default_factory=dict)
     lr_grid: tuple[float, ...] = ()
-    pilot_fraction: float = 0.25
+    pilot_fraction: float = 1.0
+    lr_extend: int = 3  # grid extensions past an edge pick (latentattn.compare.lr.beyond)
     # The DSA retrofit (variants.retrofit_variant): the dense MLA runs fork at retrofit_at of
     # the steps; the indexer warm-up (model frozen) takes retrofit_warmup of the steps, then
     # sparse training to the end.
@@ -51,6 +52,7 @@ class CompareSettings:
                 "decode_steps": self.decode_steps, "recall_batches": self.recall_batches,
                 "margin": self.margin, "lrs": dict(sorted(self.lrs.items())),
                 "lr_grid": list(self.lr_grid), "pilot_fraction": self.pilot_fraction,
+                "lr_extend": self.lr_extend,
                 "retrofit_at": self.retrofit_at, "retrofit_warmup": self.retrofit_warmup,
                 "device": self.device}
 
@@ -66,6 +68,8 @@ class SeedRun:
     val_curve: list[tuple[int, float]]
     dsa_val_loss_dense: float | None = None
     dsa_recall: list[dict[str, float]] | None = None
+    # MLA layers' statistics while training (latentattn.compare.diagnose): {key: {step: [layer]}}
+    diagnostics: dict[str, dict[str, list[float]]] | None = None
 
     def late_train_loss(self) -> float:
         """The training loss over the last tenth of the steps (one step is too noisy)."""

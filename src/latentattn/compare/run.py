@@ -27,7 +27,8 @@ import torch
 
 from latentattn.calc.density import topk_density, v4_read_fraction
 from latentattn.calc.flops import training_flops_per_token
-from latentattn.compare.lr import PILOT_SEED, on_edge, pick
+from latentattn.compare.diagnose import SeedDiagnostics
+from latentattn.compare.lr import PILOT_SEED, GridEdge, beyond, pick, ratio
 from latentattn.compare.measure import (
     decode_tokens_per_s,
     dsa_recall,
@@ -35,7 +36,7 @@ from latentattn.compare.measure import (
     kv_parameters_per_layer,
 )
 from latentattn.compare.report import CompareReport, CompareSettings, SeedRun, VariantResult
-from latentattn.compare.variants import Variant, build_variants, scale_latent_norms, v4_note
+from latentattn.compare.variants import Variant, apply_init, build_variants, v4_note
 from latentattn.config import MLAConfig, V4AttentionConfig
 from latentattn.errors import ConfigError, LatentAttnError
 from latentattn.loading import load
@@ -111,14 +112,17 @@ def _train_one(variant: Variant, seed: int, settings: CompareSettings, train_tok
         result = train(model, train_tokens, val_tokens, ts, out_dir=str(fork_dir), resume=True,
                        retrofit=True, progress=progress)
         shutil.rmtree(fork_dir)
+        diagnostics = None
     else:
         model = load(variant.config, seed=seed, device=settings.device)
-        if variant.latent_gain:
-            scale_latent_norms(model)
-        if forks is not None and forks.dense.label == variant.label:
-            result = forks.train_dense(model, train_tokens, val_tokens, ts, progress)
-        else:
-            result = train(model, train_tokens, val_tokens, ts, progress=progress)
+        apply_init(model, variant.init)
+        watch = SeedDiagnostics(model)
+        with watch.watch():
+            if forks is not None and forks.dense.label == variant.label:
+                result = forks.train_dense(model, train_tokens, val_tokens, ts, progress)
+            else:
+                result = train(model, train_tokens, val_tokens, ts, progress=progress)
+        diagnostics = watch.as_dict() or None
     # The curve during training may use the first eval_windows windows; the result uses them all.
     ts = dataclasses.replace(ts, eval_windows=0)
     dsa = variant.kind == "dsa"
@@ -137,7 +141,7 @@ def _train_one(variant: Variant, seed: int, settings: CompareSettings, train_tok
         seed=seed, val_loss=evaluate(model, val_tokens, ts), train_tokens_per_s=result.tokens_per_s,
         seconds=result.seconds, steps_done=result.steps_done, train_losses=list(result.train_losses),
         val_curve=[(int(s), float(v)) for s, v in result.val_losses],
-        dsa_val_loss_dense=dense_loss, dsa_recall=recall,
+        dsa_val_loss_dense=dense_loss, dsa_recall=recall, diagnostics=diagnostics,
     )
     return model, run
 
@@ -158,33 +162,54 @@ def pilot_label(label: str, lr: float) -> str:
     return f"{label}@pilot-lr={lr:g}"
 
 
+def _pilot(variant: Variant, lr: float, settings: CompareSettings, train_tokens: torch.Tensor,
+           val_tokens: torch.Tensor, store: RunStore | None,
+           on_run: Callable[[str, int], None] | None) -> float:
+    """The pilot validation loss of one LR (from the store when that pilot finished before)."""
+    label = pilot_label(variant.label, lr)
+    if on_run is not None:
+        on_run(label, PILOT_SEED)
+    stored = store.load(label, PILOT_SEED) if store is not None else None
+    if stored is not None:
+        return stored[0].val_loss
+    _, run = _train_one(variant, PILOT_SEED, pilot_settings(settings, lr), train_tokens, val_tokens,
+                        False)
+    if store is not None:
+        store.save(label, PILOT_SEED, run, None)
+    return run.val_loss
+
+
 def _choose_lr(variant: Variant, settings: CompareSettings, train_tokens: torch.Tensor,
                val_tokens: torch.Tensor, store: RunStore | None,
                on_run: Callable[[str, int], None] | None,
                chosen: dict[str, float]) -> tuple[float, str, dict[str, float]]:
-    """(lr, source, pilot losses by LR text) for one variant (see latentattn.compare.lr); a
-    retrofit continues its dense runs' schedule, so it takes their LR (``chosen``)."""
-    if variant.retrofit_of:
-        return chosen[variant.retrofit_of], f"{variant.retrofit_of}'s", {}
+    """(lr, source, pilot losses by LR text) for one variant (see latentattn.compare.lr): a
+    retrofit continues its dense runs' schedule and an ablation changes one thing of its base
+    variant, so both take that variant's LR (``chosen``), times the ablation's factor."""
+    if variant.lr_of:
+        base = chosen[variant.lr_of]
+        if variant.lr_factor == 1.0:
+            return base, f"{variant.lr_of}'s", {}
+        return base * variant.lr_factor, f"{variant.lr_of}'s x{variant.lr_factor:g}", {}
     if variant.label in settings.lrs:
         return settings.lrs[variant.label], "pinned", {}
     if not settings.lr_grid:
         return settings.train.lr, "common", {}
     losses: dict[float, float] = {}
-    for lr in settings.lr_grid:
-        label = pilot_label(variant.label, lr)
-        if on_run is not None:
-            on_run(label, PILOT_SEED)
-        stored = store.load(label, PILOT_SEED) if store is not None else None
-        if stored is not None:
-            run = stored[0]
-        else:
-            pilot = pilot_settings(settings, lr)
-            _, run = _train_one(variant, PILOT_SEED, pilot, train_tokens, val_tokens, False)
-            if store is not None:
-                store.save(label, PILOT_SEED, run, None)
-        losses[lr] = run.val_loss
-    return pick(losses), "pilot", {f"{lr:g}": loss for lr, loss in losses.items()}
+    grid = list(settings.lr_grid)
+    extended = 0
+    while True:
+        for lr in grid:
+            if lr not in losses:
+                losses[lr] = _pilot(variant, lr, settings, train_tokens, val_tokens, store, on_run)
+        nxt = beyond(losses, settings.lr_grid)
+        if nxt is None:
+            break
+        if extended == settings.lr_extend:
+            raise GridEdge(variant.label, losses, extended)
+        extended += 1
+        grid.append(nxt)
+    return pick(losses), "pilot", {f"{lr:g}": losses[lr] for lr in sorted(losses)}
 
 
 def _measured(variant: Variant, model: Transformer, settings: CompareSettings) -> VariantResult:
@@ -221,8 +246,11 @@ def _notes(settings: CompareSettings, variants: list[Variant]) -> list[str]:
         "schedule and seeds for every variant; the peak LR "
         + (f"is pinned for {', '.join(sorted(settings.lrs))} and " if settings.lrs else "")
         + (f"is picked per variant from {', '.join(f'{x:g}' for x in settings.lr_grid)} by a pilot "
-           f"(seed {PILOT_SEED}, {settings.pilot_fraction:g} of the steps, lowest validation loss)"
-           if settings.lr_grid else f"is {t.lr:g}") + ".",
+           f"(seed {PILOT_SEED}, {settings.pilot_fraction:g} of the steps, lowest validation loss; "
+           f"the grid extended by its ratio past an edge pick, at most {settings.lr_extend} "
+           "times)" if settings.lr_grid else f"is {t.lr:g}")
+        + (". The ablations train at their base variant's LR (times their factor)"
+           if any(v.lr_of and not v.retrofit_of for v in variants) else "") + ".",
         "Validation loss: every non-overlapping window of the held-out last 10% of the text, the "
         "same tokens for every variant and seed"
         + (f" (the loss curves during training: the first {t.eval_windows} of them)"
@@ -343,8 +371,9 @@ def _run_all(settings: CompareSettings, train_tokens: torch.Tensor, val_tokens: 
             result.runs.append(run)
         assert result is not None
         report.variants.append(result)
-    edges = [v.label for v in report.variants if v.lr_source == "pilot" and on_edge(settings.lr_grid, v.lr)]
-    if edges:
-        report.notes.append(f"The pilot picked an end of --lr-grid for {', '.join(edges)}: the best "
-                            "LR may lie outside the grid; widen it.")
+    extended = [v.label for v in report.variants if len(v.pilot_losses) > len(settings.lr_grid)]
+    if extended:
+        report.notes.append(f"The pilot's best LR lay at an edge of --lr-grid for {', '.join(extended)}: "
+                            f"the grid was extended by its ratio (x{ratio(settings.lr_grid):g}) until "
+                            "a worse LR lay on each side of the pick.")
     return report

@@ -46,7 +46,10 @@ def protocol(settings: CompareSettings, variants: list[Variant], train_tokens: t
              val_tokens: torch.Tensor) -> dict[str, Any]:
     """Everything that decides a run's result (not how fast it ran)."""
     data = torch.cat([train_tokens, val_tokens]).to(torch.int64).numpy().tobytes()
-    return {"format": FORMAT, "version": VERSION, "settings": settings.as_dict(),
+    # How far the LR search may extend the grid decides which pilots run, not what any run
+    # gives: a search stopped at the bound continues in the same --out with a larger one.
+    kept = {k: v for k, v in settings.as_dict().items() if k != "lr_extend"}
+    return {"format": FORMAT, "version": VERSION, "settings": kept,
             "data_sha256": hashlib.sha256(data).hexdigest(), "split": len(train_tokens),
             "variants": {v.label: config_to_dict(v.config) for v in variants}}
 

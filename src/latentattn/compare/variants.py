@@ -5,7 +5,9 @@ DeepSeek-V4's attention (``v4_variant``), plus the swept MLA / MLA+DSA points.""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +64,9 @@ class Variant:
     control: bool = False  # the positive control: an MLA built to lose (control_variant)
     ablation: str = ""  # what an ablation variant changes (ablation_variants), else ""
     retrofit_of: str = ""  # the dense variant whose runs this one forks (retrofit_variant)
-    latent_gain: bool = False  # start the latent norms' gains at sqrt(dim / rank): scale_latent_norms
+    init: str = ""  # a change to the seed's initialisation, a key of INITS (apply_init)
+    lr_of: str = ""  # train at this variant's LR (its pick or pin) times lr_factor, no pilot
+    lr_factor: float = 1.0
 
     @property
     def mechanism(self) -> str:
@@ -128,23 +132,63 @@ def retrofit_variant(size: FamilySize, mla: ModelConfig) -> Variant:
     assert isinstance(a, MLAConfig)
     indexer = IndexerConfig(size.index_n_heads, size.index_head_dim, size.index_topk)
     cfg = mla.replace(name=RETROFIT, attention=dataclasses.replace(a, indexer=indexer))
-    return Variant(RETROFIT, "dsa", cfg, retrofit_of="mla")
+    return Variant(RETROFIT, "dsa", cfg, retrofit_of="mla", lr_of="mla")
 
 
-def scale_latent_norms(model: Transformer) -> None:
+def _bottleneck_scale(model: Transformer, attn: torch.nn.Module, rank: str) -> float:
+    return math.sqrt(model.config.dim / getattr(attn.cfg, rank))
+
+
+def scale_latent_norms(model: Transformer, names: tuple[str, ...] = ("kv_a_layernorm", "q_a_layernorm"),
+                       ) -> None:
     """DeepSeek-V2's "additional scaling factors at the width bottlenecks" (arXiv 2405.04434
     s2.1.3 and appendix on stability; a DeepSeek author names them in DeepSeek-V2 #23), in the
     form Marin #7383 uses: sqrt(dim / rank) after the latent RMSNorm. Folded into the norms'
     gains at initialisation (kv_a_layernorm and q_a_layernorm start at sqrt(dim / d_c) and
     sqrt(dim / d_q) instead of 1), so the model, its checkpoints and its exports are plain MLA
-    (released DeepSeek-V2 checkpoints carry no separate factor either)."""
+    (released DeepSeek-V2 checkpoints carry no separate factor either). ``names`` picks which
+    of the two norms (the key/value latent's alone: ``("kv_a_layernorm",)``)."""
+    ranks = {"kv_a_layernorm": "kv_lora_rank", "q_a_layernorm": "q_lora_rank"}
     for blk in model.blocks:
         attn = blk.self_attn
-        for name, rank in (("kv_a_layernorm", "kv_lora_rank"), ("q_a_layernorm", "q_lora_rank")):
+        for name in names:
             norm = getattr(attn, name, None)
             if norm is not None:
                 with torch.no_grad():
-                    norm.weight.fill_(math.sqrt(model.config.dim / getattr(attn.cfg, rank)))
+                    norm.weight.fill_(_bottleneck_scale(model, attn, ranks[name]))
+
+
+def scale_up_projections(model: Transformer) -> None:
+    """The same sqrt(dim / rank) put in the up-projections' initial weights instead of the norms'
+    gains: ``q_b_proj`` and ``kv_b_proj`` start at std 0.02 sqrt(dim / rank). Each reads a
+    latent of RMS 1 (after its norm) through ``rank`` inputs where MHA's projections read the
+    RMS-1 residual through ``dim``, so with std 0.02 MLA's queries, keys and values start
+    sqrt(rank / dim) of MHA's; this starts them at MHA's. At initialisation the model computes
+    what ``scale_latent_norms`` gives; in training Adam moves each weight by about the LR a step
+    whatever its size, so the two differ in how fast the latent paths change relative to their
+    scale."""
+    ranks = {"kv_b_proj": "kv_lora_rank", "q_b_proj": "q_lora_rank"}
+    for blk in model.blocks:
+        attn = blk.self_attn
+        for name, rank in ranks.items():
+            proj = getattr(attn, name, None)
+            if proj is not None and getattr(attn.cfg, rank, None):
+                with torch.no_grad():
+                    proj.weight.mul_(_bottleneck_scale(model, attn, rank))
+
+
+# Changes to a seed's initialisation an ablation may make (Variant.init).
+INITS: dict[str, Callable[[Transformer], None]] = {
+    "latent-gain": scale_latent_norms,
+    "kv-gain": functools.partial(scale_latent_norms, names=("kv_a_layernorm",)),
+    "up-init": scale_up_projections,
+}
+
+
+def apply_init(model: Transformer, init: str) -> None:
+    """Apply the named initialisation change (nothing for ``""``)."""
+    if init:
+        INITS[init](model)
 
 
 def v4_variant(size: FamilySize) -> Variant:
@@ -191,38 +235,72 @@ def v4_note(label: str, a: V4AttentionConfig, seq_len: int) -> str:
             "grow with the context, the entries grow one per rate tokens.")
 
 
-def ablation_variants(size: FamilySize) -> list[Variant]:
-    """What the MLA-vs-MHA claim should not hinge on, parameters matched:
+def ablation_variants(size: FamilySize, names: tuple[str, ...] | None = None) -> list[Variant]:
+    """What the MLA-vs-MHA claim should not hinge on, each the MLA variant with one thing changed
+    (``names`` picks some of ``ABLATIONS``, in that order; None: all):
 
-    * ``mla-noq``: MLA without query compression. The KV-cache claim does not depend on it, and
-      compressing queries through dim / 2 is where this MLA has the least capacity.
+    * ``mla-noq``: MLA without query compression, parameters matched. The KV-cache claim does
+      not depend on it, and compressing queries through dim / 2 is where this MLA has the least
+      capacity.
     * ``mla-mqa-bytes``: MLA whose cache holds as many values per token as MQA's (2 d_h =
-      d_c + d_r): which uses the same cache better, a latent or one shared K/V head.
-    * ``mla-scaled``: MLA with DeepSeek-V2's bottleneck scale factors (scale_latent_norms), the
-      same model otherwise: whether this MLA loses for want of them.
+      d_c + d_r), parameters matched: which uses the same cache better, a latent or one shared
+      K/V head.
+    * ``mla-scaled``: DeepSeek-V2's bottleneck scale factors (scale_latent_norms: both latent
+      norms' gains start at sqrt(dim / rank)).
+    * ``mla-kv-gain``: the key/value latent's RMSNorm gain alone starts at sqrt(dim / d_c).
+    * ``mla-up-init``: the up-projections' initial weights sqrt(dim / rank) larger
+      (scale_up_projections).
+    * ``mla-low-lr``: MLA's own pick of LR, halved.
+
+    The first two are other models and get LRs of their own; the last four are MLA's model with
+    one change to its initialisation or LR, so they train at MLA's LR (times their factor): each
+    isolates its change, and none can win by a luckier pilot.
     """
-    noq = matched_configs(dataclasses.replace(size, q_lora_rank=None), kinds=("mla",),
-                          tolerance=PARAM_TOLERANCE)["mla"]
+    chosen = ABLATIONS if names is None else names
+    unknown = [n for n in chosen if n not in ABLATIONS]
+    if unknown:
+        raise ConfigError(f"--ablations: unknown {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
     mla = matched_configs(size, kinds=("mla",), tolerance=PARAM_TOLERANCE)["mla"]
-    rank = 2 * size.head_dim - size.qk_rope_head_dim
-    if rank < 1:
-        raise ConfigError(f"no MLA fits MQA's {2 * size.head_dim} cached values with a "
-                          f"{size.qk_rope_head_dim}-dim rope key")
-    same_bytes = _swept(size, SweepPoint("mla", (("kv_lora_rank", rank),)))
-    return [Variant("mla-noq", "mla", noq.replace(name="mla-noq"), ablation="no query compression"),
-            Variant("mla-mqa-bytes", "mla", same_bytes.replace(name="mla-mqa-bytes"),
-                    ablation=f"MQA's cache bytes, kv_lora_rank={rank}"),
-            Variant("mla-scaled", "mla", mla.replace(name="mla-scaled"), latent_gain=True,
-                    ablation="latent scale sqrt(dim/rank)")]
+    out = []
+    for name in ABLATIONS:
+        if name not in chosen:
+            continue
+        if name == "mla-noq":
+            noq = matched_configs(dataclasses.replace(size, q_lora_rank=None), kinds=("mla",),
+                                  tolerance=PARAM_TOLERANCE)["mla"]
+            out.append(Variant(name, "mla", noq.replace(name=name), ablation="no query compression"))
+        elif name == "mla-mqa-bytes":
+            rank = 2 * size.head_dim - size.qk_rope_head_dim
+            if rank < 1:
+                raise ConfigError(f"no MLA fits MQA's {2 * size.head_dim} cached values with a "
+                                  f"{size.qk_rope_head_dim}-dim rope key")
+            same_bytes = _swept(size, SweepPoint("mla", (("kv_lora_rank", rank),)))
+            out.append(Variant(name, "mla", same_bytes.replace(name=name),
+                               ablation=f"MQA's cache bytes, kv_lora_rank={rank}"))
+        else:
+            init, factor, what = _SAME_MODEL[name]
+            out.append(Variant(name, "mla", mla.replace(name=name), ablation=what, init=init,
+                               lr_of="mla", lr_factor=factor))
+    return out
+
+
+# The ablations that are MLA's own model: (Variant.init, LR factor, what the table says).
+_SAME_MODEL = {
+    "mla-scaled": ("latent-gain", 1.0, "latent scale sqrt(dim/rank)"),
+    "mla-kv-gain": ("kv-gain", 1.0, "KV latent norm gain sqrt(dim/d_c)"),
+    "mla-up-init": ("up-init", 1.0, "up-projection init x sqrt(dim/rank)"),
+    "mla-low-lr": ("", 0.5, "LR x0.5"),
+}
+ABLATIONS = ("mla-noq", "mla-mqa-bytes", *_SAME_MODEL)
 
 
 def build_variants(size: FamilySize, sweeps: dict[str, tuple[int, ...]] | None = None,
-                   control: bool = True, ablations: bool = False, retrofit: bool = True,
-                   v4: bool = True) -> list[Variant]:
+                   control: bool = True, ablations: bool | tuple[str, ...] = False,
+                   retrofit: bool = True, v4: bool = True) -> list[Variant]:
     """The five kinds, DSA retrofitted onto MLA (unless ``retrofit=False``), DeepSeek-V4's
     attention (unless ``v4=False``), the positive control (unless ``control=False``), the
-    ablations (with ``ablations=True``), then every sweep point whose config is not already one
-    of them."""
+    ablations (``True``: all of ABLATIONS; or a tuple of their names), then every sweep point
+    whose config is not already one of them."""
     base = matched_configs(size, kinds=ATTN_KINDS, tolerance=PARAM_TOLERANCE)
     variants = [Variant(kind, kind, cfg) for kind, cfg in base.items()]
     if retrofit:
@@ -232,7 +310,7 @@ def build_variants(size: FamilySize, sweeps: dict[str, tuple[int, ...]] | None =
     if control:
         variants.append(control_variant(size, base["mla"]))
     if ablations:
-        variants += ablation_variants(size)
+        variants += ablation_variants(size, None if isinstance(ablations, bool) else ablations)
     for point in sweep_points(sweeps or {}):
         cfg = _swept(size, point)
         if cfg != base[point.kind]:  # the family's own value is the base variant already
