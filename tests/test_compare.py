@@ -197,7 +197,7 @@ def test_stopped_compare_continues_where_it_stopped(tmp_path: Path, text_file: P
 
 def test_lr_pilot_picks_the_lowest_pilot_loss(tmp_path: Path, text_file: Path) -> None:
     data, out = _run(tmp_path, text_file, "--seeds", "1", "--lr-grid", "3e-2,1e-3",
-                     "--lr", "mha=3e-3", "--no-control", "--no-v4")
+                     "--lr", "mha=3e-3", "--no-control", "--no-v4", "--lr-extend", "0")
     by_label = {v["label"]: v for v in data["variants"]}
     assert by_label["mha"]["lr"] == 3e-3 and by_label["mha"]["lr_source"] == "pinned"
     assert by_label["mha"]["pilot_losses"] == {}

@@ -162,7 +162,7 @@ def register(sub: Any) -> None:
     c.add_argument("--lr-extend", type=int, default=DEFAULT_EXTEND, metavar="N",
                    help="while a variant's best pilot LR is the largest (smallest) tried, pilot one "
                    "grid ratio above (below) it, at most N times; still at the edge after N: exit 2, "
-                   f"finished runs kept ({DEFAULT_EXTEND})")
+                   f"finished runs kept; 0: pick from the grid as given ({DEFAULT_EXTEND})")
     c.add_argument("--contexts", type=int_tuple, default=None,
                    help="decode contexts, comma-separated (" + ",".join(map(str, FULL.contexts))
                    + "; --quick " + ",".join(map(str, QUICK.contexts)) + "; --gpu "
@@ -349,7 +349,7 @@ def _eval_every(steps: int) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from latentattn.compare.plots import PLOTS, plot_sweep_pareto
+    from latentattn.compare.plots import PLOTS, plot_lr_pilot, plot_sweep_pareto
     from latentattn.compare.report import CompareSettings
     from latentattn.compare.run import pilot_label, run_compare
     from latentattn.compare.store import DirStore, protocol
@@ -440,6 +440,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if report.swept:
         plots["sweep_pareto.png"] = plot_sweep_pareto
         files.append("sweep_pareto.png")
+    if any(x.pilot_losses for x in report.variants):
+        plots["lr_pilot.png"] = plot_lr_pilot
+        files.append("lr_pilot.png")
     for name, plot in plots.items():
         atomic_write(out / name, functools.partial(plot, report), suffix=".png")
     print(markdown_table(report))

@@ -70,10 +70,11 @@ def check_labels(pinned: Mapping[str, float], labels: Sequence[str]) -> None:
 
 
 def pick(losses: Mapping[float, float]) -> float:
-    """The LR with the lowest pilot loss; a tie goes to the smaller LR (the safer one)."""
+    """The LR with the lowest pilot loss; a tie goes to the smaller LR (the safer one); a
+    diverged pilot (NaN or inf loss) loses to every finite one."""
     if not losses:
         raise LRError("no pilot losses to pick a learning rate from")
-    return min(sorted(losses), key=lambda lr: (losses[lr], lr))
+    return min(sorted(losses), key=lambda lr: (losses[lr] if math.isfinite(losses[lr]) else math.inf, lr))
 
 
 def on_edge(grid: Sequence[float], chosen: float) -> bool:
@@ -96,10 +97,11 @@ def beyond(losses: Mapping[float, float], base: Sequence[float]) -> float | None
     if step is None or len(losses) < 2:
         return None
     best, lrs = pick(losses), sorted(losses)
+    # 12 significant digits: 1e-4 x 1e3 is 0.1, not 0.10000000000000002 (LRs are keyed by text).
     if best == lrs[-1]:
-        return best * step
+        return float(f"{best * step:.12g}")
     if best == lrs[0]:
-        return best / step
+        return float(f"{best / step:.12g}")
     return None
 
 

@@ -1,6 +1,7 @@
 """The report's PNGs: validation loss curves, quality vs KV bytes per token with its Pareto front,
 each variant's paired difference from MHA with its 95% interval and the margin, decode speed vs
-context, and for sweeps the quality-vs-cache trade-off. Error bars are 95% t intervals of the
+context, every seed's loss, the LR pilots' curves (with --lr-grid), and for sweeps the
+quality-vs-cache trade-off. Error bars are 95% t intervals of the
 mean over seeds (none with one seed)."""
 
 from __future__ import annotations
@@ -168,9 +169,55 @@ def plot_sweep_pareto(report: CompareReport, path: str) -> None:
     plt.close(fig)
 
 
+def plot_lr_pilot(report: CompareReport, path: str) -> None:
+    """Each piloted variant's pilot validation loss against its LR (log scale), the pick ringed."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in report.variants:
+        if not v.pilot_losses:
+            continue
+        lrs = sorted(float(lr) for lr in v.pilot_losses)
+        losses = [v.pilot_losses[f"{lr:g}"] for lr in lrs]
+        (line,) = ax.plot(lrs, losses, marker="o", label=v.mechanism)
+        ax.plot([v.lr], [v.pilot_losses[f"{v.lr:g}"]], marker="o", markersize=12, fillstyle="none",
+                color=line.get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("pilot validation loss (nats/byte)")
+    ax.set_title("LR pilot, one seed of its own (ringed: the pick)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=DPI)
+    plt.close(fig)
+
+
+def plot_seeds(report: CompareReport, path: str) -> None:
+    """Every seed's validation loss per variant, MHA's range shaded: where the seeds part."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(report.variants) + 1.5))
+    names = [v.mechanism for v in report.variants]
+    for i, v in enumerate(report.variants):
+        ax.scatter([r.val_loss for r in v.runs], [i] * len(v.runs), s=18)
+        if v.label == "mha" and v.runs:
+            lo, hi = min(r.val_loss for r in v.runs), max(r.val_loss for r in v.runs)
+            ax.axvspan(lo, hi, color="tab:gray", alpha=0.15, label="MHA's seeds")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("validation loss (nats/byte)")
+    ax.set_title(f"Validation loss of each of {report.n_seeds} seed(s)")
+    ax.grid(True, axis="x", alpha=0.3)
+    if "mha" in {v.label for v in report.variants}:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=DPI)
+    plt.close(fig)
+
+
 PLOTS = {
     "loss_curves.png": plot_loss_curves,
     "quality_vs_kv.png": plot_quality_vs_kv,
     "vs_mha.png": plot_vs_mha,
     "decode_speed.png": plot_decode_speed,
+    "seeds.png": plot_seeds,
 }

@@ -28,7 +28,7 @@ import torch
 from latentattn.calc.density import topk_density, v4_read_fraction
 from latentattn.calc.flops import training_flops_per_token
 from latentattn.compare.diagnose import SeedDiagnostics
-from latentattn.compare.lr import PILOT_SEED, GridEdge, beyond, pick, ratio
+from latentattn.compare.lr import PILOT_SEED, GridEdge, beyond, on_edge, pick, ratio
 from latentattn.compare.measure import (
     decode_tokens_per_s,
     dsa_recall,
@@ -202,8 +202,8 @@ def _choose_lr(variant: Variant, settings: CompareSettings, train_tokens: torch.
         for lr in grid:
             if lr not in losses:
                 losses[lr] = _pilot(variant, lr, settings, train_tokens, val_tokens, store, on_run)
-        nxt = beyond(losses, settings.lr_grid)
-        if nxt is None:
+        nxt = beyond(losses, settings.lr_grid) if settings.lr_extend else None
+        if nxt is None:  # an interior pick, or no search asked for (--lr-extend 0)
             break
         if extended == settings.lr_extend:
             raise GridEdge(variant.label, losses, extended)
@@ -372,6 +372,11 @@ def _run_all(settings: CompareSettings, train_tokens: torch.Tensor, val_tokens: 
         assert result is not None
         report.variants.append(result)
     extended = [v.label for v in report.variants if len(v.pilot_losses) > len(settings.lr_grid)]
+    edges = [v.label for v in report.variants
+             if v.lr_source == "pilot" and on_edge(settings.lr_grid, v.lr) and not extended]
+    if edges and not settings.lr_extend:
+        report.notes.append(f"The pilot picked an end of --lr-grid for {', '.join(edges)} (--lr-extend "
+                            "0: not searched past it): the best LR may lie outside the grid.")
     if extended:
         report.notes.append(f"The pilot's best LR lay at an edge of --lr-grid for {', '.join(extended)}: "
                             f"the grid was extended by its ratio (x{ratio(settings.lr_grid):g}) until "

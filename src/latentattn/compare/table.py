@@ -5,6 +5,7 @@ and the per-seed values the test was run on."""
 from __future__ import annotations
 
 from latentattn.compare.report import CompareReport, VariantResult
+from latentattn.compare.seeds import ablation_lines, diagnostic_lines, spread_lines
 from latentattn.compare.stats import RULE
 
 
@@ -174,6 +175,9 @@ def markdown_report(report: CompareReport) -> str:
         per_seed_table(report),
         "",
         *pilot_lines(report),
+        *spread_lines(report),
+        *ablation_lines(report),
+        *diagnostic_lines(report),
         "Notes:",
         "",
         *(f"- {n}" for n in report.notes),
