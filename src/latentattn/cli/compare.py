@@ -5,7 +5,8 @@ models (dim 64, 3 layers, 4 heads; the five variants, DSA retrofitted onto the M
 DeepSeek-V4's attention scaled to the window (``--no-v4`` leaves it out) and the positive control):
 
 * default (the standard run): 7 seeds, 600 steps of 16 x 128 bytes (5.3 bytes per parameter),
-  each variant's LR from a pilot over 1.5e-3, 3e-3, 6e-3, decode at 256 and 2048 tokens;
+  each variant's LR from a full-length pilot over 1.5e-3, 3e-3, 6e-3, extended by its ratio
+  past an edge pick (:mod:`latentattn.compare.lr`), decode at 256 and 2048 tokens;
 * ``--quick`` (``make demo``): 1 seed (no intervals), 300 steps, LR 3e-3 for all.
 
 The times measured for each are in the README.
