@@ -218,7 +218,7 @@ def _variant(label: str, losses: list[float], diag: list[float] | None = None) -
                       kv_params_per_layer=1, kv_bytes_per_token=1.0, kv_bytes_per_token_bf16=1.0,
                       kv_dtype="float32", decode_tokens_per_s={}, lr=1e-3)
     for seed, loss in enumerate(losses):
-        d = None if diag is None else {"latent_rms": {"100": [diag[seed], diag[seed]]}}
+        d = None if diag is None else {"latent_rms": {"200": [diag[seed], diag[seed]]}}
         v.runs.append(SeedRun(seed=seed, val_loss=loss, train_tokens_per_s=1.0, seconds=1.0,
                               steps_done=1, train_losses=[loss], val_curve=[], diagnostics=d))
     return v
@@ -248,4 +248,4 @@ def test_seed_tables() -> None:
     assert rho == pytest.approx(-1.0) and p < 0.01
     text = "\n".join(ablation_lines(report))
     assert "| MLA-LOW-LR | 0.001 |" in text and "-0.010 [-0.010, -0.010]" in text
-    assert "latent_rms -1.00" in "\n".join(diagnostic_lines(report))
+    assert "| MLA | latent_rms | -1.00* |" in "\n".join(diagnostic_lines(report))

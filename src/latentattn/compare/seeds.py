@@ -25,7 +25,7 @@ from latentattn.compare.diagnose import GRAD_KEYS, SNAPSHOT_KEYS, STEPS, layer_m
 from latentattn.compare.report import CompareReport, VariantResult
 from latentattn.compare.stats import paired
 
-DIAGNOSTIC_STEP = 100  # where the issue saw the slow seeds fall behind
+DIAGNOSTIC_STEP = 200  # the per-seed table: past step 100, where the issue saw the seeds part
 RATIO_LIMIT = 1.5  # "MLA's seed spread within 1.5x MHA's"
 
 
@@ -127,7 +127,8 @@ def correlations(v: VariantResult, step: int = DIAGNOSTIC_STEP) -> dict[str, tup
 
 
 def diagnostic_lines(report: CompareReport, step: int = DIAGNOSTIC_STEP) -> list[str]:
-    """Per seed of MLA (and of each variant with diagnostics, as correlations only)."""
+    """MLA's seeds at ``step`` (each diagnostic's layer mean, the seeds sorted by final loss), then
+    each diagnostic's rank correlation with the final loss at every recorded step, per variant."""
     watched = [v for v in report.variants if diagnostic_rows(v, step)]
     if not watched:
         return []
@@ -137,16 +138,24 @@ def diagnostic_lines(report: CompareReport, step: int = DIAGNOSTIC_STEP) -> list
              f"{since + 1}-{step}) per seed, against the final validation loss:", "",
              "| mechanism | seed | val loss | " + " | ".join(keys) + " |",
              "|---|---:|---:|" + "---:|" * len(keys)]
-    for v in watched:
+    mla = [v for v in watched if v.label == "mla"] or watched[:1]
+    for v in mla:
         for seed, loss, d in sorted(diagnostic_rows(v, step), key=lambda row: row[1]):
             lines.append(f"| {v.mechanism} | {seed} | {loss:.4f} | "
                          + " | ".join("-" if d[k] is None else f"{d[k]:.4g}" for k in keys) + " |")
-    corr = [(v, c) for v in watched if (c := correlations(v, step))]
-    if corr:
-        lines += ["", "Spearman rank correlation of each with the final validation loss over the "
-                  "seeds (rho, p):", ""]
-        lines += [f"- {v.mechanism}: " + ", ".join(f"{k} {rho:+.2f} (p {p:.2f})"
-                                                   for k, (rho, p) in c.items()) for v, c in corr]
+    steps = [s for s in STEPS if any(diagnostic_rows(v, s) for v in watched)]
+    lines += ["", "Spearman rank correlation of each diagnostic with the final validation loss over "
+              "the seeds, at each recorded step (rho; * where p < 0.05; with 7 seeds |rho| >= 0.79 "
+              "is needed):", "",
+              "| mechanism | diagnostic | " + " | ".join(f"step {s}" for s in steps) + " |",
+              "|---|---|" + "---:|" * len(steps)]
+    for v in watched:
+        by_step = {s: correlations(v, s) for s in steps}
+        for k in keys:
+            cells = [f"{by_step[s][k][0]:+.2f}" + ("*" if by_step[s][k][1] < 0.05 else "")
+                     if k in by_step[s] else "-" for s in steps]
+            if any(c != "-" for c in cells):
+                lines.append(f"| {v.mechanism} | {k} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
