@@ -373,7 +373,7 @@ def _run_all(settings: CompareSettings, train_tokens: torch.Tensor, val_tokens: 
         report.variants.append(result)
     extended = [v.label for v in report.variants if len(v.pilot_losses) > len(settings.lr_grid)]
     edges = [v.label for v in report.variants
-             if v.lr_source == "pilot" and on_edge(settings.lr_grid, v.lr) and not extended]
+             if v.lr_source == "pilot" and on_edge(settings.lr_grid, v.lr)]
     if edges and not settings.lr_extend:
         report.notes.append(f"The pilot picked an end of --lr-grid for {', '.join(edges)} (--lr-extend "
                             "0: not searched past it): the best LR may lie outside the grid.")
