@@ -33,6 +33,12 @@ def _err(v: VariantResult) -> float:
     return float(stats.t.ppf(0.975, n - 1)) * std / n**0.5
 
 
+def _save(plt: Any, fig: Any, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=DPI)
+    plt.close(fig)
+
+
 VERDICT_COLORS = {"better": "tab:green", "worse": "tab:red", "equivalent": "tab:blue",
                   "inconclusive": "tab:gray"}
 
@@ -49,9 +55,7 @@ def plot_loss_curves(report: CompareReport, path: str) -> None:
     ax.set_title(f"Validation loss, mean over {report.n_seeds} seed(s)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=DPI)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_quality_vs_kv(report: CompareReport, path: str) -> None:
@@ -73,9 +77,7 @@ def plot_quality_vs_kv(report: CompareReport, path: str) -> None:
     ax.set_title("Quality vs KV cache, 95% intervals"
                  + ("" if report.n_seeds > 1 else " (1 seed: no interval)"))
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=DPI)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_vs_mha(report: CompareReport, path: str) -> None:
@@ -102,9 +104,7 @@ def plot_vs_mha(report: CompareReport, path: str) -> None:
     ax.set_title(f"Against MHA: mean difference and 95% interval over {report.n_seeds} seed(s)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=DPI)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_decode_speed(report: CompareReport, path: str) -> None:
@@ -119,9 +119,7 @@ def plot_decode_speed(report: CompareReport, path: str) -> None:
     ax.set_title("Decode speed vs context")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=DPI)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_sweep_pareto(report: CompareReport, path: str) -> None:
@@ -164,9 +162,7 @@ def plot_sweep_pareto(report: CompareReport, path: str) -> None:
     ax.set_title("Latent compression and sparsity: quality vs KV cache")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=DPI)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_lr_pilot(report: CompareReport, path: str) -> None:
@@ -187,9 +183,7 @@ def plot_lr_pilot(report: CompareReport, path: str) -> None:
     ax.set_title("LR pilot, one seed of its own (ringed: the pick)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=DPI)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_seeds(report: CompareReport, path: str) -> None:
@@ -209,9 +203,7 @@ def plot_seeds(report: CompareReport, path: str) -> None:
     ax.grid(True, axis="x", alpha=0.3)
     if "mha" in {v.label for v in report.variants}:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=DPI)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 PLOTS = {
