@@ -53,7 +53,7 @@ SURFACE: dict[tuple[str, ...], set[str]] = {
                  "--quiet"},
     ("compare",): {"--data", "--steps", "--seeds", "--quick", "--gpu", "--device", "--dtype", "--out",
                    "--sweep", "--batch-size",
-                   "--seq-len", "--dim", "--layers", "--lr", "--lr-grid", "--pilot-fraction",
+                   "--seq-len", "--dim", "--layers", "--lr", "--lr-grid", "--pilot-fraction", "--pilot-seeds",
                    "--lr-extend", "--contexts", "--margin", "--no-control", "--ablations",
                    "--retrofit-at", "--retrofit-warmup",
                    "--no-retrofit", "--no-v4",

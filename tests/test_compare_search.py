@@ -3,6 +3,7 @@ the per-seed MLA diagnostics and the seed-spread statistics."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -17,9 +18,19 @@ from latentattn import Transformer
 from latentattn.cli import main
 from latentattn.compare import run as run_mod
 from latentattn.compare.diagnose import SeedDiagnostics, attention_stats, mla_layers
-from latentattn.compare.lr import GridEdge, beyond, ratio
+from latentattn.compare.lr import (
+    PILOT_SEED,
+    GridEdge,
+    LRError,
+    beyond,
+    check_pilot_seeds,
+    mean_loss,
+    pilot_seeds,
+    ratio,
+)
 from latentattn.compare.report import CompareReport, CompareSettings, SeedRun, VariantResult
 from latentattn.compare.seeds import Spread, ablation_lines, correlations, diagnostic_lines
+from latentattn.compare.store import PROTOCOL_FILE, DirStore, ProtocolMismatch, protocol
 from latentattn.compare.variants import (
     build_variants,
     family_size,
@@ -61,7 +72,7 @@ def _settings(grid: tuple[float, ...], extend: int) -> CompareSettings:
 def _fake_pilot(best: float, calls: list[float]):  # type: ignore[no-untyped-def]
     def pilot(variant, lr, *_args):  # type: ignore[no-untyped-def]
         calls.append(lr)
-        return 2.0 + (math.log2(lr) - math.log2(best)) ** 2  # a bowl in log LR, lowest at best
+        return [2.0 + (math.log2(lr) - math.log2(best)) ** 2]  # a bowl in log LR, lowest at best
     return pilot
 
 
@@ -92,6 +103,48 @@ def test_search_stops_at_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     assert lr == 6e-3
 
 
+def test_pilot_seeds_and_their_mean() -> None:
+    assert pilot_seeds(1) == [PILOT_SEED] and pilot_seeds(3) == [PILOT_SEED, PILOT_SEED + 1, PILOT_SEED + 2]
+    assert mean_loss([1.0, 2.0, 4.5]) == 2.5
+    assert mean_loss([1.0, math.nan]) == math.inf and mean_loss([math.inf]) == math.inf
+    assert check_pilot_seeds(2) == 2
+    for bad in (0, -1, PILOT_SEED):
+        with pytest.raises(LRError, match="--pilot-seeds must lie in"):
+            check_pilot_seeds(bad)
+
+
+def _cliff_train_one(calls: list[tuple[float, int]]):  # type: ignore[no-untyped-def]
+    """Pilot losses of an LR range whose top is a cliff most seeds fall off: 1.2e-2 is the best LR
+    on seed 1000 only, and 6e-3 on average (pydoc's GQA pilot in the standard run)."""
+    table = {1.5e-3: (1.49, 1.49), 3e-3: (1.43, 1.43), 6e-3: (1.42, 1.42), 1.2e-2: (1.41, 1.60),
+             2.4e-2: (1.68, 1.70)}
+
+    def train_one(variant, seed, settings, *_args, **_kwargs):  # type: ignore[no-untyped-def]
+        lr = settings.train.lr
+        calls.append((lr, seed))
+        loss = next(v for k, v in table.items() if math.isclose(k, lr))[seed - PILOT_SEED]
+        return None, SeedRun(seed=seed, val_loss=loss, train_tokens_per_s=1.0, seconds=1.0,
+                             steps_done=1, train_losses=[], val_curve=[])
+    return train_one
+
+
+def test_more_pilot_seeds_keep_a_lucky_seed_from_picking_a_cliff(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[float, int]] = []
+    monkeypatch.setattr(run_mod, "_train_one", _cliff_train_one(calls))
+    gqa = next(v for v in build_variants(family_size(32, 2, 32)) if v.label == "gqa")
+    one = _settings((1.5e-3, 3e-3, 6e-3), 3)
+    lr, _, losses = run_mod._choose_lr(gqa, one, None, None, None, None, {})
+    assert lr == pytest.approx(1.2e-2) and all(len(x) == 1 for x in losses.values())
+    calls.clear()
+    two = dataclasses.replace(one, pilot_seeds=2)
+    lr, _, losses = run_mod._choose_lr(gqa, two, None, None, None, None, {})
+    # 1.2e-2's mean (1.505) loses to 6e-3's (1.42): the search stops there, both seeds per LR
+    assert lr == pytest.approx(6e-3)
+    assert losses["0.012"] == [1.41, 1.60] and set(losses) == {"0.0015", "0.003", "0.006", "0.012"}
+    assert sorted(calls) == sorted((lr, s) for lr in (1.5e-3, 3e-3, 6e-3, 1.2e-2) for s in (1000, 1001))
+
+
 def test_ablations_take_mla_lr_times_their_factor() -> None:
     variants = {v.label: v for v in build_variants(family_size(32, 2, 32), ablations=True)}
     settings = _settings((1e-3, 2e-3, 4e-3), 3)
@@ -118,6 +171,45 @@ def test_grid_at_its_bound_exits_2_and_keeps_the_pilots(tmp_path: Path,
     assert "mha: the LR pilot's best (4e-07) is still the largest LR tried (1e-07, 2e-07, 4e-07) " \
            "after 1 extension(s)" in message and "\n" not in message.strip()
     assert len(list((out / "runs").glob("mha_pilot-lr=*"))) == 3  # finished runs kept
+
+
+def test_pilot_seeds_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "out"
+    argv = ["compare", "--data", str(text), "--out", str(out), *TINY, "--seeds", "1", "--lr-grid",
+            "1e-3,2e-3", "--lr-extend", "0", "--pilot-seeds", "2", "--lr", "mqa=1e-3,gqa=1e-3,dsa=1e-3"]
+    assert main(argv) == 0
+    names = sorted(p.name for p in (out / "runs").glob("mha_pilot-lr=*"))
+    assert names == [f"mha_pilot-lr=0_00{k}.seed{s}.json" for k in (1, 2) for s in (1000, 1001)]
+    data = json.loads((out / "results.json").read_text())
+    mha = next(v for v in data["variants"] if v["label"] == "mha")
+    for lr, seeds in mha["pilot_seed_losses"].items():
+        stored = [json.loads((out / "runs" / f"mha_pilot-lr={lr.replace('.', '_')}.seed{s}.json")
+                             .read_text())["run"]["val_loss"] for s in (1000, 1001)]
+        assert seeds == stored and mha["pilot_losses"][lr] == pytest.approx(sum(stored) / 2)
+    assert "--pilot-seeds 2" in data["command"] and "seeds 1000-1001" in " ".join(data["notes"])
+    assert "(" in (out / "results.md").read_text().split("LR pilot")[1].splitlines()[2]
+    capsys.readouterr()
+    # a rerun with another number of pilot seeds is another protocol
+    message = cli_error(capsys, [*argv[:-4], "--pilot-seeds", "1", *argv[-2:]])
+    assert "another protocol" in message and "pilot_seeds" in message
+    assert "--pilot-seeds must lie in [1, 999], got 0" in cli_error(
+        capsys, [*argv[:-4], "--pilot-seeds", "0", *argv[-2:]])
+
+
+def test_a_store_from_before_pilot_seeds_continues_with_one(tmp_path: Path) -> None:
+    settings = _settings((1e-3, 2e-3), 0)
+    variants = build_variants(settings.size)[:2]
+    tokens = torch.arange(300) % 256
+    proto = protocol(settings, variants, tokens[:270], tokens[270:])
+    old = json.loads(json.dumps(proto))
+    del old["settings"]["pilot_seeds"]  # written before the field existed: one pilot seed
+    (tmp_path / PROTOCOL_FILE).write_text(json.dumps(old))
+    DirStore(tmp_path, proto)
+    two = protocol(dataclasses.replace(settings, pilot_seeds=2), variants, tokens[:270], tokens[270:])
+    with pytest.raises(ProtocolMismatch, match="pilot_seeds"):
+        DirStore(tmp_path, two)
 
 
 def test_extension_is_reported(tmp_path: Path) -> None:

@@ -41,11 +41,13 @@ from latentattn.cli.common import (
 from latentattn.compare.lr import (
     DEFAULT_EXTEND,
     DEFAULT_PILOT_FRACTION,
-    PILOT_SEED,
+    DEFAULT_PILOT_SEEDS,
     check_extend,
     check_labels,
+    check_pilot_seeds,
     parse_grid,
     parse_lrs,
+    pilot_seeds,
 )
 from latentattn.compare.stats import DEFAULT_MARGIN
 from latentattn.errors import LatentAttnError
@@ -153,13 +155,18 @@ def register(sub: Any) -> None:
                    "variant label (mha=3e-3,mla=2e-3; the others take --lr-grid's pick); without "
                    f"it the grid picks ({DEFAULT_LR:g} where there is no grid)")
     c.add_argument("--lr-grid", default=None, metavar="A,B,C",
-                   help="pick each variant's LR (unless pinned) from these values by a pilot: one "
-                   "seed of its own, --pilot-fraction of the steps, lowest validation loss; a pick "
+                   help="pick each variant's LR (unless pinned) from these values by a pilot: "
+                   "--pilot-seeds seeds of its own, --pilot-fraction of the steps, lowest mean "
+                   "validation loss; a pick "
                    "at the grid's edge extends it by its own ratio, up to --lr-extend times ("
                    + ",".join(f"{x:g}" for x in FULL.lr_grid) + "; --quick none)")
     c.add_argument("--pilot-fraction", type=float, default=DEFAULT_PILOT_FRACTION, metavar="F",
                    help="share of --steps each LR pilot trains; below 1 the pilot decays its LR "
                    f"sooner, which favours high LRs ({DEFAULT_PILOT_FRACTION:g})")
+    c.add_argument("--pilot-seeds", type=int, default=DEFAULT_PILOT_SEEDS, metavar="N",
+                   help="pilot each LR on N seeds of its own and pick by their mean; more than one "
+                   "keeps a lucky seed from picking an LR most seeds fail at (1; each pilot seed "
+                   "costs one more run per LR tried)")
     c.add_argument("--lr-extend", type=int, default=DEFAULT_EXTEND, metavar="N",
                    help="while a variant's best pilot LR is the largest (smallest) tried, pilot one "
                    "grid ratio above (below) it, at most N times; still at the edge after N: exit 2, "
@@ -244,6 +251,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     if not (math.isfinite(args.pilot_fraction) and 0 < args.pilot_fraction <= 1):
         raise CompareInputError(f"--pilot-fraction must lie in (0, 1], got {args.pilot_fraction}")
     values["lr_extend"] = check_extend(args.lr_extend)
+    values["pilot_seeds"] = check_pilot_seeds(args.pilot_seeds)
     values["ablations"] = _ablations(args.ablations)
     for name in ("steps", "seeds", "batch_size", "dim", "layers"):
         if values[name] < 1:
@@ -299,7 +307,8 @@ def _command(args: argparse.Namespace, v: dict[str, Any]) -> str:
               "--contexts", ",".join(map(str, v["contexts"])), "--margin", f"{v['margin']:g}"]
     if v["lr_grid"]:
         parts += ["--lr-grid", ",".join(f"{x:g}" for x in v["lr_grid"]),
-                  "--pilot-fraction", f"{args.pilot_fraction:g}", "--lr-extend", str(v["lr_extend"])]
+                  "--pilot-fraction", f"{args.pilot_fraction:g}", "--pilot-seeds",
+                  str(v["pilot_seeds"]), "--lr-extend", str(v["lr_extend"])]
     for spec in args.sweep:
         parts += ["--sweep", spec]
     if args.no_control:
@@ -390,7 +399,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     settings = CompareSettings(size=size, train=train_settings, seeds=v["seeds"],
                                contexts=tuple(v["contexts"]), sweeps=sweeps, margin=v["margin"],
                                lrs=v["lrs"], lr_grid=v["lr_grid"], pilot_fraction=args.pilot_fraction,
-                               lr_extend=v["lr_extend"],
+                               lr_extend=v["lr_extend"], pilot_seeds=v["pilot_seeds"],
                                retrofit_at=args.retrofit_at, retrofit_warmup=args.retrofit_warmup,
                                device=v["device"])
     out = _prepare_out(args.out)
@@ -402,14 +411,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
               for x in variants if x.label not in settings.lrs and not x.lr_of}
     todo_seeds = {x.label: sum(not store.has(x.label, seed) for seed in range(v["seeds"]))
                   for x in variants}
-    todo_pilots = {label: sum(not store.has(p, PILOT_SEED) for p in names)
+    todo_pilots = {label: sum(not store.has(p, seed) for p in names
+                              for seed in pilot_seeds(settings.pilot_seeds))
                    for label, names in pilots.items()}
     # A retrofit trains the steps after its fork (and its dense run again up to the fork when
     # that run is already finished).
     share = {x.label: 1 - args.retrofit_at if x.retrofit_of else 1.0 for x in variants}
     todo = {label: share[label] * n + settings.pilot_fraction * todo_pilots.get(label, 0)
             for label, n in todo_seeds.items()}
-    total = len(variants) * v["seeds"] + sum(len(p) for p in pilots.values())
+    total = len(variants) * v["seeds"] + settings.pilot_seeds * sum(len(p) for p in pilots.values())
     left = sum(todo_seeds.values()) + sum(todo_pilots.values())
     if left < total:
         print(f"latentattn: {total - left} of {total} runs already finished in {out}: continuing "

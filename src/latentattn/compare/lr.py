@@ -10,6 +10,11 @@ smallest), one more LR a grid ratio beyond it is piloted (:func:`beyond`), at mo
 the whole schedule by default: a shorter one decays its LR sooner, and the best peak LR falls
 as the horizon grows (Bjorck et al., "Scaling Optimal LR Across Token Horizons", arXiv
 2409.19913), so a short pilot favours high LRs by construction.
+
+One pilot seed can pick an LR that only some seeds survive: near the top of the stable range the
+runs of one LR split into converged and stalled ones, and a lucky pilot seed then picks an LR most
+of the compared seeds lose at. ``--pilot-seeds N`` pilots each LR on N seeds of its own and picks by
+their mean (:func:`mean_loss`): an LR half the seeds fail at cannot win on one seed's luck.
 """
 
 from __future__ import annotations
@@ -22,6 +27,23 @@ from latentattn.errors import LatentAttnError
 PILOT_SEED = 1_000  # not one of the compared seeds: the pick is not fitted to the runs it judges
 DEFAULT_PILOT_FRACTION = 1.0
 DEFAULT_EXTEND = 3  # one grid ratio at a time: x8 beyond a x2 grid's edge at most
+DEFAULT_PILOT_SEEDS = 1
+
+
+def pilot_seeds(n: int) -> list[int]:
+    """The seeds of an LR's ``n`` pilots: PILOT_SEED, PILOT_SEED + 1, ... (none a compared seed
+    while a comparison has fewer than PILOT_SEED seeds)."""
+    return [PILOT_SEED + i for i in range(n)]
+
+
+def mean_loss(losses: Sequence[float]) -> float:
+    """One LR's pilot loss: the mean over its pilot seeds, infinite when any seed diverged (a LR
+    that diverges on one seed in N is not safe to train seven on)."""
+    if not losses:
+        raise LRError("no pilot losses to average")
+    if not all(math.isfinite(x) for x in losses):
+        return math.inf
+    return math.fsum(losses) / len(losses)
 
 
 class LRError(LatentAttnError):
@@ -111,6 +133,12 @@ def check_extend(extend: int) -> int:
     return extend
 
 
+def check_pilot_seeds(n: int) -> int:
+    if not 1 <= n < PILOT_SEED:
+        raise LRError(f"--pilot-seeds must lie in [1, {PILOT_SEED - 1}], got {n}")
+    return n
+
+
 class GridEdge(LRError):
     """The best LR is still at an edge after ``--lr-extend`` extensions: the bound is reached."""
 
@@ -124,5 +152,6 @@ class GridEdge(LRError):
             "finished runs are kept in --out)")
 
 
-__all__ = ["DEFAULT_EXTEND", "DEFAULT_PILOT_FRACTION", "PILOT_SEED", "GridEdge", "LRError", "beyond",
-           "check_extend", "check_labels", "on_edge", "parse_grid", "parse_lrs", "pick", "ratio"]
+__all__ = ["DEFAULT_EXTEND", "DEFAULT_PILOT_FRACTION", "DEFAULT_PILOT_SEEDS", "PILOT_SEED", "GridEdge",
+           "LRError", "beyond", "check_extend", "check_labels", "check_pilot_seeds", "mean_loss",
+           "on_edge", "parse_grid", "parse_lrs", "pick", "pilot_seeds", "ratio"]

@@ -166,7 +166,8 @@ def plot_sweep_pareto(report: CompareReport, path: str) -> None:
 
 
 def plot_lr_pilot(report: CompareReport, path: str) -> None:
-    """Each piloted variant's pilot validation loss against its LR (log scale), the pick ringed."""
+    """Each piloted variant's pilot validation loss against its LR (log scale), the pick ringed;
+    with several pilot seeds the line is their mean and each seed a small dot."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for v in report.variants:
@@ -177,10 +178,15 @@ def plot_lr_pilot(report: CompareReport, path: str) -> None:
         (line,) = ax.plot(lrs, losses, marker="o", label=v.mechanism)
         ax.plot([v.lr], [v.pilot_losses[f"{v.lr:g}"]], marker="o", markersize=12, fillstyle="none",
                 color=line.get_color())
+        seeds = [(float(lr), x) for lr, xs in v.pilot_seed_losses.items() if len(xs) > 1 for x in xs]
+        if seeds:
+            ax.scatter(*zip(*seeds, strict=True), s=8, alpha=0.5, color=line.get_color())
     ax.set_xscale("log", base=2)
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("pilot validation loss (nats/byte)")
-    ax.set_title("LR pilot, one seed of its own (ringed: the pick)")
+    n = report.settings.get("pilot_seeds", 1)
+    ax.set_title(f"LR pilot, {'one seed' if n == 1 else f'mean of {n} seeds'} of its own "
+                 "(ringed: the pick)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     _save(plt, fig, path)

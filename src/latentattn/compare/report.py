@@ -31,6 +31,7 @@ class CompareSettings:
     lrs: dict[str, float] = field(default_factory=dict)
     lr_grid: tuple[float, ...] = ()
     pilot_fraction: float = 1.0
+    pilot_seeds: int = 1  # each LR's pilot loss is the mean over this many seeds of its own
     lr_extend: int = 3  # grid extensions past an edge pick (latentattn.compare.lr.beyond)
     # The DSA retrofit (variants.retrofit_variant): the dense MLA runs fork at retrofit_at of
     # the steps; the indexer warm-up (model frozen) takes retrofit_warmup of the steps, then
@@ -52,7 +53,7 @@ class CompareSettings:
                 "decode_steps": self.decode_steps, "recall_batches": self.recall_batches,
                 "margin": self.margin, "lrs": dict(sorted(self.lrs.items())),
                 "lr_grid": list(self.lr_grid), "pilot_fraction": self.pilot_fraction,
-                "lr_extend": self.lr_extend,
+                "pilot_seeds": self.pilot_seeds, "lr_extend": self.lr_extend,
                 "retrofit_at": self.retrofit_at, "retrofit_warmup": self.retrofit_warmup,
                 "device": self.device}
 
@@ -101,6 +102,8 @@ class VariantResult:
     lr: float = 0.0  # the peak LR its runs trained with
     lr_source: str = "common"  # "pinned" (--lr label=...), "pilot" (--lr-grid) or "common"
     pilot_losses: dict[str, float] = field(default_factory=dict)  # LR (as text) -> pilot val loss
+    # LR (as text) -> each pilot seed's val loss (pilot_losses holds their mean)
+    pilot_seed_losses: dict[str, list[float]] = field(default_factory=dict)
     train_flops_per_token: float = 0.0  # latentattn.calc.flops, at the training window
     retrofit_of: str = ""  # a DSA retrofit: the label of the dense variant it forks
     dsa_density: dict[str, float] | None = None  # DSA: latentattn.calc.topk_density at seq_len

@@ -28,7 +28,7 @@ import torch
 from latentattn.calc.density import topk_density, v4_read_fraction
 from latentattn.calc.flops import training_flops_per_token
 from latentattn.compare.diagnose import SeedDiagnostics
-from latentattn.compare.lr import PILOT_SEED, GridEdge, beyond, on_edge, pick, ratio
+from latentattn.compare.lr import GridEdge, beyond, mean_loss, on_edge, pick, pilot_seeds, ratio
 from latentattn.compare.measure import (
     decode_tokens_per_s,
     dsa_recall,
@@ -164,26 +164,31 @@ def pilot_label(label: str, lr: float) -> str:
 
 def _pilot(variant: Variant, lr: float, settings: CompareSettings, train_tokens: torch.Tensor,
            val_tokens: torch.Tensor, store: RunStore | None,
-           on_run: Callable[[str, int], None] | None) -> float:
-    """The pilot validation loss of one LR (from the store when that pilot finished before)."""
+           on_run: Callable[[str, int], None] | None) -> list[float]:
+    """The pilot validation loss of one LR on each pilot seed (from the store where that pilot
+    finished before)."""
     label = pilot_label(variant.label, lr)
-    if on_run is not None:
-        on_run(label, PILOT_SEED)
-    stored = store.load(label, PILOT_SEED) if store is not None else None
-    if stored is not None:
-        return stored[0].val_loss
-    _, run = _train_one(variant, PILOT_SEED, pilot_settings(settings, lr), train_tokens, val_tokens,
-                        False)
-    if store is not None:
-        store.save(label, PILOT_SEED, run, None)
-    return run.val_loss
+    losses = []
+    for seed in pilot_seeds(settings.pilot_seeds):
+        if on_run is not None:
+            on_run(label, seed)
+        stored = store.load(label, seed) if store is not None else None
+        if stored is not None:
+            losses.append(stored[0].val_loss)
+            continue
+        _, run = _train_one(variant, seed, pilot_settings(settings, lr), train_tokens, val_tokens,
+                            False)
+        if store is not None:
+            store.save(label, seed, run, None)
+        losses.append(run.val_loss)
+    return losses
 
 
 def _choose_lr(variant: Variant, settings: CompareSettings, train_tokens: torch.Tensor,
                val_tokens: torch.Tensor, store: RunStore | None,
                on_run: Callable[[str, int], None] | None,
-               chosen: dict[str, float]) -> tuple[float, str, dict[str, float]]:
-    """(lr, source, pilot losses by LR text) for one variant (see latentattn.compare.lr): a
+               chosen: dict[str, float]) -> tuple[float, str, dict[str, list[float]]]:
+    """(lr, source, each pilot seed's loss by LR text) for one variant (see latentattn.compare.lr): a
     retrofit continues its dense runs' schedule and an ablation changes one thing of its base
     variant, so both take that variant's LR (``chosen``), times the ablation's factor."""
     if variant.lr_of:
@@ -196,12 +201,14 @@ def _choose_lr(variant: Variant, settings: CompareSettings, train_tokens: torch.
     if not settings.lr_grid:
         return settings.train.lr, "common", {}
     losses: dict[float, float] = {}
+    per_seed: dict[float, list[float]] = {}
     grid = list(settings.lr_grid)
     extended = 0
     while True:
         for lr in grid:
             if lr not in losses:
-                losses[lr] = _pilot(variant, lr, settings, train_tokens, val_tokens, store, on_run)
+                per_seed[lr] = _pilot(variant, lr, settings, train_tokens, val_tokens, store, on_run)
+                losses[lr] = mean_loss(per_seed[lr])
         nxt = beyond(losses, settings.lr_grid) if settings.lr_extend else None
         if nxt is None:  # an interior pick, or no search asked for (--lr-extend 0)
             break
@@ -209,7 +216,7 @@ def _choose_lr(variant: Variant, settings: CompareSettings, train_tokens: torch.
             raise GridEdge(variant.label, losses, extended)
         extended += 1
         grid.append(nxt)
-    return pick(losses), "pilot", {f"{lr:g}": losses[lr] for lr in sorted(losses)}
+    return pick(losses), "pilot", {f"{lr:g}": per_seed[lr] for lr in sorted(per_seed)}
 
 
 def _measured(variant: Variant, model: Transformer, settings: CompareSettings) -> VariantResult:
@@ -234,6 +241,11 @@ def _measured(variant: Variant, model: Transformer, settings: CompareSettings) -
     )
 
 
+def _seed_text(n: int) -> str:
+    seeds = pilot_seeds(n)
+    return f"seed {seeds[0]}" if n == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+
+
 def _notes(settings: CompareSettings, variants: list[Variant]) -> list[str]:
     s, t = settings.size, settings.train
     notes = [
@@ -246,7 +258,8 @@ def _notes(settings: CompareSettings, variants: list[Variant]) -> list[str]:
         "schedule and seeds for every variant; the peak LR "
         + (f"is pinned for {', '.join(sorted(settings.lrs))} and " if settings.lrs else "")
         + (f"is picked per variant from {', '.join(f'{x:g}' for x in settings.lr_grid)} by a pilot "
-           f"(seed {PILOT_SEED}, {settings.pilot_fraction:g} of the steps, lowest validation loss; "
+           f"({_seed_text(settings.pilot_seeds)}, {settings.pilot_fraction:g} of the steps, lowest "
+           f"{'mean ' if settings.pilot_seeds > 1 else ''}validation loss; "
            f"the grid extended by its ratio past an edge pick, at most {settings.lr_extend} "
            "times)" if settings.lr_grid else f"is {t.lr:g}")
         + (". The ablations train at their base variant's LR (times their factor)"
@@ -360,7 +373,9 @@ def _run_all(settings: CompareSettings, train_tokens: torch.Tensor, val_tokens: 
                 measured = None
                 if result is None:
                     measured = dataclasses.replace(_measured(variant, model, settings), lr=lr,
-                                                   lr_source=source, pilot_losses=pilot)
+                                                   lr_source=source,
+                                                   pilot_losses={k: mean_loss(x) for k, x in pilot.items()},
+                                                   pilot_seed_losses=pilot)
                 if store is not None:
                     store.save(variant.label, seed, run, measured)
             if result is None:

@@ -59,7 +59,7 @@ def protocol(settings: CompareSettings, variants: list[Variant], train_tokens: t
 _TRAIN_FIELDS_BEFORE: dict[str, Any] = {"dsa_freeze_warmup": False}
 
 
-_SETTINGS_BEFORE: dict[str, Any] = {"device": "cpu"}
+_SETTINGS_BEFORE: dict[str, Any] = {"device": "cpu", "pilot_seeds": 1}
 
 
 def _upgrade(saved: Any) -> None:

@@ -136,14 +136,20 @@ def per_seed_table(report: CompareReport) -> str:
     return "\n".join(lines)
 
 
+def _pilot_cell(lr: str, mean: float, seeds: list[float]) -> str:
+    each = f" ({', '.join(f'{x:.4f}' for x in seeds)})" if len(seeds) > 1 else ""
+    return f"{lr} -> {mean:.4f}{each}"
+
+
 def pilot_lines(report: CompareReport) -> list[str]:
-    """The LR pilots' validation losses, one line per variant (nothing without --lr-grid)."""
+    """The LR pilots' validation losses, one line per variant (nothing without --lr-grid); with
+    several pilot seeds, each seed's loss after their mean."""
     piloted = [v for v in report.variants if v.pilot_losses]
     if not piloted:
         return []
     lines = ["LR pilot (validation loss, nats/byte, per grid LR; the lowest was used):", ""]
     for v in piloted:
-        lines.append(f"- {v.mechanism}: " + ", ".join(f"{lr} -> {loss:.4f}"
+        lines.append(f"- {v.mechanism}: " + ", ".join(_pilot_cell(lr, loss, v.pilot_seed_losses.get(lr, []))
                                                     for lr, loss in v.pilot_losses.items())
                      + f"; chose {v.lr:g}")
     return [*lines, ""]
