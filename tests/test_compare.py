@@ -18,6 +18,7 @@ from conftest import cli_error
 from latentattn import Transformer
 from latentattn.calc.kv_bytes import cache_bytes_per_token_per_layer
 from latentattn.cli import main
+from latentattn.cli.compare import MAX_PASSES
 from latentattn.compare.lr import LRError, check_labels, on_edge, parse_grid, parse_lrs, pick
 from latentattn.compare.measure import kv_bytes_per_token
 from latentattn.compare.report import CompareReport, SeedRun, VariantResult
@@ -452,6 +453,23 @@ def test_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: b
     out = tmp_path / "out"
     assert message in _error(capsys, ["compare", "--data", str(data), "--out", str(out), *TINY])
     assert not out.exists()
+
+
+def test_text_too_small_for_the_protocol(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """More passes over the text than MAX_PASSES: one line naming the bytes needed; a run
+    already kept in --out is left as it was."""
+    data = tmp_path / "data.txt"
+    data.write_bytes(b"The quick brown fox jumps over the lazy dog. " * 40)  # 1,800 bytes
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    kept = out / "runs" / "mha.seed0.json"
+    kept.write_text("{}")
+    # 400 steps x 2 x 32 bytes = 25,600 bytes of training: 15.8 passes over 1,620 train bytes
+    message = _error(capsys, ["compare", "--data", str(data), "--out", str(out), *TINY,
+                              "--steps", "400"])
+    assert "1,800 bytes are too little for this protocol" in message
+    assert f"{400 * 2 * 32 / MAX_PASSES / 0.9:,.0f} bytes" in message
+    assert kept.read_text() == "{}" and sorted(p.name for p in out.rglob("*")) == ["mha.seed0.json", "runs"]
 
 
 @pytest.mark.parametrize(("flags", "message"), [
