@@ -208,7 +208,8 @@ def test_lr_pilot_picks_the_lowest_pilot_loss(tmp_path: Path, text_file: Path) -
         assert set(losses) == {1e-3, 3e-2} and v["lr_source"] == "pilot"
         assert v["lr"] == min(losses, key=lambda k: losses[k])
     assert data["settings"]["lr_grid"] == [1e-3, 3e-2] and data["settings"]["lrs"] == {"mha": 3e-3}
-    assert len(list((out / "runs").glob("*pilot-lr=*"))) == 4 * 2  # kept: a rerun does not redo them
+    # kept (a rerun does not redo them): 4 variants x 2 LRs x 2 pilot seeds
+    assert len(list((out / "runs").glob("*pilot-lr=*"))) == 4 * 2 * 2
     md = (out / "results.md").read_text()
     assert "LR pilot" in md and "(pinned)" in md and "(pilot)" in md
 

@@ -133,7 +133,7 @@ def test_more_pilot_seeds_keep_a_lucky_seed_from_picking_a_cliff(
     calls: list[tuple[float, int]] = []
     monkeypatch.setattr(run_mod, "_train_one", _cliff_train_one(calls))
     gqa = next(v for v in build_variants(family_size(32, 2, 32)) if v.label == "gqa")
-    one = _settings((1.5e-3, 3e-3, 6e-3), 3)
+    one = dataclasses.replace(_settings((1.5e-3, 3e-3, 6e-3), 3), pilot_seeds=1)
     lr, _, losses = run_mod._choose_lr(gqa, one, None, None, None, None, {})
     assert lr == pytest.approx(1.2e-2) and all(len(x) == 1 for x in losses.values())
     calls.clear()
@@ -170,7 +170,7 @@ def test_grid_at_its_bound_exits_2_and_keeps_the_pilots(tmp_path: Path,
     message = cli_error(capsys, argv)
     assert "mha: the LR pilot's best (4e-07) is still the largest LR tried (1e-07, 2e-07, 4e-07) " \
            "after 1 extension(s)" in message and "\n" not in message.strip()
-    assert len(list((out / "runs").glob("mha_pilot-lr=*"))) == 3  # finished runs kept
+    assert len(list((out / "runs").glob("mha_pilot-lr=*"))) == 3 * 2  # 3 LRs x 2 seeds, kept
 
 
 def test_pilot_seeds_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -199,7 +199,7 @@ def test_pilot_seeds_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_a_store_from_before_pilot_seeds_continues_with_one(tmp_path: Path) -> None:
-    settings = _settings((1e-3, 2e-3), 0)
+    settings = dataclasses.replace(_settings((1e-3, 2e-3), 0), pilot_seeds=1)
     variants = build_variants(settings.size)[:2]
     tokens = torch.arange(300) % 256
     proto = protocol(settings, variants, tokens[:270], tokens[270:])

@@ -5,8 +5,8 @@ models (dim 64, 3 layers, 4 heads; the five variants, DSA retrofitted onto the M
 DeepSeek-V4's attention scaled to the window (``--no-v4`` leaves it out) and the positive control):
 
 * default (the standard run): 7 seeds, 600 steps of 16 x 128 bytes (5.3 bytes per parameter),
-  each variant's LR from a full-length pilot over 1.5e-3, 3e-3, 6e-3, extended by its ratio
-  past an edge pick (:mod:`latentattn.compare.lr`), decode at 256 and 2048 tokens;
+  each variant's LR from full-length pilots on two seeds over 1.5e-3, 3e-3, 6e-3, extended by
+  its ratio past an edge pick (:mod:`latentattn.compare.lr`), decode at 256 and 2048 tokens;
 * ``--quick`` (``make demo``): 1 seed (no intervals), 300 steps, LR 3e-3 for all.
 
 The times measured for each are in the README.
@@ -74,7 +74,7 @@ class Preset:
 
 # The standard run: ~230K-parameter models (dim 64, 3 layers) for 600 steps of 16 x 128 bytes,
 # 1.23M bytes = 5.3 bytes per parameter and 2.9 passes over the default text; each variant's LR
-# picked by a full-length pilot from a x2 grid, extended past an edge pick. 7 seeds: at 5, the
+# picked by full-length pilots (two seeds) from a x2 grid, extended past an edge pick. 7 seeds: at 5, the
 # paired MLA - MHA difference's 95% interval was +/-0.029 (sd 0.023; t = 2.776 / sqrt 5); 7
 # narrow it by a quarter (t = 2.447 / sqrt 7). 5 seeds took 37 min here.
 FULL = Preset(steps=600, batch_size=16, seq_len=128, seeds=7, contexts=(256, 2048), dim=64,
@@ -165,7 +165,7 @@ def register(sub: Any) -> None:
                    f"sooner, which favours high LRs ({DEFAULT_PILOT_FRACTION:g})")
     c.add_argument("--pilot-seeds", type=int, default=DEFAULT_PILOT_SEEDS, metavar="N",
                    help="pilot each LR on N seeds of its own and pick by their mean; more than one "
-                   "keeps a lucky seed from picking an LR most seeds fail at (1; each pilot seed "
+                   "keeps a lucky seed from picking an LR most seeds fail at (2; each pilot seed "
                    "costs one more run per LR tried)")
     c.add_argument("--lr-extend", type=int, default=DEFAULT_EXTEND, metavar="N",
                    help="while a variant's best pilot LR is the largest (smallest) tried, pilot one "

@@ -9,6 +9,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from latentattn.compare.lr import DEFAULT_PILOT_SEEDS
 from latentattn.compare.stats import DEFAULT_MARGIN, RULE, Paired, Summary, Verdict, paired, pareto_front
 from latentattn.train.family import FamilySize
 from latentattn.train.settings import TrainSettings
@@ -31,7 +32,7 @@ class CompareSettings:
     lrs: dict[str, float] = field(default_factory=dict)
     lr_grid: tuple[float, ...] = ()
     pilot_fraction: float = 1.0
-    pilot_seeds: int = 1  # each LR's pilot loss is the mean over this many seeds of its own
+    pilot_seeds: int = DEFAULT_PILOT_SEEDS  # each LR's pilot loss is the mean over this many seeds of its own
     lr_extend: int = 3  # grid extensions past an edge pick (latentattn.compare.lr.beyond)
     # The DSA retrofit (variants.retrofit_variant): the dense MLA runs fork at retrofit_at of
     # the steps; the indexer warm-up (model frozen) takes retrofit_warmup of the steps, then
