@@ -29,7 +29,7 @@ from latentattn.compare.lr import (
     ratio,
 )
 from latentattn.compare.report import CompareReport, CompareSettings, SeedRun, VariantResult
-from latentattn.compare.seeds import Spread, ablation_lines, correlations, diagnostic_lines
+from latentattn.compare.seeds import Spread, ablation_lines, correlations, critical_rho, diagnostic_lines
 from latentattn.compare.store import PROTOCOL_FILE, DirStore, ProtocolMismatch, protocol
 from latentattn.compare.variants import (
     build_variants,
@@ -341,3 +341,19 @@ def test_seed_tables() -> None:
     text = "\n".join(ablation_lines(report))
     assert "| MLA-LOW-LR | 0.001 |" in text and "-0.010 [-0.010, -0.010]" in text
     assert "| MLA | latent_rms | -1.00* |" in "\n".join(diagnostic_lines(report))
+
+
+@pytest.mark.parametrize("n", [5, 7, 14])
+def test_critical_rho_is_where_scipy_stars_a_correlation(n: int) -> None:
+    """Every rank order of n seeds against the loss: scipy's p < 0.05 exactly when |rho| is past
+    the stated bound (a sample of the orders for 14 seeds)."""
+    bound = critical_rho(n)
+    rng = torch.Generator().manual_seed(n)
+    for _ in range(400):
+        order = torch.randperm(n, generator=rng).tolist()
+        rho, p = scipy_stats.spearmanr(order, list(range(n)))
+        if abs(abs(rho) - bound) > 1e-9:  # exactly on the bound the two sides meet
+            assert (p < 0.05) == (abs(rho) > bound), (order, rho, p)
+    assert critical_rho(7) == pytest.approx(0.7545, abs=1e-4)
+    with pytest.raises(ValueError, match="3 or more seeds"):
+        critical_rho(2)

@@ -126,6 +126,16 @@ def correlations(v: VariantResult, step: int = DIAGNOSTIC_STEP) -> dict[str, tup
     return out
 
 
+def critical_rho(n: int) -> float:
+    """The |rho| past which scipy's Spearman test over ``n`` seeds gives p < 0.05: its p comes
+    from t = rho sqrt((n - 2) / (1 - rho^2)) on n - 2 degrees of freedom, so the bound is
+    t_c / sqrt(n - 2 + t_c^2) with t_c the two-sided 5% point (0.75 for 7 seeds, 0.53 for 14)."""
+    if n < 3:
+        raise ValueError(f"a rank correlation needs 3 or more seeds, got {n}")
+    t = float(scipy_stats.t.ppf(0.975, n - 2))
+    return t / math.sqrt(n - 2 + t * t)
+
+
 def diagnostic_lines(report: CompareReport, step: int = DIAGNOSTIC_STEP) -> list[str]:
     """MLA's seeds at ``step`` (each diagnostic's layer mean, the seeds sorted by final loss), then
     each diagnostic's rank correlation with the final loss at every recorded step, per variant."""
@@ -144,9 +154,10 @@ def diagnostic_lines(report: CompareReport, step: int = DIAGNOSTIC_STEP) -> list
             lines.append(f"| {v.mechanism} | {seed} | {loss:.4f} | "
                          + " | ".join("-" if d[k] is None else f"{d[k]:.4g}" for k in keys) + " |")
     steps = [s for s in STEPS if any(diagnostic_rows(v, s) for v in watched)]
+    n = max(len(diagnostic_rows(v, s)) for v in watched for s in steps)
+    need = f"; with {n} seeds |rho| > {critical_rho(n):.2f} is needed" if n >= 3 else ""
     lines += ["", "Spearman rank correlation of each diagnostic with the final validation loss over "
-              "the seeds, at each recorded step (rho; * where p < 0.05; with 7 seeds |rho| >= 0.79 "
-              "is needed):", "",
+              f"the seeds, at each recorded step (rho; * where p < 0.05{need}):", "",
               "| mechanism | diagnostic | " + " | ".join(f"step {s}" for s in steps) + " |",
               "|---|---|" + "---:|" * len(steps)]
     for v in watched:
@@ -159,5 +170,5 @@ def diagnostic_lines(report: CompareReport, step: int = DIAGNOSTIC_STEP) -> list
     return [*lines, ""]
 
 
-__all__ = ["DIAGNOSTIC_STEP", "RATIO_LIMIT", "Spread", "ablation_lines", "correlations",
+__all__ = ["DIAGNOSTIC_STEP", "RATIO_LIMIT", "Spread", "ablation_lines", "correlations", "critical_rho",
            "diagnostic_lines", "diagnostic_rows", "spread_lines", "spreads"]
