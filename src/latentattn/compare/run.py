@@ -200,15 +200,14 @@ def _choose_lr(variant: Variant, settings: CompareSettings, train_tokens: torch.
         return settings.lrs[variant.label], "pinned", {}
     if not settings.lr_grid:
         return settings.train.lr, "common", {}
-    losses: dict[float, float] = {}
     per_seed: dict[float, list[float]] = {}
     grid = list(settings.lr_grid)
     extended = 0
     while True:
         for lr in grid:
-            if lr not in losses:
+            if lr not in per_seed:
                 per_seed[lr] = _pilot(variant, lr, settings, train_tokens, val_tokens, store, on_run)
-                losses[lr] = mean_loss(per_seed[lr])
+        losses = {lr: mean_loss(x) for lr, x in per_seed.items()}
         nxt = beyond(losses, settings.lr_grid) if settings.lr_extend else None
         if nxt is None:  # an interior pick, or no search asked for (--lr-extend 0)
             break
